@@ -1,0 +1,48 @@
+# cxrscale: `make demo` runs the whole pipeline on the built-in sample; `make test` runs the tests.
+# Both install first when needed (a second `make install` does nothing).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.cxrscale-installed
+SAMPLE ?= data/sample
+DEMO   ?= prepared/sample
+
+export TF_USE_LEGACY_KERAS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install demo test bench clean help
+
+help:
+	@echo "make install  create $(VENV), install the pinned stack, build Horovod (once)"
+	@echo "make demo     generate the synthetic sample and run the pipeline on it"
+	@echo "make test     run the test suite (set CXR_REQUIRE_SHARED_DATA=1 to require ../shared/data)"
+	@echo "make bench    run the benchmarks, results under benchmarks/results/"
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt setup.cfg pyproject.toml launch/install_horovod.sh
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "cxrscale needs Python 3.11 (TensorFlow 2.21 + Horovod 0.28.1); set PYTHON=/path/to/python3.11")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	bash launch/install_horovod.sh $(VENV)
+	@$(PY) -c 'import importlib.metadata as m, sys; found = [d for d in ("dask", "distributed") if any(x.metadata["Name"].lower() == d for x in m.distributions())]; sys.exit("Dask (" + ", ".join(found) + ") is installed in $(VENV): its package `distributed` shadows cxrscale`s; pip uninstall " + " ".join(found)) if found else None'
+	@touch $@
+	@echo "cxrscale installed in $(VENV)"
+
+demo: install
+	$(PY) -m preprocessing.sample --output $(SAMPLE)
+	$(PY) -m preprocessing --input $(SAMPLE) --output $(DEMO) --size 128 --workers 2
+	@echo "demo: prepared dataset in $(DEMO) (manifest.json, audit.json, split.csv, *.tfrecord)"
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) -m benchmarks.preprocess
+
+clean:
+	rm -rf $(SAMPLE) $(DEMO) .pytest_cache
