@@ -1,0 +1,1 @@
+"""cxrscale benchmarks stage."""

@@ -1,0 +1,1 @@
+"""cxrscale optimize stage."""
