@@ -1,0 +1,90 @@
+"""python -m preprocessing: radiographs -> patient-split, audited TFRecord shards with a manifest."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from preprocessing import audit, transform
+from preprocessing.pipeline import PrepareConfig, prepare
+from preprocessing.runtime import run_cli, setup_logging
+
+log = logging.getLogger("cxrscale.preprocessing")
+
+EXAMPLES = """examples:
+  python -m preprocessing --input data/sample --output prepared/sample
+  python -m preprocessing --input ~/chest_xray --output prepared/kermany --size 224 --resplit
+  python -m preprocessing --input labels.csv --output prepared/site-a --contrast equalize --resize stretch
+  python -m preprocessing --input /shared/cxr --output /shared/prepared/cxr --address auto
+
+inputs: a folder in the Kermany layout (train|val|test/CLASS/*), plain CLASS/* folders, or a CSV with
+columns path,label[,patient][,split]; JPEG, PNG (8/16-bit, grey/RGB/RGBA) and DICOM files.
+Re-running the same command resumes an interrupted run; other arguments need --overwrite."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = PrepareConfig("", "")
+    p = argparse.ArgumentParser(prog="python -m preprocessing", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="folder of class folders, Kermany split folders, or a CSV file")
+    p.add_argument("--output", required=True, help="folder to write, e.g. prepared/NAME")
+    p.add_argument("--size", type=int, default=d.size, help="output side in pixels (default %(default)s)")
+    p.add_argument("--contrast", choices=transform.CONTRAST_MODES, default=d.contrast,
+                   help="contrast enhancement (default %(default)s; the thesis used equalize)")
+    p.add_argument("--resize", choices=transform.RESIZE_MODES, default=d.resize,
+                   help="letterbox keeps the aspect ratio, stretch does not (default %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="share of the pool carved out as validation when the input gives no val split")
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction,
+                   help="share of the pool carved out as test when the input gives no test split")
+    p.add_argument("--resplit", action="store_true",
+                   help="pool the given train and val splits and carve val again (Kermany's val has 16 images)")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="parallel Ray tasks (default: all CPUs of the local machine or cluster)")
+    p.add_argument("--address", default=d.address,
+                   help="Ray cluster to use ('auto' for the running one); default: a private local Ray")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the split and shard order")
+    p.add_argument("--min-side", type=int, default=d.min_side, help="reject images with a shorter side (px)")
+    p.add_argument("--clahe-clip-limit", type=float, default=d.clahe_clip_limit)
+    p.add_argument("--clahe-tile-grid", type=int, default=d.clahe_tile_grid)
+    p.add_argument("--near-duplicate-distance", type=int, default=d.near_duplicate_distance,
+                   help=f"max Hamming distance of {audit.HASH_BITS}-bit perceptual hashes for near duplicates "
+                        "(-1 turns the search off; default %(default)s)")
+    p.add_argument("--shards", type=int, default=d.shards,
+                   help="shards per split (default: 16 when each gets >= 32 records, more for huge splits)")
+    p.add_argument("--salt-file", default=d.salt_file,
+                   help="file of >= 16 secret bytes for the id/patient hashes, to get the same hashes in "
+                        "separate runs (default: a random salt per run, discarded at the end)")
+    p.add_argument("--redact-paths", action="store_true",
+                   help="name rejected and duplicate inputs by hash, not by path, in manifest.json and audit.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a prepared dataset made with other arguments in --output")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    options = {k: v for k, v in vars(args).items() if k != "quiet"}
+    manifest = prepare(PrepareConfig(**options))
+    counts = manifest["counts"]
+    print(f"prepared {counts['written']} images ({counts['rejected']} rejected of {counts['inputs']} inputs) "
+          f"in {Path(args.output)}")
+    classes = manifest["classes"]
+    print(f"  {'split':<6}" + "".join(f"{c:>12}" for c in classes) + f"{'total':>8}")
+    for split, row in counts["per_split"].items():
+        print(f"  {split:<6}" + "".join(f"{row[c]:>12}" for c in classes) + f"{row['total']:>8}")
+    audit_counts = manifest["audit"]
+    print(f"  duplicates: {audit_counts['exact_duplicate_groups']} exact, {audit_counts['near_duplicate_groups']} "
+          f"near (kept within one split); details in {Path(args.output) / 'audit.json'}")
+    for entry in manifest["rejected"][:10]:
+        print(f"  rejected {entry['input']}: {entry['reason']}")
+    if len(manifest["rejected"]) > 10:
+        print(f"  ... {len(manifest['rejected']) - 10} more rejected inputs listed in manifest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,623 @@
+"""`prepare`: inputs -> validated, audited, patient-split, sharded TFRecords with a manifest, on Ray.
+
+Two stages of Ray tasks, with only small metadata travelling back to the driver:
+  1. decode + transform chunks of files; each task writes its images to a staging .npy file and its
+     per-file metadata (digests, perceptual hash, rejection reason) to a .json beside it;
+  2. after the driver has audited duplicates and assigned splits, each task writes one output shard,
+     reading its records from the staging files.
+Every file is written atomically, and a stage's output is its completion marker, so a killed run is
+resumed by running the same command again: finished chunks and shards are skipped.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import io
+import logging
+import math
+import os
+import secrets
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from preprocessing import audit, schema, split as splitting
+from preprocessing.runtime import (CxrError, atomic_path, check_writable_dir, read_json, write_bytes_atomic,
+                                   write_json_atomic, write_text_atomic)
+from preprocessing.sources import Discovery, InputItem, discover
+from preprocessing.transform import ImageRejected, TransformParams, decode, transform_decoded
+
+log = logging.getLogger("cxrscale.preprocessing")
+
+STAGING = ".cxrscale-staging"
+MIN_RECORDS_PER_SHARD = 32
+TARGET_SHARDS = 16  # enough for 8+ Horovod workers to each read their own files
+MAX_RECORDS_PER_SHARD = 2048
+HASH_CHARS = 24
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Every option of `python -m preprocessing`, one field per flag."""
+
+    input: str
+    output: str
+    size: int = 224
+    contrast: str = "clahe"
+    resize: str = "letterbox"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    resplit: bool = False
+    workers: int | None = None
+    address: str | None = None
+    seed: int = 0
+    min_side: int = 64
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    near_duplicate_distance: int = audit.DEFAULT_NEAR_DISTANCE
+    shards: int | None = None
+    salt_file: str | None = None
+    redact_paths: bool = False
+    overwrite: bool = False
+
+    def transform_params(self) -> TransformParams:
+        try:
+            return TransformParams(size=self.size, resize=self.resize, contrast=self.contrast,
+                                   clahe_clip_limit=self.clahe_clip_limit, clahe_tile_grid=self.clahe_tile_grid,
+                                   min_side=self.min_side)
+        except ValueError as err:
+            raise CxrError(str(err)) from None
+
+    def validate(self) -> None:
+        for name, value in (("--val-fraction", self.val_fraction), ("--test-fraction", self.test_fraction)):
+            if not 0 <= value < 1:
+                raise CxrError(f"{name} must be in [0, 1), got {value}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise CxrError("--val-fraction + --test-fraction must leave something to train on (sum < 1)")
+        if self.workers is not None and self.workers < 1:
+            raise CxrError(f"--workers must be at least 1, got {self.workers}")
+        if self.shards is not None and self.shards < 1:
+            raise CxrError(f"--shards must be at least 1, got {self.shards}")
+        self.transform_params()
+
+    def output_defining(self) -> dict[str, Any]:
+        """The options that decide the output's content (not how fast or where it runs)."""
+        skip = {"input", "output", "workers", "address", "overwrite", "salt_file"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+# --- small pure helpers -----------------------------------------------------------------------------------
+
+def keyed_hash(salt: bytes, kind: str, value: str) -> str:
+    """Salted, keyed hash of an identifier: stable for a given salt, not reversible without it."""
+    return hmac.new(salt, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()[:HASH_CHARS]
+
+
+def chunk_size(n_items: int) -> int:
+    """Files per stage-1 task: small enough to spread a small set over workers, large enough to amortise
+    task overhead. Depends only on the input count, so a resumed run may use another --workers."""
+    return int(min(64, max(8, math.ceil(n_items / 32))))
+
+
+def shard_count(n_records: int, override: int | None = None) -> int:
+    """Shards for a split of n records: 16 when there are enough records (>= 32 each), more for very large
+    splits (<= 2048 records each), fewer for small ones; `override` caps at one record per shard."""
+    if n_records == 0:
+        return 0
+    if override:
+        return min(override, n_records)
+    wanted = max(TARGET_SHARDS, math.ceil(n_records / MAX_RECORDS_PER_SHARD))
+    return max(1, min(wanted, n_records // MIN_RECORDS_PER_SHARD))
+
+
+# --- stage 1: decode and transform a chunk of files (runs in a Ray worker) --------------------------------
+
+def _chunk_paths(staging: Path, index: int) -> tuple[Path, Path]:
+    return staging / "chunks" / f"chunk-{index:05d}.npy", staging / "chunks" / f"chunk-{index:05d}.json"
+
+
+def process_chunk(index: int, files: list[tuple[int, str, str]], params: dict, salt: bytes,
+                  staging: str) -> dict:
+    """Transform one chunk of files [(item index, path, relative name)] and stage the results.
+
+    Writes chunk-XXXXX.npy (accepted images, uint8 (k, S, S, 1)) and then chunk-XXXXX.json (per-file
+    metadata); the .json is the completion marker. Returns the metadata.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)  # one Ray task per core already; OpenCV's own threads would oversubscribe
+    tp = TransformParams.from_dict(params)
+    images, rows = [], []
+    for item_index, path, rel in files:
+        row: dict[str, Any] = {"item": item_index}
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+            decoded = decode(data, tp.size, tp.resize, name=path)
+            image = transform_decoded(decoded, tp)
+            row.update(ok=True, row=len(images), digest=audit.pixel_digest(decoded.pixels),
+                       phash=[int(w) for w in audit.perceptual_hash(decoded.pixels)],
+                       shape=list(decoded.original_shape), fmt=decoded.fmt,
+                       dicom_patient=keyed_hash(salt, "dicom", decoded.patient_id) if decoded.patient_id else None)
+            images.append(image)
+        except ImageRejected as err:
+            row.update(ok=False, reason=str(err))
+        except FileNotFoundError:
+            row.update(ok=False, reason="file not found")
+        except OSError as err:
+            row.update(ok=False, reason=f"unreadable file ({err.strerror or err})")
+        except Exception as err:  # noqa: BLE001 - one odd file must not sink the run; it is reported
+            row.update(ok=False, reason=f"could not be processed ({type(err).__name__}: {err})")
+        rows.append(row)
+    npy_path, json_path = _chunk_paths(Path(staging), index)
+    stacked = np.stack(images) if images else np.zeros((0, tp.size, tp.size, 1), np.uint8)
+    buf = io.BytesIO()
+    np.save(buf, stacked)
+    write_bytes_atomic(npy_path, buf.getvalue())
+    meta = {"chunk": index, "rows": rows}
+    write_json_atomic(json_path, meta)
+    return meta
+
+
+# --- stage 2: write one output shard (runs in a Ray worker) -----------------------------------------------
+
+def write_shard(output: str, staging: str, name: str, records: list[tuple[int, int, int, str, str]]) -> dict:
+    """Write shard `name` from staged images: records are (chunk, row, label, id hash, patient hash).
+
+    The shard appears atomically; a small .json in staging marks it done. Returns count, bytes, sha256.
+    """
+    chunks: dict[int, np.ndarray] = {}
+    digest = hashlib.sha256()
+    size = 0
+    target = Path(output) / name
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as fh:
+            for chunk, row, label, record_id, patient in records:
+                if chunk not in chunks:
+                    chunks[chunk] = np.load(_chunk_paths(Path(staging), chunk)[0], mmap_mode="r")
+                buf = io.BytesIO()
+                schema.write_record(buf, schema.encode_example(np.asarray(chunks[chunk][row]), label,
+                                                               record_id, patient))
+                data = buf.getvalue()
+                digest.update(data)
+                size += len(data)
+                fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    result = {"file": name, "records": len(records), "bytes": size, "sha256": digest.hexdigest()}
+    write_json_atomic(Path(staging) / "shards" / f"{name}.json", result)
+    return result
+
+
+# --- Ray plumbing ---------------------------------------------------------------------------------------
+
+def start_ray(address: str | None, workers: int | None) -> tuple[int, bool]:
+    """Connect to Ray (an existing cluster with `address`, else a private local one). Returns the number
+    of tasks to keep in flight and whether this call started Ray (and so should shut it down)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        try:
+            if address:
+                module_dir = str(Path(__file__).resolve().parent)
+                ray.init(address=address, logging_level=logging.WARNING,
+                         runtime_env={"py_modules": [module_dir]})
+            else:
+                ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False,
+                         logging_level=logging.ERROR, object_store_memory=256 * 1024 * 1024)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise CxrError(f"could not start or reach Ray{f' at --address {address}' if address else ''}: "
+                           f"{err}") from None
+        started = True
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(workers or cpus, cpus)), started
+
+
+def run_tasks(fn: Callable, arg_lists: list[tuple], in_flight: int, on_done: Callable[[Any], None]) -> None:
+    """Run `fn(*args)` as Ray tasks, at most `in_flight` at once, calling `on_done` with each result as it
+    finishes (in completion order). Bounded in-flight work keeps memory flat and lets `--workers` cap use
+    of an already-running Ray."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+    pending = list(arg_lists)[::-1]
+    running: list = []
+    while pending or running:
+        while pending and len(running) < in_flight:
+            running.append(remote.remote(*pending.pop()))
+        done, running = ray.wait(running, num_returns=1)
+        on_done(ray.get(done[0]))
+
+
+# --- the output folder ----------------------------------------------------------------------------------
+
+def _is_ours(name: str) -> bool:
+    return (name in (schema.MANIFEST, schema.SPLIT_CSV, schema.AUDIT, STAGING)
+            or bool(schema.SHARD_PATTERN.match(name)) or (name.startswith(".") and name.endswith(".tmp")))
+
+
+def prepare_output(output: Path, scanned_root: Path | None, fingerprint: str, overwrite: bool) -> str:
+    """Check the output folder and decide what to do: "done" (already prepared identically), "resume"
+    or "fresh". `scanned_root` is the input folder that is searched for images (None for a CSV list).
+    Removes only cxrscale's own files, and only with --overwrite."""
+    out_abs = output.resolve()
+    in_abs = scanned_root.resolve() if scanned_root else None
+    if in_abs and (out_abs == in_abs or in_abs in out_abs.parents):
+        raise CxrError(f"--output {output} is inside --input {scanned_root}: it would be read as input; "
+                       "choose a folder outside it")
+    if output.exists() and not output.is_dir():
+        raise CxrError(f"--output {output} exists and is not a folder")
+    if output.is_dir():
+        foreign = sorted(p.name for p in output.iterdir() if not _is_ours(p.name))
+        if foreign:
+            raise CxrError(f"--output {output} already holds files that are not a cxrscale prepared dataset "
+                           f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); choose a new folder")
+        manifest_path, staging = output / schema.MANIFEST, output / STAGING
+        previous = None
+        if manifest_path.exists():
+            previous = read_json(manifest_path, "existing manifest").get("fingerprint")
+        elif staging.exists() and (staging / "run.json").exists():
+            previous = read_json(staging / "run.json", "unfinished run record").get("fingerprint")
+        if previous == fingerprint and manifest_path.exists() and not staging.exists():
+            return "done"
+        if previous == fingerprint:
+            return "resume"
+        if previous is not None or any(output.iterdir()):
+            if not overwrite:
+                raise CxrError(f"--output {output} holds a prepared dataset (or an unfinished run) made with "
+                               "other arguments or inputs; re-run with the same ones to resume, or pass "
+                               "--overwrite to replace it")
+            log.warning("--overwrite: removing the previous prepared dataset in %s", output)
+            for p in output.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    check_writable_dir(output, "--output")
+    return "fresh"
+
+
+def _read_salt_file(path: str) -> bytes:
+    try:
+        salt = Path(path).read_bytes()
+    except OSError as err:
+        raise CxrError(f"--salt-file {path} cannot be read: {err.strerror or err}") from None
+    if len(salt) < 16:
+        raise CxrError(f"--salt-file {path} holds {len(salt)} bytes; use at least 16 random bytes")
+    return salt
+
+
+def _salt_source(config: PrepareConfig) -> str:
+    """Where the id salt comes from, for the manifest: never the salt itself."""
+    if config.salt_file:
+        return "file sha256:" + hashlib.sha256(_read_salt_file(config.salt_file)).hexdigest()[:16]
+    return "random per run"
+
+
+def _load_salt(config: PrepareConfig, staging: Path) -> bytes:
+    """The salt for id hashes: from --salt-file, or random and kept in staging until the run completes
+    (so a resumed run hashes the same way, and nothing can link two separate runs' ids)."""
+    if config.salt_file:
+        return _read_salt_file(config.salt_file)
+    salt_path = staging / "salt"
+    if not salt_path.exists():
+        write_bytes_atomic(salt_path, secrets.token_bytes(32))
+    return salt_path.read_bytes()
+
+
+# --- the driver -----------------------------------------------------------------------------------------
+
+@dataclass
+class Record:
+    """An accepted input, as the driver sees it (small metadata only)."""
+
+    item: InputItem
+    chunk: int
+    row: int
+    digest: str
+    phash: list[int]
+    shape: tuple[int, int]
+    fmt: str
+    patient_key: str
+    patient_source: str
+
+
+def _patient_key(item: InputItem, dicom_patient: str | None) -> tuple[str, str]:
+    """Patient key and its source, by precedence: CSV column, DICOM PatientID, Kermany name, the file."""
+    if item.patient_key and item.patient_key.startswith("csv:"):
+        return item.patient_key, "csv"
+    if dicom_patient:
+        return f"dicom:{dicom_patient}", "dicom"
+    if item.patient_key:
+        return item.patient_key, "filename"
+    return f"file:{item.rel}", "file (no patient id found)"
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=None, mininterval=1.0, leave=False)
+
+
+def plan_pool(discovery: Discovery, config: PrepareConfig) -> tuple[dict[str, float], set[str]]:
+    """Which splits to carve (with their fractions of the pool) and which given splits are pooled."""
+    given = {item.given_split for item in discovery.items if item.given_split}
+    carve = {s: f for s, f in (("val", config.val_fraction), ("test", config.test_fraction))
+             if s not in given and f > 0}
+    if config.resplit:
+        if "train" not in given and discovery.layout != "class-folders":
+            raise CxrError("--resplit pools the given train and val splits, but the input gives no train split")
+        if config.val_fraction <= 0:
+            raise CxrError("--resplit needs --val-fraction > 0")
+        carve["val"] = config.val_fraction
+    pooled = ({"train"} | ({"val"} if config.resplit else set())) if carve else set()
+    return carve, pooled
+
+
+def prepare(config: PrepareConfig) -> dict:
+    """Run the preprocessing stage; returns the manifest (also written to OUTPUT/manifest.json)."""
+    config.validate()
+    params = config.transform_params()
+    discovery = discover(config.input)
+    output = Path(config.output)
+    staging = output / STAGING
+    carve, pooled = plan_pool(discovery, config)
+
+    salt_source = _salt_source(config)
+    fingerprint = hashlib.sha256(repr((schema.SCHEMA_VERSION, config.output_defining(), salt_source,
+                                       discovery.fingerprint())).encode()).hexdigest()
+    scanned = None if discovery.layout == "csv" else discovery.root
+    state = prepare_output(output, scanned, fingerprint, config.overwrite)
+    if state == "done":
+        log.info("%s is already prepared with these inputs and arguments; nothing to do", output)
+        return read_json(output / schema.MANIFEST, "manifest")
+    for leftover in output.glob(".*.tmp"):
+        leftover.unlink()  # partial writes of a killed run; their finished twins are complete files
+    if state == "resume":
+        log.info("resuming the unfinished run in %s", output)
+    write_json_atomic(staging / "run.json", {"fingerprint": fingerprint, "started": _now()})
+    salt = _load_salt(config, staging)
+
+    items = discovery.items
+    log.info("%d inputs in %s layout, classes: %s", len(items), discovery.layout, ", ".join(discovery.classes))
+    in_flight, started_ray = start_ray(config.address, config.workers)
+    try:
+        clock = time.perf_counter()
+        records, rejected = _stage_transform(items, params, salt, staging, in_flight)
+        log.info("stage 1 (decode, transform, hash): %.1f s", time.perf_counter() - clock)
+        if not records:
+            reasons = Counter(r["reason"] for r in rejected).most_common(3)
+            raise CxrError(f"no usable images in --input {config.input}: all {len(items)} inputs were rejected ("
+                           + "; ".join(f"{n} x {reason}" for reason, n in reasons) + ")")
+        clock = time.perf_counter()
+        plan = _plan_splits(records, discovery, carve, pooled, config)
+        log.info("audit and split: %.1f s", time.perf_counter() - clock)
+        clock = time.perf_counter()
+        shards = _stage_write(plan, output, staging, in_flight, salt, config)
+        log.info("stage 2 (write %d shards): %.1f s", len(shards), time.perf_counter() - clock)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    manifest = _finish(output, discovery, config, params, fingerprint, salt_source, plan, shards,
+                       rejected + discovery.rejected, salt)
+    shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _stage_transform(items: list[InputItem], params: TransformParams, salt: bytes, staging: Path,
+                     in_flight: int) -> tuple[list[Record], list[dict]]:
+    size = chunk_size(len(items))
+    chunks = [list(range(start, min(start + size, len(items)))) for start in range(0, len(items), size)]
+    metas: dict[int, dict] = {}
+    for index in range(len(chunks)):
+        npy_path, json_path = _chunk_paths(staging, index)
+        if json_path.exists() and npy_path.exists():
+            metas[index] = read_json(json_path, "staged chunk metadata")
+    todo = [i for i in range(len(chunks)) if i not in metas]
+    if metas:
+        log.info("stage 1: %d of %d chunks already done, %d to go", len(metas), len(chunks), len(todo))
+    bar = _progress(sum(len(chunks[i]) for i in todo), "transform")
+
+    def done(meta: dict) -> None:
+        metas[meta["chunk"]] = meta
+        bar.update(len(meta["rows"]))
+
+    args = [(i, [(k, items[k].path, items[k].rel) for k in chunks[i]], params.to_dict(), salt, str(staging))
+            for i in todo]
+    run_tasks(process_chunk, args, in_flight, done)
+    bar.close()
+
+    records, rejected = [], []
+    for index in range(len(chunks)):
+        for row in metas[index]["rows"]:
+            item = items[row["item"]]
+            if not row["ok"]:
+                rejected.append({"input": item.rel, "reason": row["reason"]})
+                continue
+            key, source = _patient_key(item, row.get("dicom_patient"))
+            records.append(Record(item, index, row["row"], row["digest"], row["phash"], tuple(row["shape"]),
+                                  row["fmt"], key, source))
+    return records, rejected
+
+
+@dataclass
+class SplitPlan:
+    records: list[Record]
+    splits: np.ndarray          # split name per record
+    groups: np.ndarray          # group label per record
+    exact_groups: list[list[int]]
+    near_pairs: list[tuple[int, int, int]]
+    moved: int                  # pool records placed in a given split to keep their group together
+    leaks: list[int]            # groups that straddle given splits
+
+
+def _plan_splits(records: list[Record], discovery: Discovery, carve: dict[str, float], pooled: set[str],
+                 config: PrepareConfig) -> SplitPlan:
+    exact = audit.exact_duplicate_groups([r.digest for r in records])
+    near = audit.near_duplicate_pairs(np.array([r.phash for r in records], dtype=np.uint64),
+                                      config.near_duplicate_distance)
+    links = [(g[0], other) for g in exact for other in g[1:]] + [(i, j) for i, j, _ in near]
+    groups = splitting.group_ids([r.patient_key for r in records], links)
+    fixed = [None if (r.item.given_split is None or r.item.given_split in pooled) else r.item.given_split
+             for r in records]
+    labels = np.array([r.item.label for r in records])
+    splits = splitting.assign_splits(labels, groups, fixed, carve, config.seed)
+    moved = sum(1 for f, s in zip(fixed, splits) if f is None and s != "train" and s not in carve)
+    leaks = splitting.leaking_groups(groups, splits)
+    if leaks:
+        log.warning("%d patient/duplicate groups straddle the splits the input gave (see audit.json)", len(leaks))
+    return SplitPlan(records, splits, groups, exact, near, moved, leaks)
+
+
+def _stage_write(plan: SplitPlan, output: Path, staging: Path, in_flight: int, salt: bytes,
+                 config: PrepareConfig) -> list[dict]:
+    rng = np.random.default_rng(config.seed)
+    jobs = []
+    for split in schema.SPLITS:
+        members = np.flatnonzero(plan.splits == split)
+        members = members[rng.permutation(len(members))]  # mix classes and patients across shards
+        count = shard_count(len(members), config.shards)
+        for index, part in enumerate(np.array_split(members, count) if count else []):
+            name = schema.shard_name(split, index, count)
+            recs = [(plan.records[k].chunk, plan.records[k].row, plan.records[k].item.label,
+                     keyed_hash(salt, "id", plan.records[k].item.rel),
+                     keyed_hash(salt, "patient", plan.records[k].patient_key)) for k in part.tolist()]
+            jobs.append((split, name, recs))
+
+    results: dict[str, dict] = {}
+    for split, name, recs in jobs:
+        marker = staging / "shards" / f"{name}.json"
+        if marker.exists() and (output / name).exists():
+            done = read_json(marker, "staged shard record")
+            if done.get("records") == len(recs) and (output / name).stat().st_size == done.get("bytes"):
+                results[name] = done
+    todo = [(str(output), str(staging), name, recs) for _, name, recs in jobs if name not in results]
+    if len(results):
+        log.info("stage 2: %d of %d shards already written", len(results), len(jobs))
+    bar = _progress(sum(len(a[3]) for a in todo), "write shards")
+
+    def done(result: dict) -> None:
+        results[result["file"]] = result
+        bar.update(result["records"])
+
+    run_tasks(write_shard, todo, in_flight, done)
+    bar.close()
+    ordered = []
+    for split, name, recs in jobs:
+        entry = {"file": name, "split": split, **{k: results[name][k] for k in ("records", "bytes", "sha256")}}
+        entry["ids"] = [r[3] for r in recs]
+        ordered.append(entry)
+    return ordered
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for package in ("cxrscale", "numpy", "opencv-python-headless", "pydicom", "ray"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _finish(output: Path, discovery: Discovery, config: PrepareConfig, params: TransformParams,
+            fingerprint: str, salt_source: str, plan: SplitPlan, shards: list[dict], rejected: list[dict],
+            salt: bytes) -> dict:
+    classes = discovery.classes
+    records = plan.records
+    shown = (lambda rel: keyed_hash(salt, "id", rel)) if config.redact_paths else (lambda rel: rel)
+
+    per_split: dict[str, dict[str, int]] = {}
+    for split in schema.SPLITS:
+        labels = [r.item.label for r, s in zip(records, plan.splits) if s == split]
+        if labels:
+            counts = Counter(labels)
+            per_split[split] = {name: counts.get(i, 0) for i, name in enumerate(classes)}
+            per_split[split]["total"] = len(labels)
+
+    shard_of = {record_id: shard["file"] for shard in shards for record_id in shard.pop("ids")}
+    lines = io.StringIO()
+    writer = csv.writer(lines, lineterminator="\n")
+    writer.writerow(["id", "patient", "split", "label", "class", "shard"])
+    for r, s in sorted(zip(records, plan.splits), key=lambda rs: (schema.SPLITS.index(rs[1]), rs[0].item.rel)):
+        record_id = keyed_hash(salt, "id", r.item.rel)
+        writer.writerow([record_id, keyed_hash(salt, "patient", r.patient_key), s, r.item.label,
+                         classes[r.item.label], shard_of[record_id]])
+    write_text_atomic(output / schema.SPLIT_CSV, lines.getvalue())
+
+    def describe(indices: Iterable[int]) -> dict:
+        idx = list(indices)
+        return {"inputs": [shown(records[i].item.rel) for i in idx],
+                "ids": [keyed_hash(salt, "id", records[i].item.rel) for i in idx],
+                "splits": sorted({str(plan.splits[i]) for i in idx})}
+
+    near_components: dict[int, set[int]] = {}
+    exact_members = {i for g in plan.exact_groups for i in g}
+    for i, j, _ in plan.near_pairs:
+        if i in exact_members and j in exact_members and plan.records[i].digest == plan.records[j].digest:
+            continue
+        near_components.setdefault(int(plan.groups[i]), set()).update((i, j))
+    shapes = np.array([r.shape for r in records])
+    group_sizes = Counter(plan.groups.tolist())
+    patients = Counter(r.patient_key for r in records)
+    audit_doc = {
+        "exact_duplicates": [describe(g) for g in plan.exact_groups],
+        "near_duplicates": [describe(sorted(g)) | {"max_hamming_distance": max(
+            d for i, j, d in plan.near_pairs if i in g and j in g)} for g in near_components.values()],
+        "near_duplicate_rule": f"256-bit DCT perceptual hash, Hamming distance <= {config.near_duplicate_distance}",
+        "class_balance": per_split,
+        "patients": {"count": len(patients), "max_images_per_patient": max(patients.values()),
+                     "key_sources": dict(Counter(r.patient_source for r in records))},
+        "groups_kept_together": {"count": len(group_sizes),
+                                 "largest": max(group_sizes.values()),
+                                 "records_moved_to_a_given_split": plan.moved},
+        "given_split_leaks": [describe(np.flatnonzero(plan.groups == g).tolist()) for g in plan.leaks],
+        "input_formats": dict(Counter(r.fmt for r in records)),
+        "input_sizes_px": {dim: {"min": int(shapes[:, k].min()), "median": float(np.median(shapes[:, k])),
+                                 "max": int(shapes[:, k].max())} for k, dim in enumerate(("height", "width"))},
+    }
+    write_json_atomic(output / schema.AUDIT, audit_doc)
+
+    n_inputs = len(discovery.items) + len(discovery.rejected)
+    manifest = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "created": _now(),
+        "fingerprint": fingerprint,
+        "libraries": _library_versions(),
+        "source": {"layout": discovery.layout, "inputs": n_inputs, "ignored": [shown(p) for p in discovery.ignored]},
+        "classes": classes,
+        "class_indices": {name: i for i, name in enumerate(classes)},
+        "positive_class": classes[1] if len(classes) == 2 else None,
+        "image_shape": [params.size, params.size, 1],
+        "dtype": "uint8",
+        "transform": params.to_dict(),
+        "split": {"val_fraction": config.val_fraction, "test_fraction": config.test_fraction,
+                  "resplit": config.resplit, "seed": config.seed,
+                  "given": sorted({r.item.given_split for r in records if r.item.given_split}),
+                  "grouped_by": "patient and duplicate group", "id_salt": salt_source},
+        "audit": {"exact_duplicate_groups": len(plan.exact_groups), "near_duplicate_groups": len(near_components),
+                  "near_duplicate_distance": config.near_duplicate_distance, "given_split_leaks": len(plan.leaks)},
+        "counts": {"inputs": n_inputs, "written": len(records), "rejected": len(rejected), "per_split": per_split},
+        "shards": shards,
+        "rejected": [{"input": shown(r["input"]), "reason": r["reason"]} for r in rejected],
+    }
+    if manifest["counts"]["inputs"] != manifest["counts"]["written"] + manifest["counts"]["rejected"]:
+        raise AssertionError("inputs != written + rejected: a bug in cxrscale, please report it")
+    write_json_atomic(output / schema.MANIFEST, manifest)
+    return manifest

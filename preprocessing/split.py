@@ -1,0 +1,118 @@
+"""Patient-grouped, class-stratified train/val/test assignment (pure functions).
+
+A *group* is everything that must stay in one split: all images of a patient, joined with every image
+that duplicates one of them (exactly or nearly). Groups are found with a union-find, then placed greedily,
+largest first, into the split whose per-class counts move closest to their targets.
+"""
+from __future__ import annotations
+
+from typing import Hashable, Iterable, Sequence
+
+import numpy as np
+
+SPLIT_ORDER = ("train", "val", "test")
+
+
+class UnionFind:
+    """Disjoint sets over 0..n-1 with path halving and union by size."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+        self.size = [1] * n
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.size[ra] < self.size[rb]:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.size[ra] += self.size[rb]
+
+    def labels(self) -> np.ndarray:
+        """Component label per element, numbered 0.. in order of first appearance."""
+        roots = [self.find(i) for i in range(len(self.parent))]
+        _, first_seen = np.unique(roots, return_inverse=True)
+        return first_seen.astype(np.int64)
+
+
+def group_ids(keys: Sequence[Hashable], links: Iterable[tuple[int, int]] = ()) -> np.ndarray:
+    """Group label per item: items with equal keys, or linked by a (i, j) pair, share a label."""
+    uf = UnionFind(len(keys))
+    first: dict[Hashable, int] = {}
+    for i, key in enumerate(keys):
+        if key in first:
+            uf.union(first[key], i)
+        else:
+            first[key] = i
+    for i, j in links:
+        uf.union(i, j)
+    return uf.labels()
+
+
+def assign_splits(labels: np.ndarray, groups: np.ndarray, fixed: Sequence[str | None],
+                  fractions: dict[str, float], seed: int) -> np.ndarray:
+    """Split name per item.
+
+    labels: (n,) class index per item. groups: (n,) group label per item (see `group_ids`).
+    fixed: the split an input layout already gives an item, or None for items in the pool to be split.
+    fractions: the share of the pool each carved split receives, e.g. {"val": 0.1, "test": 0.1}; the rest
+        of the pool goes to "train". Splits not named here are not carved.
+    A group with any fixed member takes that member's split (the most held-out one: test, then val, then
+    train) for its pool members too, so a patient never straddles a given split and a carved one.
+    """
+    labels = np.asarray(labels)
+    groups = np.asarray(groups)
+    n = len(labels)
+    n_classes = int(labels.max()) + 1 if n else 0
+    out = np.array([s or "" for s in fixed], dtype=object)
+    pool = out == ""
+
+    rank = {name: i for i, name in enumerate(SPLIT_ORDER)}
+    pinned: dict[int, str] = {}
+    for i in np.flatnonzero(~pool):
+        g, split = int(groups[i]), out[i]
+        if g not in pinned or rank[split] > rank[pinned[g]]:
+            pinned[g] = split
+    for i in np.flatnonzero(pool):
+        if int(groups[i]) in pinned:
+            out[i] = pinned[int(groups[i])]
+            pool[i] = False
+
+    carved = [s for s in SPLIT_ORDER if s != "train" and fractions.get(s, 0) > 0]
+    targets_for = ["train"] + carved
+    class_totals = np.bincount(labels[pool], minlength=n_classes).astype(float)
+    target = np.array([[0.0] * n_classes] + [list(fractions[s] * class_totals) for s in carved])
+    target[0] = class_totals - target[1:].sum(axis=0)
+    current = np.zeros_like(target)
+
+    pool_groups = np.unique(groups[pool])
+    members = {int(g): np.flatnonzero(pool & (groups == g)) for g in pool_groups}
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(pool_groups)
+    order = sorted(order, key=lambda g: -len(members[int(g)]))  # stable: ties keep the random order
+    for g in order:
+        idx = members[int(g)]
+        counts = np.bincount(labels[idx], minlength=n_classes)
+        # Increase of the squared distance to the targets if the group joined each split.
+        cost = (counts * (2 * (current - target) + counts)).sum(axis=1)
+        best = int(np.argmin(cost))
+        current[best] += counts
+        out[idx] = targets_for[best]
+    return out.astype(str)
+
+
+def leaking_groups(groups: np.ndarray, splits: np.ndarray) -> list[int]:
+    """Group labels whose members sit in more than one split (only possible through given splits)."""
+    seen: dict[int, str] = {}
+    leaks = set()
+    for g, s in zip(groups.tolist(), splits.tolist()):
+        if seen.setdefault(g, s) != s:
+            leaks.add(g)
+    return sorted(leaks)
