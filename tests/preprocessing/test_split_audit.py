@@ -1,0 +1,85 @@
+"""Patient-grouped stratified splitting, Kermany patient keys, and the duplicate audit's pure parts."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from preprocessing.audit import exact_duplicate_groups, near_duplicate_pairs, perceptual_hash, pixel_digest
+from preprocessing.sources import patient_from_name
+from preprocessing.split import assign_splits, group_ids, leaking_groups
+from tests.conftest import radiograph_like
+
+
+@pytest.mark.parametrize("name, key", [
+    ("person1372_bacteria_3501.jpeg", "person1372"),
+    ("person10_virus_35.jpeg", "person10"),
+    ("IM-0115-0001.jpeg", "im-0115"),
+    ("IM-0505-0001-0002.jpeg", "im-0505"),
+    ("NORMAL2-IM-0007-0001.jpeg", "normal2-im-0007"),
+    ("scan_17.png", None),
+])
+def test_kermany_patient_keys(name, key):
+    assert patient_from_name(name) == key
+
+
+def synthetic_cohort(seed: int, n_patients: int = 400):
+    rng = np.random.default_rng(seed)
+    labels, patients = [], []
+    for p in range(n_patients):
+        label = int(rng.random() < 0.74)  # Kermany-like imbalance
+        for _ in range(int(rng.integers(1, 5))):
+            labels.append(label)
+            patients.append(f"p{p}")
+    return np.array(labels), patients
+
+
+def test_no_patient_in_two_splits_and_proportions_hold():
+    labels, patients = synthetic_cohort(0)
+    groups = group_ids(patients)
+    splits = assign_splits(labels, groups, [None] * len(labels), {"val": 0.1, "test": 0.2}, seed=3)
+    assert leaking_groups(groups, splits) == []
+    for split, fraction in (("val", 0.1), ("test", 0.2), ("train", 0.7)):
+        share = (splits == split).mean()
+        assert abs(share - fraction) < 0.02, (split, share)
+        for label in (0, 1):  # stratified: each class keeps its share in every split
+            class_share = (splits[labels == label] == split).mean()
+            assert abs(class_share - fraction) < 0.03, (split, label, class_share)
+
+
+def test_split_is_deterministic_and_seeded():
+    labels, patients = synthetic_cohort(1)
+    groups = group_ids(patients)
+    a = assign_splits(labels, groups, [None] * len(labels), {"val": 0.1, "test": 0.1}, seed=0)
+    b = assign_splits(labels, groups, [None] * len(labels), {"val": 0.1, "test": 0.1}, seed=0)
+    c = assign_splits(labels, groups, [None] * len(labels), {"val": 0.1, "test": 0.1}, seed=1)
+    assert (a == b).all() and not (a == c).all()
+
+
+def test_given_splits_are_kept_and_pull_their_groups():
+    labels = np.array([0, 0, 1, 1, 0, 1, 0, 1] * 10)
+    patients = [f"p{i // 2}" for i in range(len(labels))]  # pairs of images per patient
+    fixed = [None] * len(labels)
+    fixed[0] = "test"  # patient p0's other image (index 1) is in the pool
+    splits = assign_splits(labels, group_ids(patients), fixed, {"val": 0.2}, seed=0)
+    assert splits[0] == "test" and splits[1] == "test"
+    assert set(splits[2:]) <= {"train", "val"}
+
+
+def test_duplicate_links_join_groups():
+    groups = group_ids(["a", "b", "c", "d"], links=[(0, 3)])
+    assert groups[0] == groups[3] and len(set(groups.tolist())) == 3
+
+
+def test_exact_and_near_duplicates():
+    images = [radiograph_like(s, (256, 256)) for s in range(6)]
+    copy = images[2].copy()
+    jpeg = cv2.imdecode(cv2.imencode(".jpg", images[4], [cv2.IMWRITE_JPEG_QUALITY, 70])[1], 0)
+    rescaled = cv2.resize(cv2.resize(jpeg, (300, 300)), (256, 256))
+    all_images = images + [copy, rescaled]
+    digests = [pixel_digest(i) for i in all_images]
+    assert exact_duplicate_groups(digests) == [[2, 6]]
+    hashes = np.array([perceptual_hash(i) for i in all_images])
+    pairs = {(i, j) for i, j, _ in near_duplicate_pairs(hashes, 24)}
+    assert pairs == {(2, 6), (4, 7)}
+    assert near_duplicate_pairs(hashes, -1) == []
