@@ -1,0 +1,102 @@
+"""Shared plumbing of the benchmark suites: machine description, child-process measurements, result files."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+from preprocessing.runtime import CxrError, write_json_atomic, write_text_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "processor": platform.processor() or platform.machine()}
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        info["cpu_model"] = model
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def versions(packages: Sequence[str] = ("tensorflow", "tf-keras", "ray", "opencv-python-headless", "numpy",
+                                        "horovod", "tensorflow-model-optimization")) -> dict[str, str]:
+    out = {}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_child(module: str, args: Sequence[str], timeout: float = 1800) -> dict:
+    """Run `python -m module args` in a fresh process (so its peak RSS is its own) and parse the JSON
+    it prints on its last stdout line."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"benchmark child {module} {' '.join(args)} failed ({proc.returncode}):\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def stamp() -> str:
+    return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:,.1f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, suite: str, results: dict, markdown: str) -> tuple[Path, Path]:
+    """Write `<suite>-<timestamp>.json` (every raw figure, machine, versions, commit) and `.md`."""
+    results = {"suite": suite, "created": dt.datetime.now().isoformat(timespec="seconds"),
+               "machine": machine(), "versions": versions(), "git_commit": git_commit(), **results}
+    name = f"{suite}-{stamp()}"
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    write_json_atomic(json_path, results)
+    header = (f"# Benchmark: {suite}\n\n{results['created']}, commit {results['git_commit']}, "
+              f"{results['machine'].get('cpu_model', results['machine']['processor'])}, "
+              f"{results['machine']['cpus']} CPUs, {results['machine']['memory_gib']} GiB\n\n")
+    write_text_atomic(md_path, header + markdown + "\n")
+    return json_path, md_path
+
+
+def require_dir(path: Path, option: str, hint: str) -> Path:
+    if not path.is_dir():
+        raise CxrError(f"{option} {path} does not exist: {hint}")
+    return path

@@ -1,0 +1,207 @@
+"""python -m benchmarks.preprocess: images/s and peak memory of preparing real radiographs, three ways.
+
+(a) the thesis's way: a serial loop of cv2.imread (colour), resize to 224, equalizeHist, float32/255,
+    every image kept in a Python list;
+(b) tf.data: parallel read + decode + resize (AUTOTUNE), iterated to the end;
+(c) cxrscale's `python -m preprocessing` stage with 1 and 2 Ray workers, end to end including the audit
+    and shard writing, with Ray already started (its start-up is reported separately).
+Every variant runs in its own process, so each peak RSS is its own (for (c): the driver's). The input is
+the shared full-resolution Kermany subset, its file list repeated --repeat times (symlinks), at N and 4N.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, markdown_table, peak_rss_mb, require_dir,
+                               run_child, write_results)
+from preprocessing.runtime import run_cli, setup_logging
+
+log = logging.getLogger("cxrscale.benchmarks")
+VARIANTS = ("thesis", "tfdata", "cxrscale-1", "cxrscale-2")
+
+
+def repeated_input(source: Path, repeat: int, dest: Path) -> int:
+    """Class folders of symlinks to every image of `source`, each listed `repeat` times; returns the count."""
+    count = 0
+    for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        (dest / class_dir.name).mkdir(parents=True, exist_ok=True)
+        for k in range(repeat):
+            for image in sorted(class_dir.iterdir()):
+                (dest / class_dir.name / f"r{k}-{image.name}").symlink_to(image.resolve())
+                count += 1
+    return count
+
+
+def image_files(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file())
+
+
+def run_thesis(folder: Path, size: int) -> dict:
+    import cv2
+    import numpy as np
+
+    files = image_files(folder)
+    start = time.perf_counter()
+    kept = []
+    for path in files:
+        img = cv2.resize(cv2.imread(path, cv2.IMREAD_COLOR), (size, size))
+        img = cv2.equalizeHist(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
+        kept.append(img.astype(np.float32) / 255.0)
+    seconds = time.perf_counter() - start
+    return {"images": len(kept), "seconds": seconds}
+
+
+def run_tfdata(folder: Path, size: int) -> dict:
+    import tensorflow as tf
+
+    files = image_files(folder)
+
+    def load(path):
+        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=1)
+        return tf.cast(tf.image.resize(image, (size, size)), tf.uint8)
+
+    start = time.perf_counter()
+    ds = tf.data.Dataset.from_tensor_slices(files).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    count = sum(1 for _ in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator())
+    return {"images": count, "seconds": time.perf_counter() - start}
+
+
+def run_cxrscale(folder: Path, size: int, workers: int, scratch: Path) -> dict:
+    import ray
+
+    from preprocessing.pipeline import PrepareConfig, prepare
+
+    start = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray_start = time.perf_counter() - start
+    # Warm-up on a handful of files so that Ray's worker processes exist and have imported the stage.
+    warm = scratch / "warm-in"
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        (warm / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[:8]:
+            (warm / class_dir.name / image.name).symlink_to(image.resolve())
+    prepare(PrepareConfig(str(warm), str(scratch / "warm-out"), size=size, workers=workers))
+    start = time.perf_counter()
+    manifest = prepare(PrepareConfig(str(folder), str(scratch / "out"), size=size, workers=workers))
+    seconds = time.perf_counter() - start
+    ray.shutdown()
+    return {"images": manifest["counts"]["written"], "seconds": seconds, "ray_start_seconds": ray_start}
+
+
+def child_main(args: argparse.Namespace) -> int:
+    """One measurement in this process; prints one JSON line."""
+    folder = Path(args.child_input)
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-") as scratch:
+        if args.child == "thesis":
+            result = run_thesis(folder, args.size)
+        elif args.child == "tfdata":
+            result = run_tfdata(folder, args.size)
+        else:
+            result = run_cxrscale(folder, args.size, int(args.child.rsplit("-", 1)[1]), Path(scratch))
+    result["peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.preprocess", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  python -m benchmarks.preprocess --repeat 4")
+    p.add_argument("--data", type=Path, default=DEFAULT_SHARED_DATA / "kermany-fullres",
+                   help="folder of CLASS/*.jpeg radiographs (default: the shared full-resolution subset)")
+    p.add_argument("--repeat", type=int, default=4, help="list the files this many times for the 4N runs")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results folder")
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--child-input", help=argparse.SUPPRESS)
+    return p
+
+
+def measure(data: Path, repeat: int, size: int, variants: Sequence[str]) -> dict:
+    """Run every variant at N (the folder as it is) and at repeat x N; returns the raw figures."""
+    from tqdm import tqdm
+
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-input-") as tmp:
+        inputs = {}
+        for factor in sorted({1, repeat}):
+            inputs[factor] = Path(tmp) / f"x{factor}"
+            count = repeated_input(data, factor, inputs[factor])
+            inputs[factor] = (inputs[factor], count)
+        jobs = [(v, f) for f in sorted(inputs) for v in variants]
+        for variant, factor in tqdm(jobs, desc="preprocess benchmark", disable=None):
+            folder, count = inputs[factor]
+            result = run_child("benchmarks.preprocess", ["--child", variant, "--child-input", str(folder),
+                                                         "--size", str(size)])
+            result.update(variant=variant, n_factor=factor, inputs=count,
+                          images_per_second=result["images"] / result["seconds"])
+            log.info("%s at %dN: %.1f img/s, peak RSS %.0f MiB", variant, factor, result["images_per_second"],
+                     result["peak_rss_mb"])
+            runs.append(result)
+    return {"data": str(data), "repeat": repeat, "size": size, "runs": runs}
+
+
+def summarise(results: dict) -> tuple[dict, str]:
+    runs = results["runs"]
+    big = max(r["n_factor"] for r in runs)
+    at = {(r["variant"], r["n_factor"]): r for r in runs}
+    rows = [[r["variant"], f"{r['n_factor']}N = {r['inputs']}", r["images_per_second"], r["seconds"],
+             r["peak_rss_mb"]] for r in runs]
+    table = markdown_table(["variant", "images", "images/s", "seconds", "peak RSS MiB"], rows)
+    checks = {}
+    ours = at.get(("cxrscale-2", big))
+    if ours and ("thesis", big) in at:
+        checks["speedup_vs_thesis"] = ours["images_per_second"] / at[("thesis", big)]["images_per_second"]
+    if ours and ("tfdata", big) in at:
+        checks["speedup_vs_tfdata"] = ours["images_per_second"] / at[("tfdata", big)]["images_per_second"]
+    if ours and ("cxrscale-2", 1) in at:
+        checks["driver_rss_mb_at_4N"] = ours["peak_rss_mb"]
+        checks["driver_rss_growth_4N_vs_N"] = ours["peak_rss_mb"] / at[("cxrscale-2", 1)]["peak_rss_mb"] - 1
+    targets = [("speedup_vs_thesis", ">=", 2.5), ("speedup_vs_tfdata", ">=", 1.5),
+               ("driver_rss_mb_at_4N", "<", 1024), ("driver_rss_growth_4N_vs_N", "<=", 0.10)]
+    lines = []
+    for key, op, goal in targets:
+        if key in checks:
+            value = checks[key]
+            met = value >= goal if op == ">=" else (value < goal if op == "<" else value <= goal)
+            lines.append([key, f"{value:.3f}", f"{op} {goal}", "met" if met else "NOT MET"])
+            checks[f"{key}_target_met"] = met
+    md = ("(a) thesis = serial cv2 colour read, resize, equalizeHist, float32 list; (b) tf.data parallel "
+          "decode+resize; (c) cxrscale-W = `python -m preprocessing` with W Ray workers, end to end incl. audit "
+          "and shard writing, Ray already started.\n\n" + table + "\n\n"
+          + markdown_table(["target", "measured", "goal", "status"], lines))
+    return checks, md
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.child:
+        return child_main(args)
+    setup_logging()
+    require_dir(args.data, "--data", "point it at a folder of CLASS/*.jpeg radiographs")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        from preprocessing.runtime import CxrError
+        raise CxrError(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    results = measure(args.data, args.repeat, args.size, variants)
+    checks, md = summarise(results)
+    results["checks"] = checks
+    json_path, md_path = write_results(args.out, "preprocess", results, md)
+    print(md)
+    print(f"\nwritten: {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
