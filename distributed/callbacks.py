@@ -1,0 +1,229 @@
+"""Keras callbacks of data-parallel training: warm-up, exact validation, atomic checkpoints, history.
+
+Every rank runs the same callbacks in the same order, so every decision that depends on a metric
+(early stopping, reduce-on-plateau) is taken identically everywhere: diverging ranks would hang.
+Only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+
+from distributed.kerasenv import keras
+from preprocessing.runtime import write_json_atomic, write_text_atomic
+
+log = logging.getLogger("cxrscale.train")
+
+
+def set_learning_rate(optimizer, value: float) -> None:
+    optimizer.learning_rate.assign(value)
+
+
+class WarmupLearningRate(keras.callbacks.Callback):
+    """Linear warm-up from the one-worker rate to the scaled rate over the first `warmup_epochs` (Goyal et
+    al., "Accurate, Large Minibatch SGD"; the same ramp as Horovod's LearningRateWarmupCallback, which does
+    not work with tf_keras's current optimizers). After the warm-up it leaves the rate alone, so
+    ReduceLROnPlateau can lower it."""
+
+    def __init__(self, base_lr: float, scaled_lr: float, warmup_epochs: float, steps_per_epoch: int,
+                 initial_epoch: int = 0):
+        super().__init__()
+        self.base_lr, self.scaled_lr = base_lr, scaled_lr
+        self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch = initial_epoch
+
+    def rate(self, step: int) -> float:
+        """Learning rate for global step `step` (0-based)."""
+        if self.warmup_steps == 0 or step >= self.warmup_steps:
+            return self.scaled_lr
+        return self.base_lr + (self.scaled_lr - self.base_lr) * (step + 1) / self.warmup_steps
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        step = self.epoch * self.steps_per_epoch + batch
+        if step <= self.warmup_steps:
+            set_learning_rate(self.model.optimizer, self.rate(step))
+
+
+class AverageMovingStatistics(keras.callbacks.Callback):
+    """At each epoch end, average BatchNormalization moving means and variances over the ranks.
+
+    Horovod averages gradients, not these statistics, so each rank's would drift towards its own shards;
+    averaged, every rank validates, checkpoints and exports the same model."""
+
+    def __init__(self, average: Callable[[tf.Variable], tf.Tensor]):
+        super().__init__()
+        self.average = average
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        for var in self.model.non_trainable_variables:
+            if "moving_mean" in var.name or "moving_variance" in var.name:
+                var.assign(self.average(var))
+
+
+class ExactValidation(keras.callbacks.Callback):
+    """Validation metrics over the WHOLE validation split, identical on every rank.
+
+    Each rank predicts its own share of the records; the scores are gathered with Horovod and every rank
+    computes loss, accuracy and ROC-AUC on all of them. (Averaging per-rank AUCs, as a metric-averaging
+    callback would, is not the AUC of the split.) Writes val_loss, val_accuracy and val_auc into the logs.
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, labels: np.ndarray, allgather_object, num_classes: int):
+        super().__init__()
+        self.images = dataset.map(lambda x, y: x)
+        self.labels = labels
+        self.allgather_object = allgather_object
+        self.num_classes = num_classes
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        from distributed.models import output_probabilities
+
+        outputs = self.model.predict(self.images, verbose=0)
+        gathered = self.allgather_object((np.asarray(outputs, np.float32), self.labels))
+        probs = output_probabilities(np.concatenate([g[0] for g in gathered]))
+        labels = np.concatenate([g[1] for g in gathered]).astype(int).ravel()
+        if logs is not None:
+            logs.update(validation_metrics(labels, probs))
+
+
+def validation_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """val_loss (cross-entropy), val_accuracy and val_auc (one-vs-rest macro for K > 2; NaN when a class is
+    missing from the split) of class probabilities (n, K) against int labels (n,)."""
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    k = probs.shape[1]
+    out = {"val_loss": float(log_loss(labels, probs, labels=list(range(k)))),
+           "val_accuracy": float(np.mean(probs.argmax(axis=1) == labels))}
+    if len(np.unique(labels)) < k:
+        out["val_auc"] = float("nan")  # some class is missing from the split: AUC is undefined
+    elif k == 2:
+        out["val_auc"] = float(roc_auc_score(labels, probs[:, 1]))
+    else:
+        out["val_auc"] = float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+    return out
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """Rank 0: after every epoch, an atomic checkpoint of weights, optimizer state, epoch and seeds in
+    checkpoints/epoch-NNNN/ (written to a temporary folder, then renamed), `latest.json` pointing at it,
+    and the best weights so far by val_auc in checkpoints/best/. Keeps the last `keep` epoch checkpoints."""
+
+    def __init__(self, run_dir: Path, checkpoint: tf.train.Checkpoint, full_model, seed: int,
+                 monitor: str = "val_auc", keep: int = 2, best_value: float = -math.inf):
+        super().__init__()
+        self.full_model = full_model  # what is fitted may be the head alone (--cache-features)
+        self.dir = run_dir / "checkpoints"
+        self.checkpoint = checkpoint
+        self.seed = seed
+        self.monitor = monitor
+        self.keep = keep
+        self.best = best_value
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        done = epoch + 1
+        value = float(logs.get(self.monitor, float("nan")))
+        improved = not math.isnan(value) and value > self.best
+        if improved:
+            self.best = value
+            self._write_dir(self.dir / "best", lambda tmp: self.full_model.save_weights(str(tmp / "weights")),
+                            {"epoch": done, self.monitor: value})
+        state = {"epoch": done, "seed": self.seed, "best": self.best, "monitor": self.monitor,
+                 "weights_checksum": weight_checksum(self.full_model),
+                 "learning_rate": float(keras.backend.get_value(self.model.optimizer.learning_rate)),
+                 "metrics": {k: float(v) for k, v in logs.items() if np.isscalar(v)}}
+        name = f"epoch-{done:04d}"
+        self._write_dir(self.dir / name, lambda tmp: self.checkpoint.write(str(tmp / "ckpt")), state)
+        write_json_atomic(self.dir / "latest.json", {"checkpoint": name, **state})
+        for old in sorted(self.dir.glob("epoch-*"))[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def _write_dir(target: Path, write, state: dict) -> None:
+        tmp = target.parent / f".{target.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        write_json_atomic(tmp / "state.json", state)
+        old = target.parent / f".{target.name}.old"
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def weight_checksum(model) -> str:
+    """Short digest of all of a model's weights: equal on ranks that are in sync."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def read_latest(run_dir: Path) -> dict | None:
+    """The state of the last complete checkpoint of a run, or None."""
+    path = run_dir / "checkpoints" / "latest.json"
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    if not (run_dir / "checkpoints" / state["checkpoint"]).is_dir():
+        return None
+    return state
+
+
+class HistoryWriter(keras.callbacks.Callback):
+    """Rank 0: history.csv rewritten atomically after every epoch: epoch, lr, metrics, seconds (the whole
+    epoch, with validation and checkpointing) and images_per_second (training steps only, all workers)."""
+
+    def __init__(self, path: Path, images_per_epoch: int, previous: list[dict[str, Any]] | None = None):
+        super().__init__()
+        self.path = path
+        self.images_per_epoch = images_per_epoch
+        self.rows = list(previous or [])
+        self.started = self.last_step = time.perf_counter()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = self.last_step = time.perf_counter()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.last_step = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        now = time.perf_counter()
+        row = {"epoch": epoch + 1,
+               "lr": float(keras.backend.get_value(self.model.optimizer.learning_rate)),
+               **{k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) and k != "lr"},
+               "seconds": now - self.started, "train_seconds": self.last_step - self.started,
+               "images_per_second": self.images_per_epoch / max(self.last_step - self.started, 1e-9)}
+        self.rows = [r for r in self.rows if int(r["epoch"]) < epoch + 1] + [row]
+        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(self.path, buf.getvalue())
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
+                for row in csv.DictReader(fh)]

@@ -1,0 +1,91 @@
+"""Fixtures for training tests: small prepared datasets, and runners for the real CLI and horovodrun."""
+from __future__ import annotations
+
+import csv
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from preprocessing.sample import generate_sample
+from preprocessing.sources import patient_from_name
+from tests.conftest import PYTHON, REPO
+
+HOROVODRUN = str(Path(PYTHON).parent / "horovodrun")
+NOISE = ("cudart_stub", "port.cc", "All log messages before", "cuInit", "cpu_feature_guard", "rebuild TensorFlow",
+         "Sharding callback")
+
+
+def quiet(text: str) -> str:
+    """TensorFlow's start-up chatter removed, for readable assertion messages."""
+    return "\n".join(line for line in text.splitlines() if not any(n in line for n in NOISE))
+
+
+def train_cmd(*args: str, np_: int = 1) -> list[str]:
+    base = [PYTHON, "-m", "distributed.train", *args]
+    return [HOROVODRUN, "-np", str(np_), "--gloo", *base] if np_ > 1 else base
+
+
+def run_train(*args: str, np_: int = 1, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    return subprocess.run(train_cmd(*args, np_=np_), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def prepare(input_path: Path, output: Path, *args: str) -> Path:
+    result = subprocess.run([PYTHON, "-m", "preprocessing", "--input", str(input_path), "--output", str(output),
+                             "--workers", "2", "-q", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+@pytest.fixture(scope="session")
+def sample_images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sample")
+    generate_sample(root, n_normal=40, n_pneumonia=88, size=96)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prepared64(sample_images, tmp_path_factory) -> Path:
+    """128 synthetic images at 64 px, 4 train shards (enough for 2 workers)."""
+    return prepare(sample_images, tmp_path_factory.mktemp("p") / "prepared64", "--size", "64", "--shards", "4")
+
+
+@pytest.fixture(scope="session")
+def prepared32_fullbatch(sample_images, tmp_path_factory) -> Path:
+    """64 train images in exactly two shards of 32 and 16 validation images, at 32 px: a full-batch step
+    then sees the same data on one worker (batch 64) as on two (batch 32 each)."""
+    images = sorted(sample_images.rglob("*.jpeg"))
+    normal = [p for p in images if p.parent.name == "NORMAL"]
+    pneumonia = [p for p in images if p.parent.name == "PNEUMONIA"]
+    rows = [(p, "train") for p in normal[:20] + pneumonia[:44]] + [(p, "val") for p in normal[20:25] + pneumonia[44:55]]
+    folder = tmp_path_factory.mktemp("p")
+    with open(folder / "list.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows([(str(p), p.parent.name, split) for p, split in rows])
+    return prepare(folder / "list.csv", folder / "prepared32", "--size", "32", "--shards", "2",
+                   "--test-fraction", "0")
+
+
+def real_subset_csv(shared_data: Path, out: Path, n_images: int = 1300, seed: int = 0) -> Path:
+    """A CSV of whole patients drawn at random from the real Kermany train split, about n_images images."""
+    root = shared_data / "kermany224" / "train"
+    by_patient: dict[str, list[Path]] = {}
+    for path in sorted(root.glob("*/*.jpeg")):
+        by_patient.setdefault(patient_from_name(path.name) or path.name, []).append(path)
+    keys = sorted(by_patient)
+    random.Random(seed).shuffle(keys)
+    chosen: list[Path] = []
+    for key in keys:
+        if len(chosen) >= n_images:
+            break
+        chosen += by_patient[key]
+    with open(out, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        writer.writerows([(str(p.resolve()), p.parent.name) for p in chosen])
+    return out

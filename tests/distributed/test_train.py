@@ -1,0 +1,196 @@
+"""distributed.train end to end: real TensorFlow, real Horovod processes over Gloo (horovodrun -np 2)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from tests.distributed.conftest import prepare, quiet, real_subset_csv, run_train, train_cmd
+
+
+def history(run: Path) -> list[dict]:
+    with open(run / "history.csv") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "train_summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_workers_follow_one_worker_with_twice_the_batch(prepared32_fullbatch, tmp_path):
+    """Full-batch steps (64 images) on 1 worker vs 2 workers x 32: same data, same averaged gradient, so
+    the same loss trajectory; VGG16 has no batch normalisation and dropout is set to 0."""
+    common = ["--data", str(prepared32_fullbatch), "--model", "vgg16", "--weights", "none", "--dropout", "0",
+              "--epochs", "3", "--warmup-epochs", "0", "--seed", "3", "--lr", "1e-4"]
+    one = run_train(*common, "--batch-size", "64", "--output", str(tmp_path / "one"))
+    assert one.returncode == 0, quiet(one.stderr)
+    two = run_train(*common, "--batch-size", "32", "--lr", "5e-5", "--output", str(tmp_path / "two"), np_=2)
+    assert two.returncode == 0, quiet(two.stderr + two.stdout)
+    h1, h2 = history(tmp_path / "one"), history(tmp_path / "two")
+    assert [r["epoch"] for r in h1] == [r["epoch"] for r in h2] == [1, 2, 3]
+    losses1, losses2 = [r["loss"] for r in h1], [r["loss"] for r in h2]
+    assert losses1[0] != losses1[-1], "the model did not train"
+    np.testing.assert_allclose(losses2, losses1, rtol=2e-3)
+    np.testing.assert_allclose([r["lr"] for r in h2], [r["lr"] for r in h1])  # 2 x 5e-5 == 1e-4
+    s2 = summary(tmp_path / "two")
+    assert s2["ranks_in_sync"] and len(set(s2["weight_checksums_by_rank"])) == 1
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["resolved"]["workers"] == 2 and config["resolved"]["global_batch"] == 64
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint_on_more_workers(prepared64, tmp_path):
+    run = tmp_path / "run"
+    args = ["--data", str(prepared64), "--model", "cnn", "--epochs", "3", "--batch-size", "16",
+            "--output", str(run), "--early-stopping-patience", "10"]
+    proc = subprocess.Popen(train_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    latest = run / "checkpoints" / "latest.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = json.loads(latest.read_text())
+    assert state["epoch"] == 1, "the run was not killed after its first epoch"
+    assert not (run / "model").exists()
+
+    refused = run_train(*args)  # without --resume an existing run is not overwritten
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    resumed = run_train(*args, "--resume", np_=2)
+    assert resumed.returncode == 0, quiet(resumed.stderr + resumed.stdout)
+    config = json.loads((run / "config.json").read_text())
+    assert config["resumed"][0]["after_epoch"] == 1 and config["resumed"][0]["workers"] == 2
+    assert config["resumed"][0]["restored_weights_checksum"] == state["weights_checksum"]
+    assert [int(r["epoch"]) for r in history(run)] == [1, 2, 3]
+    assert summary(run)["epochs_this_session"] == 2 and summary(run)["ranks_in_sync"]
+    assert (run / "model" / "saved_model.pb").exists()
+
+
+@pytest.mark.slow
+def test_learns_real_radiographs(shared_data, tmp_path):
+    """1,000 train / 300 validation real radiographs at 128 px, grouped by patient: the CNN on two Horovod
+    workers must reach a validation AUC of at least 0.90."""
+    csv_path = real_subset_csv(shared_data, tmp_path / "subset.csv", n_images=1300)
+    data = prepare(csv_path, tmp_path / "prepared", "--size", "128", "--val-fraction", "0.23",
+                   "--test-fraction", "0")
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert 950 <= manifest["counts"]["per_split"]["train"]["total"] <= 1050
+    started = time.time()
+    result = run_train("--data", str(data), "--model", "cnn", "--epochs", "8", "--batch-size", "32",
+                       "--output", str(tmp_path / "run"), "--early-stopping-patience", "3", np_=2, timeout=1200)
+    assert result.returncode == 0, quiet(result.stderr + result.stdout)
+    best = summary(tmp_path / "run")["best_val_auc"]
+    print(f"real-data validation AUC {best:.4f} in {time.time() - started:.0f} s")
+    assert best >= 0.90, history(tmp_path / "run")
+
+
+def test_mixed_bfloat16_trains_on_cpu(prepared64, tmp_path):
+    result = run_train("--data", str(prepared64), "--model", "cnn", "--epochs", "1", "--batch-size", "16",
+                       "--precision", "mixed_bfloat16", "--output", str(tmp_path / "run"))
+    assert result.returncode == 0, quiet(result.stderr)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["resolved"]["precision"] == "mixed_bfloat16"
+    assert np.isfinite(history(tmp_path / "run")[0]["loss"])
+    import tensorflow as tf
+
+    exported = tf.saved_model.load(str(tmp_path / "run" / "model"))
+    out = exported.signatures["serving_default"](image=tf.zeros((2, 64, 64, 1), tf.uint8))
+    assert next(iter(out.values())).dtype == tf.float32  # the export is float32 whatever the training policy
+
+
+@pytest.mark.slow
+def test_resnet50_trains_and_exports(prepared64, tmp_path):
+    result = run_train("--data", str(prepared64), "--model", "resnet50", "--weights", "none", "--epochs", "1",
+                       "--batch-size", "16", "--fine-tune-from", "conv5_block1_1_conv",
+                       "--output", str(tmp_path / "run"))
+    assert result.returncode == 0, quiet(result.stderr)
+    assert (tmp_path / "run" / "model" / "saved_model.pb").exists()
+
+
+@pytest.mark.slow
+def test_cached_features_train_the_same_head(prepared32_fullbatch, tmp_path):
+    """Frozen VGG16: the head trained on cached features equals the head trained through the backbone."""
+    common = ["--data", str(prepared32_fullbatch), "--model", "vgg16", "--weights", "none", "--freeze-base",
+              "--dropout", "0", "--epochs", "3", "--batch-size", "64", "--seed", "5"]
+    plain = run_train(*common, "--output", str(tmp_path / "plain"))
+    assert plain.returncode == 0, quiet(plain.stderr)
+    cached = run_train(*common, "--cache-features", "--output", str(tmp_path / "cached"))
+    assert cached.returncode == 0, quiet(cached.stderr)
+    assert "cached backbone features" in cached.stderr
+    np.testing.assert_allclose([r["loss"] for r in history(tmp_path / "cached")],
+                               [r["loss"] for r in history(tmp_path / "plain")], rtol=1e-3)
+    import tensorflow as tf
+
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 1), dtype=np.uint8))
+    outs = [next(iter(tf.saved_model.load(str(tmp_path / name / "model")).signatures["serving_default"](
+        image=images).values())).numpy() for name in ("plain", "cached")]
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-4)
+
+
+def corrupt_copy(src: Path, dst: Path, **manifest_changes) -> Path:
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest.update(manifest_changes)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+@pytest.mark.parametrize("case, message", [
+    ("batch", "is larger than the train split"),
+    ("schema", "schema version 99"),
+    ("small", "needs images of at least 32 px"),
+    ("resume", "no complete checkpoint"),
+    ("cache-augment", "cannot be combined with --augment"),
+    ("missing", "not found"),
+    ("unknown-model", "invalid choice"),
+])
+def test_bad_input_exits_2_before_training(prepared64, tmp_path, case, message):
+    data = str(prepared64)
+    extra: list[str] = []
+    if case == "batch":
+        extra = ["--batch-size", "100000"]
+    elif case == "schema":
+        data = str(corrupt_copy(prepared64, tmp_path / "v99", schema_version=99))
+    elif case == "small":
+        data = str(corrupt_copy(prepared64, tmp_path / "tiny", image_shape=[16, 16, 1]))
+        extra = ["--model", "vgg16", "--weights", "none"]
+    elif case == "resume":
+        extra = ["--resume"]
+    elif case == "cache-augment":
+        extra = ["--model", "vgg16", "--freeze-base", "--cache-features", "--augment"]
+    elif case == "missing":
+        data = str(tmp_path / "nowhere")
+    elif case == "unknown-model":
+        extra = ["--model", "alexnet"]
+    result = run_train("--data", data, "--output", str(tmp_path / "run"), "--epochs", "1", *extra)
+    assert result.returncode == 2, quiet(result.stderr)
+    assert message in result.stderr and "Traceback" not in result.stderr, quiet(result.stderr)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_fewer_shards_than_workers_stops_every_worker(sample_images, tmp_path):
+    data = prepare(sample_images, tmp_path / "one-shard", "--size", "32", "--shards", "1")
+    started = time.time()
+    result = run_train("--data", str(data), "--output", str(tmp_path / "run"), np_=2, timeout=300)
+    assert result.returncode != 0
+    assert "1 train shard files for 2 workers" in result.stderr + result.stdout
+    assert time.time() - started < 240  # no rank is left waiting for the other
+
+
+def test_help():
+    result = subprocess.run(train_cmd("--help"), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "horovodrun -np 4" in result.stdout and "--cache-features" in result.stdout
