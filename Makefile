@@ -7,6 +7,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cxrscale-installed
 SAMPLE ?= data/sample
 DEMO   ?= prepared/sample
+RUN    ?= runs/sample
+NP     ?= 2
+HOROVODRUN := $(VENV)/bin/horovodrun
 
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
@@ -35,14 +38,18 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml launch/install_horovod.sh
 
 demo: install
 	$(PY) -m preprocessing.sample --output $(SAMPLE)
-	$(PY) -m preprocessing --input $(SAMPLE) --output $(DEMO) --size 128 --workers 2
-	@echo "demo: prepared dataset in $(DEMO) (manifest.json, audit.json, split.csv, *.tfrecord)"
+	$(PY) -m preprocessing --input $(SAMPLE) --output $(DEMO) --size 96 --workers 2
+	@if [ -f $(RUN)/train_summary.json ]; then echo "demo: $(RUN) is already trained (make clean to redo)"; \
+	else $(HOROVODRUN) -np $(NP) --gloo $(PY) -m distributed.train --data $(DEMO) --model cnn \
+	  --epochs 4 --batch-size 16 --output $(RUN) $$([ -f $(RUN)/checkpoints/latest.json ] && echo --resume); fi
+	@echo "demo: prepared dataset in $(DEMO); trained model in $(RUN)/model (history.csv, train_summary.json)"
 
 test: install
 	$(PY) -m pytest
 
 bench: install
 	$(PY) -m benchmarks.preprocess
+	$(PY) -m benchmarks.train --quick
 
 clean:
-	rm -rf $(SAMPLE) $(DEMO) .pytest_cache
+	rm -rf $(SAMPLE) $(DEMO) $(RUN) .pytest_cache

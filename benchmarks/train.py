@@ -1,0 +1,280 @@
+"""python -m benchmarks.train: training throughput of the thesis's models, measured three ways.
+
+For each model (the CNN at 150 px, ResNet50 fully trainable and VGG16 with its base frozen, as in the
+thesis, both at 224 px) and each precision (fp32, mixed_bfloat16):
+  plain  - a single-process `model.fit` of the same model on the same shards (the thesis's way);
+  np1    - `python -m distributed.train` on one Horovod worker;
+  np2    - `horovodrun -np 2 python -m distributed.train` (two workers sharing this machine's cores).
+Throughput is images/s of the training steps, from the epochs after the first (which traces the graph).
+Achieved FLOP/s is images/s x training FLOPs per image (forward x 3 where everything trains; forward +
+2 x head forward with a frozen base), as a fraction of this machine's measured float32 matmul FLOP/s.
+Also: epoch time of the frozen-VGG16 head with and without --cache-features.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, markdown_table, require_dir, run_child,
+                               write_results)
+from preprocessing.runtime import CxrError, run_cli, setup_logging
+
+log = logging.getLogger("cxrscale.benchmarks")
+REPO = Path(__file__).resolve().parents[1]
+HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
+# (model, image size, extra train flags): the thesis's three setups.
+SETUPS = {"cnn": (150, []), "resnet50": (224, []), "vgg16": (224, ["--freeze-base"])}
+
+
+def make_dataset(source: Path, n_images: int, size: int, out: Path) -> Path:
+    """Prepare n_images real radiographs (both classes, first files by name) at `size` px, 4 train shards."""
+    import csv
+
+    files = []
+    for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        files += sorted(class_dir.glob("*.jpeg"))[: n_images // 2]
+    with open(out.parent / f"{out.name}.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        writer.writerows([(str(p.resolve()), p.parent.name) for p in files])
+    subprocess.run([sys.executable, "-m", "preprocessing", "--input", str(out.parent / f"{out.name}.csv"),
+                    "--output", str(out), "--size", str(size), "--shards", "4", "--val-fraction", "0.1",
+                    "--test-fraction", "0", "-q"], cwd=REPO, check=True, capture_output=True, timeout=900)
+    return out
+
+
+def steady_rate(rows: list[dict]) -> float:
+    """Median training images/s over the epochs after the first."""
+    rates = [float(r["images_per_second"]) for r in rows[1:]] or [float(rows[0]["images_per_second"])]
+    return statistics.median(rates)
+
+
+def read_history(run: Path) -> list[dict]:
+    import csv
+
+    with open(run / "history.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def run_distributed(data: Path, model: str, precision: str, workers: int, batch: int, epochs: int, extra: list[str],
+                    out: Path) -> list[dict]:
+    cmd = [sys.executable, "-m", "distributed.train", "--data", str(data), "--model", model, "--weights", "none",
+           "--precision", precision, "--epochs", str(epochs), "--batch-size", str(batch), "--output", str(out),
+           "--early-stopping-patience", "100", "--reduce-lr-patience", "100", *extra]
+    if workers > 1:
+        cmd = [HOROVODRUN, "-np", str(workers), "--gloo", *cmd]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:8])} ... failed:\n" + "\n".join(proc.stderr.splitlines()[-10:]))
+    return read_history(out)
+
+
+# --- child processes ------------------------------------------------------------------------------------
+
+def child_plain(args: argparse.Namespace) -> dict:
+    """The thesis's way: one process, model.fit on the prepared shards, default TensorFlow threading."""
+    from distributed.kerasenv import keras
+    import tensorflow as tf
+
+    from distributed.models import build_model, loss_for
+    from preprocessing import schema
+
+    keras.mixed_precision.set_global_policy("float32" if args.precision == "fp32" else args.precision)
+    manifest = schema.read_manifest(args.data)
+    size = schema.image_shape(manifest)[0]
+    model = build_model(args.model, size, len(manifest["classes"]), weights="none", seed=0,
+                        freeze_base="--freeze-base" in args.extra)
+    binary = model.output_shape[-1] == 1
+    ds = schema.dataset(args.data, "train").map(
+        lambda x, y: (x, tf.cast(tf.reshape(y, (1,)), tf.float32) if binary else y))
+    ds = ds.shuffle(512, seed=0).repeat().batch(args.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss_for(model))
+    steps = manifest["counts"]["per_split"]["train"]["total"] // args.batch_size
+    times: list[float] = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = self.last = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.last = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(self.last - self.start)
+
+    model.fit(ds, steps_per_epoch=steps, epochs=args.epochs, callbacks=[Timer()], verbose=0)
+    rates = [steps * args.batch_size / t for t in times]
+    return {"images_per_second": statistics.median(rates[1:] or rates), "epoch_rates": rates}
+
+
+def child_flops(args: argparse.Namespace) -> dict:
+    """Forward FLOPs per image of the model and of its head, and this machine's float32 matmul FLOP/s."""
+    from distributed.kerasenv import keras
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    from distributed.models import build_model
+
+    def forward_flops(model) -> float:
+        spec = tf.TensorSpec((1, *model.input_shape[1:]), model.input.dtype)
+        frozen = convert_variables_to_constants_v2(tf.function(lambda x: model(x)).get_concrete_function(spec))
+        opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+        opts["output"] = "none"
+        return float(tf.compat.v1.profiler.profile(graph=frozen.graph, options=opts).total_float_ops)
+
+    model = build_model(args.model, args.size, 2, weights="none")
+    head_layers = [l for l in model.layers if l.name.startswith("head_") or l.name in ("logits", "predictions")]
+    head_in = keras.Input(head_layers[0].input.shape[1:])
+    x = head_in
+    for layer in head_layers:
+        x = layer(x)
+    a = tf.random.normal((2048, 2048))
+    b = tf.random.normal((2048, 2048))
+    tf.linalg.matmul(a, b).numpy()
+    start, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        c = tf.linalg.matmul(a, b)
+    c.numpy()
+    matmul = 2 * 2048 ** 3 * reps / (time.perf_counter() - start)
+    return {"forward_flops": forward_flops(model), "head_forward_flops": forward_flops(keras.Model(head_in, x)),
+            "matmul_flops_per_second": matmul, "parameters": model.count_params()}
+
+
+# --- the driver -----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n  python -m benchmarks.train\n"
+                                       "  python -m benchmarks.train --quick --models cnn,vgg16")
+    p.add_argument("--data", type=Path, default=DEFAULT_SHARED_DATA / "kermany224" / "train",
+                   help="folder of CLASS/*.jpeg radiographs (default: the shared Kermany 224 px train split)")
+    p.add_argument("--models", default="cnn,resnet50,vgg16")
+    p.add_argument("--precisions", default="fp32,mixed_bfloat16")
+    p.add_argument("--images", type=int, default=160, help="radiographs per dataset (about 90%% train)")
+    p.add_argument("--batch-size", type=int, default=16, help="per worker")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is not counted")
+    p.add_argument("--quick", action="store_true", help="fp32 only, 2 epochs, 96 images")
+    p.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--child", choices=("plain", "flops"), help=argparse.SUPPRESS)
+    p.add_argument("--child-data", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--precision", help=argparse.SUPPRESS)
+    p.add_argument("--extra", default="", help=argparse.SUPPRESS)
+    return p
+
+
+def measure(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    precisions = ["fp32"] if args.quick else [p.strip() for p in args.precisions.split(",") if p.strip()]
+    unknown = set(models) - set(SETUPS)
+    if unknown:
+        raise CxrError(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SETUPS)}")
+    epochs, images = (2, 96) if args.quick else (args.epochs, args.images)
+    rows, flops, cache = [], {}, {}
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-train-") as tmp:
+        tmp = Path(tmp)
+        datasets = {size: make_dataset(args.data, images, size, tmp / f"data{size}")
+                    for size in sorted({SETUPS[m][0] for m in models})}
+        jobs = [(m, p, mode) for m in models for p in precisions for mode in ("plain", "np1", "np2")]
+        for model in models:
+            size, extra = SETUPS[model]
+            flops[model] = run_child("benchmarks.train", ["--child", "flops", "--model", model, "--size", str(size)])
+        for model, precision, mode in tqdm(jobs, desc="train benchmark", disable=None):
+            size, extra = SETUPS[model]
+            data = datasets[size]
+            if mode == "plain":
+                result = run_child("benchmarks.train", ["--child", "plain", "--child-data", str(data), "--model", model,
+                                                        "--precision", precision, "--extra", " ".join(extra),
+                                                        "--batch-size", str(args.batch_size), "--epochs", str(epochs)],
+                                   timeout=3600)
+                rate = result["images_per_second"]
+            else:
+                workers = int(mode[-1])
+                history = run_distributed(data, model, precision, workers, args.batch_size, epochs, extra,
+                                          tmp / f"run-{model}-{precision}-{mode}")
+                rate = steady_rate(history)
+            f = flops[model]
+            train_flops = f["forward_flops"] + 2 * f["head_forward_flops"] if extra else 3 * f["forward_flops"]
+            rows.append({"model": model, "image_size": size, "precision": precision, "mode": mode,
+                         "images_per_second": rate, "achieved_gflops": rate * train_flops / 1e9,
+                         "fraction_of_matmul": rate * train_flops / f["matmul_flops_per_second"]})
+            log.info("%s %s %s: %.2f img/s", model, precision, mode, rate)
+        if "vgg16" in models:
+            size, extra = SETUPS["vgg16"]
+            for cached in (False, True):
+                history = run_distributed(datasets[size], "vgg16", "fp32", 1, args.batch_size, epochs,
+                                          extra + (["--cache-features"] if cached else []),
+                                          tmp / f"run-cache-{cached}")
+                cache["cached" if cached else "uncached"] = statistics.median(
+                    float(r["train_seconds"]) for r in history[1:] or history)
+    return {"models": models, "precisions": precisions, "images": images, "epochs": epochs,
+            "batch_size_per_worker": args.batch_size, "flops": flops, "runs": rows,
+            "cache_features_epoch_seconds": cache}
+
+
+def summarise(results: dict) -> tuple[dict, str]:
+    rows = results["runs"]
+    at = {(r["model"], r["precision"], r["mode"]): r for r in rows}
+    table = markdown_table(
+        ["model", "px", "precision", "mode", "images/s", "achieved GFLOP/s", "of matmul peak"],
+        [[r["model"], r["image_size"], r["precision"], r["mode"], round(r["images_per_second"], 2),
+          round(r["achieved_gflops"], 1), f"{100 * r['fraction_of_matmul']:.0f} %"] for r in rows])
+    checks, lines = {}, []
+    for (model, precision, mode), r in at.items():
+        if mode == "np1" and (model, precision, "plain") in at:
+            ratio = r["images_per_second"] / at[(model, precision, "plain")]["images_per_second"]
+            checks[f"np1_vs_plain_{model}_{precision}"] = ratio
+            lines.append([f"np1 / plain fit, {model} {precision}", f"{ratio:.3f}", ">= 0.95",
+                          "met" if ratio >= 0.95 else "NOT MET"])
+    cache = results["cache_features_epoch_seconds"]
+    if cache:
+        speedup = cache["uncached"] / cache["cached"]
+        checks["cache_features_speedup"] = speedup
+        lines.append(["frozen VGG16 epoch, uncached / cached", f"{speedup:.1f}x", ">= 10x",
+                      "met" if speedup >= 10 else "NOT MET"])
+    peak = next(iter(results["flops"].values()))["matmul_flops_per_second"] / 1e9 if results["flops"] else 0
+    md = (f"Per-worker batch {results['batch_size_per_worker']}, {results['images']} real radiographs, "
+          f"{results['epochs']} epochs (the first not counted). Machine float32 matmul: {peak:.0f} GFLOP/s.\n\n"
+          + table + "\n\n" + markdown_table(["target", "measured", "goal", "status"], lines))
+    if cache:
+        md += (f"\n\nFrozen-VGG16 epoch (train steps only): {cache['uncached']:.2f} s uncached, "
+               f"{cache['cached']:.3f} s on cached features.")
+    return checks, md
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.child == "plain":
+        args.data = args.child_data
+        print(json.dumps(child_plain(args)))
+        return 0
+    if args.child == "flops":
+        print(json.dumps(child_flops(args)))
+        return 0
+    setup_logging()
+    require_dir(args.data, "--data", "point it at a folder of CLASS/*.jpeg radiographs")
+    results = measure(args)
+    checks, md = summarise(results)
+    results["checks"] = checks
+    json_path, md_path = write_results(args.out, "train", results, md)
+    print(md)
+    print(f"\nwritten: {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
