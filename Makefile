@@ -38,7 +38,7 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml launch/install_horovod.sh
 
 demo: install
 	$(PY) -m preprocessing.sample --output $(SAMPLE)
-	$(PY) -m preprocessing --input $(SAMPLE) --output $(DEMO) --size 96 --workers 2
+	$(PY) -m preprocessing --input $(SAMPLE) --output $(DEMO) --size 96 --workers 2 --overwrite
 	@if [ -f $(RUN)/train_summary.json ]; then echo "demo: $(RUN) is already trained (make clean to redo)"; \
 	else $(HOROVODRUN) -np $(NP) --gloo $(PY) -m distributed.train --data $(DEMO) --model cnn \
 	  --epochs 4 --batch-size 16 --output $(RUN) $$([ -f $(RUN)/checkpoints/latest.json ] && echo --resume); fi
