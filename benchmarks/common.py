@@ -8,11 +8,10 @@ import platform
 import resource
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
-from preprocessing.runtime import CxrError, write_json_atomic, write_text_atomic
+from preprocessing.runtime import CxrError, git_commit, library_versions, write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / "benchmarks" / "results"
@@ -38,23 +37,8 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def versions(packages: Sequence[str] = ("tensorflow", "tf-keras", "ray", "opencv-python-headless", "numpy",
-                                        "horovod", "tensorflow-model-optimization")) -> dict[str, str]:
-    out = {}
-    for name in packages:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+BENCH_PACKAGES = ("tensorflow", "tf-keras", "ray", "opencv-python-headless", "numpy", "horovod",
+                  "tensorflow-model-optimization")
 
 
 def run_child(module: str, args: Sequence[str], timeout: float = 1800) -> dict:
@@ -85,7 +69,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def write_results(out_dir: Path, suite: str, results: dict, markdown: str) -> tuple[Path, Path]:
     """Write `<suite>-<timestamp>.json` (every raw figure, machine, versions, commit) and `.md`."""
     results = {"suite": suite, "created": dt.datetime.now().isoformat(timespec="seconds"),
-               "machine": machine(), "versions": versions(), "git_commit": git_commit(), **results}
+               "machine": machine(), "versions": library_versions(BENCH_PACKAGES), "git_commit": git_commit(),
+               **results}
     name = f"{suite}-{stamp()}"
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     write_json_atomic(json_path, results)
@@ -94,6 +79,24 @@ def write_results(out_dir: Path, suite: str, results: dict, markdown: str) -> tu
               f"{results['machine']['cpus']} CPUs, {results['machine']['memory_gib']} GiB\n\n")
     write_text_atomic(md_path, header + markdown + "\n")
     return json_path, md_path
+
+
+def report(out_dir: Path, suite: str, results: dict, summarise) -> None:
+    """Add `summarise(results)`'s target checks to the results, write the JSON + Markdown, print the table."""
+    checks, markdown = summarise(results)
+    results["checks"] = checks
+    json_path, md_path = write_results(out_dir, suite, results, markdown)
+    print(markdown)
+    print(f"\nwritten: {json_path} and {md_path}")
+
+
+def comma_list(value: str, option: str, allowed) -> list[str]:
+    """Items of a comma-separated option, each checked against `allowed`."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = sorted(set(items) - set(allowed))
+    if unknown:
+        raise CxrError(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return items
 
 
 def require_dir(path: Path, option: str, hint: str) -> Path:

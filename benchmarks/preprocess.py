@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, markdown_table, peak_rss_mb, require_dir,
-                               run_child, write_results)
+from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, comma_list, markdown_table, peak_rss_mb,
+                               report, require_dir, run_child)
 from preprocessing.runtime import run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.benchmarks")
@@ -189,17 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return child_main(args)
     setup_logging()
     require_dir(args.data, "--data", "point it at a folder of CLASS/*.jpeg radiographs")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        from preprocessing.runtime import CxrError
-        raise CxrError(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
-    results = measure(args.data, args.repeat, args.size, variants)
-    checks, md = summarise(results)
-    results["checks"] = checks
-    json_path, md_path = write_results(args.out, "preprocess", results, md)
-    print(md)
-    print(f"\nwritten: {json_path} and {md_path}")
+    variants = comma_list(args.variants, "--variants", VARIANTS)
+    report(args.out, "preprocess", measure(args.data, args.repeat, args.size, variants), summarise)
     return 0
 
 

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, markdown_table, require_dir, run_child,
-                               write_results)
-from preprocessing.runtime import CxrError, run_cli, setup_logging
+from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, comma_list, markdown_table, report, require_dir,
+                               run_child)
+from preprocessing.runtime import run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.benchmarks")
 REPO = Path(__file__).resolve().parents[1]
@@ -178,11 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 def measure(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    precisions = ["fp32"] if args.quick else [p.strip() for p in args.precisions.split(",") if p.strip()]
-    unknown = set(models) - set(SETUPS)
-    if unknown:
-        raise CxrError(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SETUPS)}")
+    models = comma_list(args.models, "--models", SETUPS)
+    precisions = ["fp32"] if args.quick else comma_list(args.precisions, "--precisions", ("fp32", "mixed_bfloat16"))
     epochs, images = (2, 96) if args.quick else (args.epochs, args.images)
     rows, flops, cache = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="cxr-bench-train-") as tmp:
@@ -267,12 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     setup_logging()
     require_dir(args.data, "--data", "point it at a folder of CLASS/*.jpeg radiographs")
-    results = measure(args)
-    checks, md = summarise(results)
-    results["checks"] = checks
-    json_path, md_path = write_results(args.out, "train", results, md)
-    print(md)
-    print(f"\nwritten: {json_path} and {md_path}")
+    report(args.out, "train", measure(args), summarise)
     return 0
 
 

@@ -12,10 +12,8 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,7 +26,8 @@ from distributed import callbacks as cb
 from distributed.config import TrainConfig, parse_config
 from distributed.data import balanced_class_weights, ordered_dataset, plan_data, train_dataset, val_dataset
 from preprocessing import schema
-from preprocessing.runtime import CxrError, USER_ERROR_EXIT, setup_logging, sha256_file, write_json_atomic
+from preprocessing.runtime import (CxrError, USER_ERROR_EXIT, git_commit, library_versions, setup_logging,
+                                   sha256_file, write_json_atomic)
 
 log = logging.getLogger("cxrscale.train")
 
@@ -82,20 +81,9 @@ def agree(hvd, fn: Callable[[], Any]) -> Any:
     return result[1]
 
 
-def run_metadata(config: TrainConfig, data_dir: Path) -> dict[str, Any]:
-    versions = {}
-    for package in ("tensorflow", "tf-keras", "horovod", "numpy", "cxrscale"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return {"libraries": versions, "git_commit": commit,
-            "manifest_sha256": sha256_file(data_dir / schema.MANIFEST)}
+def run_metadata(data_dir: Path) -> dict[str, Any]:
+    return {"libraries": library_versions(("tensorflow", "tf-keras", "horovod", "numpy", "cxrscale")),
+            "git_commit": git_commit(), "manifest_sha256": sha256_file(data_dir / schema.MANIFEST)}
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> dict | None:
@@ -230,7 +218,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "device": "GPU" if gpus else "CPU", "global_batch": config.batch_size * size,
             "scaled_lr": scaled_lr, "steps_per_epoch": plan.steps_per_epoch, "classes": plan.classes,
             "image_shape": list(plan.image_shape), "loss": type(loss_for(model)).__name__,
-            "output_units": int(model.output_shape[-1])}, **run_metadata(config, data_dir)}
+            "output_units": int(model.output_shape[-1])}, **run_metadata(data_dir)}
         if state:
             previous = json.loads((run_dir / "config.json").read_text())
             meta["resumed"] = previous.get("resumed", []) + [{"after_epoch": initial_epoch, "workers": size,

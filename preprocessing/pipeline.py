@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from preprocessing import audit, schema, split as splitting
-from preprocessing.runtime import (CxrError, atomic_path, check_writable_dir, read_json, write_bytes_atomic,
-                                   write_json_atomic, write_text_atomic)
+from preprocessing.runtime import (CxrError, atomic_path, check_writable_dir, library_versions, read_json,
+                                   write_bytes_atomic, write_json_atomic, write_text_atomic)
 from preprocessing.sources import Discovery, InputItem, discover
 from preprocessing.transform import ImageRejected, TransformParams, decode, transform_decoded
 
@@ -524,18 +524,6 @@ def _stage_write(plan: SplitPlan, output: Path, staging: Path, in_flight: int, s
     return ordered
 
 
-def _library_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    versions = {}
-    for package in ("cxrscale", "numpy", "opencv-python-headless", "pydicom", "ray"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
 def _finish(output: Path, discovery: Discovery, config: PrepareConfig, params: TransformParams,
             fingerprint: str, salt_source: str, plan: SplitPlan, shards: list[dict], rejected: list[dict],
             salt: bytes) -> dict:
@@ -599,7 +587,7 @@ def _finish(output: Path, discovery: Discovery, config: PrepareConfig, params: T
         "schema_version": schema.SCHEMA_VERSION,
         "created": _now(),
         "fingerprint": fingerprint,
-        "libraries": _library_versions(),
+        "libraries": library_versions(("cxrscale", "numpy", "opencv-python-headless", "pydicom", "ray")),
         "source": {"layout": discovery.layout, "inputs": n_inputs, "ignored": [shown(p) for p in discovery.ignored]},
         "classes": classes,
         "class_indices": {name: i for i, name in enumerate(classes)},

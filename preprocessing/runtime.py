@@ -102,6 +102,31 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def library_versions(packages: Sequence[str]) -> dict[str, str]:
+    """Installed version of each distribution ("not installed" when absent), for run records."""
+    from importlib import metadata
+
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def git_commit() -> str:
+    """The toolkit's git commit, or "unknown" outside a checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
 def check_writable_dir(path: Path, option: str) -> None:
     """Create `path` if needed and prove it is writable, else raise a `CxrError` naming `option`."""
     try:
