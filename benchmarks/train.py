@@ -195,7 +195,7 @@ def measure(args: argparse.Namespace) -> dict:
             data = datasets[size]
             if mode == "plain":
                 result = run_child("benchmarks.train", ["--child", "plain", "--child-data", str(data), "--model", model,
-                                                        "--precision", precision, "--extra", " ".join(extra),
+                                                        "--precision", precision, f"--extra={' '.join(extra)}",
                                                         "--batch-size", str(args.batch_size), "--epochs", str(epochs)],
                                    timeout=3600)
                 rate = result["images_per_second"]
