@@ -38,35 +38,32 @@ def confusion(y_true, y_score, threshold: float = 0.5) -> dict[str, int]:
             "tn": int(np.sum(~pred & ~pos)), "fn": int(np.sum(~pred & pos))}
 
 
-def _ratio(num: int, den: int, what: str) -> float:
-    if den == 0:
-        raise MetricError(f"{what} is undefined: {'no positive cases' if 'sens' in what else 'no cases'} in its "
-                          "denominator")
-    return num / den
+def _rate(y_true, y_score, threshold: float, hit: str, miss: str, name: str, empty: str) -> float:
+    """confusion[hit] / (confusion[hit] + confusion[miss]); MetricError naming `empty` when that is 0 / 0."""
+    c = confusion(y_true, y_score, threshold)
+    if c[hit] + c[miss] == 0:
+        raise MetricError(f"{name} is undefined: {empty}")
+    return c[hit] / (c[hit] + c[miss])
 
 
 def sensitivity(y_true, y_score, threshold: float = 0.5) -> float:
     """Recall of the positive class, tp / (tp + fn)."""
-    c = confusion(y_true, y_score, threshold)
-    return _ratio(c["tp"], c["tp"] + c["fn"], "sensitivity (no positive cases)")
+    return _rate(y_true, y_score, threshold, "tp", "fn", "sensitivity", "no positive cases")
 
 
 def specificity(y_true, y_score, threshold: float = 0.5) -> float:
     """tn / (tn + fp)."""
-    c = confusion(y_true, y_score, threshold)
-    return _ratio(c["tn"], c["tn"] + c["fp"], "specificity (no negative cases)")
+    return _rate(y_true, y_score, threshold, "tn", "fp", "specificity", "no negative cases")
 
 
 def ppv(y_true, y_score, threshold: float = 0.5) -> float:
     """Precision, tp / (tp + fp)."""
-    c = confusion(y_true, y_score, threshold)
-    return _ratio(c["tp"], c["tp"] + c["fp"], "PPV (nothing predicted positive)")
+    return _rate(y_true, y_score, threshold, "tp", "fp", "PPV", "nothing predicted positive")
 
 
 def npv(y_true, y_score, threshold: float = 0.5) -> float:
     """tn / (tn + fn)."""
-    c = confusion(y_true, y_score, threshold)
-    return _ratio(c["tn"], c["tn"] + c["fn"], "NPV (nothing predicted negative)")
+    return _rate(y_true, y_score, threshold, "tn", "fn", "NPV", "nothing predicted negative")
 
 
 def roc_auc(y_true, y_score) -> float:
