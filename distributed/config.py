@@ -76,10 +76,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def load_config_file(path: str) -> dict[str, Any]:
     """Options from a JSON or YAML file (as `optimize.tune` writes its best config); keys are field names."""
     file = Path(path)

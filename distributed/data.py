@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 
 from preprocessing import schema
@@ -118,11 +117,3 @@ def _pair(serialized: tf.Tensor, shape: tuple[int, int, int], binary_labels: boo
         label = tf.cast(tf.reshape(label, (1,)), tf.float32)
     return record["image"], label
 
-
-def materialise(ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """All (images, labels) of a finite dataset as numpy arrays (for small validation and cache jobs)."""
-    images, labels = [], []
-    for x, y in ds.as_numpy_iterator():
-        images.append(x)
-        labels.append(y)
-    return np.concatenate(images), np.concatenate(labels)

@@ -23,7 +23,6 @@ _PATIENT_PATTERNS = (
     re.compile(r"^(IM-\d+)-", re.IGNORECASE),
 )
 _SKIP_DIRS = {"__MACOSX"}
-CSV_COLUMNS = ("path", "label", "patient", "split")
 
 
 def patient_from_name(filename: str) -> str | None:
