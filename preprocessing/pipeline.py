@@ -400,7 +400,9 @@ def prepare(config: PrepareConfig) -> dict:
         plan = _plan_splits(records, discovery, carve, pooled, config)
         log.info("audit and split: %.1f s", time.perf_counter() - clock)
         clock = time.perf_counter()
-        shards = _stage_write(plan, output, staging, in_flight, salt, config)
+        hashes = RecordHashes([keyed_hash(salt, "id", r.item.rel) for r in records],
+                              [keyed_hash(salt, "patient", r.patient_key) for r in records])
+        shards, shard_files = _stage_write(plan, hashes, output, staging, in_flight, config)
         log.info("stage 2 (write %d shards): %.1f s", len(shards), time.perf_counter() - clock)
     finally:
         if started_ray:
@@ -408,8 +410,8 @@ def prepare(config: PrepareConfig) -> dict:
 
             ray.shutdown()
 
-    manifest = _finish(output, discovery, config, params, fingerprint, salt_source, plan, shards,
-                       rejected + discovery.rejected, salt)
+    manifest = _finish(output, discovery, config, params, fingerprint, salt_source, plan, hashes, shards,
+                       shard_files, rejected + discovery.rejected, salt)
     shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
@@ -483,19 +485,31 @@ def _plan_splits(records: list[Record], discovery: Discovery, carve: dict[str, f
     return SplitPlan(records, splits, groups, exact, near, moved, leaks)
 
 
-def _stage_write(plan: SplitPlan, output: Path, staging: Path, in_flight: int, salt: bytes,
-                 config: PrepareConfig) -> list[dict]:
+@dataclass(frozen=True)
+class RecordHashes:
+    """The salted id and patient hash of each accepted record, computed once (index = record index)."""
+
+    ids: list[str]
+    patients: list[str]
+
+
+def _stage_write(plan: SplitPlan, hashes: RecordHashes, output: Path, staging: Path, in_flight: int,
+                 config: PrepareConfig) -> tuple[list[dict], list[str]]:
+    """Write every split's shards; returns the manifest's shard entries and each record's shard file."""
     rng = np.random.default_rng(config.seed)
     jobs = []
+    shard_files = [""] * len(plan.records)
     for split in schema.SPLITS:
         members = np.flatnonzero(plan.splits == split)
         members = members[rng.permutation(len(members))]  # mix classes and patients across shards
         count = shard_count(len(members), config.shards)
         for index, part in enumerate(np.array_split(members, count) if count else []):
             name = schema.shard_name(split, index, count)
-            recs = [(plan.records[k].chunk, plan.records[k].row, plan.records[k].item.label,
-                     keyed_hash(salt, "id", plan.records[k].item.rel),
-                     keyed_hash(salt, "patient", plan.records[k].patient_key)) for k in part.tolist()]
+            recs = []
+            for k in part.tolist():
+                record = plan.records[k]
+                recs.append((record.chunk, record.row, record.item.label, hashes.ids[k], hashes.patients[k]))
+                shard_files[k] = name
             jobs.append((split, name, recs))
 
     results: dict[str, dict] = {}
@@ -516,16 +530,14 @@ def _stage_write(plan: SplitPlan, output: Path, staging: Path, in_flight: int, s
 
     run_tasks(write_shard, todo, in_flight, done)
     bar.close()
-    ordered = []
-    for split, name, recs in jobs:
-        entry = {"file": name, "split": split, **{k: results[name][k] for k in ("records", "bytes", "sha256")}}
-        entry["ids"] = [r[3] for r in recs]
-        ordered.append(entry)
-    return ordered
+    entries = [{"file": name, "split": split, **{k: results[name][k] for k in ("records", "bytes", "sha256")}}
+               for split, name, _ in jobs]
+    return entries, shard_files
 
 
 def _finish(output: Path, discovery: Discovery, config: PrepareConfig, params: TransformParams,
-            fingerprint: str, salt_source: str, plan: SplitPlan, shards: list[dict], rejected: list[dict],
+            fingerprint: str, salt_source: str, plan: SplitPlan, hashes: RecordHashes, shards: list[dict],
+            shard_files: list[str], rejected: list[dict],
             salt: bytes) -> dict:
     classes = discovery.classes
     records = plan.records
@@ -539,20 +551,19 @@ def _finish(output: Path, discovery: Discovery, config: PrepareConfig, params: T
             per_split[split] = {name: counts.get(i, 0) for i, name in enumerate(classes)}
             per_split[split]["total"] = len(labels)
 
-    shard_of = {record_id: shard["file"] for shard in shards for record_id in shard.pop("ids")}
     lines = io.StringIO()
     writer = csv.writer(lines, lineterminator="\n")
     writer.writerow(["id", "patient", "split", "label", "class", "shard"])
-    for r, s in sorted(zip(records, plan.splits), key=lambda rs: (schema.SPLITS.index(rs[1]), rs[0].item.rel)):
-        record_id = keyed_hash(salt, "id", r.item.rel)
-        writer.writerow([record_id, keyed_hash(salt, "patient", r.patient_key), s, r.item.label,
-                         classes[r.item.label], shard_of[record_id]])
+    order = sorted(range(len(records)), key=lambda k: (schema.SPLITS.index(plan.splits[k]), records[k].item.rel))
+    for k in order:
+        label = records[k].item.label
+        writer.writerow([hashes.ids[k], hashes.patients[k], plan.splits[k], label, classes[label], shard_files[k]])
     write_text_atomic(output / schema.SPLIT_CSV, lines.getvalue())
 
     def describe(indices: Iterable[int]) -> dict:
         idx = list(indices)
         return {"inputs": [shown(records[i].item.rel) for i in idx],
-                "ids": [keyed_hash(salt, "id", records[i].item.rel) for i in idx],
+                "ids": [hashes.ids[i] for i in idx],
                 "splits": sorted({str(plan.splits[i]) for i in idx})}
 
     near_components: dict[int, set[int]] = {}
