@@ -121,18 +121,14 @@ def build_vgg16_classifier(image_size: int, num_classes: int = 2, *, weights: st
     head_dense_1024 25,691,136, logits 2,050); the preprocessing layers add none. The Flatten head makes
     the parameter count grow with the image side ((s/32)^2 * 512 * 1024 for the first dense layer).
     """
-    _check_image_size("vgg16", image_size, _BACKBONE_MIN_SIZE)
-    _check_num_classes(num_classes)
-    x, image = _imagenet_caffe_input(image_size)
-    base = _application(keras.applications.VGG16, "vgg16", weights, x)
-    y = keras.layers.Flatten(name="head_flatten")(base.output)
-    y = keras.layers.Dense(1024, activation="relu", kernel_regularizer=_l2(l2), name="head_dense_1024")(y)
-    y = keras.layers.Dropout(dropout, name="head_dropout")(y)
-    outputs = _classifier_output(y, num_classes, l2, sigmoid_for_two=False)
-    model = keras.Model(image, outputs, name="vgg16_classifier")
-    _load_weights_file_if_any(model, weights, allow_backbone_only=True)
-    set_backbone_trainable(model, freeze_base=freeze_base, fine_tune_from=fine_tune_from)
-    return model
+    def head(base_output):
+        y = keras.layers.Flatten(name="head_flatten")(base_output)
+        y = keras.layers.Dense(1024, activation="relu", kernel_regularizer=_l2(l2), name="head_dense_1024")(y)
+        y = keras.layers.Dropout(dropout, name="head_dropout")(y)
+        return _classifier_output(y, num_classes, l2, sigmoid_for_two=False)
+
+    return _transfer_classifier(keras.applications.VGG16, "vgg16", head, image_size, num_classes, weights,
+                                freeze_base, fine_tune_from)
 
 
 def build_resnet50_classifier(image_size: int, num_classes: int = 2, *, weights: str = "none",
@@ -149,20 +145,16 @@ def build_resnet50_classifier(image_size: int, num_classes: int = 2, *, weights:
     image size (base 23,587,712 of which 53,120 are BatchNormalization moving statistics, dense layers
     2,098,176 + 524,800 + 513); the preprocessing layers add none.
     """
-    _check_image_size("resnet50", image_size, _BACKBONE_MIN_SIZE)
-    _check_num_classes(num_classes)
-    x, image = _imagenet_caffe_input(image_size)
-    base = _application(keras.applications.ResNet50, "resnet50", weights, x)
-    y = keras.layers.GlobalAveragePooling2D(name="head_global_avg_pool")(base.output)
-    y = keras.layers.Dense(1024, activation="relu", kernel_regularizer=_l2(l2), name="head_dense_1024")(y)
-    y = keras.layers.Dropout(dropout, name="head_dropout_1")(y)
-    y = keras.layers.Dense(512, activation="relu", kernel_regularizer=_l2(l2), name="head_dense_512")(y)
-    y = keras.layers.Dropout(dropout, name="head_dropout_2")(y)
-    outputs = _classifier_output(y, num_classes, l2, sigmoid_for_two=True)
-    model = keras.Model(image, outputs, name="resnet50_classifier")
-    _load_weights_file_if_any(model, weights, allow_backbone_only=True)
-    set_backbone_trainable(model, freeze_base=freeze_base, fine_tune_from=fine_tune_from)
-    return model
+    def head(base_output):
+        y = keras.layers.GlobalAveragePooling2D(name="head_global_avg_pool")(base_output)
+        y = keras.layers.Dense(1024, activation="relu", kernel_regularizer=_l2(l2), name="head_dense_1024")(y)
+        y = keras.layers.Dropout(dropout, name="head_dropout_1")(y)
+        y = keras.layers.Dense(512, activation="relu", kernel_regularizer=_l2(l2), name="head_dense_512")(y)
+        y = keras.layers.Dropout(dropout, name="head_dropout_2")(y)
+        return _classifier_output(y, num_classes, l2, sigmoid_for_two=True)
+
+    return _transfer_classifier(keras.applications.ResNet50, "resnet50", head, image_size, num_classes, weights,
+                                freeze_base, fine_tune_from)
 
 
 def build_thesis_cnn(image_size: int = 150, num_classes: int = 2, *, dropout: float = 0.2, l2: float = 1e-4,
@@ -344,6 +336,20 @@ def _check_num_classes(num_classes: int) -> None:
 
 def _l2(factor: float):
     return keras.regularizers.l2(factor) if factor else None
+
+
+def _transfer_classifier(constructor, name: str, head, image_size: int, num_classes: int, weights: str,
+                         freeze_base: bool, fine_tune_from: str | None) -> keras.Model:
+    """The frame both ImageNet transfer models share: checks, uint8 input with in-graph caffe normalisation,
+    the backbone built flat on it, `head(backbone output) -> outputs`, weights file, trainable layers."""
+    _check_image_size(name, image_size, _BACKBONE_MIN_SIZE)
+    _check_num_classes(num_classes)
+    x, image = _imagenet_caffe_input(image_size)
+    base = _application(constructor, name, weights, x)
+    model = keras.Model(image, head(base.output), name=f"{name}_classifier")
+    _load_weights_file_if_any(model, weights, allow_backbone_only=True)
+    set_backbone_trainable(model, freeze_base=freeze_base, fine_tune_from=fine_tune_from)
+    return model
 
 
 def _imagenet_caffe_input(image_size: int):
