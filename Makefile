@@ -41,8 +41,9 @@ demo: install
 	$(PY) -m preprocessing --input $(SAMPLE) --output $(DEMO) --size 96 --workers 2 --overwrite
 	@if [ -f $(RUN)/train_summary.json ]; then echo "demo: $(RUN) is already trained (make clean to redo)"; \
 	else $(HOROVODRUN) -np $(NP) --gloo $(PY) -m distributed.train --data $(DEMO) --model cnn \
-	  --epochs 4 --batch-size 16 --output $(RUN) $$([ -f $(RUN)/checkpoints/latest.json ] && echo --resume); fi
-	@echo "demo: prepared dataset in $(DEMO); trained model in $(RUN)/model (history.csv, train_summary.json)"
+	  --epochs 12 --batch-size 16 --output $(RUN) $$([ -f $(RUN)/checkpoints/latest.json ] && echo --resume); fi
+	$(PY) -m distributed.evaluate --run $(RUN) -q
+	@echo "demo: prepared dataset in $(DEMO); trained model in $(RUN)/model; evaluation report in $(RUN)/eval/report.html"
 
 test: install
 	$(PY) -m pytest

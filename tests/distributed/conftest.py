@@ -89,3 +89,30 @@ def real_subset_csv(shared_data: Path, out: Path, n_images: int = 1300, seed: in
         writer.writerow(["path", "label"])
         writer.writerows([(str(p.resolve()), p.parent.name) for p in chosen])
     return out
+
+
+@pytest.fixture(scope="session")
+def sample_run(prepared64, tmp_path_factory) -> Path:
+    """The CNN trained for 2 epochs on the synthetic sample at 64 px (one worker): a complete run folder."""
+    run = tmp_path_factory.mktemp("runs") / "sample-cnn"
+    result = run_train("--data", str(prepared64), "--model", "cnn", "--epochs", "2", "--batch-size", "16",
+                       "--output", str(run))
+    assert result.returncode == 0, quiet(result.stderr)
+    return run
+
+
+@pytest.fixture(scope="session")
+def real_run(shared_data, tmp_path_factory) -> dict:
+    """About 600 real radiographs at 64 px, split by patient into train/val/test with a fixed salt (so record
+    ids can be recomputed from file paths), and the CNN trained on them for 4 epochs."""
+    folder = tmp_path_factory.mktemp("real")
+    salt = folder / "salt"
+    salt.write_bytes(b"cxrscale-test-salt")
+    csv_path = real_subset_csv(shared_data, folder / "subset.csv", n_images=600, seed=1)
+    data = prepare(csv_path, folder / "prepared", "--size", "64", "--val-fraction", "0.25", "--test-fraction",
+                   "0.25", "--salt-file", str(salt))
+    run = folder / "run"
+    result = run_train("--data", str(data), "--model", "cnn", "--epochs", "4", "--batch-size", "32",
+                       "--output", str(run))
+    assert result.returncode == 0, quiet(result.stderr)
+    return {"data": data, "run": run, "csv": csv_path, "salt": salt.read_bytes()}

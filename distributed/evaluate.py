@@ -1,0 +1,316 @@
+"""python -m distributed.evaluate: clinical evaluation of a trained model, with a report a clinician can read.
+
+    python -m distributed.evaluate --run runs/kermany-cnn
+    python -m distributed.evaluate --run runs/kermany-cnn --threshold sensitivity:0.95
+    python -m distributed.evaluate --model runs/kermany-cnn/optimized/ptq-int8.tflite --data prepared/kermany
+
+The operating threshold is always chosen on the validation split and then applied to the evaluated split
+(test by default); the report shows the metrics at that threshold and at 0.5, each with stratified
+bootstrap 95 % intervals, the plots, and a Grad-CAM gallery of the most confident right and wrong cases.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from distributed.kerasenv import keras  # noqa: F401  first: chooses tf_keras before TensorFlow loads
+
+import numpy as np
+
+from distributed import metrics as m
+from distributed.scoring import Scorer, load_scorer, read_run_config, run_model_path
+from preprocessing import schema
+from preprocessing.runtime import CxrError, check_writable_dir, read_json, run_cli, setup_logging, sha256_file
+
+log = logging.getLogger("cxrscale.evaluate")
+
+DEFAULT_BOOTSTRAP = 1000
+
+
+# --- threshold rules ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How the binary operating threshold is chosen on validation: youden, sensitivity:X, specificity:X,
+    or a fixed number."""
+
+    kind: str
+    value: float | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "fixed":
+            return f"{self.value:g}"
+        return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
+
+    def describe(self) -> str:
+        return {"youden": "maximises sensitivity + specificity - 1 (Youden's J) on validation",
+                "sensitivity": f"highest specificity keeping sensitivity >= {self.value} on validation",
+                "specificity": f"highest sensitivity keeping specificity >= {self.value} on validation",
+                "fixed": "fixed by the user"}[self.kind]
+
+    def choose(self, y_val: np.ndarray, p_val: np.ndarray) -> float:
+        """The threshold on validation labels and positive-class probabilities (never test data)."""
+        try:
+            if self.kind == "fixed":
+                return float(self.value)
+            if self.kind == "youden":
+                return m.youden_threshold(y_val, p_val)
+            if self.kind == "sensitivity":
+                return m.threshold_for_sensitivity(y_val, p_val, self.value)
+            # specificity >= X for the negatives is sensitivity >= X for the flipped problem
+            return 1.0 - m.threshold_for_sensitivity(1 - np.asarray(y_val), 1.0 - np.asarray(p_val), self.value) \
+                + np.finfo(np.float32).eps
+        except m.MetricError as err:
+            raise CxrError(f"--threshold {self}: cannot be chosen on the validation split ({err}); "
+                           "pass a number instead") from None
+
+
+def parse_threshold(text: str) -> ThresholdRule:
+    """argparse type for --threshold."""
+    kind, _, value = text.partition(":")
+    try:
+        if kind in ("youden",) and not value:
+            return ThresholdRule("youden")
+        if kind in ("sensitivity", "specificity") and value and 0 < float(value) <= 1:
+            return ThresholdRule(kind, float(value))
+        if not value and 0 <= float(text) <= 1:
+            return ThresholdRule("fixed", float(text))
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: expected youden, sensitivity:X or specificity:X with X in (0, 1], "
+                                     "or a probability in [0, 1]")
+
+
+# --- scoring a split ------------------------------------------------------------------------------------
+
+@dataclass
+class SplitScores:
+    split: str
+    labels: np.ndarray  # (n,) int
+    probs: np.ndarray  # (n, K)
+    ids: list[str]
+
+
+def score_split(scorer: Scorer, data_dir: Path, split: str, batch_size: int = 32) -> SplitScores:
+    """The model's probabilities for every record of a prepared split, in file order."""
+    ds = schema.dataset(data_dir, split, with_ids=True).batch(batch_size)
+    labels, probs, ids = [], [], []
+    for images, y, rid in ds.as_numpy_iterator():
+        probs.append(scorer.predict(images, batch_size))
+        labels.append(y)
+        ids += [r.decode() for r in rid]
+    if not labels:
+        raise CxrError(f"the {split} split of {data_dir} is empty")
+    return SplitScores(split, np.concatenate(labels).astype(int), np.concatenate(probs), ids)
+
+
+def load_records(data_dir: Path, split: str, indices: Sequence[int]) -> dict[int, np.ndarray]:
+    """The uint8 images of the given record positions of a split (a second pass, so that scoring a large
+    split never holds all its images in memory)."""
+    wanted, found = set(int(i) for i in indices), {}
+    for i, (image, _) in enumerate(schema.dataset(data_dir, split).as_numpy_iterator()):
+        if i in wanted:
+            found[i] = image
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+# --- metrics --------------------------------------------------------------------------------------------
+
+def compute_metrics(val: SplitScores, test: SplitScores, classes: list[str], rule: ThresholdRule, *,
+                    n_bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
+    """Every number of the evaluation: the validation-chosen threshold and the evaluated split's metrics at
+    it and at 0.5, with bootstrap intervals (binary); one-vs-rest and macro metrics (K classes)."""
+    if test.probs.shape[1] != len(classes):
+        raise CxrError(f"the model outputs {test.probs.shape[1]} classes but the data has {len(classes)} "
+                       f"({', '.join(classes)})")
+    out: dict[str, Any] = {"classes": classes, "split": test.split, "n": len(test.labels),
+                           "class_counts": {c: int(np.sum(test.labels == i)) for i, c in enumerate(classes)}}
+    if len(classes) == 2:
+        threshold = rule.choose(val.labels, val.probs[:, 1])
+        out["threshold"] = {"rule": str(rule), "description": rule.describe(), "value": threshold,
+                            "chosen_on": val.split}
+        y, p = test.labels, test.probs[:, 1]
+        for key, t in (("at_threshold", threshold), ("at_0.5", 0.5)):
+            summary = m.binary_summary(y, p, t)
+            fns = m.binary_metric_functions(t)
+            summary["intervals"] = m.bootstrap_intervals({k: fns[k] for k in m.INTERVAL_METRICS}, y, p,
+                                                         n_resamples=n_bootstrap, seed=seed)
+            out[key] = summary
+        out["validation_at_threshold"] = m.binary_summary(val.labels, val.probs[:, 1], threshold)
+        out["calibration_bins"] = m.calibration_bins(y, p)
+    else:
+        out["threshold"] = {"rule": "argmax", "description": "the most probable class (K > 2)", "value": None,
+                            "chosen_on": None}
+        out["multiclass"] = m.multiclass_summary(test.labels, test.probs, classes)
+        out["multiclass"]["intervals"] = m.bootstrap_intervals(m.multiclass_metric_functions(), test.labels,
+                                                               test.probs, n_resamples=n_bootstrap, seed=seed)
+    return out
+
+
+def predicted_classes(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Binary: positive where P(positive) >= threshold; K classes: the argmax."""
+    if probs.shape[1] == 2 and threshold is not None:
+        return (probs[:, 1] >= threshold).astype(int)
+    return probs.argmax(axis=1)
+
+
+def gallery_picks(scores: SplitScores, threshold: float | None, per_group: int) -> list[dict[str, Any]]:
+    """The most confident right and the most confident wrong cases of each true class. Binary decisions at a
+    threshold rank by the score's distance from the threshold in the direction of the call."""
+    pred = predicted_classes(scores.probs, threshold)
+    confidence = scores.probs[np.arange(len(pred)), pred]
+    if threshold is not None:
+        margin = np.where(pred == 1, scores.probs[:, 1] - threshold, threshold - scores.probs[:, 1])
+    else:
+        margin = confidence
+    picks = []
+    for c in range(scores.probs.shape[1]):
+        for right in (True, False):
+            idx = np.flatnonzero((scores.labels == c) & ((pred == c) == right))
+            for i in idx[np.argsort(-margin[idx], kind="stable")][:per_group]:
+                picks.append({"index": int(i), "id": scores.ids[i], "true_index": c, "predicted_index": int(pred[i]),
+                              "confidence": float(confidence[i]), "probabilities": scores.probs[i].tolist(),
+                              "correct": right})
+    return picks
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """What is evaluated, resolved from --run/--model/--data/--output."""
+
+    model_path: Path
+    data_dir: Path
+    output: Path
+    run_dir: Path | None
+    run_config: dict | None
+
+
+def resolve_target(args: argparse.Namespace) -> Target:
+    run_dir = Path(args.run) if args.run else None
+    config = read_run_config(run_dir) if run_dir else None
+    model_path = Path(args.model) if args.model else run_model_path(run_dir)
+    if not model_path.exists():
+        raise CxrError(f"model not found: {model_path}")
+    if args.data:
+        data_dir = Path(args.data)
+    elif config:
+        data_dir = Path(config["config"]["data"])
+        if not data_dir.is_dir():
+            raise CxrError(f"the run's dataset {data_dir} (from {run_dir / 'config.json'}) is not here; "
+                           "pass --data with the prepared folder")
+    else:
+        raise CxrError("--model without --run needs --data: the prepared dataset to evaluate on")
+    if args.output:
+        output = Path(args.output)
+    elif run_dir and not args.model:
+        output = run_dir / "eval"
+    else:
+        output = model_path.parent / f"eval-{model_path.stem if model_path.suffix else model_path.name}"
+    return Target(model_path, data_dir, output, run_dir, config)
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from distributed import report
+
+    started = time.perf_counter()
+    target = resolve_target(args)
+    manifest = schema.read_manifest(target.data_dir)
+    classes = list(manifest["classes"])
+    check_writable_dir(target.output, "--output")
+    scorer = load_scorer(target.model_path)
+    if scorer.input_shape != schema.image_shape(manifest):
+        raise CxrError(f"{target.model_path} takes {scorer.input_shape} images but {target.data_dir} holds "
+                       f"{schema.image_shape(manifest)}: evaluate on data prepared like the training data")
+    same_data = None
+    if target.run_config:
+        trained_on = target.run_config.get("manifest_sha256")
+        same_data = trained_on == sha256_file(target.data_dir / schema.MANIFEST)
+        trained_classes = target.run_config["resolved"]["classes"]
+        if trained_classes != classes:
+            raise CxrError(f"the run was trained on classes {trained_classes} but {target.data_dir} has {classes}")
+        if not same_data:
+            log.warning("%s is not the dataset the run was trained on: its test split may overlap the training "
+                        "data, which only the user can rule out", target.data_dir)
+
+    log.info("scoring the val and %s splits of %s with %s", args.split, target.data_dir, target.model_path)
+    val = score_split(scorer, target.data_dir, "val", args.batch_size)
+    test = val if args.split == "val" else score_split(scorer, target.data_dir, args.split, args.batch_size)
+    if args.split == "val":
+        log.warning("--split val: the threshold is chosen on the same cases it is measured on (optimistic)")
+    results = compute_metrics(val, test, classes, args.threshold, n_bootstrap=args.bootstrap, seed=args.seed)
+    results["model"] = {"path": str(target.model_path), "kind": scorer.kind, "input_shape": list(scorer.input_shape),
+                        "size_bytes": _size(target.model_path)}
+    results["run"] = ({"dir": str(target.run_dir), "model": target.run_config["config"]["model"],
+                       "config": target.run_config["config"], "resolved": target.run_config["resolved"]}
+                      if target.run_config else None)
+    results["data"] = {"dir": str(target.data_dir), "fingerprint": manifest.get("fingerprint"),
+                       "same_as_training": same_data, "transform": manifest.get("transform"),
+                       "counts": manifest.get("counts", {}).get("per_split"), "source": manifest.get("source")}
+    results["output"] = str(target.output)
+    target.output.mkdir(parents=True, exist_ok=True)
+    report.write_scores(target.output / "scores.csv", test, classes, results["threshold"]["value"])
+    history = target.run_dir / "history.csv" if target.run_dir else None
+    picks = gallery_picks(test, results["threshold"]["value"], args.gallery)
+    images = load_records(target.data_dir, test.split, [p["index"] for p in picks])
+    results["plots"], results["gallery"] = report.write_figures(
+        target.output, val, test, classes, results, history, scorer, picks, images, gradcam=not args.no_gradcam)
+    results["seconds"] = time.perf_counter() - started
+    report.write_report(target.output, results)
+    log.info("report written to %s (%.0f s)", target.output / "report.html", results["seconds"])
+    return results
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m distributed.evaluate", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Writes OUTPUT/metrics.json (every number), report.md, report.html (self-contained), scores.csv, "
+               "the plots and gradcam/. Example:\n  python -m distributed.evaluate --run runs/sample")
+    source = parser.add_argument_group("what to evaluate (--run, or --model with --data)")
+    source.add_argument("--run", help="a training run folder (runs/NAME): its exported model, dataset and history")
+    source.add_argument("--model", help="a model file instead: SavedModel folder, .keras/.h5 or .tflite")
+    source.add_argument("--data", help="prepared dataset folder (default: the one the run was trained on)")
+    parser.add_argument("--split", default="test", choices=("test", "val"), help="split to evaluate (default test)")
+    parser.add_argument("--threshold", type=parse_threshold, default=ThresholdRule("youden"),
+                        help="operating point, chosen on the validation split: youden (default), sensitivity:0.95, "
+                             "specificity:0.9, or a fixed probability such as 0.5")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
+                        help=f"bootstrap resamples for the 95%% intervals (default {DEFAULT_BOOTSTRAP})")
+    parser.add_argument("--gallery", type=int, default=2,
+                        help="images per group (right/wrong x class) in the Grad-CAM gallery (default 2)")
+    parser.add_argument("--no-gradcam", action="store_true", help="gallery without Grad-CAM heat-maps")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--output", help="report folder (default RUN/eval, or eval-MODEL beside a --model)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.run and not args.model:
+        parser.error("give --run runs/NAME or --model FILE (with --data)")
+    if args.bootstrap < 0 or args.gallery < 0 or args.batch_size < 1:
+        parser.error("--bootstrap and --gallery must be >= 0 and --batch-size >= 1")
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    results = evaluate(args)
+    print(f"report: {Path(results['output']) / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

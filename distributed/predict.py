@@ -1,0 +1,204 @@
+"""python -m distributed.predict: classify radiographs (JPEG, PNG, DICOM) with a trained model.
+
+    python -m distributed.predict --run runs/kermany-cnn scans/ patient7.dcm
+    python -m distributed.predict --model runs/kermany-cnn/optimized/ptq-int8.tflite --format json scans/
+
+Each image gets exactly the transform its model's training data was prepared with (read from the run's
+dataset manifest), so there is no train/serve skew. One row per image: file, predicted class, probability
+of the positive class (K classes: of the predicted class), the threshold used, and an error for a file that
+cannot be read; the others are still predicted, and the exit status is 1 if any file failed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from distributed.kerasenv import keras  # noqa: F401  first: chooses tf_keras before TensorFlow loads
+
+import numpy as np
+
+from distributed.scoring import load_scorer, run_model_path
+from preprocessing.runtime import CxrError, read_json, run_cli, setup_logging, write_text_atomic
+from preprocessing.transform import ImageRejected, TransformParams, transform
+
+log = logging.getLogger("cxrscale.predict")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
+RUN_MANIFEST = "dataset_manifest.json"
+CHUNK = 256  # images transformed and held at once
+
+
+def find_run_dir(model_path: Path) -> Path | None:
+    """The training run a model file belongs to (it or a parent holds dataset_manifest.json)."""
+    for folder in [model_path, *model_path.parents][:4]:
+        if (folder / RUN_MANIFEST).is_file():
+            return folder
+    return None
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Files as given, folders searched recursively for image files (sorted); a missing path is an error."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                log.warning("%s holds no image files (%s)", path, ", ".join(IMAGE_SUFFIXES))
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CxrError(f"input not found: {path}")
+    if not files:
+        raise CxrError("no image files to predict")
+    return files
+
+
+def default_threshold(run_dir: Path | None) -> tuple[float, str]:
+    """The operating threshold chosen on validation by the run's evaluation, else 0.5."""
+    metrics_file = run_dir / "eval" / "metrics.json" if run_dir else None
+    if metrics_file and metrics_file.is_file():
+        chosen = read_json(metrics_file, "evaluation metrics").get("threshold", {})
+        if chosen.get("value") is not None:
+            return float(chosen["value"]), f"{chosen['rule']} on validation ({metrics_file})"
+    return 0.5, "0.5 (no evaluation of this run found: run python -m distributed.evaluate to choose one)"
+
+
+def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
+    files = expand_inputs(args.inputs)
+    model_path = Path(args.model) if args.model else run_model_path(args.run)
+    run_dir = Path(args.run) if args.run else find_run_dir(model_path.resolve())
+    manifest_path = Path(args.manifest) if args.manifest else (run_dir / RUN_MANIFEST if run_dir else None)
+    if manifest_path is None:
+        raise CxrError(f"cannot tell how {model_path}'s training images were prepared: pass --manifest with the "
+                       "prepared dataset's manifest.json (or the run's dataset_manifest.json)")
+    if manifest_path.is_dir():
+        manifest_path = manifest_path / "manifest.json"
+    manifest = read_json(manifest_path, "dataset manifest")
+    params = TransformParams.from_dict(manifest["transform"])
+    classes = list(manifest["classes"])
+    scorer = load_scorer(model_path)
+    if scorer.input_shape != (params.size, params.size, 1):
+        raise CxrError(f"{model_path} takes {scorer.input_shape} images but {manifest_path} prepares "
+                       f"{params.size}x{params.size}x1: the manifest is not this model's")
+    if args.gradcam and scorer.keras_model is None:
+        raise CxrError(f"--gradcam needs a Keras model; {model_path} is {scorer.kind}: use --run or the "
+                       "SavedModel for heat-maps")
+    binary = len(classes) == 2
+    used_names: set[str] = set()
+    if args.threshold is not None:
+        threshold, why = args.threshold, "--threshold"
+    else:
+        threshold, why = default_threshold(run_dir)
+    if binary:
+        log.info("threshold %.4f: %s", threshold, why)
+
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(files), CHUNK):  # bounded memory on folders of any size
+        chunk_rows, images = [], []
+        for path in files[start:start + CHUNK]:
+            try:
+                images.append(transform(path.read_bytes(), params, path.name))
+                chunk_rows.append({"file": str(path)})
+            except (ImageRejected, OSError) as err:
+                rows.append({"file": str(path), "error": str(err).strip() or type(err).__name__})
+                log.error("%s: %s", path, rows[-1]["error"])
+        if images:
+            batch = np.stack(images)
+            probs = scorer.predict(batch, args.batch_size)
+            pred = (probs[:, 1] >= threshold).astype(int) if binary else probs.argmax(axis=1)
+            for row, p, c in zip(chunk_rows, probs, pred):
+                row.update(predicted=classes[c], probability=float(p[1] if binary else p[c]),
+                           threshold=threshold if binary else "argmax")
+            if args.gradcam:
+                write_gradcams(Path(args.gradcam), scorer.keras_model, batch, pred, chunk_rows, used_names)
+        rows += chunk_rows
+    order = {str(f): i for i, f in enumerate(files)}
+    return sorted(rows, key=lambda r: order[r["file"]])
+
+
+def write_gradcams(folder: Path, model, images: np.ndarray, pred: np.ndarray, rows: list[dict],
+                   used: set[str]) -> None:
+    """One Grad-CAM overlay of the predicted class per image: FOLDER/<file stem>-gradcam.png."""
+    import cv2
+
+    from distributed.gradcam import gradcam, overlay
+    from preprocessing.runtime import write_bytes_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    heat = gradcam(model, images, pred)
+    for row, image, h in zip(rows, images, heat):
+        stem = Path(row["file"]).stem
+        name, n = f"{stem}-gradcam.png", 1
+        while name in used:  # same stem in two folders
+            n += 1
+            name = f"{stem}-{n}-gradcam.png"
+        used.add(name)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(overlay(image, h), cv2.COLOR_RGB2BGR))
+        write_bytes_atomic(folder / name, png.tobytes())
+        row["gradcam"] = str(folder / name)
+
+
+def write_rows(rows: list[dict[str, Any]], fmt: str, out) -> None:
+    if fmt == "json":
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+        return
+    columns = ["file", "predicted", "probability", "threshold", "error"]
+    if any("gradcam" in r for r in rows):
+        columns.insert(4, "gradcam")
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m distributed.predict", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Example:\n  python -m distributed.predict --run runs/sample "
+                                            "data/sample/test/PNEUMONIA")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of them")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a training run folder (runs/NAME): its exported model and transform")
+    source.add_argument("--model", help="a model file: SavedModel folder, .keras/.h5 or .tflite")
+    parser.add_argument("--manifest", help="the dataset manifest giving the transform, when --model is not inside "
+                                           "a run folder")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="probability threshold for the positive class (default: the one the run's evaluation "
+                             "chose on validation, else 0.5)")
+    parser.add_argument("--gradcam", metavar="OUT_DIR", help="also write a Grad-CAM overlay per image here")
+    parser.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default csv)")
+    parser.add_argument("--output", help="write the rows to this file instead of standard output")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise CxrError(f"--threshold must be a probability in [0, 1], got {args.threshold}")
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    rows = predict(args)
+    if args.output:
+        buf = io.StringIO()
+        write_rows(rows, args.format, buf)
+        write_text_atomic(args.output, buf.getvalue())
+    else:
+        write_rows(rows, args.format, sys.stdout)
+    failed = sum("error" in r for r in rows)
+    if failed:
+        log.error("%d of %d files could not be predicted", failed, len(rows))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,177 @@
+"""python -m distributed.evaluate and python -m distributed.predict on real trained runs."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from distributed.evaluate import SplitScores, ThresholdRule, compute_metrics, parse_threshold
+from preprocessing.pipeline import keyed_hash
+from tests.conftest import PYTHON, REPO, radiograph_like, write_image
+from tests.distributed.conftest import quiet
+
+CLASSES = ["NORMAL", "PNEUMONIA"]
+
+
+def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def scores(labels, p_pos, split="test") -> SplitScores:
+    p = np.asarray(p_pos, dtype=float)
+    return SplitScores(split, np.asarray(labels), np.stack([1 - p, p], axis=1), [f"r{i}" for i in range(len(p))])
+
+
+def test_threshold_is_fitted_on_validation_only():
+    rng = np.random.default_rng(0)
+    y_val = rng.integers(0, 2, 200)
+    val = scores(y_val, np.clip(0.3 * y_val + rng.normal(0.35, 0.2, 200), 0, 1), "val")
+    y_test = rng.integers(0, 2, 150)
+    p_test = np.clip(0.3 * y_test + rng.normal(0.35, 0.2, 150), 0, 1)
+    for rule in (ThresholdRule("youden"), parse_threshold("sensitivity:0.95"), parse_threshold("specificity:0.9")):
+        a = compute_metrics(val, scores(y_test, p_test), CLASSES, rule, n_bootstrap=20)
+        b = compute_metrics(val, scores(1 - y_test, p_test), CLASSES, rule, n_bootstrap=20)
+        assert a["threshold"]["value"] == b["threshold"]["value"], rule
+        assert a["at_threshold"]["sensitivity"] != b["at_threshold"]["sensitivity"]
+    sens = compute_metrics(val, scores(y_test, p_test), CLASSES, parse_threshold("sensitivity:0.95"), n_bootstrap=20)
+    assert sens["validation_at_threshold"]["sensitivity"] >= 0.95
+    spec = compute_metrics(val, scores(y_test, p_test), CLASSES, parse_threshold("specificity:0.9"), n_bootstrap=20)
+    assert spec["validation_at_threshold"]["specificity"] >= 0.9
+    fixed = compute_metrics(val, scores(y_test, p_test), CLASSES, parse_threshold("0.3"), n_bootstrap=20)
+    assert fixed["threshold"]["value"] == 0.3 and fixed["at_0.5"]["threshold"] == 0.5
+
+
+def test_intervals_contain_the_point_estimates():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    val = scores(y, np.clip(0.3 * y + rng.normal(0.35, 0.2, 300), 0, 1), "val")
+    result = compute_metrics(val, val, CLASSES, ThresholdRule("youden"), n_bootstrap=200)
+    for name, ci in result["at_threshold"]["intervals"].items():
+        assert ci["low"] <= ci["value"] <= ci["high"], name
+        assert ci["value"] == pytest.approx(result["at_threshold"][name])
+
+
+@pytest.mark.parametrize("text", ["sensitivity", "sensitivity:1.5", "youden:3", "1.2", "auto"])
+def test_bad_threshold_rules_are_refused(text):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="expected youden"):
+        parse_threshold(text)
+
+
+def test_evaluate_cli_writes_a_complete_self_contained_report(sample_run, tmp_path):
+    result = run_module("distributed.evaluate", "--run", str(sample_run), "--bootstrap", "200",
+                        "--threshold", "sensitivity:0.9")
+    assert result.returncode == 0, quiet(result.stderr)
+    out = sample_run / "eval"
+    assert f"report: {out / 'report.html'}" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["threshold"]["rule"] == "sensitivity:0.9" and metrics["threshold"]["chosen_on"] == "val"
+    for key in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc",
+                "average_precision", "log_loss", "brier", "ece"):
+        assert key in metrics["at_threshold"] and key in metrics["at_0.5"]
+    assert set(metrics["at_threshold"]["intervals"]) == {"roc_auc", "sensitivity", "specificity", "accuracy"}
+    for name in ("curves", "roc", "pr", "confusion", "calibration", "histograms", "gallery"):
+        image = cv2.imread(str(out / metrics["plots"][name]))
+        assert image is not None and min(image.shape[:2]) > 200, name
+    assert metrics["gallery"] and all((out / g["file"]).is_file() for g in metrics["gallery"])
+    assert {g["gradcam_layer"] for g in metrics["gallery"]} == {"block3_relu1"}
+    page = (out / "report.html").read_text()
+    assert not re.search(r"(src|href)=\"(?!data:)", page) and "http" not in page.replace(
+        "<!DOCTYPE html>", "")
+    assert page.count("data:image/png;base64,") == len(metrics["plots"]) - 1  # every plot but "skipped"
+    md = (out / "report.md").read_text()
+    assert "95 % CI" in md and "at 0.5" in md and "not told apart" in md
+    rows = list(csv.DictReader(io.StringIO((out / "scores.csv").read_text())))
+    assert len(rows) == metrics["n"]
+
+
+def test_real_data_predict_agrees_with_evaluate(real_run, tmp_path):
+    """Predict re-reads the original JPEGs and re-applies the run's transform; its probabilities must equal
+    evaluate's on the prepared test shards for the same images."""
+    result = run_module("distributed.evaluate", "--run", str(real_run["run"]), "--bootstrap", "1000")
+    assert result.returncode == 0, quiet(result.stderr)
+    metrics = json.loads((real_run["run"] / "eval" / "metrics.json").read_text())
+    auc = metrics["at_threshold"]["intervals"]["roc_auc"]
+    print(f"real test AUC {auc['value']:.3f} ({auc['low']:.3f}-{auc['high']:.3f}), n={metrics['n']}")
+    assert auc["value"] > 0.75
+    evaluated = {r["id"]: float(r["p_PNEUMONIA"]) for r in
+                 csv.DictReader(io.StringIO((real_run["run"] / "eval" / "scores.csv").read_text()))}
+    paths = [row["path"] for row in csv.DictReader(open(real_run["csv"]))]
+    by_id = {keyed_hash(real_run["salt"], "id", p): p for p in paths}
+    test_files = [by_id[i] for i in list(evaluated)[:40]]
+    result = run_module("distributed.predict", "--run", str(real_run["run"]), "--format", "json", *test_files)
+    assert result.returncode == 0, quiet(result.stderr)
+    predicted = json.loads(result.stdout)
+    assert [r["file"] for r in predicted] == test_files
+    threshold = metrics["threshold"]["value"]
+    for row in predicted:
+        expected = evaluated[keyed_hash(real_run["salt"], "id", row["file"])]
+        assert row["probability"] == pytest.approx(expected, abs=2e-6)
+        assert row["threshold"] == pytest.approx(threshold)  # the validation-chosen one, from eval/metrics.json
+        assert row["predicted"] == ("PNEUMONIA" if expected >= threshold else "NORMAL")
+
+
+def test_predict_reports_a_corrupt_file_and_predicts_the_rest(sample_run, tmp_path):
+    folder = tmp_path / "in"
+    for i in range(3):
+        write_image(folder / f"ok{i}.png", radiograph_like(i))
+    (folder / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    result = run_module("distributed.predict", "--run", str(sample_run), str(folder), "--gradcam",
+                        str(tmp_path / "cams"), "--threshold", "0.5")
+    assert result.returncode == 1
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [Path(r["file"]).name for r in rows] == ["broken.jpeg", "ok0.png", "ok1.png", "ok2.png"]
+    assert rows[0]["error"] and not rows[0]["predicted"] and "broken.jpeg" in result.stderr
+    for row in rows[1:]:
+        assert row["predicted"] in CLASSES and 0 <= float(row["probability"]) <= 1 and not row["error"]
+        assert cv2.imread(row["gradcam"]).shape == (64, 64, 3)
+    missing = run_module("distributed.predict", "--run", str(sample_run), str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "input not found" in missing.stderr
+
+
+def test_tflite_model_predicts_and_evaluates_like_the_savedmodel(sample_run, tmp_path):
+    import tensorflow as tf
+
+    tflite = tmp_path / "model.tflite"
+    tflite.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(sample_run / "model")).convert())
+    image = write_image(tmp_path / "x.png", radiograph_like(5))
+    keras_rows = json.loads(run_module("distributed.predict", "--run", str(sample_run), "--format", "json",
+                                       str(image)).stdout)
+    lite = run_module("distributed.predict", "--model", str(tflite), "--manifest",
+                      str(sample_run / "dataset_manifest.json"), "--format", "json", str(image))
+    assert lite.returncode == 0, quiet(lite.stderr)
+    assert json.loads(lite.stdout)[0]["probability"] == pytest.approx(keras_rows[0]["probability"], abs=1e-4)
+    result = run_module("distributed.evaluate", "--model", str(tflite), "--data",
+                        json.loads((sample_run / "config.json").read_text())["config"]["data"], "--bootstrap", "50")
+    assert result.returncode == 0, quiet(result.stderr)
+    metrics = json.loads((tmp_path / "eval-model" / "metrics.json").read_text())
+    assert metrics["model"]["kind"] == "tflite" and "Grad-CAM needs a Keras model" in result.stderr
+    no_cam = run_module("distributed.predict", "--model", str(tflite), "--manifest",
+                        str(sample_run / "dataset_manifest.json"), "--gradcam", str(tmp_path / "c"), str(image))
+    assert no_cam.returncode == 2 and "--gradcam needs a Keras model" in no_cam.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--run", "nowhere"], "run folder not found"),
+    (["--model", "x.onnx", "--data", "d"], "model not found"),
+])
+def test_evaluate_bad_input_exits_2(args, message):
+    result = run_module("distributed.evaluate", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_help():
+    for module in ("distributed.evaluate", "distributed.predict"):
+        result = run_module(module, "--help")
+        assert result.returncode == 0 and "Example" in result.stdout
