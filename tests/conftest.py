@@ -16,6 +16,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
+pytest_plugins = ["tests.training_fixtures"]  # trained-run fixtures shared by distributed/ and optimize/
+
 
 def shared_data_root() -> Path:
     return Path(os.environ.get("CXR_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -16,7 +16,7 @@ import pytest
 from distributed.evaluate import SplitScores, ThresholdRule, compute_metrics, parse_threshold
 from preprocessing.pipeline import keyed_hash
 from tests.conftest import PYTHON, REPO, radiograph_like, write_image
-from tests.distributed.conftest import quiet
+from tests.training_fixtures import quiet
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from tests.distributed.conftest import prepare, quiet, real_subset_csv, run_train, train_cmd
+from tests.training_fixtures import prepare, quiet, real_subset_csv, run_train, train_cmd
 
 
 def history(run: Path) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Fixtures for training tests: small prepared datasets, and runners for the real CLI and horovodrun."""
+"""Fixtures for training, evaluation and optimize tests (a pytest plugin, see tests/conftest.py): small prepared
+datasets, trained runs, and runners for the real CLI and horovodrun."""
 from __future__ import annotations
 
 import csv
