@@ -91,7 +91,7 @@ def _gallery_caption(pick: dict, classes: list[str], threshold: float | None) ->
     if threshold is None:
         return f"id {pick['id'][:8]}"
     p = pick["probabilities"][1]
-    return f"P({classes[1]}) {p:.2f} {'>=' if p >= threshold else '<'} t {threshold:.2f} · id {pick['id'][:8]}"
+    return f"P({classes[1]}) {p:.3f} {'>=' if p >= threshold else '<'} t {threshold:.3f} · id {pick['id'][:8]}"
 
 
 def write_gallery(out: Path, picks: list[dict], images: dict[int, np.ndarray], classes: list[str], scorer, *,

@@ -1,0 +1,420 @@
+"""python -m optimize.prune_quantize: smaller, faster variants of a trained model, each measured.
+
+    python -m optimize.prune_quantize --run runs/kermany-cnn
+    horovodrun -np 2 python -m optimize.prune_quantize --run runs/kermany-cnn --sparsity 0.5,0.8 --fine-tune-epochs 2
+    python -m optimize.prune_quantize --run runs/sample --variants ptq-int8,ptq-float16
+
+Variants: post-training quantization through the TFLite converter (ptq-dynamic, ptq-float16, ptq-int8 with a
+representative dataset from the train split), magnitude pruning to each --sparsity (prune-NN), quantization-
+aware training (qat) and pruning-preserving QAT (prune-qat-NN). Fine-tuning runs data-parallel under
+horovodrun; rank 0 converts, evaluates (with distributed.evaluate's code, threshold chosen on validation)
+and measures every variant and the original model as an fp32 TFLite file: size, gzip size, sparsity,
+int8 share, latency per image (1 and 2 threads) and interpreter memory. Finished variants are kept and a
+re-run resumes; a variant that cannot be built is skipped with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from distributed.kerasenv import hvd_keras, keras  # first: chooses tf_keras before TensorFlow loads
+
+import numpy as np
+import tensorflow as tf
+
+from distributed.data import balanced_class_weights, plan_data, train_dataset
+from distributed.evaluate import ThresholdRule, compute_metrics, parse_threshold, score_split
+from distributed.models import loss_for, min_image_size
+from distributed.scoring import load_scorer, read_run_config, run_model_path
+from distributed.train import agree, configure_devices, launcher_rank
+from optimize import compress, measure
+from preprocessing import schema
+from preprocessing.runtime import (USER_ERROR_EXIT, CxrError, check_writable_dir, read_json, setup_logging,
+                                   write_bytes_atomic, write_json_atomic, write_text_atomic)
+
+log = logging.getLogger("cxrscale.optimize")
+
+VARIANTS = ("ptq-dynamic", "ptq-float16", "ptq-int8", "prune", "qat", "prune-qat")
+BASELINE = "fp32"
+
+
+@dataclass(frozen=True)
+class Variant:
+    family: str  # fp32, ptq-*, prune, qat, prune-qat
+    sparsity: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}-{round(100 * self.sparsity)}" if self.sparsity is not None else self.family
+
+    @property
+    def fine_tuned(self) -> bool:
+        return self.family in ("prune", "qat", "prune-qat")
+
+    @property
+    def tflite_kind(self) -> str:
+        return {"fp32": "fp32", "ptq-dynamic": "dynamic", "ptq-float16": "float16", "ptq-int8": "int8",
+                "prune": "fp32", "qat": "int8", "prune-qat": "int8"}[self.family]
+
+
+def expand_variants(families: Sequence[str], sparsities: Sequence[float]) -> list[Variant]:
+    """The fp32 baseline first, then each family (pruned ones once per sparsity)."""
+    out = [Variant(BASELINE)]
+    for family in families:
+        if family in ("prune", "prune-qat"):
+            out += [Variant(family, s) for s in sparsities]
+        else:
+            out.append(Variant(family))
+    return out
+
+
+# --- data -----------------------------------------------------------------------------------------------
+
+def representative_images(data_dir: Path, n: int, seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """n images (and their record ids) drawn from the train split only, for int8 calibration."""
+    ds = schema.dataset(data_dir, "train", with_ids=True).shuffle(4096, seed=seed, reshuffle_each_iteration=False)
+    images, ids = [], []
+    for image, _, rid in ds.take(n).as_numpy_iterator():
+        images.append(image)
+        ids.append(rid.decode())
+    if not images:
+        raise CxrError(f"the train split of {data_dir} is empty: no representative images for int8 calibration")
+    return images, ids
+
+
+def fine_tune(model: keras.Model, args: argparse.Namespace, hvd, plan, extra_callbacks: list,
+              class_weight: dict | None) -> None:
+    """A few epochs of data-parallel training of a wrapped (pruning / QAT) model on the train split."""
+    size = hvd.size()
+    optimizer = keras.optimizers.Adam(learning_rate=args.lr * size)
+    if size > 1:
+        optimizer = hvd.DistributedOptimizer(optimizer)
+    model.compile(optimizer=optimizer, loss=loss_for(model))
+    ds = train_dataset(args.data, plan, args.batch_size, seed=args.seed + hvd.rank(), shuffle_buffer=1024,
+                       augment=False, binary_labels=model.output_shape[-1] == 1)
+    callbacks = [hvd.callbacks.BroadcastGlobalVariablesCallback(0), *extra_callbacks]
+    model.fit(ds, steps_per_epoch=plan.steps_per_epoch, epochs=args.fine_tune_epochs, callbacks=callbacks,
+              class_weight=class_weight, verbose=2 if hvd.rank() == 0 else 0)
+
+
+def build_fine_tuned(variant: Variant, base: keras.Model, args, hvd, plan, class_weight) -> tuple[keras.Model, dict]:
+    """Prune and/or quantization-aware-train `base`; returns the model to convert and facts about it."""
+    import tensorflow_model_optimization as tfmot
+
+    facts: dict[str, Any] = {}
+    model = base
+    if variant.family in ("prune", "prune-qat"):
+        wrapped = compress.prune_wrap(base, variant.sparsity, plan.steps_per_epoch * args.fine_tune_epochs)
+        fine_tune(wrapped, args, hvd, plan, [tfmot.sparsity.keras.UpdatePruningStep()], class_weight)
+        model = compress.strip_pruning(wrapped)
+        facts["layer_sparsity"] = compress.layer_sparsity(model)
+        facts["pruned_layers"] = compress.prune_targets(base)
+    if variant.family in ("qat", "prune-qat"):
+        model = compress.quantize_wrap(model, preserve_sparsity=variant.family == "prune-qat")
+        fine_tune(model, args, hvd, plan, [], class_weight)
+    return model, facts
+
+
+# --- evaluate and measure -------------------------------------------------------------------------------
+
+def evaluate_variant(path: Path, args: argparse.Namespace, classes: list[str], baseline_probs: np.ndarray | None
+                     ) -> tuple[dict, np.ndarray]:
+    """Validation and test metrics at the validation-chosen threshold, and how far its test probabilities
+    are from the fp32 model's."""
+    scorer = load_scorer(path, num_threads=2)
+    val = score_split(scorer, args.data, "val", args.batch_size)
+    test = score_split(scorer, args.data, "test", args.batch_size)
+    m = compute_metrics(val, test, classes, args.threshold, n_bootstrap=args.bootstrap, seed=args.seed)
+    at = m["at_threshold"]
+    out = {"val_auc": m["validation_at_threshold"]["roc_auc"], "test_auc": at["roc_auc"],
+           "test_auc_ci": [at["intervals"]["roc_auc"].get("low"), at["intervals"]["roc_auc"].get("high")],
+           "test_accuracy": at["accuracy"], "test_sensitivity": at["sensitivity"],
+           "test_specificity": at["specificity"], "threshold": m["threshold"]["value"]}
+    if baseline_probs is not None:
+        diff = np.abs(test.probs[:, 1] - baseline_probs[:, 1])
+        out["max_prob_diff_vs_fp32"] = float(diff.max())
+        out["mean_prob_diff_vs_fp32"] = float(diff.mean())
+    return out, test.probs
+
+
+def measure_variant(path: Path, args: argparse.Namespace) -> dict:
+    timing = measure.latency(path, threads=args.threads, warmup=10, runs=args.latency_runs, seed=args.seed)
+    report = measure.weight_report(path)
+    return {**measure.sizes(path), "weight_dtypes": report["weight_dtypes"], "int8_fraction": report["int8_fraction"],
+            "sparsity": report["sparsity"], "latency": timing["threads"],
+            "peak_rss_delta_mb": timing["peak_rss_delta_mb"]}
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def done_record(out: Path, variant: Variant) -> dict | None:
+    """The finished record of a variant (its .tflite present with the recorded checksum), else None."""
+    record_path = out / "variants" / f"{variant.name}.json"
+    if not record_path.is_file():
+        return None
+    record = read_json(record_path, "variant record")
+    tflite = out / record.get("file", "")
+    if not tflite.is_file() or _sha256(tflite.read_bytes()) != record.get("sha256"):
+        return None
+    return record
+
+
+def prepare_output(args: argparse.Namespace) -> Path:
+    out = Path(args.output)
+    check_writable_dir(out, "--output")
+    settings = {k: getattr(args, k) for k in ("data", "sparsity", "fine_tune_epochs", "batch_size", "lr",
+                                               "representative_samples", "seed")}
+    settings["threshold"] = str(args.threshold)
+    settings["model_sha256"] = _sha256((Path(args.run) / "model" / "saved_model.pb").read_bytes())
+    settings_path = out / "settings.json"
+    if settings_path.is_file() and not args.overwrite:
+        previous = read_json(settings_path, "optimize settings")
+        if previous != {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}:
+            raise CxrError(f"{out} holds variants made with other settings or another model: pass --overwrite to "
+                           "replace them, or choose another --output")
+    if args.overwrite:
+        for name in ("variants", "keras"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for pattern in ("*.tflite", "comparison.json", "report.md", "*.png"):
+            for f in out.glob(pattern):
+                f.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "variants").mkdir(exist_ok=True)
+    write_json_atomic(settings_path, settings)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    hvd = hvd_keras()
+    hvd.init()
+    rank = hvd.rank()
+    setup_logging(logging.WARNING if (args.quiet or rank) else logging.INFO)
+    configure_devices(hvd.local_rank(), hvd.local_size())
+
+    def check() -> str:
+        run_model_path(args.run)
+        for split in ("train", "val", "test"):
+            schema.shard_paths(args.data, split)
+        if not schema.read_manifest(args.data)["counts"]["per_split"].get("test", {}).get("total"):
+            raise CxrError(f"{args.data} has no test split: variants are compared on it (prepare with "
+                           "--test-fraction > 0)")
+        return str(prepare_output(args))
+
+    out = Path(agree(hvd, check))
+    config = read_run_config(args.run)
+    manifest = schema.read_manifest(args.data)
+    classes = list(manifest["classes"])
+    if len(classes) != 2:
+        raise CxrError(f"optimize compares variants by binary metrics; {args.data} has {len(classes)} classes")
+    variants = expand_variants(args.variants, args.sparsity)
+    base = keras.models.load_model(str(run_model_path(args.run)), compile=False)
+    plan = plan_data(args.data, rank, hvd.size(), args.batch_size, min_image_size(config["config"]["model"]),
+                     config["config"]["model"])
+    class_weight = balanced_class_weights(plan.class_counts) if config["config"].get("class_weights") == "auto" \
+        else None
+    rep_images, rep_ids = representative_images(Path(args.data), args.representative_samples, args.seed)
+    representative = compress.representative_from(rep_images)
+
+    records: dict[str, dict] = {}
+    for variant in variants:  # every rank walks the same list, so fine-tuning steps line up
+        if agree(hvd, lambda v=variant: done_record(out, v)) is not None:
+            continue
+        started = time.perf_counter()
+        facts: dict[str, Any] = {}
+        try:
+            if variant.fine_tuned:
+                model, facts = build_fine_tuned(variant, base, args, hvd, plan, class_weight)
+            else:
+                model = base
+            data = compress.to_tflite(model, variant.tflite_kind, representative) if rank == 0 else b""
+        except compress.VariantSkipped as err:
+            if rank == 0:
+                log.warning("%s skipped: %s", variant.name, err)
+                records[variant.name] = {"name": variant.name, "skipped": str(err)}
+            continue
+        if rank == 0:
+            tflite = out / f"{variant.name}.tflite"
+            write_bytes_atomic(tflite, data)
+            if variant.fine_tuned:
+                model.save(str(out / "keras" / variant.name))
+            record = {"name": variant.name, "family": variant.family, "target_sparsity": variant.sparsity,
+                      "tflite_kind": variant.tflite_kind, "file": tflite.name, "sha256": _sha256(data),
+                      "build_seconds": time.perf_counter() - started, **facts}
+            write_json_atomic(out / "variants" / f"{variant.name}.json", record)
+            log.info("%s built in %.0f s (%d bytes)", variant.name, record["build_seconds"], len(data))
+        agree(hvd, lambda: None)  # the others wait while rank 0 converts
+    if rank != 0:
+        return None
+    return compare(out, variants, records, args, classes, rep_ids)
+
+
+def compare(out: Path, variants: list[Variant], skipped: dict[str, dict], args: argparse.Namespace,
+            classes: list[str], rep_ids: list[str]) -> dict:
+    """Evaluate and measure every built variant (rank 0), then write comparison.json, report.md and plots."""
+    rows = []
+    base_record = done_record(out, Variant(BASELINE))
+    baseline_probs = score_split(load_scorer(out / base_record["file"]), args.data, "test", args.batch_size).probs \
+        if base_record else None
+    for variant in variants:
+        if variant.name in skipped:
+            rows.append(skipped[variant.name])
+            continue
+        record = done_record(out, variant)
+        if record is None:
+            continue
+        if "test_auc" not in record:
+            log.info("evaluating and measuring %s", variant.name)
+            quality, _ = evaluate_variant(out / record["file"], args, classes, baseline_probs)
+            record.update(quality, **measure_variant(out / record["file"], args))
+            write_json_atomic(out / "variants" / f"{variant.name}.json", record)
+        rows.append(record)
+    base = next((r for r in rows if r["name"] == BASELINE and "test_auc" in r), None)
+    for row in rows:
+        if base and "test_auc" in row:
+            row["gzip_ratio_vs_fp32"] = base["gzip_bytes"] / row["gzip_bytes"]
+            row["size_ratio_vs_fp32"] = base["bytes"] / row["bytes"]
+            row["test_auc_drop"] = base["test_auc"] - row["test_auc"]
+            row["val_auc_drop"] = base["val_auc"] - row["val_auc"]
+            row["speedup_1_thread"] = base["latency"]["1"]["median_ms"] / row["latency"]["1"]["median_ms"] \
+                if "1" in row["latency"] and "1" in base["latency"] else None
+    built = [r for r in rows if "test_auc" in r]
+    best = measure.recommend(built, baseline=BASELINE, metric="val_auc", max_drop=args.max_auc_drop)
+    comparison = {"run": str(args.run), "data": str(args.data), "max_auc_drop": args.max_auc_drop,
+                  "threshold_rule": str(args.threshold), "representative": {"split": "train", "count": len(rep_ids),
+                                                                           "ids": rep_ids},
+                  "variants": rows, "recommended": best["name"] if best else None}
+    write_json_atomic(out / "comparison.json", comparison)
+    write_plots(out, built)
+    write_text_atomic(out / "report.md", render_report(comparison, best))
+    return comparison
+
+
+def write_plots(out: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    for_plot = [{**r, "gzip_mb": r["gzip_bytes"] / 1e6, "latency_ms": r["latency"].get("1", {}).get("median_ms")}
+                for r in rows]
+    measure.tradeoff_plot(for_plot, out / "auc_vs_size.png", x="gzip_mb", y="test_auc", label="name",
+                          xlabel="gzip-compressed model size (MB)", ylabel="test ROC-AUC",
+                          title="AUC vs compressed size (Pareto front: best AUC for its size)", log_x=True)
+    measure.tradeoff_plot(for_plot, out / "auc_vs_latency.png", x="latency_ms", y="test_auc", label="name",
+                          xlabel="median latency per image, 1 thread, batch 1 (ms)", ylabel="test ROC-AUC",
+                          title="AUC vs CPU latency (TFLite interpreter)")
+
+
+def _f(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def render_report(c: dict, best: dict | None) -> str:
+    head = ["variant", "size MB", "gzip MB", "gzip x smaller", "sparsity", "int8 share", "val AUC", "test AUC (95 % CI)",
+            "test AUC drop", "accuracy", "sensitivity", "specificity", "latency 1T ms (p90)", "latency 2T ms (p90)",
+            "memory MB"]
+    lines = ["# Optimized variants", "", f"Run `{c['run']}`, data `{c['data']}`. Metrics at the threshold chosen on "
+             f"validation ({c['threshold_rule']}); int8 calibration on {c['representative']['count']} train images.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in c["variants"]:
+        if "skipped" in r:
+            lines.append(f"| {r['name']} | skipped: {r['skipped']} |" + " |" * (len(head) - 2))
+            continue
+        if "test_auc" not in r:
+            continue
+        lat = {t: f"{v['median_ms']:.2f} ({v['p90_ms']:.2f})" for t, v in r["latency"].items()}
+        ci = r["test_auc_ci"]
+        lines.append("| " + " | ".join([
+            r["name"], f"{r['bytes'] / 1e6:.2f}", f"{r['gzip_bytes'] / 1e6:.2f}", _f(r.get("gzip_ratio_vs_fp32"), ".1f"),
+            f"{r['sparsity']:.2f}", f"{r['int8_fraction']:.2f}", _f(r["val_auc"], ".4f"),
+            f"{r['test_auc']:.4f} ({_f(ci[0], '.3f')}-{_f(ci[1], '.3f')})", _f(r.get("test_auc_drop"), "+.4f"),
+            _f(r["test_accuracy"], ".3f"), _f(r["test_sensitivity"], ".3f"), _f(r["test_specificity"], ".3f"),
+            lat.get("1", ""), lat.get("2", ""), f"{r['peak_rss_delta_mb']:.1f}"]) + " |")
+    lines += ["", "![AUC vs size](auc_vs_size.png)", "", "![AUC vs latency](auc_vs_latency.png)", ""]
+    if best:
+        lines.append(f"**Recommendation:** `{best['name']}`, the smallest variant (gzip {best['gzip_bytes'] / 1e6:.2f} MB, "
+                     f"{_f(best.get('gzip_ratio_vs_fp32'), '.1f')}x smaller than fp32) whose validation AUC is within "
+                     f"{c['max_auc_drop']} of the fp32 model's (chosen on validation, not test).")
+    return "\n".join(lines) + "\n"
+
+
+def comma_floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers such as 0.5,0.8") from None
+    if not values or any(not 0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: sparsities must be in (0, 1)")
+    return values
+
+
+def variant_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(unknown) or '(none)'}: choose from "
+                                         f"{', '.join(VARIANTS)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m optimize.prune_quantize", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Writes OUTPUT/<variant>.tflite, variants/*.json, keras/<variant>/, "
+                                            "comparison.json, report.md, auc_vs_size.png, auc_vs_latency.png. "
+                                            "Example:\n  python -m optimize.prune_quantize --run runs/sample")
+    parser.add_argument("--run", required=True, help="training run folder (runs/NAME)")
+    parser.add_argument("--data", help="prepared dataset (default: the one the run was trained on)")
+    parser.add_argument("--variants", type=variant_list, default=list(VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (default all)")
+    parser.add_argument("--sparsity", type=comma_floats, default=[0.5, 0.8],
+                        help="target sparsities of prune and prune-qat (default 0.5,0.8)")
+    parser.add_argument("--fine-tune-epochs", type=int, default=2, help="epochs of pruning / QAT fine-tuning")
+    parser.add_argument("--batch-size", type=int, default=32, help="per-worker batch for fine-tuning")
+    parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate per worker (default 1e-4)")
+    parser.add_argument("--representative-samples", type=int, default=256,
+                        help="train images for int8 calibration (default 256)")
+    parser.add_argument("--threshold", type=parse_threshold, default=ThresholdRule("youden"),
+                        help="operating point chosen on validation, as in distributed.evaluate (default youden)")
+    parser.add_argument("--max-auc-drop", type=float, default=0.01,
+                        help="the recommendation's budget of validation-AUC loss vs fp32 (default 0.01)")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the test AUC interval")
+    parser.add_argument("--threads", type=lambda t: [int(x) for x in t.split(",")], default=[1, 2],
+                        help="interpreter thread counts to time (default 1,2)")
+    parser.add_argument("--latency-runs", type=int, default=50, help="timed single-image runs (default 50)")
+    parser.add_argument("--output", help="output folder (default RUN/optimized)")
+    parser.add_argument("--overwrite", action="store_true", help="discard variants already in --output")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.fine_tune_epochs < 1 or args.representative_samples < 1 or args.batch_size < 1:
+        parser.error("--fine-tune-epochs, --representative-samples and --batch-size must be >= 1")
+    args.output = args.output or str(Path(args.run) / "optimized")
+    try:
+        args.data = args.data or read_run_config(args.run)["config"]["data"]
+        comparison = run(args)
+    except CxrError as err:
+        if launcher_rank() == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    if comparison:
+        print(render_report(comparison, None).split("\n\n![")[0])
+        print(f"\nrecommended: {comparison['recommended']}; report: {Path(args.output) / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

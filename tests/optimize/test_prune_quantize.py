@@ -1,0 +1,163 @@
+"""optimize.compress and python -m optimize.prune_quantize with real tfmot, TFLite and Horovod."""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from distributed.kerasenv import keras
+import tensorflow_model_optimization as tfmot  # noqa: E402
+
+from distributed.models import build_model, loss_for  # noqa: E402
+from distributed.scoring import load_scorer  # noqa: E402
+from optimize import compress, measure  # noqa: E402
+from optimize.prune_quantize import representative_images  # noqa: E402
+from preprocessing import schema  # noqa: E402
+from tests.conftest import PYTHON, REPO  # noqa: E402
+from tests.training_fixtures import HOROVODRUN, quiet  # noqa: E402
+
+
+def random_batch(n: int, size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8), rng.integers(0, 2, n)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.8])
+def test_pruning_reaches_the_requested_sparsity_and_strips_to_plain_layers(target):
+    model = build_model("cnn", 32, 2, weights="none", seed=0)
+    x, y = random_batch(64, 32)
+    wrapped = compress.prune_wrap(model, target, total_steps=8)
+    wrapped.compile(keras.optimizers.Adam(1e-3), loss_for(wrapped))
+    wrapped.fit(x, y, batch_size=8, epochs=1, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()], verbose=0)
+    stripped = compress.strip_pruning(wrapped)
+    assert not any("PruneLowMagnitude" in type(layer).__name__ for layer in stripped.layers)
+    assert [type(layer) for layer in stripped.layers] == [type(layer) for layer in model.layers]
+    measured = compress.layer_sparsity(stripped)
+    pruned = compress.prune_targets(model)
+    assert pruned == ["block2_conv1", "block3_conv1", "head_dense_128"]  # not the 576-weight first conv, not logits
+    for name in pruned:
+        assert measured[name] == pytest.approx(target, abs=0.01), (name, measured)
+    assert measured["logits"] == 0 and measured["block1_conv1"] == 0
+
+
+@pytest.fixture(scope="module")
+def converted(sample_run, tmp_path_factory):
+    """The sample run's model as every TFLite kind, and 32 prepared validation images to compare on."""
+    folder = tmp_path_factory.mktemp("tflite")
+    model = keras.models.load_model(str(sample_run / "model"), compile=False)
+    data = json.loads((sample_run / "config.json").read_text())["config"]["data"]
+    images = np.stack([img for img, _ in schema.dataset(data, "val").take(32).as_numpy_iterator()])
+    rep, _ = representative_images(data, 64)
+    paths = {}
+    for kind in compress.TFLITE_KINDS:
+        paths[kind] = folder / f"{kind}.tflite"
+        paths[kind].write_bytes(compress.to_tflite(model, kind, compress.representative_from(rep)))
+    return model, images, paths
+
+
+# stated tolerances on P(positive): fp32 is the same arithmetic; float16 weights round at 1e-3 relative;
+# int8 (weights and activations, uint8 output in steps of 1/256) within 0.05 of the float model
+TOLERANCE = {"fp32": 1e-5, "float16": 5e-3, "dynamic": 0.03, "int8": 0.05}
+
+
+@pytest.mark.parametrize("kind", compress.TFLITE_KINDS)
+def test_tflite_variants_agree_with_the_keras_model(converted, kind):
+    model, images, paths = converted
+    expected = model(images, training=False).numpy()[:, 0]
+    got = load_scorer(paths[kind]).predict(images)[:, 1]
+    assert np.max(np.abs(got - expected)) <= TOLERANCE[kind], np.max(np.abs(got - expected))
+
+
+def test_int8_models_hold_int8_weights(converted):
+    _, _, paths = converted
+    int8 = measure.weight_report(paths["int8"])
+    assert int8["int8_fraction"] > 0.95 and "int8" in int8["weight_dtypes"]
+    assert measure.weight_report(paths["fp32"])["int8_fraction"] == 0
+    assert "float16" in measure.weight_report(paths["float16"])["weight_dtypes"]
+    assert measure.sizes(paths["int8"])["bytes"] * 3.5 < measure.sizes(paths["fp32"])["bytes"]
+
+
+def test_representative_images_come_from_train_only(prepared64):
+    _, ids = representative_images(prepared64, 40, seed=3)
+    with open(prepared64 / "split.csv") as fh:
+        split_of = {row["id"]: row["split"] for row in csv.DictReader(fh)}
+    assert len(ids) == 40 and {split_of[i] for i in ids} == {"train"}
+
+
+class Scale(keras.layers.Layer):
+    """A custom layer with a weight, which neither tfmot registry knows."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(name="scale", shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.scale
+
+
+def test_an_unsupported_layer_skips_the_variant_naming_it():
+    image = keras.Input((32, 32, 1), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(1 / 255, name="pixels_to_unit")(image)
+    x = keras.layers.Conv2D(64, 3, name="conv")(x)
+    x = Scale(name="my_scale")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(1, activation="sigmoid", name="logits")(x)
+    model = keras.Model(image, out)
+    with pytest.raises(compress.VariantSkipped, match="'my_scale' \\(Scale\\).*pruning"):
+        compress.prune_targets(model)
+    with pytest.raises(compress.VariantSkipped, match="my_scale"):
+        compress.quantize_wrap(model)
+    x, _ = random_batch(4, 32)
+    assert compress.to_tflite(model, "fp32")  # post-training conversion still works for this model
+
+
+def run_optimize(*args: str, np_: int = 1, timeout: float = 900) -> subprocess.CompletedProcess:
+    command = [PYTHON, "-m", "optimize.prune_quantize", *args]
+    if np_ > 1:
+        command = [HOROVODRUN, "-np", str(np_), "--gloo", *command]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+
+
+def test_cli_builds_measures_and_resumes_under_horovodrun(sample_run, tmp_path):
+    out = tmp_path / "opt"
+    args = ["--run", str(sample_run), "--output", str(out), "--variants", "ptq-int8,prune,prune-qat",
+            "--sparsity", "0.8", "--fine-tune-epochs", "1", "--batch-size", "16", "--latency-runs", "5",
+            "--bootstrap", "20"]
+    result = run_optimize(*args, np_=2)
+    assert result.returncode == 0, quiet(result.stderr + result.stdout)
+    comparison = json.loads((out / "comparison.json").read_text())
+    rows = {r["name"]: r for r in comparison["variants"]}
+    assert list(rows) == ["fp32", "ptq-int8", "prune-80", "prune-qat-80"]
+    for row in rows.values():  # every number is read back from a file that exists
+        data = (out / row["file"]).read_bytes()
+        assert row["bytes"] == len(data) and row["gzip_bytes"] == len(gzip.compress(data, compresslevel=9))
+        assert 0 <= row["test_auc"] <= 1 and row["latency"]["1"]["median_ms"] > 0
+    assert rows["prune-80"]["sparsity"] > 0.7 and rows["prune-qat-80"]["sparsity"] > 0.7  # measured in the files
+    assert rows["prune-qat-80"]["int8_fraction"] > 0.95 and rows["prune-80"]["int8_fraction"] == 0
+    assert rows["prune-qat-80"]["gzip_ratio_vs_fp32"] > 8
+    assert rows["fp32"]["max_prob_diff_vs_fp32"] == 0
+    assert comparison["recommended"] in rows and comparison["representative"]["split"] == "train"
+    report = (out / "report.md").read_text()
+    assert "prune-qat-80" in report and "Recommendation" in report
+    for png in ("auc_vs_size.png", "auc_vs_latency.png"):
+        assert (out / png).stat().st_size > 10_000
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "variants").iterdir()}
+    again = run_optimize(*args)  # a re-run resumes: nothing is rebuilt, the comparison is rewritten
+    assert again.returncode == 0, quiet(again.stderr)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "variants").iterdir()} == stamps
+    other = run_optimize(*args[:-2], "--fine-tune-epochs", "2")
+    assert other.returncode == 2 and "--overwrite" in other.stderr
+
+
+def test_help_and_bad_arguments(tmp_path):
+    result = run_optimize("--help")
+    assert result.returncode == 0 and "Example" in result.stdout
+    bad = run_optimize("--run", str(tmp_path), "--variants", "ptq-int4")
+    assert bad.returncode == 2 and "ptq-int4" in bad.stderr
+    missing = run_optimize("--run", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "run folder not found" in missing.stderr
