@@ -43,7 +43,8 @@ demo: install
 	else $(HOROVODRUN) -np $(NP) --gloo $(PY) -m distributed.train --data $(DEMO) --model cnn \
 	  --epochs 12 --batch-size 16 --output $(RUN) $$([ -f $(RUN)/checkpoints/latest.json ] && echo --resume); fi
 	$(PY) -m distributed.evaluate --run $(RUN) -q
-	@echo "demo: prepared dataset in $(DEMO); trained model in $(RUN)/model; evaluation report in $(RUN)/eval/report.html"
+	$(PY) -m optimize.prune_quantize --run $(RUN) --fine-tune-epochs 1 -q
+	@echo "demo: prepared dataset in $(DEMO); trained model in $(RUN)/model; evaluation report in $(RUN)/eval/report.html; compressed variants in $(RUN)/optimized/report.md"
 
 test: install
 	$(PY) -m pytest
