@@ -76,9 +76,10 @@ def prune_wrap(model: keras.Model, sparsity: float, total_steps: int) -> keras.M
                                                     end_step=end, frequency=max(1, end // 10))
 
     def wrap(layer):
+        fresh = layer.__class__.from_config(layer.get_config())  # never the original: pruning edits weights
         if layer.name in targets:
-            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
-        return layer.__class__.from_config(layer.get_config())
+            return tfmot.sparsity.keras.prune_low_magnitude(fresh, pruning_schedule=schedule)
+        return fresh
 
     return _clone(model, wrap)
 

@@ -30,6 +30,7 @@ def random_batch(n: int, size: int, seed: int = 0):
 @pytest.mark.parametrize("target", [0.5, 0.8])
 def test_pruning_reaches_the_requested_sparsity_and_strips_to_plain_layers(target):
     model = build_model("cnn", 32, 2, weights="none", seed=0)
+    before = [w.copy() for w in model.get_weights()]
     x, y = random_batch(64, 32)
     wrapped = compress.prune_wrap(model, target, total_steps=8)
     wrapped.compile(keras.optimizers.Adam(1e-3), loss_for(wrapped))
@@ -43,6 +44,8 @@ def test_pruning_reaches_the_requested_sparsity_and_strips_to_plain_layers(targe
     for name in pruned:
         assert measured[name] == pytest.approx(target, abs=0.01), (name, measured)
     assert measured["logits"] == 0 and measured["block1_conv1"] == 0
+    # the original model is untouched, so the next variant starts from the trained weights again
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
 
 @pytest.fixture(scope="module")
