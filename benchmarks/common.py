@@ -90,6 +90,21 @@ def report(out_dir: Path, suite: str, results: dict, summarise) -> None:
     print(f"\nwritten: {json_path} and {md_path}")
 
 
+OPERATORS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+
+
+def check(name: str, measured: float | None, op: str, goal: float) -> dict:
+    """One target of a suite: {name, measured, goal, status}; a missing measurement is not met."""
+    met = measured is not None and OPERATORS[op](measured, goal)
+    return {"name": name, "measured": measured, "goal": f"{op} {goal}", "status": "met" if met else "NOT MET"}
+
+
+def checks_table(checks: Sequence[dict]) -> str:
+    return markdown_table(["target", "measured", "goal", "status"],
+                          [[c["name"], "" if c["measured"] is None else f"{c['measured']:.3f}", c["goal"], c["status"]]
+                           for c in checks])
+
+
 def comma_list(value: str, option: str, allowed) -> list[str]:
     """Items of a comma-separated option, each checked against `allowed`."""
     items = [v.strip() for v in value.split(",") if v.strip()]

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.common import DEFAULT_RESULTS, DEFAULT_SHARED_DATA, markdown_table, report, require_dir
+from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, markdown_table, report,
+                               require_dir)
 from preprocessing.runtime import CxrError, run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.benchmarks")
@@ -60,7 +61,7 @@ def optimize_run(run_dir: Path, args: argparse.Namespace) -> dict:
     out = args.work / "optimized" / run_dir.name
     cmd = [sys.executable, "-m", "optimize.prune_quantize", "--run", str(run_dir), "--output", str(out),
            "--sparsity", args.sparsity, "--fine-tune-epochs", str(args.fine_tune_epochs),
-           "--latency-runs", str(args.latency_runs), "-q"]
+           "--latency-runs", str(args.latency_runs), "-q"] + (["--variants", args.variants] if args.variants else [])
     if args.workers > 1:
         cmd = [HOROVODRUN, "-np", str(args.workers), "--gloo", *cmd]
     run(cmd)
@@ -74,19 +75,11 @@ def optimize_run(run_dir: Path, args: argparse.Namespace) -> dict:
 
 def checks_for(comparison: dict) -> list[dict]:
     rows = {r["name"]: r for r in comparison["variants"] if "test_auc" in r}
-    out = []
-    for name, goals in TARGETS.items():
-        row = rows.get(name)
-        measured = {} if row is None else {
-            "size_ratio": row["size_ratio_vs_fp32"], "gzip_ratio": row["gzip_ratio_vs_fp32"],
-            "speedup": row.get("speedup_1_thread"), "auc_drop": row["test_auc_drop"]}
-        for key, goal in goals.items():
-            value = measured.get(key)
-            met = value is not None and (value <= goal if key == "auc_drop" else value >= goal)
-            out.append({"model": comparison["model"], "variant": name, "target": key,
-                        "goal": f"{'<=' if key == 'auc_drop' else '>='} {goal}", "measured": value,
-                        "status": "met" if met else "NOT MET"})
-    return out
+    measured_as = {"size_ratio": "size_ratio_vs_fp32", "gzip_ratio": "gzip_ratio_vs_fp32",
+                   "speedup": "speedup_1_thread", "auc_drop": "test_auc_drop"}
+    return [check(f"{comparison['model']} {name} {key}", rows.get(name, {}).get(measured_as[key]),
+                  "<=" if key == "auc_drop" else ">=", goal)
+            for name, goals in TARGETS.items() for key, goal in goals.items()]
 
 
 def summarise(results: dict) -> tuple[list[dict], str]:
@@ -102,10 +95,7 @@ def summarise(results: dict) -> tuple[list[dict], str]:
             ["variant", "MB", "gzip MB", "sparsity", "int8 share", "test AUC", "AUC drop", "ms 1T", "ms 2T",
              "memory MB"], rows) + f"\n\nrecommended: {comparison['recommended']}; report: "
                                    f"{comparison['output']}/report.md")
-    parts.append("## Targets\n\n" + markdown_table(
-        ["model", "variant", "target", "goal", "measured", "status"],
-        [[c["model"], c["variant"], c["target"], c["goal"],
-          "" if c["measured"] is None else f"{c['measured']:.3f}", c["status"]] for c in checks]))
+    parts.append("## Targets\n\n" + checks_table(checks))
     return checks, "\n\n".join(parts)
 
 
@@ -121,11 +111,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench-optimize",
                    help="where default runs and optimized variants go (reused across invocations)")
     p.add_argument("--sparsity", default="0.5,0.8")
+    p.add_argument("--variants", help="subset of optimize.prune_quantize's variants (default all)")
     p.add_argument("--fine-tune-epochs", type=int, default=1)
     p.add_argument("--latency-runs", type=int, default=100)
     p.add_argument("--workers", type=int, default=2, help="Horovod workers for training and fine-tuning")
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
     return p
+
+
+def quick_run(data: Path, work: Path) -> Path:
+    """About 600 real radiographs at 64 px and the CNN trained on them for 3 epochs (reused if present)."""
+    from preprocessing.sources import patient_subset_csv
+
+    prepared, run_dir = work / "quick-prepared", work / "quick-cnn"
+    if not (prepared / "manifest.json").is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        csv_path = patient_subset_csv(data, work / "quick.csv", n_images=600, seed=1)
+        run([sys.executable, "-m", "preprocessing", "--input", str(csv_path), "--output", str(prepared), "--size",
+             "64", "--val-fraction", "0.2", "--test-fraction", "0.25", "--workers", "2", "-q"])
+    if not (run_dir / "model" / "saved_model.pb").is_file():
+        run([sys.executable, "-m", "distributed.train", "--data", str(prepared), "--model", "cnn", "--epochs", "3",
+             "--batch-size", "32", "--output", str(run_dir)])
+    return run_dir
+
+
+def run_suite(quick: bool, work: Path) -> dict:
+    """For `python -m benchmarks`: quick optimizes a small CNN (int8 PTQ and 80 % prune + QAT only); full trains
+    and optimizes the default runs with every variant."""
+    data = require_dir(DEFAULT_SHARED_DATA / "kermany224" / "train", "--data", "the shared Kermany radiographs")
+    args = build_parser().parse_args(["--work", str(work / "optimize")])
+    if quick:
+        args.sparsity, args.latency_runs = "0.8", 30
+        runs = [quick_run(data, args.work)]
+        args.variants = "ptq-int8,prune-qat"
+    else:
+        runs = train_default_runs(data, args.work, args.workers)
+    return {"comparisons": [optimize_run(r, args) for r in runs]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

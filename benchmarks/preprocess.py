@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, comma_list, markdown_table, peak_rss_mb,
-                               report, require_dir, run_child)
+from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, comma_list, markdown_table,
+                               peak_rss_mb, report, require_dir, run_child)
 from preprocessing.runtime import run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.benchmarks")
@@ -151,36 +148,32 @@ def measure(data: Path, repeat: int, size: int, variants: Sequence[str]) -> dict
     return {"data": str(data), "repeat": repeat, "size": size, "runs": runs}
 
 
-def summarise(results: dict) -> tuple[dict, str]:
+def summarise(results: dict) -> tuple[list[dict], str]:
     runs = results["runs"]
     big = max(r["n_factor"] for r in runs)
     at = {(r["variant"], r["n_factor"]): r for r in runs}
     rows = [[r["variant"], f"{r['n_factor']}N = {r['inputs']}", r["images_per_second"], r["seconds"],
              r["peak_rss_mb"]] for r in runs]
     table = markdown_table(["variant", "images", "images/s", "seconds", "peak RSS MiB"], rows)
-    checks = {}
-    ours = at.get(("cxrscale-2", big))
-    if ours and ("thesis", big) in at:
-        checks["speedup_vs_thesis"] = ours["images_per_second"] / at[("thesis", big)]["images_per_second"]
-    if ours and ("tfdata", big) in at:
-        checks["speedup_vs_tfdata"] = ours["images_per_second"] / at[("tfdata", big)]["images_per_second"]
-    if ours and ("cxrscale-2", 1) in at:
-        checks["driver_rss_mb_at_4N"] = ours["peak_rss_mb"]
-        checks["driver_rss_growth_4N_vs_N"] = ours["peak_rss_mb"] / at[("cxrscale-2", 1)]["peak_rss_mb"] - 1
-    targets = [("speedup_vs_thesis", ">=", 2.5), ("speedup_vs_tfdata", ">=", 1.5),
-               ("driver_rss_mb_at_4N", "<", 1024), ("driver_rss_growth_4N_vs_N", "<=", 0.10)]
-    lines = []
-    for key, op, goal in targets:
-        if key in checks:
-            value = checks[key]
-            met = value >= goal if op == ">=" else (value < goal if op == "<" else value <= goal)
-            lines.append([key, f"{value:.3f}", f"{op} {goal}", "met" if met else "NOT MET"])
-            checks[f"{key}_target_met"] = met
+    ours, thesis, tfdata, small = (at.get((v, f)) for v, f in (("cxrscale-2", big), ("thesis", big), ("tfdata", big),
+                                                                 ("cxrscale-2", 1)))
+    rate = lambda r: r["images_per_second"] if r else None  # noqa: E731
+    checks = [
+        check("speedup_vs_thesis", ours and thesis and rate(ours) / rate(thesis), ">=", 2.5),
+        check("speedup_vs_tfdata", ours and tfdata and rate(ours) / rate(tfdata), ">=", 1.5),
+        check("driver_rss_mb_at_4N", ours and ours["peak_rss_mb"], "<", 1024),
+        check("driver_rss_growth_4N_vs_N", ours and small and ours["peak_rss_mb"] / small["peak_rss_mb"] - 1, "<=", 0.10)]
     md = ("(a) thesis = serial cv2 colour read, resize, equalizeHist, float32 list; (b) tf.data parallel "
           "decode+resize; (c) cxrscale-W = `python -m preprocessing` with W Ray workers, end to end incl. audit "
           "and shard writing, Ray already started.\n\n" + table + "\n\n"
-          + markdown_table(["target", "measured", "goal", "status"], lines))
+          + checks_table(checks))
     return checks, md
+
+
+def run_suite(quick: bool, work: Path) -> dict:
+    """For `python -m benchmarks`: the shared full-resolution radiographs at N and 2N (quick) or 4N."""
+    data = require_dir(DEFAULT_SHARED_DATA / "kermany-fullres", "--data", "the shared full-resolution radiographs")
+    return measure(data, 2 if quick else 4, 224, VARIANTS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, comma_list, markdown_table, report, require_dir,
-                               run_child)
+from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, comma_list, markdown_table,
+                               report, require_dir, run_child)
 from preprocessing.runtime import run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.benchmarks")
@@ -223,34 +223,34 @@ def measure(args: argparse.Namespace) -> dict:
             "cache_features_epoch_seconds": cache}
 
 
-def summarise(results: dict) -> tuple[dict, str]:
+def summarise(results: dict) -> tuple[list[dict], str]:
     rows = results["runs"]
     at = {(r["model"], r["precision"], r["mode"]): r for r in rows}
     table = markdown_table(
         ["model", "px", "precision", "mode", "images/s", "achieved GFLOP/s", "of matmul peak"],
         [[r["model"], r["image_size"], r["precision"], r["mode"], round(r["images_per_second"], 2),
           round(r["achieved_gflops"], 1), f"{100 * r['fraction_of_matmul']:.0f} %"] for r in rows])
-    checks, lines = {}, []
-    for (model, precision, mode), r in at.items():
-        if mode == "np1" and (model, precision, "plain") in at:
-            ratio = r["images_per_second"] / at[(model, precision, "plain")]["images_per_second"]
-            checks[f"np1_vs_plain_{model}_{precision}"] = ratio
-            lines.append([f"np1 / plain fit, {model} {precision}", f"{ratio:.3f}", ">= 0.95",
-                          "met" if ratio >= 0.95 else "NOT MET"])
+    checks = [check(f"np1_vs_plain_{model}_{precision}",
+                    r["images_per_second"] / at[(model, precision, "plain")]["images_per_second"], ">=", 0.95)
+              for (model, precision, mode), r in at.items() if mode == "np1" and (model, precision, "plain") in at]
     cache = results["cache_features_epoch_seconds"]
     if cache:
-        speedup = cache["uncached"] / cache["cached"]
-        checks["cache_features_speedup"] = speedup
-        lines.append(["frozen VGG16 epoch, uncached / cached", f"{speedup:.1f}x", ">= 10x",
-                      "met" if speedup >= 10 else "NOT MET"])
+        checks.append(check("cache_features_speedup", cache["uncached"] / cache["cached"], ">=", 10))
     peak = next(iter(results["flops"].values()))["matmul_flops_per_second"] / 1e9 if results["flops"] else 0
     md = (f"Per-worker batch {results['batch_size_per_worker']}, {results['images']} real radiographs, "
           f"{results['epochs']} epochs (the first not counted). Machine float32 matmul: {peak:.0f} GFLOP/s.\n\n"
-          + table + "\n\n" + markdown_table(["target", "measured", "goal", "status"], lines))
+          + table + "\n\n" + checks_table(checks))
     if cache:
         md += (f"\n\nFrozen-VGG16 epoch (train steps only): {cache['uncached']:.2f} s uncached, "
                f"{cache['cached']:.3f} s on cached features.")
     return checks, md
+
+
+def run_suite(quick: bool, work: Path) -> dict:
+    """For `python -m benchmarks`: quick is the CNN only (fp32, 2 epochs, 96 images); full is every setup."""
+    args = build_parser().parse_args(["--quick", "--models", "cnn"] if quick else [])
+    require_dir(args.data, "--data", "the shared Kermany radiographs")
+    return measure(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

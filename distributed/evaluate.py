@@ -11,7 +11,6 @@ bootstrap 95 % intervals, the plots, and a Grad-CAM gallery of the most confiden
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import numpy as np
 from distributed import metrics as m
 from distributed.scoring import Scorer, load_scorer, read_run_config, run_model_path
 from preprocessing import schema
-from preprocessing.runtime import CxrError, check_writable_dir, read_json, run_cli, setup_logging, sha256_file
+from preprocessing.runtime import CxrError, check_writable_dir, run_cli, setup_logging, sha256_file
 
 log = logging.getLogger("cxrscale.evaluate")
 

@@ -27,7 +27,6 @@ from typing import Any, Sequence
 from distributed.kerasenv import hvd_keras, keras  # first: chooses tf_keras before TensorFlow loads
 
 import numpy as np
-import tensorflow as tf
 
 from distributed.data import balanced_class_weights, plan_data, train_dataset
 from distributed.evaluate import ThresholdRule, compute_metrics, parse_threshold, score_split

@@ -184,3 +184,25 @@ def discover(input_path: str | Path) -> Discovery:
         raise CxrError(f"--input {input_path} has {len(found.classes)} class(es) with files "
                        f"({', '.join(found.classes) or 'none'}); at least two are needed")
     return found
+
+
+def patient_subset_csv(root: str | Path, out: str | Path, n_images: int, seed: int = 0) -> Path:
+    """Write a CSV input (path,label) of whole patients drawn at random from CLASS/*.jpeg folders under root,
+    about n_images images: a smaller dataset that keeps every patient's images together."""
+    import random
+
+    by_patient: dict[str, list[Path]] = {}
+    for path in sorted(Path(root).glob("*/*.jpeg")):
+        by_patient.setdefault(patient_from_name(path.name) or path.name, []).append(path)
+    keys = sorted(by_patient)
+    random.Random(seed).shuffle(keys)
+    chosen: list[Path] = []
+    for key in keys:
+        if len(chosen) >= n_images:
+            break
+        chosen += by_patient[key]
+    with open(out, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        writer.writerows([(str(p.resolve()), p.parent.name) for p in chosen])
+    return Path(out)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import os
-import random
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from preprocessing.sample import generate_sample
-from preprocessing.sources import patient_from_name
+from preprocessing.sources import patient_subset_csv
 from tests.conftest import PYTHON, REPO
 
 HOROVODRUN = str(Path(PYTHON).parent / "horovodrun")
@@ -74,22 +73,7 @@ def prepared32_fullbatch(sample_images, tmp_path_factory) -> Path:
 
 def real_subset_csv(shared_data: Path, out: Path, n_images: int = 1300, seed: int = 0) -> Path:
     """A CSV of whole patients drawn at random from the real Kermany train split, about n_images images."""
-    root = shared_data / "kermany224" / "train"
-    by_patient: dict[str, list[Path]] = {}
-    for path in sorted(root.glob("*/*.jpeg")):
-        by_patient.setdefault(patient_from_name(path.name) or path.name, []).append(path)
-    keys = sorted(by_patient)
-    random.Random(seed).shuffle(keys)
-    chosen: list[Path] = []
-    for key in keys:
-        if len(chosen) >= n_images:
-            break
-        chosen += by_patient[key]
-    with open(out, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "label"])
-        writer.writerows([(str(p.resolve()), p.parent.name) for p in chosen])
-    return out
+    return patient_subset_csv(shared_data / "kermany224" / "train", out, n_images, seed)
 
 
 @pytest.fixture(scope="session")
