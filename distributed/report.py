@@ -58,7 +58,7 @@ def write_figures(out: Path, val, test, classes: list[str], results: dict, histo
     y, probs = test.labels, test.probs
     matrix = (_binary_matrix(results["at_threshold"]["confusion"]) if threshold is not None
               else np.array(results["multiclass"]["confusion_matrix"]))
-    rule = f"threshold {threshold:.3f}" if threshold is not None else "argmax"
+    rule = f"threshold {fmt_threshold(threshold)}" if threshold is not None else "argmax"
     jobs = {
         "curves": lambda p: plots.training_curves(read_history(history), p),
         "roc": lambda p: plots.roc(y, probs, classes, p, operating_points=points),
@@ -91,7 +91,9 @@ def _gallery_caption(pick: dict, classes: list[str], threshold: float | None) ->
     if threshold is None:
         return f"id {pick['id'][:8]}"
     p = pick["probabilities"][1]
-    return f"P({classes[1]}) {p:.3f} {'>=' if p >= threshold else '<'} t {threshold:.3f} · id {pick['id'][:8]}"
+    digits = 6 if threshold > 0.999 or threshold < 0.001 else 3
+    return (f"P({classes[1]}) {p:.{digits}f} {'>=' if p >= threshold else '<'} t {fmt_threshold(threshold)} "
+            f"· id {pick['id'][:8]}")
 
 
 def write_gallery(out: Path, picks: list[dict], images: dict[int, np.ndarray], classes: list[str], scorer, *,
@@ -152,6 +154,11 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def fmt_threshold(t: float) -> str:
+    """Enough digits that a threshold near 0 or 1 (a miscalibrated model's) does not print as 0 or 1."""
+    return f"{t:.6f}" if t > 0.999 or t < 0.001 else f"{t:.4f}"
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "undefined" if value is None else f"{value:.{digits}f}"
 
@@ -170,7 +177,7 @@ def report_blocks(r: dict) -> list[tuple]:
     blocks.append(("p", f"{r['n']} images of the {r['split']} split of `{r['data']['dir']}`; "
                         f"classes {', '.join(f'{c} ({n})' for c, n in r['class_counts'].items())}. "
                         f"Operating point: {t['rule']}"
-                        + (f", threshold {t['value']:.4f}, which {t['description']}." if t["value"] is not None
+                        + (f", threshold {fmt_threshold(t['value'])}, which {t['description']}." if t["value"] is not None
                            else f", {t['description']}.")))
     blocks += _uncertainty_blocks(r)
     blocks += _metric_blocks(r)
@@ -205,7 +212,7 @@ def _metric_blocks(r: dict) -> list[tuple]:
                 ("h2", "Per class (one vs rest)"),
                 ("table", ["class", "sensitivity", "specificity", "PPV", "NPV", "F1", "ROC-AUC", "PR-AUC"], per)]
     at, half = r["at_threshold"], r["at_0.5"]
-    head = ["metric", f"at threshold {r['threshold']['value']:.3f}", "95 % CI", "at 0.5", "95 % CI"]
+    head = ["metric", f"at threshold {fmt_threshold(r['threshold']['value'])}", "95 % CI", "at 0.5", "95 % CI"]
     rows = [[METRIC_LABELS[k] + (" (lower is better)" if k in LOWER_IS_BETTER else ""), _fmt(at[k]),
              _ci(at["intervals"].get(k)), _fmt(half[k]), _ci(half["intervals"].get(k))] for k in METRIC_LABELS]
     blocks = [("h2", "Metrics"), ("table", head, rows)]
@@ -214,7 +221,7 @@ def _metric_blocks(r: dict) -> list[tuple]:
         blocks.append(("p", "Undefined on this data: " + "; ".join(f"{METRIC_LABELS[k]}: {v}"
                                                                    for k, v in undefined.items())))
     c, neg, pos = at["confusion"], *r["classes"]
-    blocks.append(("p", f"At threshold {r['threshold']['value']:.3f}: {c['tp']} {pos} found and {c['fn']} missed "
+    blocks.append(("p", f"At threshold {fmt_threshold(r['threshold']['value'])}: {c['tp']} {pos} found and {c['fn']} missed "
                         f"(false negatives); {c['tn']} {neg} cleared and {c['fp']} flagged as {pos} "
                         f"(false positives). Validation at the same threshold: sensitivity "
                         f"{_fmt(r['validation_at_threshold']['sensitivity'])}, specificity "
