@@ -50,8 +50,7 @@ test: install
 	$(PY) -m pytest
 
 bench: install
-	$(PY) -m benchmarks.preprocess
-	$(PY) -m benchmarks.train --quick
+	$(PY) -m benchmarks --suite all --quick
 
 clean:
 	rm -rf $(SAMPLE) $(DEMO) $(RUN) .pytest_cache
