@@ -236,7 +236,9 @@ def run(args: argparse.Namespace) -> dict | None:
                 model, facts = build_fine_tuned(variant, base, args, hvd, plan, class_weight)
             else:
                 model = base
-            data = compress.to_tflite(model, variant.tflite_kind, representative) if rank == 0 else b""
+            float_ops = () if variant.family in ("qat", "prune-qat") else compress.FLOAT_OUTPUT_OPS
+            data = compress.to_tflite(model, variant.tflite_kind, representative, float_ops=float_ops) \
+                if rank == 0 else b""
         except compress.VariantSkipped as err:
             if rank == 0:
                 log.warning("%s skipped: %s", variant.name, err)
