@@ -94,13 +94,14 @@ def summary(suites: dict[str, dict]) -> str:
     optimized = latest_by_model("**/comparison.json", _optimized_model)
     throughput: dict[str, float] = {}
     params: dict[str, int] = {}
-    train = suites.get("train", {}).get("results") or _latest_result("train")
-    if train:
-        for row in train.get("runs", []):
+    build = {r["model"]: r for r in (suites.get("complexity", {}).get("results") or {}).get("model_build", [])}
+    params.update({m: r["parameters"] for m, r in build.items()})
+    # this invocation's train suite first; models it did not run (--quick runs the CNN only) from the last full one
+    for train in (_latest_result("train"), suites.get("train", {}).get("results")):
+        for row in (train or {}).get("runs", []):
             if row["mode"] == "np1" and row["precision"] == "fp32":
                 throughput[row["model"]] = row["images_per_second"]
-        params = {m: f.get("parameters") for m, f in train.get("flops", {}).items()}
-    build = {r["model"]: r for r in (suites.get("complexity", {}).get("results") or {}).get("model_build", [])}
+        params.update({m: f["parameters"] for m, f in (train or {}).get("flops", {}).items() if f.get("parameters")})
     rows = []
     for model in ("vgg16", "resnet50", "cnn"):
         path, ev = evals.get(model, (None, None))
@@ -125,7 +126,7 @@ def summary(suites: dict[str, dict]) -> str:
             "Accuracy from the newest evaluated real-data run of each model under `runs/` (not the synthetic "
             "sample; test split, threshold "
             "chosen on validation, 95 % bootstrap CI); training throughput from the train suite (one Horovod worker, "
-            "fp32, this machine's CPU); model memory from the complexity suite; size after optimization from the "
+            "fp32, this machine's CPU; models a --quick run skips come from the newest earlier train results); model memory from the complexity suite; size after optimization from the "
             "newest `optimize.prune_quantize` comparison (the recommended variant).\n\n"
             + markdown_table(["model", "parameters", "accuracy (real data)", "train images/s", "build memory MB",
                               "after optimization"], rows))
