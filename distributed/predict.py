@@ -23,6 +23,7 @@ from distributed.kerasenv import keras  # noqa: F401  first: chooses tf_keras be
 
 import numpy as np
 
+from distributed.evaluate import predicted_classes
 from distributed.scoring import load_scorer, run_model_path
 from preprocessing.runtime import CxrError, read_json, run_cli, setup_logging, write_text_atomic
 from preprocessing.transform import ImageRejected, TransformParams, transform
@@ -113,7 +114,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
         if images:
             batch = np.stack(images)
             probs = scorer.predict(batch, args.batch_size)
-            pred = (probs[:, 1] >= threshold).astype(int) if binary else probs.argmax(axis=1)
+            pred = predicted_classes(probs, threshold if binary else None)
             for row, p, c in zip(chunk_rows, probs, pred):
                 row.update(predicted=classes[c], probability=float(p[1] if binary else p[c]),
                            threshold=threshold if binary else "argmax")
@@ -127,10 +128,8 @@ def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
 def write_gradcams(folder: Path, model, images: np.ndarray, pred: np.ndarray, rows: list[dict],
                    used: set[str]) -> None:
     """One Grad-CAM overlay of the predicted class per image: FOLDER/<file stem>-gradcam.png."""
-    import cv2
-
     from distributed.gradcam import gradcam, overlay
-    from preprocessing.runtime import write_bytes_atomic
+    from distributed.report import write_png
 
     folder.mkdir(parents=True, exist_ok=True)
     heat = gradcam(model, images, pred)
@@ -141,8 +140,7 @@ def write_gradcams(folder: Path, model, images: np.ndarray, pred: np.ndarray, ro
             n += 1
             name = f"{stem}-{n}-gradcam.png"
         used.add(name)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(overlay(image, h), cv2.COLOR_RGB2BGR))
-        write_bytes_atomic(folder / name, png.tobytes())
+        write_png(folder / name, overlay(image, h))
         row["gradcam"] = str(folder / name)
 
 

@@ -83,6 +83,14 @@ def write_figures(out: Path, val, test, classes: list[str], results: dict, histo
     return written, gallery
 
 
+def write_png(path: Path, picture: np.ndarray) -> None:
+    """An RGB (H, W, 3) or grey (H, W) uint8 picture as a PNG, written atomically."""
+    ok, png = cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR) if picture.ndim == 3 else picture)
+    if not ok:
+        raise ValueError(f"could not encode {path} as PNG")
+    write_bytes_atomic(path, png.tobytes())
+
+
 def _binary_matrix(c: dict[str, int]) -> np.ndarray:
     return np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
 
@@ -123,8 +131,7 @@ def write_gallery(out: Path, picks: list[dict], images: dict[int, np.ndarray], c
     for n, (pick, picture) in enumerate(zip(picks, shown), start=1):
         true, pred = classes[pick["true_index"]], classes[pick["predicted_index"]]
         name = f"gradcam/{n:02d}-{true}-as-{pred}.png"
-        ok, png = cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR) if picture.ndim == 3 else picture)
-        write_bytes_atomic(out / name, png.tobytes())
+        write_png(out / name, picture)
         entries.append({**pick, "true": true, "predicted": pred, "file": name, "gradcam_layer": layer})
         items.append({"image": picture, "true": true, "predicted": pred, "confidence": pick["confidence"],
                       "caption": _gallery_caption(pick, classes, threshold)})

@@ -36,7 +36,7 @@ from distributed.train import agree, configure_devices, launcher_rank
 from optimize import compress, measure
 from preprocessing import schema
 from preprocessing.runtime import (USER_ERROR_EXIT, CxrError, check_writable_dir, read_json, setup_logging,
-                                   write_bytes_atomic, write_json_atomic, write_text_atomic)
+                                   sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic)
 
 log = logging.getLogger("cxrscale.optimize")
 
@@ -123,8 +123,8 @@ def build_fine_tuned(variant: Variant, base: keras.Model, args, hvd, plan, class
 
 # --- evaluate and measure -------------------------------------------------------------------------------
 
-def evaluate_variant(path: Path, args: argparse.Namespace, classes: list[str], baseline_probs: np.ndarray | None
-                     ) -> tuple[dict, np.ndarray]:
+def evaluate_variant(path: Path, args: argparse.Namespace, classes: list[str],
+                     baseline_probs: np.ndarray | None) -> dict:
     """Validation and test metrics at the validation-chosen threshold, and how far its test probabilities
     are from the fp32 model's."""
     scorer = load_scorer(path, num_threads=2)
@@ -140,7 +140,7 @@ def evaluate_variant(path: Path, args: argparse.Namespace, classes: list[str], b
         diff = np.abs(test.probs[:, 1] - baseline_probs[:, 1])
         out["max_prob_diff_vs_fp32"] = float(diff.max())
         out["mean_prob_diff_vs_fp32"] = float(diff.mean())
-    return out, test.probs
+    return out
 
 
 def measure_variant(path: Path, args: argparse.Namespace) -> dict:
@@ -153,10 +153,6 @@ def measure_variant(path: Path, args: argparse.Namespace) -> dict:
 
 # --- the command ----------------------------------------------------------------------------------------
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def done_record(out: Path, variant: Variant) -> dict | None:
     """The finished record of a variant (its .tflite present with the recorded checksum), else None."""
     record_path = out / "variants" / f"{variant.name}.json"
@@ -164,7 +160,7 @@ def done_record(out: Path, variant: Variant) -> dict | None:
         return None
     record = read_json(record_path, "variant record")
     tflite = out / record.get("file", "")
-    if not tflite.is_file() or _sha256(tflite.read_bytes()) != record.get("sha256"):
+    if not tflite.is_file() or sha256_file(tflite) != record.get("sha256"):
         return None
     return record
 
@@ -175,7 +171,7 @@ def prepare_output(args: argparse.Namespace) -> Path:
     settings = {k: getattr(args, k) for k in ("data", "sparsity", "fine_tune_epochs", "batch_size", "lr",
                                                "representative_samples", "seed")}
     settings["threshold"] = str(args.threshold)
-    settings["model_sha256"] = _sha256((Path(args.run) / "model" / "saved_model.pb").read_bytes())
+    settings["model_sha256"] = sha256_file(Path(args.run) / "model" / "saved_model.pb")
     settings_path = out / "settings.json"
     if settings_path.is_file() and not args.overwrite:
         previous = read_json(settings_path, "optimize settings")
@@ -250,7 +246,7 @@ def run(args: argparse.Namespace) -> dict | None:
             if variant.fine_tuned:
                 model.save(str(out / "keras" / variant.name))
             record = {"name": variant.name, "family": variant.family, "target_sparsity": variant.sparsity,
-                      "tflite_kind": variant.tflite_kind, "file": tflite.name, "sha256": _sha256(data),
+                      "tflite_kind": variant.tflite_kind, "file": tflite.name, "sha256": hashlib.sha256(data).hexdigest(),
                       "build_seconds": time.perf_counter() - started, **facts}
             write_json_atomic(out / "variants" / f"{variant.name}.json", record)
             log.info("%s built in %.0f s (%d bytes)", variant.name, record["build_seconds"], len(data))
@@ -276,7 +272,7 @@ def compare(out: Path, variants: list[Variant], skipped: dict[str, dict], args: 
             continue
         if "test_auc" not in record:
             log.info("evaluating and measuring %s", variant.name)
-            quality, _ = evaluate_variant(out / record["file"], args, classes, baseline_probs)
+            quality = evaluate_variant(out / record["file"], args, classes, baseline_probs)
             record.update(quality, **measure_variant(out / record["file"], args))
             write_json_atomic(out / "variants" / f"{variant.name}.json", record)
         rows.append(record)
