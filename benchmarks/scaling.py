@@ -370,11 +370,11 @@ def _size(n: float) -> str:
 def plots(results: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    from distributed.plots import _STYLE, _save
+    from distributed.plots import STYLE, save_figure
 
     out_dir = Path(out_dir)
     paths = []
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(results["workloads"]), figsize=(15, 4.8), sharey=True)
         for ax, w in zip(axes, results["workloads"]):
             for i, p in enumerate(results["profiles"]):
@@ -388,7 +388,7 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
         fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(results["profiles"]),
                    bbox_to_anchor=(0.5, -0.08))
         fig.suptitle(f"Predicted Horovod scaling (ring allreduce, overlap {results['constants']['overlap']:.2f})")
-        paths.append(_save(fig, out_dir / "scaling-efficiency.png"))
+        paths.append(save_figure(fig, out_dir / "scaling-efficiency.png"))
 
         cal, fit = results["calibration"], results["calibration"]["fit"]
         fig, ax = plt.subplots(figsize=(6.4, 4.8))
@@ -400,7 +400,7 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
         ax.set(xlabel="allreduce size (bytes, float32)", ylabel="time per allreduce (s)",
                title=f"Gloo allreduce on this machine, {cal['workers']} workers")
         ax.legend()
-        paths.append(_save(fig, out_dir / "scaling-calibration.png"))
+        paths.append(save_figure(fig, out_dir / "scaling-calibration.png"))
 
         val = results["validation"]
         fig, ax = plt.subplots(figsize=(8.0, 0.38 * len(val) + 1.4))
@@ -413,7 +413,7 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
         ax.set(xlabel="scaling efficiency (%)", xlim=(60, 102),
                title=f"Validation: max |error| {max(abs(v['error_pp']) for v in val):.1f} pp")
         ax.legend(loc="lower left")
-        paths.append(_save(fig, out_dir / "scaling-validation.png"))
+        paths.append(save_figure(fig, out_dir / "scaling-validation.png"))
     return paths
 
 

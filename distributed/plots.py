@@ -27,20 +27,20 @@ from preprocessing.runtime import atomic_path  # noqa: E402
 
 DPI = 110
 RIGHT, WRONG = "#1a7f37", "#c62828"
-_STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
+STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
           "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": DPI, "figure.constrained_layout.use": True}
 
 
-def _styled(fn):
+def styled(fn):
     """Run a plotting function under the module's matplotlib style (leaves the global rcParams alone)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with plt.rc_context(_STYLE):
+        with plt.rc_context(STYLE):
             return fn(*args, **kwargs)
     return wrapper
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike) -> Path:
     """Write `fig` to `path` as PNG in one step and close it."""
     path = Path(path)
     try:
@@ -104,7 +104,7 @@ def _note_absent(ax, absent: list[str]) -> None:
         ax.plot([], [], " ", label=f"{name}: not in the labels, no curve")
 
 
-@_styled
+@styled
 def roc(y_true, probs, classes: Sequence[str], path, *, operating_points: Sequence[tuple[str, float]] = ()) -> Path:
     """ROC curve(s) with AUC, the chance diagonal and (binary only) operating points."""
     curves, absent = _ranked_curves(y_true, probs, classes, "ROC")
@@ -122,10 +122,10 @@ def roc(y_true, probs, classes: Sequence[str], path, *, operating_points: Sequen
     ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal", xlabel="1 − specificity (false-positive rate)", ylabel="sensitivity (true-positive rate)",
            title=f"ROC curve — {classes[1]} vs {classes[0]}" if binary else "ROC curves, one vs rest")
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-@_styled
+@styled
 def precision_recall(y_true, probs, classes: Sequence[str], path, *,
                      operating_points: Sequence[tuple[str, float]] = ()) -> Path:
     """Precision-recall curve(s) with average precision, the prevalence baseline and (binary) operating points."""
@@ -149,10 +149,10 @@ def precision_recall(y_true, probs, classes: Sequence[str], path, *,
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall (sensitivity)", ylabel="precision (positive predictive value)",
            title=f"Precision-recall — {classes[1]}" if binary else "Precision-recall, one vs rest")
     ax.legend(loc="lower left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-@_styled
+@styled
 def confusion(matrix, classes: Sequence[str], path, *, title: str = "") -> Path:
     """Confusion matrix as counts and as fractions of each true class (rows = true, columns = predicted)."""
     m = np.asarray(matrix)
@@ -179,7 +179,7 @@ def confusion(matrix, classes: Sequence[str], path, *, title: str = "") -> Path:
         ax.set(xlabel="predicted class", ylabel="true class", title=label)
         ax.grid(False)
     fig.suptitle(title or f"Confusion matrix (n = {m.sum():,})", fontsize=12)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
@@ -187,7 +187,7 @@ def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
     return np.minimum((p * n_bins).astype(int), n_bins - 1)
 
 
-@_styled
+@styled
 def reliability(y_true, probs, classes: Sequence[str], path, *, n_bins: int = 10) -> Path:
     """Reliability diagram with ECE, over a histogram of the predicted probabilities (K > 2: top-label)."""
     y, p = _check(y_true, probs, classes)
@@ -211,10 +211,10 @@ def reliability(y_true, probs, classes: Sequence[str], path, *, n_bins: int = 10
     bars = bottom.bar((np.arange(n_bins) + 0.5) / n_bins, counts, width=0.9 / n_bins, color="C0", alpha=0.6)
     bottom.bar_label(bars, [f"{c:,}" if c else "" for c in counts], fontsize=8, padding=1)
     bottom.set(xlabel=xlabel, ylabel="images (count)", ylim=(0, counts.max() * 1.25))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-@_styled
+@styled
 def score_histograms(y_true, probs, classes: Sequence[str], path, *, threshold: float | None = None) -> Path:
     """Histograms of P(class) for the cases of that class vs the rest; the threshold line is binary only."""
     y, p = _check(y_true, probs, classes)
@@ -234,7 +234,7 @@ def score_histograms(y_true, probs, classes: Sequence[str], path, *, threshold: 
         ax.legend(loc="upper center", title="true class")
     for ax in axes.flat[len(panels):]:
         ax.set_axis_off()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _grey_or_rgb(image) -> tuple[np.ndarray, dict]:
@@ -251,7 +251,7 @@ def _grey_or_rgb(image) -> tuple[np.ndarray, dict]:
     raise ValueError(f"gallery images must be (H, W), (H, W, 1) or (H, W, 3), got shape {a.shape}")
 
 
-@_styled
+@styled
 def gallery(items: Sequence[dict], path, *, columns: int = 4, title: str = "") -> Path:
     """Grid of images titled "true: X | pred: Y (0.97)", green when right and red when wrong."""
     if not items:
@@ -281,7 +281,7 @@ def gallery(items: Sequence[dict], path, *, columns: int = 4, title: str = "") -
     if title:
         fig.suptitle(title, fontsize=12)
     fig.get_layout_engine().set(wspace=0.05, hspace=0.05)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 _PANELS = (("Loss", "cross-entropy loss (nats)", (("loss", "train"), ("val_loss", "validation"))),
@@ -299,7 +299,7 @@ def _column(rows: Sequence[dict], key: str) -> np.ndarray:
     return np.array([number(r.get(key)) for r in rows])
 
 
-@_styled
+@styled
 def training_curves(rows: list[dict], path) -> Path:
     """Loss, accuracy and validation AUC per epoch (history.csv rows), the best-val-AUC epoch marked."""
     if not rows:
@@ -326,4 +326,4 @@ def training_curves(rows: list[dict], path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set(xlabel="epoch", ylabel=ylabel, title=name)
         ax.legend(loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -24,7 +24,7 @@ from tensorflow.lite.python import schema_py_generated as schema_fb  # noqa: E40
 from tensorflow.lite.tools import flatbuffer_utils  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from distributed.plots import _save, _styled, plt  # noqa: E402
+from distributed.plots import save_figure, styled, plt  # noqa: E402
 from distributed.scoring import quantize_input  # noqa: E402
 from preprocessing.runtime import CxrError  # noqa: E402
 
@@ -254,7 +254,7 @@ def _place_labels(ax, xs, ys, labels) -> None:
         placed.append(best[2])
 
 
-@_styled
+@styled
 def tradeoff_plot(rows: Sequence[dict], path: str | os.PathLike, *, x: str, y: str = "auc",
                   label: str = "variant", xlabel: str, ylabel: str, title: str, log_x: bool = False) -> Path:
     """Scatter of `y` against `x` (one labelled point per row with both values), the Pareto front (max y,
@@ -279,7 +279,7 @@ def tradeoff_plot(rows: Sequence[dict], path: str | os.PathLike, *, x: str, y: s
     ax.legend(loc="lower right")
     fig.canvas.draw()  # fixes the limits, so label extents are final
     _place_labels(ax, xs, ys, [str(r.get(label, "")) for r in rows])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def recommend(rows: Sequence[dict], *, baseline: str, metric: str = "val_auc", max_drop: float = 0.01,
