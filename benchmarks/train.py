@@ -26,7 +26,7 @@ from typing import Sequence
 
 from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, comma_list, markdown_table,
                                report, require_dir, run_child)
-from preprocessing.runtime import run_cli, setup_logging
+from preprocessing.runtime import read_numeric_csv, run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.benchmarks")
 REPO = Path(__file__).resolve().parents[1]
@@ -58,13 +58,6 @@ def steady_rate(rows: list[dict]) -> float:
     return statistics.median(rates)
 
 
-def read_history(run: Path) -> list[dict]:
-    import csv
-
-    with open(run / "history.csv") as fh:
-        return list(csv.DictReader(fh))
-
-
 def run_distributed(data: Path, model: str, precision: str, workers: int, batch: int, epochs: int, extra: list[str],
                     out: Path) -> list[dict]:
     cmd = [sys.executable, "-m", "distributed.train", "--data", str(data), "--model", model, "--weights", "none",
@@ -76,7 +69,7 @@ def run_distributed(data: Path, model: str, precision: str, workers: int, batch:
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:8])} ... failed:\n" + "\n".join(proc.stderr.splitlines()[-10:]))
-    return read_history(out)
+    return read_numeric_csv(out / "history.csv")
 
 
 # --- child processes ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from distributed.kerasenv import keras
-from preprocessing.runtime import write_json_atomic, write_text_atomic
+from preprocessing.runtime import read_numeric_csv, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("cxrscale.train")
 
@@ -196,7 +196,7 @@ class HistoryWriter(keras.callbacks.Callback):
         super().__init__()
         self.path = path
         self.images_per_epoch = images_per_epoch
-        self.rows = list(previous or [])
+        self.rows = [{**r, "epoch": int(r["epoch"])} for r in previous or []]  # read back as floats
         self.started = self.last_step = time.perf_counter()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -221,9 +221,4 @@ class HistoryWriter(keras.callbacks.Callback):
         write_text_atomic(self.path, buf.getvalue())
 
 
-def read_history(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        return [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
-                for row in csv.DictReader(fh)]
+read_history = read_numeric_csv  # history.csv as numbers

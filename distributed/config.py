@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from preprocessing.runtime import CxrError
+from preprocessing.runtime import CxrError, read_options_file
 
 MODELS = ("cnn", "vgg16", "resnet50")
 PRECISIONS = ("auto", "fp32", "mixed_float16", "mixed_bfloat16")
@@ -78,20 +77,7 @@ class TrainConfig:
 
 def load_config_file(path: str) -> dict[str, Any]:
     """Options from a JSON or YAML file (as `optimize.tune` writes its best config); keys are field names."""
-    file = Path(path)
-    try:
-        text = file.read_text()
-    except OSError as err:
-        raise CxrError(f"--config {path} cannot be read: {err.strerror or err}") from None
-    try:
-        if file.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as err:  # noqa: BLE001 - JSON and YAML raise different types
-        raise CxrError(f"--config {path} is not valid {file.suffix.lstrip('.') or 'JSON'}: {err}") from None
+    data = read_options_file(path, "--config")
     if not isinstance(data, dict):
         raise CxrError(f"--config {path} must hold a mapping of option names to values")
     data = data.get("config", data)  # accept a run's config.json too

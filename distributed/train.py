@@ -40,6 +40,15 @@ def launcher_rank() -> int:
     return 0
 
 
+def cpu_threads_per_worker(local_size: int) -> int:
+    """OMP_NUM_THREADS when the launcher set it (Ray does, for the CPUs it gave a task; optimize.tune does,
+    for each trial's workers), else this machine's cores shared between the local workers."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return max(1, (os.cpu_count() or 1) // max(1, local_size))
+
+
 def configure_devices(local_rank: int, local_size: int) -> list:
     """Pin one GPU per local rank; on CPU give each local worker its share of the cores, so that
     `-np 2` on 2 cores does not run 2 x 2 threads. Must run before TensorFlow executes anything."""
@@ -49,7 +58,7 @@ def configure_devices(local_rank: int, local_size: int) -> list:
     if gpus:
         tf.config.set_visible_devices(gpus[local_rank % len(gpus)], "GPU")
     else:
-        threads = max(1, (os.cpu_count() or 1) // max(1, local_size))
+        threads = cpu_threads_per_worker(local_size)
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
     return gpus

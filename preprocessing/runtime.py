@@ -6,14 +6,16 @@ looks the same everywhere: one line naming the thing and the fix, exit status 2,
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 USER_ERROR_EXIT = 2
@@ -92,6 +94,34 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
         raise CxrError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CxrError(f"{what} is not valid JSON: {path} ({err})") from None
+
+
+def read_options_file(path: str | os.PathLike, option: str) -> Any:
+    """A JSON or YAML file a user passed with `option` (YAML for .yaml/.yml), raising `CxrError` naming the
+    option and the path when it is unreadable or malformed."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise CxrError(f"{option} {path} cannot be read: {getattr(err, 'strerror', None) or err}") from None
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except Exception as err:  # noqa: BLE001 - JSON and YAML raise different types
+        raise CxrError(f"{option} {path} is not valid {file.suffix.lstrip('.') or 'JSON'}: {err}") from None
+
+
+def read_numeric_csv(path: str | os.PathLike) -> list[dict[str, float]]:
+    """A CSV of numbers (a run's history.csv) as one dict per row; empty cells are NaN, a missing file no
+    rows."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
+                for row in csv.DictReader(fh)]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
