@@ -1,0 +1,241 @@
+"""python -m launch.local: check the machine and the data, then start a toolkit entry point under horovodrun.
+
+    python -m launch.local --np 2 -- distributed.train --data prepared/sample --model cnn
+
+Before anything starts it checks, and lists every problem it finds (not only the first): that Horovod is
+built with TensorFlow and a controller (Gloo or MPI), which GPUs are visible, that horovodrun is installed,
+and that the prepared dataset has a train shard file for every worker. Then it runs
+`horovodrun -np N [-H hosts] PYTHON -m MODULE ARGS`, streams its output and returns its exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from launch.common import (ERROR, INFO, OK, WARNING, Check, EntryPoint, data_checks, data_target, loose_data_target,
+                           parse_entry_point, print_checks, split_tail, stop_if_fatal, tail_usage)
+from launch.hostfile import Host, horovod_hosts_arg, parse_nodes, read_hostfile, total_slots
+from preprocessing.runtime import CxrError, run_cli
+
+PROG = "python -m launch.local"
+INSTALL_FIX = "bash launch/install_horovod.sh (or make install)"
+
+# Runs in a child process: importing horovod.tensorflow loads TensorFlow and Horovod's compiled ops, which is
+# exactly what each worker will do. The *_built() functions are Horovod's documented build queries (the same
+# ones `horovodrun --check-build` prints), asked here in one process instead of one per query.
+_PROBE = r"""
+import json, sys
+info = {}
+try:
+    import horovod
+    info["version"] = horovod.__version__
+except Exception as err:
+    info["import_error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+else:
+    try:
+        import horovod.tensorflow as hvd
+    except Exception as err:
+        info["tensorflow_error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+    else:
+        info.update(tensorflow=True, gloo=bool(hvd.gloo_built()), mpi=bool(hvd.mpi_built()),
+                    nccl=int(hvd.nccl_built() or 0), cuda=bool(hvd.cuda_built()), rocm=bool(hvd.rocm_built()))
+print("CXR-PROBE " + json.dumps(info))
+"""
+
+
+def horovod_build(python: str | None = None) -> dict:
+    """What the Horovod installed for `python` (default: this one) was built with: {"version", "tensorflow",
+    "gloo", "mpi", "nccl" (version or 0), "cuda", "rocm"}, or {"import_error"} / {"version", "tensorflow_error"}.
+    Asked once per process (it costs a TensorFlow import)."""
+    return dict(_probe_horovod(python or sys.executable))
+
+
+@lru_cache(maxsize=None)
+def _probe_horovod(python: str) -> dict:
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
+    try:
+        result = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=300)
+    except (OSError, subprocess.SubprocessError) as err:
+        return {"import_error": f"{python} could not be run: {err}"}
+    for line in result.stdout.splitlines():
+        if line.startswith("CXR-PROBE "):
+            return json.loads(line[len("CXR-PROBE "):])
+    last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"import_error": f"the check crashed ({last})"}
+
+
+def build_checks(build: Mapping, gpus: int) -> list[Check]:
+    """Is this Horovod usable by the toolkit on this machine? gpus: GPUs visible here."""
+    if "import_error" in build:
+        return [(ERROR, f"Horovod cannot be imported ({build['import_error']}): install it with {INSTALL_FIX}")]
+    version = build.get("version", "?")
+    if not build.get("tensorflow"):
+        return [(ERROR, f"Horovod {version} is not built with TensorFlow ({build.get('tensorflow_error', '')}): "
+                        f"rebuild it against this TensorFlow with {INSTALL_FIX}")]
+    controllers = [name for name, key in (("Gloo", "gloo"), ("MPI", "mpi")) if build.get(key)]
+    if not controllers:
+        return [(ERROR, f"Horovod {version} has neither Gloo nor MPI, so its workers cannot find each other: "
+                        f"rebuild with HOROVOD_WITH_GLOO=1 {INSTALL_FIX}")]
+    nccl = f"NCCL {build['nccl']}" if build.get("nccl") else "no NCCL"
+    checks: list[Check] = [(OK, f"Horovod {version} built with TensorFlow; controllers: {', '.join(controllers)}; "
+                                f"{nccl}")]
+    if gpus and not build.get("nccl"):
+        # Not fatal: without NCCL Horovod still allreduces, through Gloo/MPI on host memory - only slower.
+        checks.append((WARNING, f"{gpus} GPUs are visible but Horovod has no NCCL: gradients are averaged "
+                                f"through host memory (slower); for GPU allreduce rebuild with "
+                                f"HOROVOD_GPU_OPERATIONS=NCCL {INSTALL_FIX}"))
+    return checks
+
+
+def visible_gpus(env: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """(number of GPUs this machine's processes will see, how that was found), without importing
+    TensorFlow: `nvidia-smi -L`, limited by CUDA_VISIBLE_DEVICES as CUDA limits it."""
+    env = os.environ if env is None else env
+    smi = shutil.which("nvidia-smi", path=env.get("PATH"))
+    physical, how = 0, "nvidia-smi not found"
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+            physical = sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+            how = "nvidia-smi -L" if out.returncode == 0 else f"nvidia-smi -L failed ({out.stderr.strip()[:80]})"
+        except (OSError, subprocess.SubprocessError) as err:
+            how = f"nvidia-smi -L failed ({err})"
+    cuda = env.get("CUDA_VISIBLE_DEVICES")
+    if cuda is not None:
+        listed = [d for d in cuda.split(",") if d.strip()]
+        if not listed or listed[0].strip() == "-1":
+            return 0, f"CUDA_VISIBLE_DEVICES={cuda!r} hides all GPUs"
+        return min(len(listed), physical), f"{how}, CUDA_VISIBLE_DEVICES={cuda}"
+    return physical, how
+
+
+def gpu_checks(np: int, gpus: int, how: str, hosts: Sequence[Host] | None) -> list[Check]:
+    if hosts and not _all_local(hosts):
+        return [(INFO, f"{gpus} GPUs visible on this machine ({how}); the other hosts are not checked")]
+    if not gpus:
+        return [(INFO, f"no GPU visible ({how}): the {np} workers run on CPU")]
+    if np > gpus:
+        return [(WARNING, f"{np} workers on {gpus} GPUs: workers would share a GPU (memory and speed); use "
+                          f"--np {gpus}")]
+    return [(OK, f"{gpus} GPUs visible ({how}): one per worker")]
+
+
+def horovodrun_path(python: str = sys.executable) -> str | None:
+    """horovodrun next to the interpreter (the venv's own), else on PATH."""
+    beside = Path(python).parent / "horovodrun"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("horovodrun")
+
+
+def preflight(np: int, hosts: Sequence[Host] | None, entry: EntryPoint, python: str = sys.executable) -> list[Check]:
+    """Every check before a launch, as (level, message); ERROR entries stop it."""
+    with ThreadPoolExecutor(1) as pool:  # the Horovod probe loads TensorFlow: run it while the rest is checked
+        build = pool.submit(horovod_build, python)
+        checks: list[Check] = []
+        if np < 1:
+            checks.append((ERROR, f"--np must be at least 1, got {np}"))
+        if hosts and np > total_slots(hosts):
+            checks.append((ERROR, f"--np {np} needs {np} slots but the hosts offer {total_slots(hosts)} "
+                                  f"({horovod_hosts_arg(hosts)}): use --np {total_slots(hosts)} or add hosts"))
+        gpus, how = visible_gpus()
+        checks += gpu_checks(np, gpus, how, hosts)
+        runner = horovodrun_path(python)
+        checks.append((OK, f"horovodrun: {runner}") if runner else
+                      (ERROR, f"horovodrun not found next to {python} nor on PATH: install Horovod with "
+                              f"{INSTALL_FIX}"))
+        try:
+            target = data_target(entry)
+        except CxrError as err:
+            checks.append((ERROR, str(err)))
+            target = loose_data_target(entry)  # still check the data, to list every problem at once
+        if target is not None:
+            checks += data_checks(target, max(np, 1), "use --np {n}")
+            if hosts and not _all_local(hosts):
+                checks.append((INFO, f"{target.path} was checked on this machine; every host must see it at the "
+                                     "same path"))
+        return build_checks(build.result(), gpus) + checks
+
+
+def horovodrun_command(np: int, hosts: Sequence[Host] | None, entry: EntryPoint, *, runner: str = "horovodrun",
+                       python: str = sys.executable, gloo: bool = False) -> list[str]:
+    """horovodrun -np N [--gloo] [-H a:4,b:4] PYTHON -m MODULE ARGS. The host list is passed with -H even when
+    it came from a file: horovodrun's own host-file reader cannot take comments or blank lines."""
+    cmd = [runner, "-np", str(np)]
+    if gloo:
+        cmd.append("--gloo")
+    if hosts:
+        cmd += ["-H", horovod_hosts_arg(hosts)]
+    return cmd + entry.argv(python)
+
+
+def _all_local(hosts: Sequence[Host]) -> bool:
+    local = {"localhost", "127.0.0.1", socket.gethostname(), socket.getfqdn()}
+    return all(host in local for host, _ in hosts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, usage=tail_usage(f"{PROG} --np N"), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check Horovod, GPUs and the prepared dataset, listing every problem, then run a toolkit "
+                    "entry point (distributed.train or optimize.prune_quantize) under horovodrun.",
+        epilog="examples:\n"
+               "  python -m launch.local --np 2 -- distributed.train --data prepared/sample --model cnn --epochs 3\n"
+               "  python -m launch.local --np 4 --dry-run -- python -m distributed.train --data prepared/kermany "
+               "--model resnet50\n"
+               "  python -m launch.local --np 8 -H node1:4,node2:4 -- distributed.train --data /shared/prepared/"
+               "kermany\n"
+               "  python -m launch.local --np 8 --hostfile hostfile -- distributed.train --config best.json "
+               "--data prepared/kermany\n"
+               "  python -m launch.local --np 2 -- optimize.prune_quantize --run runs/sample --fine-tune-epochs 1\n"
+               "\n"
+               "Exit status: horovodrun's; 2 when a check fails (nothing is started then).")
+    parser.add_argument("--np", type=int, required=True, help="number of worker processes (one per GPU)")
+    hosts = parser.add_mutually_exclusive_group()
+    hosts.add_argument("-H", "--hosts", help="hosts and slots, e.g. node1:4,node2:4 (default: this machine)")
+    hosts.add_argument("--hostfile", help="host file, one 'HOST slots=N' line per host (python -m launch.hostfile)")
+    parser.add_argument("--dry-run", action="store_true", help="print the checks and the command; start nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    own, tail = split_tail(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(own)
+    entry = parse_entry_point(tail, f"{PROG} --np {args.np}")
+    hosts = None
+    if args.hosts:
+        hosts = parse_nodes(args.hosts, source="-H")
+    elif args.hostfile:
+        hosts = read_hostfile(args.hostfile)
+
+    python = sys.executable
+    checks = preflight(args.np, hosts, entry, python)
+    print_checks(checks, f"checks before starting {args.np} workers of {entry.module}:")
+    build = horovod_build(python)
+    # horovodrun asks Horovod again (one more TensorFlow import) unless told; without MPI it uses Gloo anyway.
+    gloo = bool(build.get("gloo")) and not build.get("mpi")
+    command = horovodrun_command(args.np, hosts, entry, runner=horovodrun_path(python) or "horovodrun",
+                                 python=python, gloo=gloo)
+    if args.dry_run:
+        print(shlex.join(command))
+    stop_if_fatal(checks, "nothing was started")
+    if args.dry_run:
+        return 0
+    print(f"starting: {shlex.join(command)}", file=sys.stderr, flush=True)
+    env = dict(os.environ)
+    env.setdefault("TF_USE_LEGACY_KERAS", "1")
+    return subprocess.run(command, env=env).returncode
+
+
+if __name__ == "__main__":
+    run_cli(main)

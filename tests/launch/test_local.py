@@ -1,0 +1,112 @@
+"""launch.local: every problem is listed before anything starts; then a real horovodrun -np 2 over Gloo."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launch.common import ERROR, INFO, OK, WARNING, EntryPoint, data_checks, data_target, parse_entry_point
+from launch.local import build_checks, gpu_checks, horovod_build, main, visible_gpus
+from preprocessing.runtime import CxrError
+from tests.launch.cli import run_main, run_module
+from tests.training_fixtures import quiet
+
+
+def test_too_many_workers_for_the_shards_stops_before_horovodrun(prepared64, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, err = run_main(main, ["--np", "5", "--", "distributed.train", "--data", str(prepared64),
+                                     "--batch-size", "8", "--output", str(run)], capsys)
+    assert code == 2
+    assert (f"{prepared64} has 4 train shard files for 5 workers; each worker reads its own files: re-run "
+            "python -m preprocessing with --shards 5 or more, or use --np 4") in err
+    assert err.strip().splitlines()[-1] == "error: 1 problem listed above: nothing was started"
+    assert "starting:" not in err and not out and not run.exists()
+
+
+def test_every_problem_is_listed(prepared64, capsys):
+    code, _, err = run_main(main, ["--np", "8", "-H", "localhost:4", "--", "distributed.train",
+                                   "--data", str(prepared64), "--bogus"], capsys)
+    assert code == 2
+    assert "--np 8 needs 8 slots but the hosts offer 4" in err
+    assert "unrecognized arguments: --bogus" in err
+    assert "4 train shard files for 8 workers" in err  # the data is checked despite the bad flag
+    assert "global batch (32 per worker x 8 workers = 256)" in err
+    assert "error: 4 problems listed above" in err
+
+
+def test_dry_run_prints_the_horovodrun_command(prepared64, tmp_path, capsys):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    code, out, err = run_main(main, ["--np", "2", "--hostfile", str(hostfile), "--dry-run", "--", "python", "-m",
+                                     "distributed.train", "--data", str(prepared64), "--output", "runs/my run"],
+                              capsys)
+    assert code == 0, err
+    command = out.strip()
+    assert "horovodrun -np 2 --gloo -H localhost:2 " in command
+    assert command.endswith(f"-m distributed.train --data {prepared64} --output 'runs/my run'")
+    assert f"ok      {prepared64}: 4 train shard files for 2 workers" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_horovod_here_is_built_with_tensorflow_and_gloo():
+    build = horovod_build()
+    assert build["tensorflow"] and build["gloo"], build
+    (level, message), = build_checks(build, gpus=0)
+    assert level == OK and "built with TensorFlow" in message and "Gloo" in message
+
+
+def test_build_check_verdicts():
+    assert build_checks({"import_error": "ModuleNotFoundError"}, 0)[0][0] == ERROR
+    assert build_checks({"version": "0.28.1", "tensorflow_error": "not built"}, 0)[0][0] == ERROR
+    assert build_checks({"version": "0.28.1", "tensorflow": True, "gloo": False, "mpi": False}, 0)[0][0] == ERROR
+    on_gpus = build_checks({"version": "0.28.1", "tensorflow": True, "gloo": True, "mpi": False, "nccl": 0}, 4)
+    assert [level for level, _ in on_gpus] == [OK, WARNING] and "NCCL" in on_gpus[1][1]
+
+
+def test_gpu_checks(tmp_path):
+    assert gpu_checks(2, 0, "nvidia-smi not found", None)[0][0] == INFO
+    assert gpu_checks(8, 4, "nvidia-smi -L", None)[0][0] == WARNING
+    assert gpu_checks(4, 4, "nvidia-smi -L", None)[0][0] == OK
+    smi = tmp_path / "nvidia-smi"  # stands in for the driver's tool: lists two GPUs
+    smi.write_text("#!/bin/sh\nprintf 'GPU 0: A100 (UUID: GPU-a)\\nGPU 1: A100 (UUID: GPU-b)\\n'\n")
+    smi.chmod(0o755)
+    assert visible_gpus({"PATH": str(tmp_path)})[0] == 2
+    assert visible_gpus({"PATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": "1"})[0] == 1
+    assert visible_gpus({"PATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""})[0] == 0
+    assert visible_gpus({"PATH": str(tmp_path / "none")})[0] == 0
+
+
+def test_entry_points():
+    assert parse_entry_point(["distributed.train", "--data", "x"], "L") == EntryPoint("distributed.train",
+                                                                                      ("--data", "x"))
+    assert parse_entry_point(["/opt/venv/bin/python3", "-m", "optimize.prune_quantize", "--run", "r"], "L").module \
+        == "optimize.prune_quantize"
+    for bad in (["os.system", "ls"], ["python", "distributed/evaluate.py"], ["python"], []):
+        with pytest.raises(CxrError):
+            parse_entry_point(bad, "L")
+
+
+def test_wrong_module_exits_2(tmp_path):
+    result = run_module("launch.local", "--np", "2", "--", "os.system", "echo hi", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: 'os.system' after -- is not an entry point that runs under horovodrun")
+
+
+def test_prune_quantize_reads_the_data_of_its_run(prepared64, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": {"data": str(prepared64), "model": "cnn"}}))
+    target = data_target(parse_entry_point(["optimize.prune_quantize", "--run", str(run), "--batch-size", "4"], "L"))
+    assert (target.path, target.batch_size) == (prepared64, 4)
+    (level, message), = data_checks(target, 5, "use --np {n}")
+    assert level == ERROR and "4 train shard files for 5 workers" in message and "use --np 4" in message
+
+
+@pytest.mark.slow
+def test_two_workers_train_for_real(prepared32_fullbatch, tmp_path):
+    run = tmp_path / "run"
+    result = run_module("launch.local", "--np", "2", "--", "distributed.train", "--data", str(prepared32_fullbatch),
+                        "--model", "cnn", "--epochs", "1", "--batch-size", "8", "--output", str(run), timeout=600)
+    assert result.returncode == 0, quiet(result.stderr + result.stdout)[-3000:]
+    assert "starting:" in result.stderr and "horovodrun -np 2" in result.stderr
+    assert (run / "model" / "saved_model.pb").is_file()
