@@ -1,0 +1,224 @@
+"""python -m launch.slurm: write (and optionally submit) an sbatch script that runs a toolkit entry point on
+Slurm nodes, one worker per GPU.
+
+    python -m launch.slurm --nodes 2 --gpus-per-node 4 --time 08:00:00 -- distributed.train --data prepared/x
+
+The script allocates --nodes x --gpus-per-node tasks, activates the virtualenv, sets the NCCL environment,
+builds Horovod's host list from the job's nodes (`scontrol show hostnames`) and runs
+`horovodrun -np N -H node1:4,node2:4 python -m MODULE ARGS` - or `srun --mpi=pmix python -m MODULE ARGS`
+with --launcher srun, which needs Horovod built with MPI (HOROVOD_WITH_MPI=1).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from launch.common import (EntryPoint, data_checks, data_target, parse_entry_point, print_checks, split_tail,
+                           stop_if_fatal, tail_usage, write_generated)
+from preprocessing.runtime import CxrError, run_cli
+
+PROG = "python -m launch.slurm"
+LAUNCHERS = ("horovodrun", "srun")
+# Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
+_TIME = re.compile(r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+                   r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    nodes: int
+    gpus_per_node: int
+    tasks_per_node: int
+    time: str
+    cpus_per_task: int
+    job_name: str
+    venv: str
+    launcher: str = "horovodrun"
+    partition: str | None = None
+    account: str | None = None
+    mem: str | None = None
+    nccl_socket_ifname: str | None = None
+
+    @property
+    def workers(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+def check_time(text: str) -> str:
+    """Slurm's --time, e.g. 08:00:00, 2-00:00:00 or 90 (minutes); minutes and seconds below 60."""
+    match = _TIME.match(text)
+    ok = bool(match)
+    if match and match["days"] is not None:
+        ok = int(match["dh"]) < 24 and all(v is None or int(v) < 60 for v in (match["dm"], match["ds"]))
+    elif match and match["c"] is not None:  # H:M:S
+        ok = int(match["b"]) < 60 and int(match["c"]) < 60
+    elif match and match["b"] is not None:  # M:S
+        ok = int(match["b"]) < 60
+    if not ok:
+        raise CxrError(f"--time {text!r} is not a Slurm time limit: use HH:MM:SS (e.g. 08:00:00), "
+                       f"D-HH:MM:SS (e.g. 2-00:00:00) or minutes (e.g. 90)")
+    return text
+
+
+def sbatch_script(job: SlurmJob, entry: EntryPoint) -> str:
+    """The sbatch script text; every user-given value in the body is shell-quoted."""
+    q = shlex.quote
+    head = ["#!/bin/bash",
+            f"#SBATCH --job-name={job.job_name}",
+            f"#SBATCH --nodes={job.nodes}",
+            f"#SBATCH --ntasks-per-node={job.tasks_per_node}",
+            f"#SBATCH --cpus-per-task={job.cpus_per_task}"]
+    if job.gpus_per_node:
+        head.append(f"#SBATCH --gpus-per-node={job.gpus_per_node}")
+    head.append(f"#SBATCH --time={job.time}")
+    for option, value in (("partition", job.partition), ("account", job.account), ("mem", job.mem)):
+        if value:
+            head.append(f"#SBATCH --{option}={value}")
+    head.append("#SBATCH --output=%x-%j.out")
+    module_cmd = " ".join(q(word) for word in entry.argv("python"))
+    body = [
+        "",
+        f"# Written by {PROG}: {job.nodes} nodes x {job.tasks_per_node} workers = {job.workers} workers of "
+        f"{entry.module}.",
+        "# Submit with: sbatch THIS_FILE (from the folder the paths below are relative to).",
+        "set -euo pipefail",
+        'cd "$SLURM_SUBMIT_DIR"',
+        f"VENV={q(job.venv)}",
+        '[[ -f $VENV/bin/activate ]] || { echo "error: no virtualenv at $VENV in $PWD (make install, or pass '
+        '--venv to launch.slurm)" >&2; exit 2; }',
+        'source "$VENV/bin/activate"',
+        "",
+        "export TF_USE_LEGACY_KERAS=1  # tf_keras: what Horovod and tfmot need",
+        "export TF_CPP_MIN_LOG_LEVEL=2",
+        "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
+    ]
+    if job.nccl_socket_ifname:
+        body.append(f"export NCCL_SOCKET_IFNAME={q(job.nccl_socket_ifname)}")
+    body.append("")
+    if job.launcher == "horovodrun":
+        body += [
+            f"# Horovod's host list, one slot per worker: node1:{job.tasks_per_node},node2:{job.tasks_per_node},...",
+            f'HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed \'s/$/:{job.tasks_per_node}/\' '
+            "| paste -sd, -)",
+            '[[ -n $HOSTS ]] || { echo "error: scontrol listed no hosts for $SLURM_JOB_NODELIST" >&2; exit 1; }',
+            f"NP=$((SLURM_NNODES * {job.tasks_per_node}))",
+            'echo "$(date +%T) starting $NP workers on $HOSTS"',
+            f'horovodrun -np "$NP" -H "$HOSTS" {module_cmd}',
+        ]
+    else:
+        body += ["# One Slurm task per worker; Horovod (built with MPI) takes its ranks from PMIx.",
+                 f"srun --mpi=pmix {module_cmd}"]
+    return "\n".join(head + body) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, usage=tail_usage(f"{PROG} --nodes N --gpus-per-node G"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write an sbatch script that runs distributed.train or optimize.prune_quantize on Slurm "
+                    "nodes with one worker per GPU, and optionally submit it.",
+        epilog="examples:\n"
+               "  python -m launch.slurm --nodes 2 --gpus-per-node 4 --time 08:00:00 --partition gpu "
+               "-- distributed.train --data prepared/kermany --model resnet50\n"
+               "  python -m launch.slurm --nodes 4 --gpus-per-node 8 --account proj42 --submit "
+               "-- distributed.train --data prepared/kermany --config best.json\n"
+               "  python -m launch.slurm --nodes 2 --gpus-per-node 4 --launcher srun --output jobs/train.sbatch "
+               "-- distributed.train --data prepared/kermany\n"
+               "  python -m launch.slurm --nodes 2 --gpus-per-node 0 --tasks-per-node 16 "
+               "-- distributed.train --data prepared/sample   # CPU nodes\n"
+               "  python -m launch.slurm --nodes 1 --gpus-per-node 2 -- optimize.prune_quantize --run runs/kermany\n"
+               "\n"
+               "--launcher horovodrun (default) starts the workers from the first node (Gloo, or MPI when Horovod "
+               "has it; ssh between the job's nodes must work). --launcher srun lets Slurm start them; it needs "
+               "Horovod built with MPI (HOROVOD_WITH_MPI=1 bash launch/install_horovod.sh) and Slurm with PMIx.")
+    parser.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    parser.add_argument("--gpus-per-node", type=int, required=True,
+                        help="GPUs per node, one worker each (0: CPU nodes, give --tasks-per-node)")
+    parser.add_argument("--tasks-per-node", type=int, help="workers per node (default: --gpus-per-node)")
+    parser.add_argument("--time", default="04:00:00", help="time limit, HH:MM:SS or D-HH:MM:SS (default 04:00:00)")
+    parser.add_argument("--partition", help="Slurm partition")
+    parser.add_argument("--account", help="Slurm account to charge")
+    parser.add_argument("--cpus-per-gpu", type=int, default=4,
+                        help="CPU cores per worker for its input pipeline (sbatch --cpus-per-task; default 4)")
+    parser.add_argument("--mem", help="memory per node, e.g. 128G")
+    parser.add_argument("--job-name", default="cxrscale", help="job name, also the log name %%x-%%j.out")
+    parser.add_argument("--venv", default=".venv", help="virtualenv to activate, relative to the submit folder "
+                                                       "(default .venv)")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="horovodrun", help="default horovodrun")
+    parser.add_argument("--nccl-socket-ifname", help="network interface for NCCL, e.g. ib0 or eth0")
+    parser.add_argument("--output", help="script to write (default JOB_NAME.sbatch)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, different --output")
+    parser.add_argument("--submit", action="store_true", help="run sbatch on the script after writing it")
+    return parser
+
+
+def job_from_args(args: argparse.Namespace) -> SlurmJob:
+    if args.nodes < 1:
+        raise CxrError(f"--nodes must be at least 1, got {args.nodes}")
+    if args.gpus_per_node < 0:
+        raise CxrError(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
+    tasks = args.tasks_per_node if args.tasks_per_node is not None else args.gpus_per_node
+    if args.gpus_per_node == 0 and args.tasks_per_node is None:
+        raise CxrError("--gpus-per-node 0 (CPU nodes) needs --tasks-per-node N, the workers per node")
+    if tasks < 1:
+        raise CxrError(f"--tasks-per-node must be at least 1, got {tasks}")
+    if args.gpus_per_node and tasks > args.gpus_per_node:
+        raise CxrError(f"--tasks-per-node {tasks} is more than --gpus-per-node {args.gpus_per_node}: workers would "
+                       "share a GPU; use one worker per GPU")
+    if args.cpus_per_gpu < 1:
+        raise CxrError(f"--cpus-per-gpu must be at least 1, got {args.cpus_per_gpu}")
+    for option, value in (("--job-name", args.job_name), ("--partition", args.partition),
+                          ("--account", args.account)):
+        if value is not None and not _NAME.match(value):
+            raise CxrError(f"{option} {value!r} may hold only letters, digits, '.', '_' and '-'")
+    if args.mem is not None and not re.match(r"^\d+[KMGT]?$", args.mem):
+        raise CxrError(f"--mem {args.mem!r} is not a Slurm memory size: use e.g. 64G or 128000M")
+    if args.nccl_socket_ifname is not None and not re.match(r"^\^?=?[A-Za-z0-9_.,:-]+$", args.nccl_socket_ifname):
+        raise CxrError(f"--nccl-socket-ifname {args.nccl_socket_ifname!r} is not an interface name such as ib0")
+    return SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=tasks,
+                    time=check_time(args.time), cpus_per_task=args.cpus_per_gpu, job_name=args.job_name,
+                    venv=args.venv, launcher=args.launcher, partition=args.partition, account=args.account,
+                    mem=args.mem, nccl_socket_ifname=args.nccl_socket_ifname)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    own, tail = split_tail(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(own)
+    job = job_from_args(args)
+    entry = parse_entry_point(tail, f"{PROG} --nodes {args.nodes} --gpus-per-node {args.gpus_per_node}")
+    # The data usually sits on a shared file system seen from here too; if not, it is only a warning.
+    target = data_target(entry)
+    per_node = "--gpus-per-node" if job.gpus_per_node else "--tasks-per-node"
+    checks = data_checks(target, job.workers, f"use fewer --nodes or {per_node} (at most {{n}} workers)",
+                         local=False)
+    if not (Path(job.venv) / "bin" / "activate").is_file():
+        checks.append(("warning", f"no virtualenv at {job.venv} here: the job activates {job.venv} relative to the "
+                                  "folder you submit from"))
+    print_checks(checks, f"checks for {job.workers} workers of {entry.module}:")
+    stop_if_fatal(checks, "no script was written")
+
+    output = Path(args.output or f"{job.job_name}.sbatch")
+    written = write_generated(output, sbatch_script(job, entry), overwrite=args.overwrite)
+    print(f"{'wrote' if written else 'unchanged:'} {output} ({job.nodes} nodes x {job.tasks_per_node} workers, "
+          f"{job.launcher})")
+    if not args.submit:
+        print(f"submit it with: sbatch {shlex.quote(str(output))}")
+        return 0
+    sbatch = shutil.which("sbatch")
+    if not sbatch:
+        raise CxrError(f"--submit: sbatch not found on PATH (not a Slurm login node?); the script was written to "
+                       f"{output}: copy it to the cluster and run sbatch {output}")
+    result = subprocess.run([sbatch, str(output)])
+    return result.returncode
+
+
+if __name__ == "__main__":
+    run_cli(main)

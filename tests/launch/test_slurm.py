@@ -1,0 +1,119 @@
+"""launch.slurm: the sbatch script is valid bash, asks Slurm for one task per GPU and quotes every argument."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from launch.slurm import check_time, main
+from preprocessing.runtime import CxrError
+from tests.launch.cli import run_main, run_module
+
+
+def write_script(tmp_path: Path, prepared: Path, capsys, *options: str) -> tuple[int, str, str, Path]:
+    script = tmp_path / "job.sbatch"
+    code, out, err = run_main(main, ["--nodes", "2", "--gpus-per-node", "2", "--partition", "gpu",
+                                     "--output", str(script), *options, "--", "python", "-m", "distributed.train",
+                                     "--data", str(prepared), "--output", "runs/my run", "--batch-size", "8"], capsys)
+    return code, out, err, script
+
+
+def test_horovodrun_script(prepared64, tmp_path, capsys):
+    code, out, _, script = write_script(tmp_path, prepared64, capsys, "--time", "1-12:00:00")
+    assert code == 0, out
+    assert f"sbatch {script}" in out
+    text = script.read_text()
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=2", "#SBATCH --gpus-per-node=2",
+                 "#SBATCH --cpus-per-task=4", "#SBATCH --time=1-12:00:00", "#SBATCH --partition=gpu",
+                 "#SBATCH --output=%x-%j.out", "set -euo pipefail", "export TF_CPP_MIN_LOG_LEVEL=2"):
+        assert line in text.splitlines(), line
+    assert "export TF_USE_LEGACY_KERAS=1" in text
+    assert (f'horovodrun -np "$NP" -H "$HOSTS" python -m distributed.train --data {prepared64} '
+            f"--output 'runs/my run' --batch-size 8") in text
+
+
+def test_script_runs_horovodrun_on_the_job_nodes(prepared64, tmp_path, capsys):
+    """Run the script itself with stand-ins for Slurm's scontrol and for horovodrun (which prints its
+    arguments one per line): the host list and every argument must arrive intact."""
+    venv, fake = tmp_path / "venv", tmp_path / "slurm-bin"
+    (venv / "bin").mkdir(parents=True)
+    fake.mkdir()
+    (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:$PATH"\n')
+    (venv / "bin" / "horovodrun").write_text("#!/bin/bash\nprintf '%s\\n' \"$@\"\n")
+    (fake / "scontrol").write_text("#!/bin/bash\n[[ \"$*\" == 'show hostnames n[1-2]' ]] && "
+                                   "printf 'n1\\nn2\\n'\n")
+    for tool in (venv / "bin" / "horovodrun", fake / "scontrol"):
+        tool.chmod(0o755)
+    code, out, _, script = write_script(tmp_path, prepared64, capsys, "--venv", str(venv))
+    assert code == 0, out
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path),
+               SLURM_JOB_NODELIST="n[1-2]", SLURM_NNODES="2")
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    argv = result.stdout.splitlines()[1:]  # after the "starting" line
+    assert argv == ["-np", "4", "-H", "n1:2,n2:2", "python", "-m", "distributed.train", "--data", str(prepared64),
+                    "--output", "runs/my run", "--batch-size", "8"]
+
+
+def test_srun_script(prepared64, tmp_path, capsys):
+    code, out, _, script = write_script(tmp_path, prepared64, capsys, "--launcher", "srun",
+                                        "--nccl-socket-ifname", "ib0")
+    assert code == 0, out
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert (f"srun --mpi=pmix python -m distributed.train --data {prepared64} --output 'runs/my run' "
+            "--batch-size 8") in text
+    assert "export NCCL_SOCKET_IFNAME=ib0" in text
+    assert "horovodrun" not in text
+
+
+@pytest.mark.parametrize("good", ["08:00:00", "90", "30:00", "2-00:00:00", "1-12", "1-12:30"])
+def test_time_limits_slurm_accepts(good):
+    assert check_time(good) == good
+
+
+def test_bad_time_is_named(tmp_path):
+    result = run_module("launch.slurm", "--nodes", "1", "--gpus-per-node", "1", "--time", "8h",
+                        "--output", str(tmp_path / "job.sbatch"), "--", "distributed.train", "--data", "x",
+                        cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --time '8h' is not a Slurm time limit")
+    assert not (tmp_path / "job.sbatch").exists()
+    with pytest.raises(CxrError, match="--time"):
+        check_time("12:75:00")
+
+
+def test_submit_without_sbatch_keeps_the_script(prepared64, tmp_path):
+    script = tmp_path / "job.sbatch"
+    result = run_module("launch.slurm", "--nodes", "1", "--gpus-per-node", "4", "--output", str(script), "--submit",
+                        "--", "distributed.train", "--data", str(prepared64), "--batch-size", "8", cwd=tmp_path,
+                        env={"PATH": str(tmp_path)})  # no sbatch on this PATH
+    assert result.returncode == 2
+    assert "sbatch not found" in result.stderr and f"the script was written to {script}" in result.stderr
+    assert "#SBATCH --ntasks-per-node=4" in script.read_text()
+
+
+def test_too_many_workers_for_the_shards_writes_nothing(prepared64, tmp_path, capsys):
+    code, _, err, script = write_script(tmp_path, prepared64, capsys, "--gpus-per-node", "4")  # 8 workers
+    assert code == 2
+    assert f"{prepared64} has 4 train shard files for 8 workers" in err
+    assert not script.exists()
+
+
+def test_existing_different_script_needs_overwrite(prepared64, tmp_path, capsys):
+    assert write_script(tmp_path, prepared64, capsys)[0] == 0
+    assert "unchanged" in write_script(tmp_path, prepared64, capsys)[1]  # same content: fine
+    code, _, err, _ = write_script(tmp_path, prepared64, capsys, "--time", "01:00:00")
+    assert code == 2 and "--overwrite" in err
+    assert write_script(tmp_path, prepared64, capsys, "--time", "01:00:00", "--overwrite")[0] == 0
+
+
+def test_cpu_nodes_need_tasks_per_node(prepared64, tmp_path, capsys):
+    code, _, err, _ = write_script(tmp_path, prepared64, capsys, "--gpus-per-node", "0")
+    assert code == 2 and "--tasks-per-node" in err
+    code, _, _, script = write_script(tmp_path, prepared64, capsys, "--gpus-per-node", "0", "--tasks-per-node", "2")
+    assert code == 0
+    assert "--gpus-per-node" not in script.read_text().split("set -euo")[0]
