@@ -1,0 +1,203 @@
+"""python -m launch.kubernetes: write a Kubeflow MPI-operator MPIJob (kubeflow.org/v2beta1) that runs a toolkit
+entry point on Kubernetes, one worker pod per node and one process per GPU.
+
+    python -m launch.kubernetes --image registry.example.com/cxrscale:1.0 --workers 2 --gpus-per-worker 4 \\
+        --pvc data-claim --mount /workspace -- distributed.train --data /workspace/prepared/kermany
+
+The launcher pod runs `mpirun -np W*G -bind-to none -map-by slot -x ... python -m MODULE ARGS`, as in the
+MPI operator's and Horovod's Kubernetes examples; the worker pods run sshd and are reached by mpirun over the
+ssh keys the operator mounts. The image must hold OpenMPI, openssh-server, the toolkit and a Horovod built
+with MPI (HOROVOD_WITH_MPI=1 bash launch/install_horovod.sh). With --launcher horovodrun the launcher runs
+`horovodrun --hostfile /etc/mpi/hostfile` instead, which also works with the default Gloo-only build.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from launch.common import (EntryPoint, data_checks, data_target, parse_entry_point, print_checks, split_tail,
+                           stop_if_fatal, tail_usage, write_generated)
+from preprocessing.runtime import CxrError, run_cli
+
+PROG = "python -m launch.kubernetes"
+API_VERSION = "kubeflow.org/v2beta1"
+HOSTFILE = "/etc/mpi/hostfile"  # where the MPI operator mounts the worker list (host slots=N lines)
+ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "NCCL_DEBUG": "WARN"}
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_QUANTITY = re.compile(r"^\d+(\.\d+)?([EPTGMK]i|[EPTGMkm])?$")
+
+
+def launcher_command(workers: int, slots: int, entry: EntryPoint, launcher: str = "mpirun") -> list[str]:
+    """The launcher container's command: every worker process started from the launcher pod."""
+    np = str(workers * slots)
+    if launcher == "horovodrun":
+        return ["horovodrun", "-np", np, "--hostfile", HOSTFILE, *entry.argv("python")]
+    exports = [word for var in ("NCCL_DEBUG", "LD_LIBRARY_PATH", "PATH", "TF_USE_LEGACY_KERAS",
+                                "TF_CPP_MIN_LOG_LEVEL") for word in ("-x", var)]
+    # --allow-run-as-root: the operator's default ssh setup (sshAuthMountPath /root/.ssh) runs as root;
+    # -mca pml ob1 -mca btl ^openib: TCP between pods, as in Horovod's Docker/MPI docs.
+    return ["mpirun", "--allow-run-as-root", "-np", np, "-bind-to", "none", "-map-by", "slot", *exports,
+            "-mca", "pml", "ob1", "-mca", "btl", "^openib", *entry.argv("python")]
+
+
+def mpijob(*, name: str, image: str, workers: int, gpus_per_worker: int, slots_per_worker: int,
+           entry: EntryPoint, namespace: str | None = None, pvc: str | None = None, mount: str = "/workspace",
+           cpu: str | None = None, memory: str | None = None, launcher: str = "mpirun") -> dict[str, Any]:
+    """The MPIJob manifest as a plain dict (yaml.safe_dump it)."""
+    def env() -> list[dict[str, str]]:  # a fresh list per container, so the YAML has no anchors
+        return [{"name": key, "value": value} for key, value in ENV.items()]
+
+    volumes, mounts = [], []
+    if pvc:
+        volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": pvc}}]
+        mounts = [{"name": "data", "mountPath": mount}]
+
+    def pod(container: dict[str, Any], with_data: bool) -> dict[str, Any]:
+        if with_data and mounts:
+            container["volumeMounts"] = mounts
+        spec: dict[str, Any] = {"containers": [container]}
+        if with_data and volumes:
+            spec["volumes"] = volumes
+        return {"spec": spec}
+
+    limits: dict[str, Any] = {}
+    if gpus_per_worker:
+        limits["nvidia.com/gpu"] = gpus_per_worker
+    if cpu:
+        limits["cpu"] = cpu
+    if memory:
+        limits["memory"] = memory
+    worker = {"name": "worker", "image": image, "command": ["/usr/sbin/sshd", "-De"], "env": env()}
+    if limits:
+        worker["resources"] = {"limits": limits}
+    launcher_container = {"name": "launcher", "image": image, "command": launcher_command(
+        workers, slots_per_worker, entry, launcher), "env": env()}
+    metadata: dict[str, Any] = {"name": name, "labels": {"app.kubernetes.io/name": "cxrscale",
+                                                         "app.kubernetes.io/component": entry.module}}
+    if namespace:
+        metadata["namespace"] = namespace
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "MPIJob",
+        "metadata": metadata,
+        "spec": {
+            "slotsPerWorker": slots_per_worker,
+            "runPolicy": {"cleanPodPolicy": "Running"},
+            "mpiImplementation": "OpenMPI",
+            "mpiReplicaSpecs": {
+                "Launcher": {"replicas": 1, "template": pod(launcher_container, with_data=False)},
+                "Worker": {"replicas": workers, "template": pod(worker, with_data=True)},
+            },
+        },
+    }
+
+
+def check_name(value: str, option: str, max_length: int = 63) -> str:
+    if not _DNS_LABEL.match(value) or len(value) > max_length:
+        raise CxrError(f"{option} {value!r} is not a Kubernetes name: use at most {max_length} lower-case letters, "
+                       f"digits and '-', starting and ending with a letter or digit, e.g. cxr-train")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, usage=tail_usage(f"{PROG} --image IMAGE --workers N --gpus-per-worker G"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a Kubeflow MPI-operator MPIJob (kubeflow.org/v2beta1) that runs distributed.train or "
+                    "optimize.prune_quantize with one process per GPU; apply it with kubectl apply -f.",
+        epilog="examples:\n"
+               "  python -m launch.kubernetes --image registry.example.com/cxrscale:1.0 --workers 2 "
+               "--gpus-per-worker 4 --pvc data-claim --mount /workspace -- distributed.train "
+               "--data /workspace/prepared/kermany --output /workspace/runs/kermany\n"
+               "  python -m launch.kubernetes --image registry.example.com/cxrscale:1.0 --workers 4 "
+               "--gpus-per-worker 8 --name resnet50-run --namespace ml --cpu 32 --memory 200Gi "
+               "-- distributed.train --data /workspace/prepared/kermany --model resnet50\n"
+               "  python -m launch.kubernetes --image cxrscale:cpu --workers 2 --gpus-per-worker 0 "
+               "--slots-per-worker 4 --launcher horovodrun -- distributed.train --data /workspace/prepared/sample\n"
+               "  kubectl apply -f mpijob.yaml && kubectl logs -f job/cxr-train-launcher\n"
+               "\n"
+               "The image needs OpenMPI, openssh-server, this toolkit and Horovod; with the default --launcher "
+               "mpirun, Horovod must be built with MPI (HOROVOD_WITH_MPI=1 bash launch/install_horovod.sh). "
+               "Paths after -- are paths inside the pods (e.g. under --mount).")
+    parser.add_argument("--image", required=True, help="container image, e.g. registry.example.com/cxrscale:1.0")
+    parser.add_argument("--workers", type=int, required=True, help="worker pods (one per node)")
+    parser.add_argument("--gpus-per-worker", type=int, required=True,
+                        help="GPUs per worker pod, one process each (0: CPU pods, give --slots-per-worker)")
+    parser.add_argument("--slots-per-worker", type=int, help="processes per worker pod (default --gpus-per-worker)")
+    parser.add_argument("--name", default="cxr-train", help="MPIJob name (default cxr-train)")
+    parser.add_argument("--namespace", help="Kubernetes namespace (default: kubectl's current one)")
+    parser.add_argument("--pvc", help="PersistentVolumeClaim (ReadWriteMany) holding prepared/ and runs/")
+    parser.add_argument("--mount", default="/workspace", help="where --pvc is mounted in the workers "
+                                                              "(default /workspace)")
+    parser.add_argument("--cpu", help="CPU limit per worker pod, e.g. 16")
+    parser.add_argument("--memory", help="memory limit per worker pod, e.g. 64Gi")
+    parser.add_argument("--launcher", choices=("mpirun", "horovodrun"), default="mpirun",
+                        help="mpirun (Horovod built with MPI) or horovodrun over the operator's hostfile "
+                             "(default mpirun)")
+    parser.add_argument("--output", default="mpijob.yaml", help="manifest to write (default mpijob.yaml)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, different --output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    own, tail = split_tail(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(own)
+    if args.workers < 1:
+        raise CxrError(f"--workers must be at least 1, got {args.workers}")
+    if args.gpus_per_worker < 0:
+        raise CxrError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
+    if args.gpus_per_worker == 0 and args.slots_per_worker is None:
+        raise CxrError("--gpus-per-worker 0 (CPU pods) needs --slots-per-worker N, the processes per pod")
+    slots = args.slots_per_worker if args.slots_per_worker is not None else args.gpus_per_worker
+    if slots < 1:
+        raise CxrError(f"--slots-per-worker must be at least 1, got {slots}")
+    if args.gpus_per_worker and slots > args.gpus_per_worker:
+        raise CxrError(f"--slots-per-worker {slots} is more than --gpus-per-worker {args.gpus_per_worker}: "
+                       "processes would share a GPU; use one per GPU")
+    if not args.image.strip() or re.search(r"\s", args.image):
+        raise CxrError(f"--image {args.image!r} is not an image reference such as registry.example.com/cxrscale:1.0")
+    # pods are named NAME-launcher and NAME-worker-I, which must stay valid names too
+    check_name(args.name, "--name", 63 - len(f"-worker-{args.workers - 1}"))
+    if args.namespace:
+        check_name(args.namespace, "--namespace")
+    if args.pvc and not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", args.pvc):
+        raise CxrError(f"--pvc {args.pvc!r} is not a PersistentVolumeClaim name such as data-claim")
+    if not args.mount.startswith("/"):
+        raise CxrError(f"--mount {args.mount!r} must be an absolute path in the pod, e.g. /workspace")
+    for option, value in (("--cpu", args.cpu), ("--memory", args.memory)):
+        if value is not None and not _QUANTITY.match(value):
+            raise CxrError(f"{option} {value!r} is not a Kubernetes quantity, e.g. 16, 500m, 64Gi")
+    entry = parse_entry_point(tail, f"{PROG} --image IMAGE --workers {args.workers} "
+                                    f"--gpus-per-worker {args.gpus_per_worker}")
+    workers = args.workers * slots
+    target = data_target(entry)
+    checks = data_checks(target, workers, "use fewer --workers or --gpus-per-worker (at most {n} processes)",
+                         local=False)
+    if args.pvc and target.path.is_absolute() and not str(target.path).startswith(args.mount.rstrip("/") + "/"):
+        checks.append(("warning", f"{target.path} is not under --mount {args.mount}, where --pvc {args.pvc} is "
+                                  "mounted: the image itself must hold it"))
+    print_checks(checks, f"checks for {workers} processes of {entry.module}:")
+    stop_if_fatal(checks, "no manifest was written")
+
+    manifest = mpijob(name=args.name, image=args.image, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                      slots_per_worker=slots, entry=entry, namespace=args.namespace, pvc=args.pvc, mount=args.mount,
+                      cpu=args.cpu, memory=args.memory, launcher=args.launcher)
+    text = (f"# Written by {PROG}: {args.workers} worker pods x {slots} processes of {entry.module}.\n"
+            f"# Apply with: kubectl apply -f {Path(args.output).name}\n"
+            + yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False))
+    written = write_generated(args.output, text, overwrite=args.overwrite)
+    print(f"{'wrote' if written else 'unchanged:'} {args.output} (MPIJob {args.name}: {args.workers} workers x {slots} "
+          f"slots, {args.launcher})")
+    ns = f" -n {args.namespace}" if args.namespace else ""
+    print(f"apply it with: kubectl apply -f {args.output}\nfollow it with: kubectl logs -f{ns} "
+          f"job/{args.name}-launcher")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
