@@ -110,3 +110,12 @@ def test_two_workers_train_for_real(prepared32_fullbatch, tmp_path):
     assert result.returncode == 0, quiet(result.stderr + result.stdout)[-3000:]
     assert "starting:" in result.stderr and "horovodrun -np 2" in result.stderr
     assert (run / "model" / "saved_model.pb").is_file()
+
+
+def test_train_data_and_batch_come_from_its_config_file(prepared64, tmp_path):
+    config = tmp_path / "best.json"
+    config.write_text(json.dumps({"data": str(prepared64), "batch_size": 8, "model": "cnn"}))
+    target = data_target(parse_entry_point(["distributed.train", "--config", str(config)], "L"))
+    assert (target.path, target.batch_size, target.source) == (prepared64, 8, "--config")
+    target = data_target(parse_entry_point(["distributed.train", "--config", str(config), "--batch-size", "4"], "L"))
+    assert target.batch_size == 4  # flags override the file, as in distributed.train
