@@ -1,0 +1,276 @@
+"""optimize.tune: the declared spaces, and real searches with Ray Tune over real distributed.train runs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from scipy import stats
+
+from optimize import tune as cxr_tune
+from preprocessing.runtime import CxrError, read_numeric_csv
+from tests.conftest import PYTHON, REPO, radiograph_like, write_image
+from tests.training_fixtures import prepare, quiet, run_train
+
+
+@pytest.fixture(scope="module")
+def planted32(tmp_path_factory) -> Path:
+    """200 images at 32 px where a bright patch marks PNEUMONIA: a good learning rate reaches a validation
+    AUC near 0.8 after one epoch, so a weak trial is easy to tell apart. Two train shards (for 2 workers)."""
+    root = tmp_path_factory.mktemp("planted")
+    for i in range(100):
+        write_image(root / "raw" / "NORMAL" / f"IM-{i:04d}-0001.jpeg", radiograph_like(i, (96, 96)))
+        write_image(root / "raw" / "PNEUMONIA" / f"person{i}_bacteria_{i}.jpeg",
+                    radiograph_like(1000 + i, (96, 96), bright_patch=True))
+    return prepare(root / "raw", root / "p32", "--size", "32", "--shards", "2", "--val-fraction", "0.2",
+                   "--test-fraction", "0")
+
+
+def run_tune(*args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "optimize.tune", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {})))
+
+
+def write_space(path: Path, space: dict) -> Path:
+    path.write_text(json.dumps(space))
+    return path
+
+
+def results(output: Path) -> list[dict]:
+    import csv
+
+    with open(output / "results.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def trained_config(row: dict) -> dict:
+    """The options the trial's distributed.train run actually used (its run folder's config.json)."""
+    return json.loads((Path(row["run_dir"]) / "config.json").read_text())["config"]
+
+
+# --- the declared spaces ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["cnn", "vgg16", "resnet50"])
+@pytest.mark.parametrize("search", cxr_tune.SEARCHES)
+def test_default_spaces_are_valid_training_options(model, search):
+    space, _ = cxr_tune.load_space(None, model)
+    cxr_tune.check_space(space, search, {"data": "prepared/x", "model": model, "weights": "none"})
+    assert {"lr", "batch_size", "dropout", "l2", "augment"} <= set(space)
+    assert space["lr"].kind == "loguniform"
+
+
+@pytest.mark.parametrize("model", ["vgg16", "resnet50"])
+def test_default_unfrozen_layer_choices_name_real_backbone_layers(model):
+    from distributed.models import backbone_layers, build_model, min_image_size, set_backbone_trainable
+
+    built = build_model(model, min_image_size(model), weights="none")
+    layers = backbone_layers(built)
+    trainable_counts = []
+    for start in cxr_tune.DEFAULT_SPACES[model]["fine_tune_from"]["choice"]:
+        set_backbone_trainable(built, fine_tune_from=start)  # raises for a name the backbone lacks
+        trainable_counts.append(sum(layer.trainable for layer in layers))
+    assert trainable_counts[0] < trainable_counts[1] < trainable_counts[2] == len(layers)
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"learning_rate": {"loguniform": [1e-4, 1e-2]}}, "learning_rate is not an option of distributed.train"),
+    ({"epochs": {"choice": [1, 2]}}, "epochs cannot be searched"),
+    ({"lr": {"loguniform": [0, 1e-2]}}, "loguniform bounds must be positive"),
+    ({"dropout": {"uniform": [0.5, 0.1]}}, "low < high"),
+    ({"batch_size": {"choice": [16, 8.5]}}, "batch_size = 8.5 must be int"),
+    ({"augment": {"choice": [True, "yes"]}}, "augment = 'yes' must be bool"),
+    ({"lr": {"normal": [0, 1]}}, "must have one of loguniform, uniform, choice, randint"),
+    ({"lr": {"choice": []}}, "needs a non-empty list"),
+])
+def test_bad_spaces_are_refused_with_the_option_named(space, message):
+    with pytest.raises(CxrError, match=message):
+        cxr_tune.parse_space(space, "--space s.json")
+
+
+def test_space_values_are_checked_against_training_rules_before_any_trial():
+    space = cxr_tune.parse_space({"dropout": {"choice": [0.2, 1.5]}}, "--space s.json")
+    with pytest.raises(CxrError, match=r"dropout = 1.5 is not a valid training option.*--dropout must be in"):
+        cxr_tune.check_space(space, "random", {"data": "d", "model": "cnn"})
+    no_grid = cxr_tune.parse_space({"lr": {"loguniform": [1e-4, 1e-2]}}, "--space s.json")
+    with pytest.raises(CxrError, match="lr declare.*no grid values"):
+        cxr_tune.check_space(no_grid, "grid", {"data": "d", "model": "cnn"})
+
+
+def test_random_draws_follow_the_declared_distributions():
+    space = cxr_tune.parse_space({"lr": {"loguniform": [1e-5, 1e-2]}, "dropout": {"uniform": [0.1, 0.6]},
+                                  "batch_size": {"choice": [16, 32, 64]}, "seed": {"randint": [0, 5]},
+                                  "augment": {"grid": [False, True]}}, "--space s.json")
+    domains = cxr_tune.param_space(space, "random")
+    rng = np.random.default_rng(0)
+    n = 4000
+    lr = np.asarray(domains["lr"].sample(size=n, random_state=rng))
+    assert lr.min() >= 1e-5 and lr.max() <= 1e-2
+    # log-uniform: log10(lr) is uniform on [-5, -2]; a plain uniform on [1e-5, 1e-2] would put ~90 % above 1e-3
+    assert stats.kstest(np.log10(lr), stats.uniform(loc=-5, scale=3).cdf).pvalue > 0.01
+    assert 0.28 < np.mean(lr < 1e-4) < 0.39
+    dropout = np.asarray(domains["dropout"].sample(size=n, random_state=rng))
+    assert stats.kstest(dropout, stats.uniform(loc=0.1, scale=0.5).cdf).pvalue > 0.01
+    for name, values in (("batch_size", [16, 32, 64]), ("seed", [0, 1, 2, 3, 4]), ("augment", [False, True])):
+        drawn = list(domains[name].sample(size=n, random_state=rng))
+        counts = [drawn.count(v) for v in values]
+        assert sum(counts) == n, f"{name} drew values outside {values}"
+        assert stats.chisquare(counts).pvalue > 0.01, (name, counts)
+
+
+# --- real searches ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_grid_search_on_two_horovod_workers_and_its_best_config_trains(planted32, tmp_path):
+    space = write_space(tmp_path / "space.json", {"lr": {"grid": [1e-3, 3e-3]}, "batch_size": 16,
+                                                  "augment": False})
+    out = tmp_path / "grid"
+    result = run_tune("--data", str(planted32), "--search", "grid", "--space", str(space), "--max-epochs", "2",
+                      "--workers-per-trial", "2", "--cpus-per-trial", "2", "--output", str(out), "-q")
+    assert result.returncode == 0, quiet(result.stderr)[-3000:]
+    rows = results(out)
+    assert sorted(float(r["lr"]) for r in rows) == [1e-3, 3e-3]
+    aucs = [float(r["best_val_auc"]) for r in rows]
+    assert aucs == sorted(aucs, reverse=True) and all(0 <= a <= 1 for a in aucs)
+    for row in rows:
+        run = Path(row["run_dir"])
+        assert row["status"] == "completed" and int(row["epochs"]) == 2
+        assert (run / "model" / "saved_model.pb").exists()
+        meta = json.loads((run / "config.json").read_text())
+        assert meta["resolved"]["workers"] == 2  # each trial really ran data-parallel under horovodrun
+        assert meta["config"]["lr"] == float(row["lr"]) and meta["config"]["batch_size"] == 16
+        history = read_numeric_csv(run / "history.csv")
+        assert max(h["val_auc"] for h in history) == pytest.approx(float(row["best_val_auc"]))
+    assert f"| 1 | {rows[0]['trial']} |" in (out / "report.md").read_text()
+    assert cv2.imread(str(out / "auc_vs_params.png")) is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_run_dir"] == rows[0]["run_dir"]
+    assert summary["ray_address"].startswith("127.0.0.1:")  # the private Ray listens on loopback only
+
+    best = json.loads((out / "best_config.json").read_text())
+    assert best["lr"] == float(rows[0]["lr"]) and best["model"] == "cnn" and "output" not in best
+    retrained = tmp_path / "retrained"
+    again = run_train("--config", str(out / "best_config.json"), "--epochs", "1", "--output", str(retrained))
+    assert again.returncode == 0, quiet(again.stderr)[-2000:]
+    used = json.loads((retrained / "config.json").read_text())["config"]
+    assert {k: used[k] for k in best if k != "epochs"} == {k: v for k, v in best.items() if k != "epochs"}
+
+
+@pytest.mark.slow
+def test_random_search_trains_with_draws_from_the_declared_space(planted32, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\ndropout: {uniform: [0.1, 0.5]}\n"
+                     "batch_size: {choice: [8, 16]}\naugment: false\n")
+    out = tmp_path / "random"
+    result = run_tune("--data", str(planted32), "--search", "random", "--trials", "3", "--space", str(space),
+                      "--max-epochs", "1", "--seed", "3", "--output", str(out), "-q")
+    assert result.returncode == 0, quiet(result.stderr)[-3000:]
+    rows = results(out)
+    assert len(rows) == 3 and len({r["lr"] for r in rows}) == 3
+    for row in rows:
+        lr, dropout, batch = float(row["lr"]), float(row["dropout"]), int(row["batch_size"])
+        assert 1e-4 <= lr <= 1e-2 and 0.1 <= dropout <= 0.5 and batch in (8, 16)
+        used = trained_config(row)
+        assert (used["lr"], used["dropout"], used["batch_size"], used["augment"]) == (lr, dropout, batch, False)
+
+
+def running_commands_with(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and "pytest" not in cmdline:
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.slow
+def test_asha_stops_a_planted_bad_learning_rate_early(planted32, tmp_path):
+    space = write_space(tmp_path / "space.json", {"lr": {"loguniform": [1e-3, 3e-3]}, "batch_size": 16,
+                                                  "augment": False, "early_stopping_patience": 100})
+    points = tmp_path / "points.json"
+    points.write_text(json.dumps([{"lr": 1e-3}, {"lr": 10.0}]))  # a sound rate first, then a diverging one
+    out = tmp_path / "asha"
+    result = run_tune("--data", str(planted32), "--search", "asha", "--trials", "2", "--space", str(space),
+                      "--points-to-evaluate", str(points), "--max-epochs", "4", "--max-concurrent", "1",
+                      "--output", str(out), "-q")
+    assert result.returncode == 0, quiet(result.stderr)[-3000:]
+    by_lr = {float(r["lr"]): r for r in results(out)}
+    good, bad = by_lr[1e-3], by_lr[10.0]
+    assert good["status"] == "completed" and int(good["epochs"]) == 4
+    assert (Path(good["run_dir"]) / "model" / "saved_model.pb").exists()
+    assert bad["status"].startswith("stopped by ASHA") and int(bad["epochs"]) < 4, bad
+    assert float(bad["best_val_auc"]) < float(good["best_val_auc"])
+    assert not (Path(bad["run_dir"]) / "model").exists()
+    assert not running_commands_with(str(Path(bad["run_dir"]))), "the stopped trial's training outlived it"
+    assert json.loads((out / "best_config.json").read_text())["lr"] == 1e-3
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_where_it_stopped(planted32, tmp_path):
+    space = write_space(tmp_path / "space.json", {"lr": {"grid": [1e-3, 3e-3]}, "batch_size": 16,
+                                                  "early_stopping_patience": 100})
+    out = tmp_path / "killed"
+    args = ["--data", str(planted32), "--search", "grid", "--space", str(space), "--max-epochs", "12",
+            "--max-concurrent", "1", "--output", str(out), "-q"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TUNE_GLOBAL_CHECKPOINT_S="0.5")
+    proc = subprocess.Popen([PYTHON, "-m", "optimize.tune", *args], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            epochs = [len(read_numeric_csv(h)) for h in out.glob("trials/*/history.csv")]
+            if epochs and max(epochs) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the search ended before it could be killed"
+        time.sleep(1.0)  # let Tune save its state (every 0.5 s here)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, as a lost job or node would
+        proc.wait()
+    [first] = list(out.glob("trials/*"))
+    done_before = len(read_numeric_csv(first / "history.csv"))
+    assert 3 <= done_before < 12 and not (first / "train_summary.json").exists()
+
+    changed = run_tune(*[a if a != "12" else "13" for a in args])
+    assert changed.returncode == 2 and "holds a search with other settings (" in changed.stderr
+    assert "max_epochs" in changed.stderr
+
+    result = run_tune(*args)
+    assert result.returncode == 0, quiet(result.stderr)[-3000:]
+    rows = results(out)
+    assert len(rows) == 2 and all(r["status"] == "completed" and int(r["epochs"]) == 12 for r in rows)
+    resumed = next(r for r in rows if Path(r["run_dir"]) == first)
+    log = (first / "train.log").read_text()
+    assert "resuming after epoch" in log and log.count("best val AUC") == 1  # continued, not restarted
+    history = read_numeric_csv(first / "history.csv")
+    assert [int(h["epoch"]) for h in history] == list(range(1, 13))
+    assert float(resumed["best_val_auc"]) == pytest.approx(max(h["val_auc"] for h in history))
+
+    stamps = {p: p.stat().st_mtime for p in out.glob("trials/*/history.csv")}
+    rerun = run_tune(*args)  # a finished search: nothing is trained again
+    assert rerun.returncode == 0, quiet(rerun.stderr)[-2000:]
+    assert {p: p.stat().st_mtime for p in out.glob("trials/*/history.csv")} == stamps
+    assert [r["trial"] for r in results(out)] == [r["trial"] for r in rows]
+
+
+def test_cli_refuses_bad_input_before_starting_ray(planted32, tmp_path):
+    cases = [
+        (["--data", str(tmp_path / "missing")], "missing"),
+        (["--data", str(planted32), "--max-epochs", "0"], "--max-epochs must be at least 1"),
+        (["--data", str(planted32), "--space", str(tmp_path / "nope.json")], "--space"),
+        (["--data", str(planted32), "--search", "grid", "--points-to-evaluate", str(tmp_path / "p.json")],
+         "--points-to-evaluate is for --search random or asha"),
+    ]
+    for args, message in cases:
+        result = run_tune(*args, "--output", str(tmp_path / "out"))
+        assert result.returncode == 2, (args, result.stderr[-1500:])
+        assert "Traceback" not in result.stderr and message in result.stderr, result.stderr[-1500:]
+    assert run_tune("--help").returncode == 0
