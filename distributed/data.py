@@ -40,18 +40,15 @@ def plan_data(prepared_dir: str | Path, rank: int, size: int, batch_size: int, m
                        f"{shape[0]}x{shape[1]} px: prepare it again with a larger --size")
     counts = manifest["counts"]["per_split"]
     classes = list(manifest["classes"])
+    problems = schema.worker_problems(prepared_dir, manifest, size, batch_size)
+    if problems:
+        raise CxrError(problems[0])
     train_files = schema.shard_paths(prepared_dir, "train", manifest)
-    if len(train_files) < size:
-        raise CxrError(f"{prepared_dir} has {len(train_files)} train shard files for {size} workers; each worker "
-                       f"reads its own files: prepare with --shards {size} or more, or use fewer workers")
     val_files = schema.shard_paths(prepared_dir, "val", manifest) if "val" in counts else []
     if not val_files:
         raise CxrError(f"{prepared_dir} has no validation split; prepare it with --val-fraction > 0")
     train_count = counts["train"]["total"]
     global_batch = batch_size * size
-    if global_batch > train_count:
-        raise CxrError(f"the global batch ({batch_size} per worker x {size} workers = {global_batch}) is larger "
-                       f"than the train split ({train_count} images): lower --batch-size")
     return DataPlan(shape, classes, train_count, counts["val"]["total"], train_files[rank::size], val_files,
                     train_count // global_batch, [counts["train"].get(c, 0) for c in classes])
 

@@ -148,18 +148,10 @@ def data_checks(target: DataTarget, workers: int, fewer_workers: str, *, local: 
         train = schema.shard_paths(path, "train", manifest)
     except CxrError as err:
         return [(ERROR, f"{err} (from {target.source})")]
-    checks: list[Check] = []
-    if len(train) < workers:
-        checks.append((ERROR, f"{path} has {len(train)} train shard files for {workers} workers; each worker reads "
-                              f"its own files: re-run python -m preprocessing with --shards {workers} or more, or "
-                              f"{fewer_workers.format(n=len(train))}"))
-    else:
+    problems = schema.worker_problems(path, manifest, workers, target.batch_size, fewer_workers)
+    checks: list[Check] = [(ERROR, f"{problem} (from {target.source})") for problem in problems]
+    if not problems:
         checks.append((OK, f"{path}: {len(train)} train shard files for {workers} workers"))
-    count = manifest["counts"]["per_split"].get("train", {}).get("total", 0)
-    if target.batch_size * workers > count:
-        checks.append((ERROR, f"the global batch ({target.batch_size} per worker x {workers} workers = "
-                              f"{target.batch_size * workers}) is larger than the {count} train images of {path}: "
-                              f"lower --batch-size"))
     return checks
 
 

@@ -137,6 +137,24 @@ def shard_paths(prepared_dir: str | Path, split: str, manifest: dict | None = No
     return paths
 
 
+def worker_problems(prepared_dir: str | Path, manifest: dict, workers: int, batch_size: int,
+                    fewer_workers: str = "use fewer workers") -> list[str]:
+    """What stops `workers` data-parallel workers with `batch_size` images each from training on this
+    dataset (each worker reads its own train shard files), as messages naming the fix; [] when nothing.
+    fewer_workers: the launcher's wording of that fix, formatted with {n}, the most workers that fit."""
+    problems = []
+    shards = len(shard_paths(prepared_dir, "train", manifest))
+    if shards < workers:
+        problems.append(f"{prepared_dir} has {shards} train shard files for {workers} workers; each worker reads "
+                        f"its own files: re-run python -m preprocessing with --shards {workers} or more, or "
+                        f"{fewer_workers.format(n=shards)}")
+    train_count = manifest["counts"]["per_split"].get("train", {}).get("total", 0)
+    if batch_size * workers > train_count:
+        problems.append(f"the global batch ({batch_size} per worker x {workers} workers = {batch_size * workers}) "
+                        f"is larger than the train split ({train_count} images): lower --batch-size")
+    return problems
+
+
 def feature_spec() -> dict:
     import tensorflow as tf
 
