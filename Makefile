@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.cxrscale-installed
 SAMPLE ?= data/sample
 DEMO   ?= prepared/sample
 RUN    ?= runs/sample
+TUNE   ?= runs/tune-sample
 NP     ?= 2
 HOROVODRUN := $(VENV)/bin/horovodrun
 
@@ -44,7 +45,8 @@ demo: install
 	  --epochs 12 --batch-size 16 --output $(RUN) $$([ -f $(RUN)/checkpoints/latest.json ] && echo --resume); fi
 	$(PY) -m distributed.evaluate --run $(RUN) -q
 	$(PY) -m optimize.prune_quantize --run $(RUN) --fine-tune-epochs 1 -q
-	@echo "demo: prepared dataset in $(DEMO); trained model in $(RUN)/model; evaluation report in $(RUN)/eval/report.html; compressed variants in $(RUN)/optimized/report.md"
+	$(PY) -m optimize.tune --data $(DEMO) --model cnn --search grid --max-epochs 2 --output $(TUNE) -q
+	@echo "demo: prepared dataset in $(DEMO); trained model in $(RUN)/model; evaluation report in $(RUN)/eval/report.html; compressed variants in $(RUN)/optimized/report.md; hyper-parameter search in $(TUNE)/report.md"
 
 test: install
 	$(PY) -m pytest
@@ -53,4 +55,4 @@ bench: install
 	$(PY) -m benchmarks --suite all --quick
 
 clean:
-	rm -rf $(SAMPLE) $(DEMO) $(RUN) .pytest_cache
+	rm -rf $(SAMPLE) $(DEMO) $(RUN) $(TUNE) .pytest_cache

@@ -227,15 +227,18 @@ def param_space(space: dict[str, Param], search: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 def trial_command(config_file: Path, workers: int) -> list[str]:
-    """The training command of a trial: the toolkit's own entry point, under horovodrun for W > 1."""
-    train = [sys.executable, "-m", "distributed.train", "--config", str(config_file)]
+    """The training command of a trial: the toolkit's own entry point, under horovodrun on this node for
+    W > 1 (built by launch.local, as a user would start it)."""
+    from launch.common import EntryPoint
+    from launch.local import horovodrun_command, horovodrun_path
+
+    train = EntryPoint("distributed.train", ("--config", str(config_file)))
     if workers <= 1:
-        return train
-    horovodrun = Path(sys.executable).parent / "horovodrun"
-    runner = str(horovodrun) if horovodrun.exists() else shutil.which("horovodrun")
+        return train.argv(sys.executable)
+    runner = horovodrun_path(sys.executable)
     if runner is None:
         raise RuntimeError("horovodrun was not found next to the Python interpreter or on PATH")
-    return [runner, "-np", str(workers), "-H", f"localhost:{workers}", *train]
+    return horovodrun_command(workers, [("localhost", workers)], train, runner=runner, python=sys.executable)
 
 
 def die_with_parent():
