@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Param]]:
     data = Path(args.data)
-    schema.read_manifest(data)  # a missing or wrong-version dataset fails here, not in every trial
+    manifest = schema.read_manifest(data)  # a missing or wrong-version dataset fails here, not in every trial
     checks = [(args.max_epochs >= 1, f"--max-epochs must be at least 1, got {args.max_epochs}"),
               (args.trials is None or args.trials >= 1, f"--trials must be at least 1, got {args.trials}"),
               (args.workers_per_trial >= 1, f"--workers-per-trial must be at least 1, got {args.workers_per_trial}"),
@@ -551,6 +551,14 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     base.update(fixed_in_space)
     space = {n: p for n, p in space.items() if p.searched}
     check_space(space, args.search, base)
+    batches = set(space["batch_size"].candidates()) if "batch_size" in space else {base.get("batch_size", 32)}
+    if "batch_size" in space and space["batch_size"].kind == "randint":
+        batches = {space["batch_size"].args[1] - 1}
+    for batch in sorted(batches):
+        problems = schema.worker_problems(data, manifest, args.workers_per_trial, batch,
+                                          "use --workers-per-trial {n}")
+        if problems:
+            raise CxrError(f"batch_size {batch}: {problems[0]}")
     points = load_points(args.points_to_evaluate, space, args.search)
     cpus = args.cpus_per_trial or float(args.workers_per_trial)
     trials = args.trials or (1 if args.search == "grid" else max(8, len(points)))

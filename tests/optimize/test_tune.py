@@ -268,9 +268,28 @@ def test_cli_refuses_bad_input_before_starting_ray(planted32, tmp_path):
         (["--data", str(planted32), "--space", str(tmp_path / "nope.json")], "--space"),
         (["--data", str(planted32), "--search", "grid", "--points-to-evaluate", str(tmp_path / "p.json")],
          "--points-to-evaluate is for --search random or asha"),
+        (["--data", str(planted32), "--space", str(write_space(tmp_path / "big.json", {"batch_size": {
+            "choice": [16, 4096]}}))], "batch_size 4096: the global batch (4096 per worker x 1 workers = 4096) is "
+                                      "larger than the train split (160 images)"),
+        (["--data", str(planted32), "--workers-per-trial", "3"], "has 2 train shard files for 3 workers"),
     ]
     for args, message in cases:
         result = run_tune(*args, "--output", str(tmp_path / "out"))
         assert result.returncode == 2, (args, result.stderr[-1500:])
         assert "Traceback" not in result.stderr and message in result.stderr, result.stderr[-1500:]
     assert run_tune("--help").returncode == 0
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_reported_and_the_others_complete(planted32, tmp_path):
+    space = write_space(tmp_path / "space.json", {"weights": {"grid": ["none", str(tmp_path / "missing.h5")]},
+                                                  "batch_size": 16})
+    out = tmp_path / "failing"
+    result = run_tune("--data", str(planted32), "--search", "grid", "--space", str(space), "--max-epochs", "1",
+                      "--output", str(out), "-q")
+    assert result.returncode == 1, quiet(result.stderr)[-3000:]  # finished, with a failed trial to look at
+    by_status = {r["status"]: r for r in results(out)}
+    assert set(by_status) == {"completed", "error"}
+    assert "missing.h5" in by_status["error"]["error"]
+    assert "## Failed trials" in (out / "report.md").read_text()
+    assert json.loads((out / "best_config.json").read_text())["weights"] == "none"
