@@ -375,7 +375,7 @@ def results_table(rows: list[dict], names: list[str]) -> str:
     for i, row in enumerate(rows, 1):
         cells = [str(i), row["trial"], *[_fmt(row.get(n)) for n in names], _fmt(row["best_val_auc"]),
                  _fmt(row["best_epoch"]), _fmt(row["val_loss_at_best"]), str(row["epochs"]), row["status"],
-                 _fmt(row["seconds"])]
+                 f"{row['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -417,23 +417,24 @@ def plot_auc_vs_params(rows: list[dict], space: dict[str, Param], path: Path) ->
             values = [r[name] for r in scored]
             aucs = [r["best_val_auc"] for r in scored]
             done = ["ASHA" not in r["status"] for r in scored]
-            numeric = param.kind in ("loguniform", "uniform", "randint") or all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-            if numeric:
+            if param.kind in ("loguniform", "uniform", "randint"):
                 xs = [float(v) for v in values]
                 if param.kind == "loguniform":
                     ax.set_xscale("log")
-            else:
-                labels = sorted({str(v) for v in values})
+            else:  # choices, in their declared order, one column each
+                labels = list(dict.fromkeys([str(v) for v in param.args] + [str(v) for v in values]))
                 xs = [labels.index(str(v)) for v in values]
                 ax.set_xticks(range(len(labels)), labels)
+                ax.set_xlim(-0.5, len(labels) - 0.5)
             for x, y, full in zip(xs, aucs, done):
                 ax.scatter([x], [y], s=36, color="#1f77b4", facecolors="#1f77b4" if full else "none")
             ax.set_xlabel(name)
             ax.set_ylabel("best val AUC")
         for ax in list(axes.flat)[len(names):]:
             ax.set_visible(False)
-        fig.suptitle("Validation AUC against each hyper-parameter (hollow: stopped early by ASHA)")
+        stopped = any("ASHA" in r["status"] for r in scored)
+        fig.suptitle("Best validation AUC of each trial against each hyper-parameter"
+                     + (" (hollow: stopped early by ASHA)" if stopped else ""))
         return save_figure(fig, path)
 
     return draw()
