@@ -113,6 +113,10 @@ def build_fine_tuned(variant: Variant, base: keras.Model, args, hvd, plan, class
         wrapped = compress.prune_wrap(base, variant.sparsity, plan.steps_per_epoch * args.fine_tune_epochs)
         fine_tune(wrapped, args, hvd, plan, [tfmot.sparsity.keras.UpdatePruningStep()], class_weight)
         model = compress.strip_pruning(wrapped)
+        if args.bn_samples:
+            images = np.stack(representative_images(Path(args.data), args.bn_samples, args.seed + 1)[0])
+            facts["batchnorm_recalibrated"] = {"layers": compress.recalibrate_batchnorm(model, images),
+                                               "train_images": len(images)}
         facts["layer_sparsity"] = compress.layer_sparsity(model)
         facts["pruned_layers"] = compress.prune_targets(base)
     if variant.family in ("qat", "prune-qat"):
@@ -169,7 +173,7 @@ def prepare_output(args: argparse.Namespace) -> Path:
     out = Path(args.output)
     check_writable_dir(out, "--output")
     settings = {k: getattr(args, k) for k in ("data", "sparsity", "fine_tune_epochs", "batch_size", "lr",
-                                               "representative_samples", "seed")}
+                                               "representative_samples", "bn_samples", "seed")}
     settings["threshold"] = str(args.threshold)
     settings["model_sha256"] = sha256_file(Path(args.run) / "model" / "saved_model.pb")
     settings_path = out / "settings.json"
@@ -379,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate per worker (default 1e-4)")
     parser.add_argument("--representative-samples", type=int, default=256,
                         help="train images for int8 calibration (default 256)")
+    parser.add_argument("--bn-samples", type=int, default=1024,
+                        help="train images over which pruned models re-estimate their BatchNormalization statistics "
+                             "(default 1024; 0: keep the fine-tuned statistics)")
     parser.add_argument("--threshold", type=parse_threshold, default=ThresholdRule("youden"),
                         help="operating point chosen on validation, as in distributed.evaluate (default youden)")
     parser.add_argument("--max-auc-drop", type=float, default=0.01,
@@ -397,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.bn_samples < 0:
+        parser.error("--bn-samples must be >= 0")
     if args.fine_tune_epochs < 1 or args.representative_samples < 1 or args.batch_size < 1:
         parser.error("--fine-tune-epochs, --representative-samples and --batch-size must be >= 1")
     args.output = args.output or str(Path(args.run) / "optimized")
