@@ -28,7 +28,7 @@ from preprocessing.runtime import atomic_path  # noqa: E402
 DPI = 110
 RIGHT, WRONG = "#1a7f37", "#c62828"
 STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
-          "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": DPI, "figure.constrained_layout.use": True}
+         "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": DPI, "figure.constrained_layout.use": True}
 
 
 def styled(fn):
