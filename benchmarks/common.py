@@ -41,15 +41,21 @@ BENCH_PACKAGES = ("tensorflow", "tf-keras", "ray", "opencv-python-headless", "nu
                   "tensorflow-model-optimization")
 
 
+def run_command(cmd: Sequence[str], timeout: float = 7200) -> subprocess.CompletedProcess:
+    """Run a toolkit command from the repository (TensorFlow's start-up chatter off), capturing its output;
+    a failure raises RuntimeError with the last lines of its stderr."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(list(cmd), cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(cmd[:8])} ... failed ({proc.returncode}):\n{tail}")
+    return proc
+
+
 def run_child(module: str, args: Sequence[str], timeout: float = 1800) -> dict:
     """Run `python -m module args` in a fresh process (so its peak RSS is its own) and parse the JSON
     it prints on its last stdout line."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise RuntimeError(f"benchmark child {module} {' '.join(args)} failed ({proc.returncode}):\n{tail}")
+    proc = run_command([sys.executable, "-m", module, *args], timeout)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

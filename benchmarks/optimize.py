@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, markdown_table, report,
-                               require_dir)
+                               require_dir, run_command)
 from preprocessing.runtime import CxrError, run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.benchmarks")
@@ -31,12 +29,9 @@ TARGETS = {"ptq-int8": {"size_ratio": 3.5, "speedup": 1.5, "auc_drop": 0.01},
            "prune-qat-80": {"gzip_ratio": 8.0, "auc_drop": 0.02}}
 
 
-def run(cmd: list[str], timeout: float = 7200) -> None:
+def run(cmd: list[str]) -> None:
     log.info("running %s", " ".join(cmd[:6]))
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed:\n" + "\n".join(proc.stderr.splitlines()[-15:]))
+    run_command(cmd)
 
 
 def train_default_runs(data: Path, work: Path, workers: int) -> list[Path]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, comma_list, markdown_table,
-                               report, require_dir, run_child)
+                               report, require_dir, run_child, run_command)
 from preprocessing.runtime import read_numeric_csv, run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.benchmarks")
@@ -65,10 +64,7 @@ def run_distributed(data: Path, model: str, precision: str, workers: int, batch:
            "--early-stopping-patience", "100", "--reduce-lr-patience", "100", *extra]
     if workers > 1:
         cmd = [HOROVODRUN, "-np", str(workers), "--gloo", *cmd]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:8])} ... failed:\n" + "\n".join(proc.stderr.splitlines()[-10:]))
+    run_command(cmd, timeout=3600)
     return read_numeric_csv(out / "history.csv")
 
 
