@@ -15,6 +15,7 @@ re-run resumes; a variant that cannot be built is skipped with the reason.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import logging
 import shutil
@@ -22,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from distributed.kerasenv import hvd_keras, keras  # first: chooses tf_keras before TensorFlow loads
 
@@ -103,8 +104,10 @@ def fine_tune(model: keras.Model, args: argparse.Namespace, hvd, plan, extra_cal
               class_weight=class_weight, verbose=2 if hvd.rank() == 0 else 0)
 
 
-def build_fine_tuned(variant: Variant, base: keras.Model, args, hvd, plan, class_weight) -> tuple[keras.Model, dict]:
-    """Prune and/or quantization-aware-train `base`; returns the model to convert and facts about it."""
+def build_fine_tuned(variant: Variant, base: keras.Model, args, hvd, plan, class_weight,
+                     bn_images: Callable[[], np.ndarray]) -> tuple[keras.Model, dict]:
+    """Prune and/or quantization-aware-train `base`; returns the model to convert and facts about it.
+    bn_images: the train images pruned models re-estimate their BatchNormalization statistics on."""
     import tensorflow_model_optimization as tfmot
 
     facts: dict[str, Any] = {}
@@ -114,7 +117,7 @@ def build_fine_tuned(variant: Variant, base: keras.Model, args, hvd, plan, class
         fine_tune(wrapped, args, hvd, plan, [tfmot.sparsity.keras.UpdatePruningStep()], class_weight)
         model = compress.strip_pruning(wrapped)
         if args.bn_samples:
-            images = np.stack(representative_images(Path(args.data), args.bn_samples, args.seed + 1)[0])
+            images = bn_images()
             facts["batchnorm_recalibrated"] = {"layers": compress.recalibrate_batchnorm(model, images),
                                                "train_images": len(images)}
         facts["layer_sparsity"] = compress.layer_sparsity(model)
@@ -224,6 +227,9 @@ def run(args: argparse.Namespace) -> dict | None:
         else None
     rep_images, rep_ids = representative_images(Path(args.data), args.representative_samples, args.seed)
     representative = compress.representative_from(rep_images)
+    # read once, and only if a pruned variant is built
+    bn_images = functools.cache(
+        lambda: np.stack(representative_images(Path(args.data), args.bn_samples, args.seed + 1)[0]))
 
     records: dict[str, dict] = {}
     for variant in variants:  # every rank walks the same list, so fine-tuning steps line up
@@ -233,7 +239,7 @@ def run(args: argparse.Namespace) -> dict | None:
         facts: dict[str, Any] = {}
         try:
             if variant.fine_tuned:
-                model, facts = build_fine_tuned(variant, base, args, hvd, plan, class_weight)
+                model, facts = build_fine_tuned(variant, base, args, hvd, plan, class_weight, bn_images)
             else:
                 model = base
             float_ops = () if variant.family in ("qat", "prune-qat") else compress.FLOAT_OUTPUT_OPS
