@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from distributed.kerasenv import keras
-from preprocessing.runtime import read_numeric_csv, write_json_atomic, write_text_atomic
+from preprocessing.runtime import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("cxrscale.train")
 
@@ -220,5 +220,3 @@ class HistoryWriter(keras.callbacks.Callback):
         writer.writerows(self.rows)
         write_text_atomic(self.path, buf.getvalue())
 
-
-read_history = read_numeric_csv  # history.csv as numbers

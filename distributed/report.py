@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from preprocessing.runtime import write_bytes_atomic, write_json_atomic, write_text_atomic
+from preprocessing.runtime import read_numeric_csv, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("cxrscale.evaluate")
 
@@ -50,7 +50,6 @@ def write_figures(out: Path, val, test, classes: list[str], results: dict, histo
     """All plots; returns ({plot name: file name}, gallery entries). A plot the data cannot support (ROC on
     a one-class split) is left out with its reason under plots["skipped"]."""
     from distributed import plots
-    from distributed.callbacks import read_history
 
     threshold = results["threshold"]["value"]
     points = ([(f"{results['threshold']['rule']} (chosen on val)", threshold), ("default", 0.5)]
@@ -60,7 +59,7 @@ def write_figures(out: Path, val, test, classes: list[str], results: dict, histo
               else np.array(results["multiclass"]["confusion_matrix"]))
     rule = f"threshold {fmt_threshold(threshold)}" if threshold is not None else "argmax"
     jobs = {
-        "curves": lambda p: plots.training_curves(read_history(history), p),
+        "curves": lambda p: plots.training_curves(read_numeric_csv(history), p),
         "roc": lambda p: plots.roc(y, probs, classes, p, operating_points=points),
         "pr": lambda p: plots.precision_recall(y, probs, classes, p, operating_points=points),
         "confusion": lambda p: plots.confusion(matrix, classes, p, title=f"{test.split} split, {rule}"),

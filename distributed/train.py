@@ -26,8 +26,8 @@ from distributed import callbacks as cb
 from distributed.config import TrainConfig, parse_config
 from distributed.data import balanced_class_weights, ordered_dataset, plan_data, train_dataset, val_dataset
 from preprocessing import schema
-from preprocessing.runtime import (CxrError, USER_ERROR_EXIT, git_commit, library_versions, setup_logging,
-                                   sha256_file, write_json_atomic)
+from preprocessing.runtime import (CxrError, USER_ERROR_EXIT, git_commit, library_versions, read_numeric_csv,
+                                   setup_logging, sha256_file, write_json_atomic)
 
 log = logging.getLogger("cxrscale.train")
 
@@ -259,7 +259,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         best = float(state["best"]) if state else -float("inf")
         callbacks += [cb.Checkpointer(run_dir, checkpoint, model, config.seed, best_value=best),
                       cb.HistoryWriter(run_dir / "history.csv", plan.steps_per_epoch * config.batch_size * size,
-                                       cb.read_history(run_dir / "history.csv")),
+                                       read_numeric_csv(run_dir / "history.csv")),
                       keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs"), update_freq="epoch",
                                                   profile_batch=0)]
     class_weight = balanced_class_weights(plan.class_counts) if config.class_weights == "auto" else None
@@ -278,7 +278,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if (best_dir / "state.json").exists():
             model.load_weights(str(best_dir / "weights")).expect_partial()
         export_model(config, plan, model.get_weights(), run_dir / "model")
-        rows = cb.read_history(run_dir / "history.csv")
+        rows = read_numeric_csv(run_dir / "history.csv")
         best_row = max(rows, key=lambda r: r.get("val_auc", -1) if r.get("val_auc") == r.get("val_auc") else -1)
         epochs_run = len(history.epoch)
         summary = {"epochs_completed": int(rows[-1]["epoch"]) if rows else initial_epoch,

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 from distributed.config import MODELS, TrainConfig, load_config_file
 from preprocessing import schema
-from preprocessing.runtime import (CxrError, read_json, read_numeric_csv as read_history, read_options_file,
+from preprocessing.runtime import (CxrError, read_json, read_numeric_csv, read_options_file,
                                    run_cli, setup_logging, write_json_atomic, write_text_atomic)
 
 log = logging.getLogger("cxrscale.tune")
@@ -298,7 +298,7 @@ def run_trial(params: dict[str, Any], settings: dict[str, Any]) -> None:
     try:
         while True:
             code = None if proc is None else proc.poll()
-            for row in read_history(run_dir / "history.csv"):
+            for row in read_numeric_csv(run_dir / "history.csv"):
                 epoch = int(row["epoch"])
                 if epoch <= reported or (epoch >= settings["max_epochs"] and code is None and proc is not None):
                     # The last epoch is reported once the run has exported its model: ASHA stops a trial
@@ -340,7 +340,7 @@ def collect(results, space: dict[str, Param], trials_dir: Path, max_epochs: int,
     for result in results:
         trial_id = Path(result.path).name
         run_dir = trials_dir / trial_id
-        history = read_history(run_dir / "history.csv")
+        history = read_numeric_csv(run_dir / "history.csv")
         frame = result.metrics_dataframe
         reported = [] if frame is None or METRIC not in frame else [
             {"epoch": int(e), METRIC: float(a), "val_loss": float(v)}
@@ -441,7 +441,7 @@ def plot_auc_vs_params(rows: list[dict], space: dict[str, Param], path: Path) ->
 
 
 def write_report(output: Path, rows: list[dict], space: dict[str, Param], settings: dict[str, Any],
-                 plot: Path | None) -> str:
+                 plot: Path | None) -> None:
     names = [n for n, p in space.items() if p.searched]
     best = rows[0] if rows and rows[0]["best_val_auc"] is not None else None
     lines = [f"# Hyper-parameter search: {settings['model']} on {settings['data']}", "",
@@ -463,9 +463,7 @@ def write_report(output: Path, rows: list[dict], space: dict[str, Param], settin
         lines += ["## Failed trials", ""] + [f"- `{r['trial']}`: {r['error']}" for r in errors] + [""]
     if plot:
         lines += [f"![validation AUC against each hyper-parameter]({plot.name})", ""]
-    text = "\n".join(lines)
-    write_text_atomic(output / "report.md", text)
-    return text
+    write_text_atomic(output / "report.md", "\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------------------
