@@ -12,7 +12,6 @@ the others still run.
 from __future__ import annotations
 
 import argparse
-import base64
 import importlib
 import json
 import logging
@@ -157,13 +156,10 @@ def to_html(markdown_text: str, folder: Path) -> str:
     """The Markdown report as one HTML file, images embedded as data URIs."""
     import markdown
 
+    from distributed.report import png_data_uri
+
     body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code"])
-
-    def inline(match: re.Match) -> str:
-        data = base64.b64encode((folder / match.group(1)).read_bytes()).decode()
-        return f'src="data:image/png;base64,{data}"'
-
-    body = re.sub(r'src="([^":]+\.png)"', inline, body)
+    body = re.sub(r'src="([^":]+\.png)"', lambda m: f'src="{png_data_uri(folder / m.group(1))}"', body)
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>cxrscale benchmarks</title>'

@@ -314,6 +314,11 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto
          "td:first-child,th:first-child{text-align:left}img{max-width:100%}figcaption{color:#555;font-size:90%}")
 
 
+def png_data_uri(path: Path) -> str:
+    """A PNG file as a data: URI, so a report page carries its figures inside itself."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
 def render_html(blocks: list[tuple], folder: Path) -> str:
     """A standalone page: figures as base64 data URIs, inline CSS, no link to anything outside itself."""
     body: list[str] = []
@@ -328,8 +333,7 @@ def render_html(blocks: list[tuple], folder: Path) -> str:
             rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block[2])
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         elif kind == "img":
-            data = base64.b64encode((folder / block[1]).read_bytes()).decode()
-            body.append(f'<figure><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">'
+            body.append(f'<figure><img alt="{html.escape(block[2])}" src="{png_data_uri(folder / block[1])}">'
                         f"<figcaption>{html.escape(block[2])}</figcaption></figure>")
     title = html.escape(blocks[0][1]) if blocks else "cxrscale report"
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
