@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,6 @@ from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, chec
 from preprocessing.runtime import read_numeric_csv, run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.benchmarks")
-REPO = Path(__file__).resolve().parents[1]
 HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
 # (model, image size, extra train flags): the thesis's three setups.
 SETUPS = {"cnn": (150, []), "resnet50": (224, []), "vgg16": (224, ["--freeze-base"])}
@@ -45,9 +43,9 @@ def make_dataset(source: Path, n_images: int, size: int, out: Path) -> Path:
         writer = csv.writer(fh)
         writer.writerow(["path", "label"])
         writer.writerows([(str(p.resolve()), p.parent.name) for p in files])
-    subprocess.run([sys.executable, "-m", "preprocessing", "--input", str(out.parent / f"{out.name}.csv"),
-                    "--output", str(out), "--size", str(size), "--shards", "4", "--val-fraction", "0.1",
-                    "--test-fraction", "0", "-q"], cwd=REPO, check=True, capture_output=True, timeout=900)
+    run_command([sys.executable, "-m", "preprocessing", "--input", str(out.parent / f"{out.name}.csv"),
+                 "--output", str(out), "--size", str(size), "--shards", "4", "--val-fraction", "0.1",
+                 "--test-fraction", "0", "-q"], timeout=900)
     return out
 
 
