@@ -155,6 +155,23 @@ def data_checks(target: DataTarget, workers: int, fewer_workers: str, *, local: 
     return checks
 
 
+def processes_per_node(gpus: int, explicit: int | None, gpus_option: str, explicit_option: str,
+                       where: str = "node") -> int:
+    """Worker processes per node (`where`, e.g. pod): one per GPU, or `explicit` (required on CPU nodes, at most one
+    per GPU on GPU nodes). Raises CxrError naming the options."""
+    if gpus < 0:
+        raise CxrError(f"{gpus_option} must be >= 0, got {gpus}")
+    if gpus == 0 and explicit is None:
+        raise CxrError(f"{gpus_option} 0 (CPU {where}s) needs {explicit_option} N, the worker processes per {where}")
+    count = explicit if explicit is not None else gpus
+    if count < 1:
+        raise CxrError(f"{explicit_option} must be at least 1, got {count}")
+    if gpus and count > gpus:
+        raise CxrError(f"{explicit_option} {count} is more than {gpus_option} {gpus}: workers would share a GPU; "
+                       "use one worker per GPU")
+    return count
+
+
 def fatal(checks: Sequence[Check]) -> list[str]:
     return [message for level, message in checks if level == ERROR]
 

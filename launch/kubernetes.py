@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from launch.common import (EntryPoint, data_checks, data_target, parse_entry_point, print_checks, split_tail,
-                           stop_if_fatal, tail_usage, write_generated)
+from launch.common import (WARNING, EntryPoint, data_checks, data_target, parse_entry_point, print_checks,
+                           processes_per_node, split_tail, stop_if_fatal, tail_usage, write_generated)
 from preprocessing.runtime import CxrError, run_cli
 
 PROG = "python -m launch.kubernetes"
@@ -149,16 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(own)
     if args.workers < 1:
         raise CxrError(f"--workers must be at least 1, got {args.workers}")
-    if args.gpus_per_worker < 0:
-        raise CxrError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
-    if args.gpus_per_worker == 0 and args.slots_per_worker is None:
-        raise CxrError("--gpus-per-worker 0 (CPU pods) needs --slots-per-worker N, the processes per pod")
-    slots = args.slots_per_worker if args.slots_per_worker is not None else args.gpus_per_worker
-    if slots < 1:
-        raise CxrError(f"--slots-per-worker must be at least 1, got {slots}")
-    if args.gpus_per_worker and slots > args.gpus_per_worker:
-        raise CxrError(f"--slots-per-worker {slots} is more than --gpus-per-worker {args.gpus_per_worker}: "
-                       "processes would share a GPU; use one per GPU")
+    slots = processes_per_node(args.gpus_per_worker, args.slots_per_worker, "--gpus-per-worker",
+                               "--slots-per-worker", where="pod")
     if not args.image.strip() or re.search(r"\s", args.image):
         raise CxrError(f"--image {args.image!r} is not an image reference such as registry.example.com/cxrscale:1.0")
     # pods are named NAME-launcher and NAME-worker-I, which must stay valid names too
@@ -179,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks = data_checks(target, workers, "use fewer --workers or --gpus-per-worker (at most {n} processes)",
                          local=False)
     if args.pvc and target.path.is_absolute() and not str(target.path).startswith(args.mount.rstrip("/") + "/"):
-        checks.append(("warning", f"{target.path} is not under --mount {args.mount}, where --pvc {args.pvc} is "
+        checks.append((WARNING, f"{target.path} is not under --mount {args.mount}, where --pvc {args.pvc} is "
                                   "mounted: the image itself must hold it"))
     print_checks(checks, f"checks for {workers} processes of {entry.module}:")
     stop_if_fatal(checks, "no manifest was written")

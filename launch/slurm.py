@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from launch.common import (EntryPoint, data_checks, data_target, parse_entry_point, print_checks, split_tail,
-                           stop_if_fatal, tail_usage, write_generated)
+from launch.common import (WARNING, EntryPoint, data_checks, data_target, parse_entry_point, print_checks,
+                           processes_per_node, split_tail, stop_if_fatal, tail_usage, write_generated)
 from preprocessing.runtime import CxrError, run_cli
 
 PROG = "python -m launch.slurm"
@@ -163,16 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 def job_from_args(args: argparse.Namespace) -> SlurmJob:
     if args.nodes < 1:
         raise CxrError(f"--nodes must be at least 1, got {args.nodes}")
-    if args.gpus_per_node < 0:
-        raise CxrError(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
-    tasks = args.tasks_per_node if args.tasks_per_node is not None else args.gpus_per_node
-    if args.gpus_per_node == 0 and args.tasks_per_node is None:
-        raise CxrError("--gpus-per-node 0 (CPU nodes) needs --tasks-per-node N, the workers per node")
-    if tasks < 1:
-        raise CxrError(f"--tasks-per-node must be at least 1, got {tasks}")
-    if args.gpus_per_node and tasks > args.gpus_per_node:
-        raise CxrError(f"--tasks-per-node {tasks} is more than --gpus-per-node {args.gpus_per_node}: workers would "
-                       "share a GPU; use one worker per GPU")
+    tasks = processes_per_node(args.gpus_per_node, args.tasks_per_node, "--gpus-per-node", "--tasks-per-node")
     if args.cpus_per_gpu < 1:
         raise CxrError(f"--cpus-per-gpu must be at least 1, got {args.cpus_per_gpu}")
     for option, value in (("--job-name", args.job_name), ("--partition", args.partition),
@@ -200,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks = data_checks(target, job.workers, f"use fewer --nodes or {per_node} (at most {{n}} workers)",
                          local=False)
     if not (Path(job.venv) / "bin" / "activate").is_file():
-        checks.append(("warning", f"no virtualenv at {job.venv} here: the job activates {job.venv} relative to the "
+        checks.append((WARNING, f"no virtualenv at {job.venv} here: the job activates {job.venv} relative to the "
                                   "folder you submit from"))
     print_checks(checks, f"checks for {job.workers} workers of {entry.module}:")
     stop_if_fatal(checks, "no script was written")
