@@ -253,7 +253,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                       if target.run_config else None)
     results["data"] = {"dir": str(target.data_dir), "fingerprint": manifest.get("fingerprint"),
                        "same_as_training": same_data, "transform": manifest.get("transform"),
-                       "counts": manifest.get("counts", {}).get("per_split"), "source": manifest.get("source")}
+                       "counts": manifest.get("counts", {}).get("per_split"), "source": manifest.get("source"),
+                       "excluded": manifest.get("counts", {}).get("excluded", 0),
+                       "warnings": manifest.get("warnings", [])}
     results["output"] = str(target.output)
     target.output.mkdir(parents=True, exist_ok=True)
     report.write_scores(target.output / "scores.csv", test, classes, results["threshold"]["value"])

@@ -267,6 +267,11 @@ def _provenance_blocks(r: dict) -> list[tuple]:
                            None: ""}[d.get("same_as_training")]))
     if split_rows:
         blocks.append(("table", head, split_rows))
+    if d.get("excluded"):
+        blocks.append(("p", f"{d['excluded']} pool images that share a patient or duplicate group with a given "
+                            "split were left out of train and val (listed in the dataset's manifest.json)."))
+    for warning in d.get("warnings") or []:
+        blocks.append(("p", f"**Warning from the dataset:** {warning}"))
     blocks.append(("h2", "Model"))
     mdl = r["model"]
     text = f"`{mdl['path']}` ({mdl['kind']}, input {'x'.join(map(str, mdl['input_shape']))}, " \

@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the pool carved out as test when the input gives no test split")
     p.add_argument("--resplit", action="store_true",
                    help="pool the given train and val splits and carve val again (Kermany's val has 16 images)")
+    p.add_argument("--given-overlap", choices=("exclude", "train"), default=d.given_overlap,
+                   help="pool images sharing a patient or duplicate group with a given val/test split: exclude "
+                        "them from train and val (default), or keep them in train (a leak, flagged in the "
+                        "manifest); a given split always holds exactly its given images")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="parallel Ray tasks (default: all CPUs of the local machine or cluster)")
     p.add_argument("--address", default=d.address,
@@ -70,8 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {k: v for k, v in vars(args).items() if k != "quiet"}
     manifest = prepare(PrepareConfig(**options))
     counts = manifest["counts"]
-    print(f"prepared {counts['written']} images ({counts['rejected']} rejected of {counts['inputs']} inputs) "
-          f"in {Path(args.output)}")
+    print(f"prepared {counts['written']} images ({counts['rejected']} rejected, {counts['excluded']} excluded, "
+          f"of {counts['inputs']} inputs) in {Path(args.output)}")
     classes = manifest["classes"]
     print(f"  {'split':<6}" + "".join(f"{c:>12}" for c in classes) + f"{'total':>8}")
     for split, row in counts["per_split"].items():
@@ -79,6 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     audit_counts = manifest["audit"]
     print(f"  duplicates: {audit_counts['exact_duplicate_groups']} exact, {audit_counts['near_duplicate_groups']} "
           f"near (kept within one split); details in {Path(args.output) / 'audit.json'}")
+    if counts["excluded"]:
+        print(f"  excluded {counts['excluded']} pool images that share a patient or duplicate group with a given "
+              "split (listed in manifest.json)")
+    for warning in manifest["warnings"]:
+        print(f"  warning: {warning}")
     for entry in manifest["rejected"][:10]:
         print(f"  rejected {entry['input']}: {entry['reason']}")
     if len(manifest["rejected"]) > 10:

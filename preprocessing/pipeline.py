@@ -56,6 +56,7 @@ class PrepareConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     resplit: bool = False
+    given_overlap: str = "exclude"
     workers: int | None = None
     address: str | None = None
     seed: int = 0
@@ -84,6 +85,9 @@ class PrepareConfig:
             raise CxrError("--val-fraction + --test-fraction must leave something to train on (sum < 1)")
         if self.workers is not None and self.workers < 1:
             raise CxrError(f"--workers must be at least 1, got {self.workers}")
+        if self.given_overlap not in splitting.OVERLAP_POLICIES:
+            raise CxrError(f"--given-overlap must be one of {', '.join(splitting.OVERLAP_POLICIES)}, "
+                           f"got {self.given_overlap!r}")
         if self.shards is not None and self.shards < 1:
             raise CxrError(f"--shards must be at least 1, got {self.shards}")
         self.transform_params()
@@ -463,8 +467,9 @@ class SplitPlan:
     groups: np.ndarray          # group label per record
     exact_groups: list[list[int]]
     near_pairs: list[tuple[int, int, int]]
-    moved: int                  # pool records placed in a given split to keep their group together
-    leaks: list[int]            # groups that straddle given splits
+    excluded: dict[int, str]    # pool record -> why it is in no split (it overlaps a given held-out split)
+    kept_overlap: int           # pool records overlapping a given held-out split kept in train (--given-overlap train)
+    leaks: list[int]            # groups that straddle splits
 
 
 def _plan_splits(records: list[Record], discovery: Discovery, carve: dict[str, float], pooled: set[str],
@@ -477,12 +482,41 @@ def _plan_splits(records: list[Record], discovery: Discovery, carve: dict[str, f
     fixed = [None if (r.item.given_split is None or r.item.given_split in pooled) else r.item.given_split
              for r in records]
     labels = np.array([r.item.label for r in records])
-    splits = splitting.assign_splits(labels, groups, fixed, carve, config.seed)
-    moved = sum(1 for f, s in zip(fixed, splits) if f is None and s != "train" and s not in carve)
+    splits = splitting.assign_splits(labels, groups, fixed, carve, config.seed, config.given_overlap)
+    overlapping = given_overlaps(records, groups, fixed)
+    excluded = {k: why for k, why in overlapping.items() if splits[k] == splitting.EXCLUDED}
+    kept = len(overlapping) - len(excluded)
+    if excluded:
+        log.info("%d pool images share a patient or duplicate group with a given held-out split: excluded from "
+                 "train and val (listed in manifest.json; --given-overlap train keeps them)", len(excluded))
+    if kept:
+        log.warning("--given-overlap train: %d train images share a patient or duplicate group with a given "
+                    "held-out split, so that split's figures are optimistic", kept)
     leaks = splitting.leaking_groups(groups, splits)
     if leaks:
-        log.warning("%d patient/duplicate groups straddle the splits the input gave (see audit.json)", len(leaks))
-    return SplitPlan(records, splits, groups, exact, near, moved, leaks)
+        log.warning("%d patient/duplicate groups straddle the splits (see audit.json)", len(leaks))
+    return SplitPlan(records, splits, groups, exact, near, excluded, kept, leaks)
+
+
+def given_overlaps(records: list[Record], groups: np.ndarray, fixed: list[str | None]) -> dict[int, str]:
+    """Pool records (fixed None) whose group has a member in a given held-out split (val or test), with the
+    reason: the same patient as an image there, or else a duplicate of one."""
+    held_out: dict[int, list[int]] = {}
+    for k, split in enumerate(fixed):
+        if split in ("val", "test"):
+            held_out.setdefault(int(groups[k]), []).append(k)
+    out = {}
+    for k, split in enumerate(fixed):
+        members = held_out.get(int(groups[k])) if split is None else None
+        if not members:
+            continue
+        names = sorted({str(fixed[j]) for j in members}, key=splitting.SPLIT_ORDER.index)
+        where = " and ".join(names) + " split" + ("s" if len(names) > 1 else "")
+        if any(records[j].patient_key == records[k].patient_key for j in members):
+            out[k] = f"same patient as images of the given {where}"
+        else:
+            out[k] = f"duplicate of an image of the given {where}"
+    return out
 
 
 @dataclass(frozen=True)
@@ -554,7 +588,8 @@ def _finish(output: Path, discovery: Discovery, config: PrepareConfig, params: T
     lines = io.StringIO()
     writer = csv.writer(lines, lineterminator="\n")
     writer.writerow(["id", "patient", "split", "label", "class", "shard"])
-    order = sorted(range(len(records)), key=lambda k: (schema.SPLITS.index(plan.splits[k]), records[k].item.rel))
+    written = [k for k in range(len(records)) if plan.splits[k] in schema.SPLITS]
+    order = sorted(written, key=lambda k: (schema.SPLITS.index(plan.splits[k]), records[k].item.rel))
     for k in order:
         label = records[k].item.label
         writer.writerow([hashes.ids[k], hashes.patients[k], plan.splits[k], label, classes[label], shard_files[k]])
@@ -584,8 +619,9 @@ def _finish(output: Path, discovery: Discovery, config: PrepareConfig, params: T
         "patients": {"count": len(patients), "max_images_per_patient": max(patients.values()),
                      "key_sources": dict(Counter(r.patient_source for r in records))},
         "groups_kept_together": {"count": len(group_sizes),
-                                 "largest": max(group_sizes.values()),
-                                 "records_moved_to_a_given_split": plan.moved},
+                                 "largest": max(group_sizes.values())},
+        "given_split_overlap": {"policy": config.given_overlap, "excluded": len(plan.excluded),
+                                "kept_in_train": plan.kept_overlap},
         "given_split_leaks": [describe(np.flatnonzero(plan.groups == g).tolist()) for g in plan.leaks],
         "input_formats": dict(Counter(r.fmt for r in records)),
         "input_sizes_px": {dim: {"min": int(shapes[:, k].min()), "median": float(np.median(shapes[:, k])),
@@ -594,6 +630,11 @@ def _finish(output: Path, discovery: Discovery, config: PrepareConfig, params: T
     write_json_atomic(output / schema.AUDIT, audit_doc)
 
     n_inputs = len(discovery.items) + len(discovery.rejected)
+    n_written = len(records) - len(plan.excluded)
+    warnings = []
+    if plan.kept_overlap:
+        warnings.append(f"--given-overlap train: {plan.kept_overlap} train images share a patient or duplicate "
+                        "group with a given held-out split; metrics on that split are optimistic")
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
         "created": _now(),
@@ -609,14 +650,20 @@ def _finish(output: Path, discovery: Discovery, config: PrepareConfig, params: T
         "split": {"val_fraction": config.val_fraction, "test_fraction": config.test_fraction,
                   "resplit": config.resplit, "seed": config.seed,
                   "given": sorted({r.item.given_split for r in records if r.item.given_split}),
+                  "given_overlap": config.given_overlap,
                   "grouped_by": "patient and duplicate group", "id_salt": salt_source},
         "audit": {"exact_duplicate_groups": len(plan.exact_groups), "near_duplicate_groups": len(near_components),
                   "near_duplicate_distance": config.near_duplicate_distance, "given_split_leaks": len(plan.leaks)},
-        "counts": {"inputs": n_inputs, "written": len(records), "rejected": len(rejected), "per_split": per_split},
+        "counts": {"inputs": n_inputs, "written": n_written, "rejected": len(rejected),
+                   "excluded": len(plan.excluded), "per_split": per_split},
         "shards": shards,
         "rejected": [{"input": shown(r["input"]), "reason": r["reason"]} for r in rejected],
+        "excluded": [{"input": shown(records[k].item.rel), "reason": why} for k, why in sorted(
+            plan.excluded.items(), key=lambda kv: records[kv[0]].item.rel)],
+        "warnings": warnings,
     }
-    if manifest["counts"]["inputs"] != manifest["counts"]["written"] + manifest["counts"]["rejected"]:
-        raise AssertionError("inputs != written + rejected: a bug in cxrscale, please report it")
+    counts = manifest["counts"]
+    if counts["inputs"] != counts["written"] + counts["rejected"] + counts["excluded"]:
+        raise AssertionError("inputs != written + rejected + excluded: a bug in cxrscale, please report it")
     write_json_atomic(output / schema.MANIFEST, manifest)
     return manifest

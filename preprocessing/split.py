@@ -11,6 +11,8 @@ from typing import Hashable, Iterable, Sequence
 import numpy as np
 
 SPLIT_ORDER = ("train", "val", "test")
+EXCLUDED = "excluded"          # a pool item left out of every split (see `assign_splits`)
+OVERLAP_POLICIES = ("exclude", "train")
 
 
 class UnionFind:
@@ -57,16 +59,20 @@ def group_ids(keys: Sequence[Hashable], links: Iterable[tuple[int, int]] = ()) -
 
 
 def assign_splits(labels: np.ndarray, groups: np.ndarray, fixed: Sequence[str | None],
-                  fractions: dict[str, float], seed: int) -> np.ndarray:
-    """Split name per item.
+                  fractions: dict[str, float], seed: int, overlap: str = "exclude") -> np.ndarray:
+    """Split name per item: "train", "val", "test", or `EXCLUDED`.
 
     labels: (n,) class index per item. groups: (n,) group label per item (see `group_ids`).
     fixed: the split an input layout already gives an item, or None for items in the pool to be split.
     fractions: the share of the pool each carved split receives, e.g. {"val": 0.1, "test": 0.1}; the rest
         of the pool goes to "train". Splits not named here are not carved.
-    A group with any fixed member takes that member's split (the most held-out one: test, then val, then
-    train) for its pool members too, so a patient never straddles a given split and a carved one.
+    overlap: what happens to a pool item whose group has a member in a given held-out split (val or test):
+        "exclude" (default) leaves it out of every split, so it can neither leak into training nor change
+        the given split; "train" keeps it in train (the patient is then on both sides: a leak the caller
+        must report). A given split always holds exactly the items given to it.
     """
+    if overlap not in OVERLAP_POLICIES:
+        raise ValueError(f"overlap must be one of {OVERLAP_POLICIES}, got {overlap!r}")
     labels = np.asarray(labels)
     groups = np.asarray(groups)
     n = len(labels)
@@ -81,8 +87,9 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray, fixed: Sequence[str | 
         if g not in pinned or rank[split] > rank[pinned[g]]:
             pinned[g] = split
     for i in np.flatnonzero(pool):
-        if int(groups[i]) in pinned:
-            out[i] = pinned[int(groups[i])]
+        split = pinned.get(int(groups[i]))
+        if split is not None:
+            out[i] = "train" if (split == "train" or overlap == "train") else EXCLUDED
             pool[i] = False
 
     carved = [s for s in SPLIT_ORDER if s != "train" and fractions.get(s, 0) > 0]
@@ -109,10 +116,13 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray, fixed: Sequence[str | 
 
 
 def leaking_groups(groups: np.ndarray, splits: np.ndarray) -> list[int]:
-    """Group labels whose members sit in more than one split (only possible through given splits)."""
+    """Group labels whose members sit in more than one split (only possible through given splits, or
+    overlap="train"); excluded items sit in none."""
     seen: dict[int, str] = {}
     leaks = set()
     for g, s in zip(groups.tolist(), splits.tolist()):
+        if s == EXCLUDED:
+            continue
         if seen.setdefault(g, s) != s:
             leaks.add(g)
     return sorted(leaks)

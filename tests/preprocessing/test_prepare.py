@@ -147,9 +147,63 @@ def test_kermany_layout_keeps_given_test_and_carves_val(tmp_path, ray_session):
     manifest = prepare(PrepareConfig(str(sample), str(out), size=64, val_fraction=0.2))
     per_split = manifest["counts"]["per_split"]
     assert manifest["source"]["layout"] == "kermany"
-    assert per_split["test"]["total"] >= given_test
+    assert per_split["test"]["total"] == given_test  # a given split is never changed
     assert 0.1 < per_split["val"]["total"] / (per_split["train"]["total"] + per_split["val"]["total"]) < 0.3
     assert manifest["split"]["given"] == ["test", "train"]
+
+
+def overlapping_kermany_folder(root: Path) -> Path:
+    """Kermany layout where patient IM-0001 has images in train and in the given test split, and a train
+    image of patient IM-0002 is a byte copy of a test image of another patient (IM-0003)."""
+    for i in range(8):
+        write_image(root / "train" / "NORMAL" / f"IM-{10 + i:04d}-0001.jpeg", radiograph_like(i))
+        write_image(root / "train" / "PNEUMONIA" / f"person{10 + i}_bacteria_{i}.jpeg",
+                    radiograph_like(50 + i, bright_patch=True))
+    write_image(root / "train" / "NORMAL" / "IM-0001-0001.jpeg", radiograph_like(200))
+    write_image(root / "train" / "NORMAL" / "IM-0001-0002.jpeg", radiograph_like(201))
+    write_image(root / "test" / "NORMAL" / "IM-0001-0003.jpeg", radiograph_like(202))
+    write_image(root / "test" / "NORMAL" / "IM-0003-0001.jpeg", radiograph_like(203))
+    shutil.copy(root / "test" / "NORMAL" / "IM-0003-0001.jpeg", root / "train" / "NORMAL" / "IM-0002-0001.jpeg")
+    write_image(root / "test" / "PNEUMONIA" / "person1_virus_1.jpeg", radiograph_like(204, bright_patch=True))
+    return root
+
+
+def test_given_test_split_is_exact_and_overlapping_pool_images_are_excluded(tmp_path, ray_session):
+    root = overlapping_kermany_folder(tmp_path / "kermany")
+    out = tmp_path / "prepared"
+    manifest = prepare(PrepareConfig(str(root), str(out), size=64, val_fraction=0.25, shards=2))
+    counts = manifest["counts"]
+    assert counts["per_split"]["test"]["total"] == 3
+    assert counts["inputs"] == 22 == counts["written"] + counts["rejected"] + counts["excluded"]
+    assert counts["excluded"] == 3
+    assert manifest["excluded"] == [
+        {"input": "train/NORMAL/IM-0001-0001.jpeg", "reason": "same patient as images of the given test split"},
+        {"input": "train/NORMAL/IM-0001-0002.jpeg", "reason": "same patient as images of the given test split"},
+        {"input": "train/NORMAL/IM-0002-0001.jpeg", "reason": "duplicate of an image of the given test split"}]
+    assert manifest["warnings"] == []
+    assert counts["per_split"]["train"]["total"] + counts["per_split"]["val"]["total"] == 16
+    rows = list(csv.DictReader(open(out / schema.SPLIT_CSV)))
+    assert len(rows) == counts["written"]
+    test_ids = {r["id"] for r in rows if r["split"] == "test"}
+    assert test_ids == {rid.decode() for _, _, rid in schema.dataset(out, "test", with_ids=True).as_numpy_iterator()}
+    train_patients = {r["patient"] for r in rows if r["split"] != "test"}
+    assert not train_patients & {r["patient"] for r in rows if r["split"] == "test"}
+    audit = json.loads((out / schema.AUDIT).read_text())
+    assert audit["given_split_overlap"] == {"policy": "exclude", "excluded": 3, "kept_in_train": 0}
+
+
+def test_given_overlap_train_keeps_them_with_a_warning(tmp_path):
+    root = overlapping_kermany_folder(tmp_path / "kermany")
+    result = run_cli("--input", str(root), "--output", str(tmp_path / "prepared"), "--size", "64",
+                     "--val-fraction", "0.25", "--shards", "2", "--given-overlap", "train", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "prepared" / schema.MANIFEST).read_text())
+    counts = manifest["counts"]
+    assert counts["per_split"]["test"]["total"] == 3 and counts["excluded"] == 0
+    assert counts["per_split"]["train"]["total"] + counts["per_split"]["val"]["total"] == 19
+    assert manifest["split"]["given_overlap"] == "train"
+    assert len(manifest["warnings"]) == 1 and "3 train images" in manifest["warnings"][0]
+    assert "warning: --given-overlap train" in result.stdout
 
 
 def test_csv_input(tmp_path, ray_session):

@@ -7,7 +7,7 @@ import pytest
 
 from preprocessing.audit import exact_duplicate_groups, near_duplicate_pairs, perceptual_hash, pixel_digest
 from preprocessing.sources import patient_from_name
-from preprocessing.split import assign_splits, group_ids, leaking_groups
+from preprocessing.split import EXCLUDED, assign_splits, group_ids, leaking_groups
 from tests.conftest import radiograph_like
 
 
@@ -62,8 +62,11 @@ def test_given_splits_are_kept_and_pull_their_groups():
     fixed = [None] * len(labels)
     fixed[0] = "test"  # patient p0's other image (index 1) is in the pool
     splits = assign_splits(labels, group_ids(patients), fixed, {"val": 0.2}, seed=0)
-    assert splits[0] == "test" and splits[1] == "test"
+    assert splits[0] == "test" and splits[1] == EXCLUDED  # the given test split is not enlarged
     assert set(splits[2:]) <= {"train", "val"}
+    kept = assign_splits(labels, group_ids(patients), fixed, {"val": 0.2}, seed=0, overlap="train")
+    assert kept[0] == "test" and kept[1] == "train"
+    assert leaking_groups(group_ids(patients), kept) == [0] and leaking_groups(group_ids(patients), splits) == []
 
 
 def test_duplicate_links_join_groups():
