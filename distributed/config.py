@@ -40,6 +40,7 @@ class TrainConfig:
     early_stopping_patience: int = 5
     reduce_lr_patience: int = 2
     shuffle_buffer: int = 1024
+    bn_samples: int = 1024
 
     def resolved_output(self) -> Path:
         return Path(self.output) if self.output else Path("runs") / Path(self.data).resolve().name
@@ -60,6 +61,7 @@ class TrainConfig:
             (self.class_weights in ("auto", "none"), "--class-weights must be auto or none"),
             (self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (self.l2 >= 0, f"--l2 must be >= 0, got {self.l2}"),
+            (self.bn_samples >= 0, f"--bn-samples must be >= 0, got {self.bn_samples}"),
             (not (self.cache_features and self.augment),
              "--cache-features computes each image's features once, so it cannot be combined with --augment"),
             (not self.cache_features or self.model != "cnn",
@@ -133,6 +135,9 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
     p.add_argument("--early-stopping-patience", type=int, default=None)
     p.add_argument("--reduce-lr-patience", type=int, default=None)
     p.add_argument("--shuffle-buffer", type=int, default=None)
+    p.add_argument("--bn-samples", type=int, default=None,
+                   help="train images over which BatchNormalization statistics are re-estimated after every epoch, "
+                        f"dropout off, across all workers (0 keeps Keras's moving averages; default {d.bn_samples})")
     return p
 
 

@@ -107,6 +107,17 @@ def ordered_dataset(files: list[Path], plan: DataPlan, batch_size: int, binary_l
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def sample_images(files: list[Path], shape: tuple[int, int, int], n: int, seed: int):
+    """Up to n uint8 images (n, H, W, C) drawn at random (seeded) from the records of `files`, as a numpy
+    array: the train images BatchNormalization statistics are re-estimated on."""
+    import numpy as np
+
+    ds = tf.data.TFRecordDataset([str(p) for p in files]).shuffle(4096, seed=seed, reshuffle_each_iteration=False)
+    ds = ds.take(n).map(lambda s: schema.parse_example(s, shape)["image"]).batch(256)
+    batches = list(ds.as_numpy_iterator())
+    return np.concatenate(batches) if batches else np.zeros((0, *shape), np.uint8)
+
+
 def _pair(serialized: tf.Tensor, shape: tuple[int, int, int], binary_labels: bool):
     record = schema.parse_example(serialized, shape)
     label = record["label"]

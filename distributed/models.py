@@ -309,6 +309,45 @@ def set_backbone_trainable(model: keras.Model, *, freeze_base: bool = False,
     return model
 
 
+def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> int:
+    """Re-estimate every BatchNormalization layer's moving mean and variance from `images` (N, H, W, C),
+    uint8 train images, in place: the plain average of the batch statistics over the images, dropout off.
+    Returns the number of BatchNormalization layers.
+
+    Frozen BatchNormalization layers (trainable=False) run in inference mode and keep their statistics.
+
+    Why ("precise BN", Wu & Johnson 2021, "Rethinking Batch in BatchNorm"): Keras's moving averages
+    describe the weights of the last ~1/(1 - momentum) steps, and, computed with dropout on, a wider
+    distribution than inference sees (the dropout variance shift). Both showed on real data:
+    - training the CNN (64 px, Adam 2e-3, global batch 64) on the Kermany train split, validation accuracy
+      at 0.5 swung 0.90, 0.78, 0.26, 0.74, 0.94, 0.94, 0.81, 0.66 over epochs 1-8 with the moving averages
+      (validation loss up to 4.6, AUC steady at 0.97-0.99), and stayed at 0.90-0.95 (loss 0.15-0.25) with
+      statistics re-estimated like this at each epoch end;
+    - after pruning the 64 px ResNet50 to 50 % sparsity (momentum 0.99, so a short fine-tuning never
+      catches up): validation AUC 0.50 (one constant output) before, 0.990 after, on 1,024 train images.
+    """
+    layers = [layer for layer in model.submodules if isinstance(layer, keras.layers.BatchNormalization)]
+    if not layers or len(images) == 0:
+        return len(layers)
+    dropouts = [layer for layer in model.submodules if isinstance(layer, keras.layers.Dropout)]
+    saved = [(layer, layer.momentum) for layer in layers], [(layer, layer.rate) for layer in dropouts]
+    try:
+        for layer in dropouts:
+            layer.rate = 0.0  # dropout in training mode would skew the statistics downstream of it
+        for step, start in enumerate(range(0, len(images), batch_size)):
+            for layer in layers:
+                # momentum k/(k+1) makes the moving value the running mean of the k+1 batches so far (eager
+                # calls read the attribute each time); the first batch (momentum 0) replaces the old value.
+                layer.momentum = step / (step + 1)
+            model(images[start:start + batch_size], training=True)
+    finally:
+        for layer, momentum in saved[0]:
+            layer.momentum = momentum
+        for layer, rate in saved[1]:
+            layer.rate = rate
+    return len(layers)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Internals
 # ---------------------------------------------------------------------------------------------------------
@@ -479,5 +518,5 @@ def _first_line(err: BaseException) -> str:
 __all__ = [
     "MODEL_NAMES", "ModelError", "build_model", "build_vgg16_classifier", "build_resnet50_classifier",
     "build_thesis_cnn", "last_conv_layer_name", "output_probabilities", "loss_for", "min_image_size",
-    "backbone_layers", "set_backbone_trainable",
+    "backbone_layers", "set_backbone_trainable", "recalibrate_batchnorm",
 ]

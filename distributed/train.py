@@ -24,7 +24,8 @@ import tensorflow as tf
 
 from distributed import callbacks as cb
 from distributed.config import TrainConfig, parse_config
-from distributed.data import balanced_class_weights, ordered_dataset, plan_data, train_dataset, val_dataset
+from distributed.data import (balanced_class_weights, ordered_dataset, plan_data, sample_images, train_dataset,
+                              val_dataset)
 from preprocessing import schema
 from preprocessing.runtime import (CxrError, USER_ERROR_EXIT, git_commit, library_versions, read_numeric_csv,
                                    setup_logging, sha256_file, write_json_atomic)
@@ -242,9 +243,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     callbacks: list = [hvd.callbacks.BroadcastGlobalVariablesCallback(0),
                        hvd.callbacks.MetricAverageCallback()]
-    if size > 1:
-        callbacks.append(cb.AverageMovingStatistics(
-            lambda var: hvd_tf.allreduce(var, op=hvd_tf.Average, name=var.name.replace(":", "_"))))
+    bn_images = None
+    if config.bn_samples and not config.cache_features and any(
+            isinstance(layer, keras.layers.BatchNormalization) and layer.trainable for layer in model.layers):
+        bn_images = sample_images(plan.train_files, plan.image_shape, -(-config.bn_samples // size), config.seed)
+    if bn_images is not None or size > 1:
+        callbacks.append(cb.BatchNormStatistics(model, bn_images, (lambda var: hvd_tf.allreduce(
+            var, op=hvd_tf.Average, name=var.name.replace(":", "_"))) if size > 1 else None))
     callbacks += [cb.ExactValidation(ds_val, val_labels, lambda obj: hvd_tf.allgather_object(obj) if size > 1
                                           else [obj], len(plan.classes))]
     if size > 1 and config.warmup_epochs > 0:

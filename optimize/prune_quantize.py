@@ -31,7 +31,7 @@ import numpy as np
 
 from distributed.data import balanced_class_weights, plan_data, train_dataset
 from distributed.evaluate import ThresholdRule, compute_metrics, parse_threshold, score_split
-from distributed.models import loss_for, min_image_size
+from distributed.models import loss_for, min_image_size, recalibrate_batchnorm
 from distributed.scoring import load_scorer, read_run_config, run_model_path
 from distributed.train import agree, configure_devices, launcher_rank
 from optimize import compress, measure
@@ -118,7 +118,7 @@ def build_fine_tuned(variant: Variant, base: keras.Model, args, hvd, plan, class
         model = compress.strip_pruning(wrapped)
         if args.bn_samples:
             images = bn_images()
-            facts["batchnorm_recalibrated"] = {"layers": compress.recalibrate_batchnorm(model, images),
+            facts["batchnorm_recalibrated"] = {"layers": recalibrate_batchnorm(model, images),
                                                "train_images": len(images)}
         facts["layer_sparsity"] = compress.layer_sparsity(model)
         facts["pruned_layers"] = compress.prune_targets(base)

@@ -308,3 +308,24 @@ def test_saved_model_reloads_without_custom_objects_and_predicts_the_same(tmp_pa
     reloaded = keras.models.load_model(str(tmp_path / filename), compile=False)
     assert reloaded.input.dtype == "uint8"
     np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_batchnorm_recalibration_sets_the_average_batch_statistics_with_dropout_off():
+    inputs = keras.Input((4, 4, 2))
+    dropout = keras.layers.Dropout(0.5)
+    norm = keras.layers.BatchNormalization(momentum=0.99)
+    model = keras.Model(inputs, norm(dropout(inputs)))
+    norm.moving_mean.assign([100.0, 100.0])  # statistics of some other network, as after pruning
+    norm.moving_variance.assign([50.0, 50.0])
+    rng = np.random.default_rng(0)
+    images = (rng.normal(size=(256, 4, 4, 2)) * [1.0, 2.0] + [3.0, -2.0]).astype("float32")
+
+    assert M.recalibrate_batchnorm(model, images, batch_size=64) == 1
+    batches = images.reshape(4, 64, 4, 4, 2)
+    np.testing.assert_allclose(norm.moving_mean.numpy(), images.mean(axis=(0, 1, 2)), atol=1e-4)
+    # the mean of the four batch variances; with dropout on (x2 scaling of kept values) it would be far larger
+    np.testing.assert_allclose(norm.moving_variance.numpy(), batches.var(axis=(1, 2, 3)).mean(axis=0), rtol=1e-2)
+    assert norm.momentum == 0.99 and dropout.rate == 0.5
+    normalised = model(images, training=False).numpy()
+    np.testing.assert_allclose(normalised.mean(axis=(0, 1, 2)), [0.0, 0.0], atol=0.02)
+    np.testing.assert_allclose(normalised.std(axis=(0, 1, 2)), [1.0, 1.0], atol=0.02)
