@@ -1,0 +1,93 @@
+"""Calibration: the fits recover known maps, the in-graph layers compute exactly the fitted map, and the
+calibrated model survives SavedModel export and TFLite conversion."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distributed.kerasenv import keras
+from distributed import calibration as C
+from distributed.models import ModelError, build_model
+
+
+def overconfident(n: int = 4000, temperature: float = 3.0, seed: int = 0):
+    """Labels drawn from sigmoid(z), and the logits a model 'temperature' times too confident reports."""
+    rng = np.random.default_rng(seed)
+    true_logit = rng.normal(0.5, 2.0, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    return y, (true_logit * temperature)[:, None]
+
+
+def test_temperature_recovers_the_overconfidence_and_lowers_the_ece():
+    y, z = overconfident(temperature=3.0)
+    cal = C.fit_calibration("temperature", y, z)
+    assert cal.params["temperature"] == pytest.approx(3.0, rel=0.1)
+    summary = C.calibration_summary(y, z, cal)
+    assert summary["before"]["ece"] > 0.1 and summary["after"]["ece"] < 0.03
+    assert summary["after"]["log_loss"] < summary["before"]["log_loss"]
+    assert summary["after"]["brier"] < summary["before"]["brier"]
+
+
+@pytest.mark.parametrize("method", ["platt", "isotonic"])
+def test_platt_and_isotonic_lower_the_ece(method):
+    y, z = overconfident(temperature=0.3, seed=1)  # under-confident this time
+    cal = C.fit_calibration(method, y, z)
+    summary = C.calibration_summary(y, z, cal)
+    assert summary["after"]["ece"] < 0.03 < summary["before"]["ece"]
+    probs = cal.apply(z)
+    assert probs.shape == (len(y), 2) and np.all((probs >= 0) & (probs <= 1))
+    assert np.all(np.diff(probs[np.argsort(z[:, 0]), 1]) >= -1e-12)  # monotone: the ranking is kept
+
+
+def test_bad_requests_are_clear():
+    y, z = overconfident(200)
+    with pytest.raises(ModelError, match="only one class"):
+        C.fit_calibration("temperature", np.zeros(200, int), z)
+    with pytest.raises(ModelError, match="two classes"):
+        C.fit_calibration("platt", np.arange(30) % 3, np.zeros((30, 3)))
+    with pytest.raises(ModelError, match="choose one of"):
+        C.fit_calibration("beta", y, z)
+
+
+@pytest.mark.parametrize("name, method", [("cnn", "temperature"), ("cnn", "platt"), ("cnn", "isotonic"),
+                                          ("vgg16", "isotonic"), ("vgg16", "temperature")])
+def test_the_calibrated_graph_computes_the_fitted_map_in_savedmodel_and_tflite(tmp_path, name, method):
+    import tensorflow as tf
+
+    model = build_model(name, 32, weights="none", seed=0)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 32, 32, 1), dtype=np.uint8)
+    z = C.logits_of(model, images)
+    d = z[:, -1] - (z[:, 0] if z.shape[1] == 2 else 0)
+    logits = model.get_layer("logits")  # an untrained model's logits spread ~1e-3: widen them as training does
+    logits.set_weights([w * (2.0 / d.std()) for w in logits.get_weights()])
+    z = C.logits_of(model, images)
+    d = z[:, -1] - (z[:, 0] if z.shape[1] == 2 else 0)
+    y = (d + rng.normal(0, d.std(), 64) > np.median(d)).astype(int)  # labels that follow the score loosely
+    cal = C.fit_calibration(method, y, C.logits_of(model, images))
+    calibrated = C.calibrated_model(model, cal)
+    assert calibrated.layers[-1].name == "predictions"
+    assert any(C.is_calibration_layer(layer) for layer in calibrated.layers)
+    expected = cal.apply(C.logits_of(model, images))[:, 1]
+    atol = 1e-3 if method == "isotonic" else 2e-5  # isotonic: steep segments between close knots, in float32
+    got = calibrated.predict(images, verbose=0)
+    got = got[:, -1] if got.shape[1] <= 2 else got
+    np.testing.assert_allclose(got, expected, atol=atol)
+
+    calibrated.save(str(tmp_path / "model"))
+    loaded = keras.models.load_model(str(tmp_path / "model"), compile=False)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0)[:, -1], expected, atol=atol)
+    again = C.calibrated_model(loaded, C.Calibration("none"))  # re-calibrating replaces the old layers
+    assert not any(C.is_calibration_layer(layer) for layer in again.layers)
+
+    lite = tf.lite.Interpreter(model_content=tf.lite.TFLiteConverter.from_keras_model(calibrated).convert())
+    inp, out = lite.get_input_details()[0], lite.get_output_details()[0]
+    lite.resize_tensor_input(inp["index"], [len(images), 32, 32, 1])
+    lite.allocate_tensors()
+    lite.set_tensor(inp["index"], images)
+    lite.invoke()
+    lite_probs = lite.get_tensor(out["index"])[:, -1]
+    if method == "isotonic":  # TFLite's own float rounding of the logits, times the map's steepest slopes
+        assert np.mean(np.abs(lite_probs - expected)) < 2e-3 and np.max(np.abs(lite_probs - expected)) < 0.05
+    else:
+        np.testing.assert_allclose(lite_probs, expected, atol=1e-4)
