@@ -11,6 +11,7 @@ from preprocessing.runtime import CxrError, read_options_file
 
 MODELS = ("cnn", "vgg16", "resnet50")
 PRECISIONS = ("auto", "fp32", "mixed_float16", "mixed_bfloat16")
+CALIBRATIONS = ("temperature", "platt", "isotonic", "none")  # distributed.calibration.METHODS, without TensorFlow
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class TrainConfig:
     reduce_lr_patience: int = 2
     shuffle_buffer: int = 1024
     bn_samples: int = 1024
+    calibration: str = "temperature"
 
     def resolved_output(self) -> Path:
         return Path(self.output) if self.output else Path("runs") / Path(self.data).resolve().name
@@ -61,6 +63,8 @@ class TrainConfig:
             (self.class_weights in ("auto", "none"), "--class-weights must be auto or none"),
             (self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (self.l2 >= 0, f"--l2 must be >= 0, got {self.l2}"),
+            (self.calibration in CALIBRATIONS,
+             f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}"),
             (self.bn_samples >= 0, f"--bn-samples must be >= 0, got {self.bn_samples}"),
             (not (self.cache_features and self.augment),
              "--cache-features computes each image's features once, so it cannot be combined with --augment"),
@@ -135,6 +139,9 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
     p.add_argument("--early-stopping-patience", type=int, default=None)
     p.add_argument("--reduce-lr-patience", type=int, default=None)
     p.add_argument("--shuffle-buffer", type=int, default=None)
+    p.add_argument("--calibration", choices=CALIBRATIONS, default=None,
+                   help="probability calibration fitted on the validation split and built into the exported model "
+                        f"(default {d.calibration})")
     p.add_argument("--bn-samples", type=int, default=None,
                    help="train images over which BatchNormalization statistics are re-estimated after every epoch, "
                         f"dropout off, across all workers (0 keeps Keras's moving averages; default {d.bn_samples})")

@@ -24,7 +24,7 @@ import numpy as np
 from distributed import metrics as m
 from distributed.scoring import Scorer, load_scorer, read_run_config, run_model_path
 from preprocessing import schema
-from preprocessing.runtime import CxrError, check_writable_dir, run_cli, setup_logging, sha256_file
+from preprocessing.runtime import CxrError, check_writable_dir, read_json, run_cli, setup_logging, sha256_file
 
 log = logging.getLogger("cxrscale.evaluate")
 
@@ -246,6 +246,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.split == "val":
         log.warning("--split val: the threshold is chosen on the same cases it is measured on (optimistic)")
     results = compute_metrics(val, test, classes, args.threshold, n_bootstrap=args.bootstrap, seed=args.seed)
+    before = uncalibrated_scores(scorer, target.data_dir, test)
+    results["calibration"] = calibration_report(target, test, before)
     results["model"] = {"path": str(target.model_path), "kind": scorer.kind, "input_shape": list(scorer.input_shape),
                         "size_bytes": _size(target.model_path)}
     results["run"] = ({"dir": str(target.run_dir), "model": target.run_config["config"]["model"],
@@ -264,10 +266,41 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     images = load_records(target.data_dir, test.split, [p["index"] for p in picks])
     results["plots"], results["gallery"] = report.write_figures(
         target.output, val, test, classes, results, history, scorer, picks, images, gradcam=not args.no_gradcam)
+    results["calibration"].pop("before_probs", None)  # plotted, not a number for metrics.json
     results["seconds"] = time.perf_counter() - started
     report.write_report(target.output, results)
     log.info("report written to %s (%.0f s)", target.output / "report.html", results["seconds"])
     return results
+
+
+def uncalibrated_scores(scorer: Scorer, data_dir: Path, scores: SplitScores) -> SplitScores | None:
+    """The split's probabilities before the model's built-in calibration (its logits through the head's own
+    sigmoid/softmax), or None when the model has no calibration layers or is not a Keras model."""
+    from distributed.calibration import is_calibration_layer, logits_of, uncalibrated_probabilities
+
+    model = scorer.keras_model
+    if model is None or not any(is_calibration_layer(layer) for layer in model.layers):
+        return None
+    logits = np.concatenate([logits_of(model, images) for images, _ in
+                             schema.dataset(data_dir, scores.split).batch(256).as_numpy_iterator()])
+    return SplitScores(scores.split, scores.labels, uncalibrated_probabilities(logits), scores.ids)
+
+
+def calibration_report(target: Target, after: SplitScores, before: SplitScores | None) -> dict[str, Any]:
+    """ECE, Brier and log loss of the evaluated split before (when known) and after calibration, and how the
+    run fitted it (RUN/calibration.json)."""
+    from distributed.calibration import probability_quality
+
+    fitted = None
+    if target.run_dir and (target.run_dir / "calibration.json").is_file():
+        fitted = read_json(target.run_dir / "calibration.json", "calibration record")
+    out: dict[str, Any] = {"method": fitted["method"] if fitted else ("unknown" if before is not None else "none"),
+                           "fitted_on": fitted.get("fitted_on") if fitted else None,
+                           "after": probability_quality(after.labels, after.probs)}
+    if before is not None:
+        out["before"] = probability_quality(before.labels, before.probs)
+        out["before_probs"] = before.probs
+    return out
 
 
 def _size(path: Path) -> int:

@@ -188,22 +188,32 @@ def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
 
 
 @styled
-def reliability(y_true, probs, classes: Sequence[str], path, *, n_bins: int = 10) -> Path:
-    """Reliability diagram with ECE, over a histogram of the predicted probabilities (K > 2: top-label)."""
+def reliability(y_true, probs, classes: Sequence[str], path, *, n_bins: int = 10, before=None) -> Path:
+    """Reliability diagram with ECE, over a histogram of the predicted probabilities (K > 2: top-label);
+    `before`: the same cases' probabilities before calibration, drawn as a second, fainter curve."""
     y, p = _check(y_true, probs, classes)
     if len(classes) == 2:
         hit, conf = y == 1, p[:, 1]
+        conf_before = None if before is None else np.asarray(before)[:, 1]
         xlabel, ylabel = f"mean predicted probability of {classes[1]}", f"observed fraction {classes[1]}"
         subject = classes[1]
     else:
         hit, conf = p.argmax(axis=1) == y, p.max(axis=1)
+        conf_before = None if before is None else np.asarray(before).max(axis=1)
         xlabel, ylabel, subject = "confidence (top-class probability)", "observed accuracy", "top-label confidence"
     ece = expected_calibration_error(hit, conf, n_bins)
     bins = calibration_bins(hit, conf, n_bins)  # the same bins as the ECE and metrics.json
     observed, predicted = [b["fraction_positive"] for b in bins], [b["mean_predicted"] for b in bins]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 7.4), sharex=True, height_ratios=[3, 1])
     top.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
-    top.plot(predicted, observed, "o-", color="C0", lw=2, clip_on=False, label=f"model ({n_bins} equal-width bins)")
+    if conf_before is not None:
+        hit_before = hit if len(classes) == 2 else (np.asarray(before).argmax(axis=1) == y)
+        old = calibration_bins(hit_before, conf_before, n_bins)
+        top.plot([b["mean_predicted"] for b in old], [b["fraction_positive"] for b in old], "s--", color="C1",
+                 lw=1.5, alpha=0.7, clip_on=False,
+                 label=f"before calibration (ECE {expected_calibration_error(hit_before, conf_before, n_bins):.3f})")
+    top.plot(predicted, observed, "o-", color="C0", lw=2, clip_on=False,
+             label=f"{'calibrated ' if conf_before is not None else ''}model ({n_bins} equal-width bins)")
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel=ylabel,
             title=f"Reliability — {subject}\nECE {ece:.3f} (n = {len(y):,})")
     top.legend(loc="upper left")

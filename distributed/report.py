@@ -63,7 +63,8 @@ def write_figures(out: Path, val, test, classes: list[str], results: dict, histo
         "roc": lambda p: plots.roc(y, probs, classes, p, operating_points=points),
         "pr": lambda p: plots.precision_recall(y, probs, classes, p, operating_points=points),
         "confusion": lambda p: plots.confusion(matrix, classes, p, title=f"{test.split} split, {rule}"),
-        "calibration": lambda p: plots.reliability(y, probs, classes, p),
+        "calibration": lambda p: plots.reliability(y, probs, classes, p,
+                                                   before=results.get("calibration", {}).get("before_probs")),
         "histograms": lambda p: plots.score_histograms(y, probs, classes, p, threshold=threshold),
     }
     if history is None or not history.is_file():
@@ -187,6 +188,7 @@ def report_blocks(r: dict) -> list[tuple]:
                            else f", {t['description']}.")))
     blocks += _uncertainty_blocks(r)
     blocks += _metric_blocks(r)
+    blocks += _calibration_blocks(r)
     blocks += _figure_blocks(r)
     blocks += _provenance_blocks(r)
     return blocks
@@ -233,6 +235,20 @@ def _metric_blocks(r: dict) -> list[tuple]:
                         f"{_fmt(r['validation_at_threshold']['sensitivity'])}, specificity "
                         f"{_fmt(r['validation_at_threshold']['specificity'])}."))
     return blocks
+
+
+def _calibration_blocks(r: dict) -> list[tuple]:
+    cal = r.get("calibration")
+    if not cal:
+        return []
+    rows = [[stage, _fmt(cal[stage]["ece"]), _fmt(cal[stage]["brier"]), _fmt(cal[stage]["log_loss"])]
+            for stage in ("before", "after") if stage in cal]
+    rows[-1][0] = "after" if "before" in cal else "as output"
+    how = {"none": "The model outputs its raw probabilities (no calibration).",
+           "unknown": "The model ends in calibration layers."}.get(
+        cal["method"], f"The model ends in {cal['method']} calibration fitted on the {cal['fitted_on'] or 'val'} split.")
+    return [("h2", "Calibration"), ("p", how + f" Measured on the {r['split']} split (lower is better):"),
+            ("table", ["probabilities", "ECE", "Brier", "log loss"], rows)]
 
 
 FIGURES = (("curves", "Training curves: loss, accuracy and validation AUC per epoch"),

@@ -102,16 +102,18 @@ def check_run_dir(run_dir: Path, resume: bool) -> dict | None:
     if resume:
         if state is None:
             raise CxrError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-        return state
+        return {**state, "finished": (run_dir / "train_summary.json").exists()}
     if state is not None or (run_dir / "model").exists():
         raise CxrError(f"{run_dir} already holds a training run: pass --resume to continue it, or choose "
                        "another --output")
     return None
 
 
-def export_model(config: TrainConfig, plan, weights: list[np.ndarray], target: Path) -> None:
+def export_model(config: TrainConfig, plan, weights: list[np.ndarray], target: Path, calibration=None) -> None:
     """Save the model with `weights` as a float32 SavedModel (portable: float16 kernels are missing on
-    many CPUs), built fresh so that no optimizer or Horovod wrapper is saved with it."""
+    many CPUs), built fresh so that no optimizer or Horovod wrapper is saved with it, ending in the
+    `calibration` layers (distributed.calibration) when given."""
+    from distributed.calibration import calibrated_model
     from distributed.models import build_model
 
     policy = keras.mixed_precision.global_policy()
@@ -120,6 +122,8 @@ def export_model(config: TrainConfig, plan, weights: list[np.ndarray], target: P
         model = build_model(config.model, plan.image_shape[0], len(plan.classes), weights="none",
                             **model_options(config))
         model.set_weights(weights)
+        if calibration is not None:
+            model = calibrated_model(model, calibration)
         tmp = target.parent / f".{target.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save(str(tmp))
@@ -127,6 +131,27 @@ def export_model(config: TrainConfig, plan, weights: list[np.ndarray], target: P
         os.replace(tmp, target)
     finally:
         keras.mixed_precision.set_global_policy(policy)
+
+
+def fit_run_calibration(config: TrainConfig, model, data_dir: Path, plan, run_dir: Path):
+    """Rank 0: fit `config.calibration` on the whole validation split's logits of the (best) model, write
+    RUN/calibration.json with the map and the validation ECE, Brier and log loss before and after it."""
+    from distributed.calibration import calibration_summary, fit_calibration, logits_of
+
+    images, labels = [], []
+    for x, y in val_dataset(data_dir, plan, 256, 0, 1).as_numpy_iterator():
+        images.append(x)
+        labels.append(y)
+    images, labels = np.concatenate(images), np.concatenate(labels).astype(int).ravel()
+    logits = logits_of(model, images)
+    calibration = fit_calibration(config.calibration, labels, logits)
+    summary = calibration_summary(labels, logits, calibration)
+    write_json_atomic(run_dir / "calibration.json", {**calibration.to_dict(), "fitted_on": "val",
+                                                     "validation": summary})
+    log.info("calibration %s on %d validation images: ECE %.3f -> %.3f, log loss %.3f -> %.3f",
+             calibration.method, len(labels), summary["before"]["ece"], summary["after"]["ece"],
+             summary["before"]["log_loss"], summary["after"]["log_loss"])
+    return calibration
 
 
 def model_options(config: TrainConfig) -> dict[str, Any]:
@@ -220,7 +245,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
             log.info("resuming after epoch %d from %s (weights %s)", initial_epoch, path.parent, restored)
             if restored != state.get("weights_checksum"):
                 log.warning("restored weights differ from the checkpoint's record (%s)", state.get("weights_checksum"))
-    if initial_epoch >= config.epochs:
+    # Killed after its last epoch but before the summary: only calibration and export are left to do.
+    finishing = initial_epoch >= config.epochs and not (state or {}).get("finished")
+    if initial_epoch >= config.epochs and not finishing:
         raise CxrError(f"{run_dir} has already trained {initial_epoch} epochs; raise --epochs to train more")
 
     if rank == 0:
@@ -270,9 +297,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
     class_weight = balanced_class_weights(plan.class_counts) if config.class_weights == "auto" else None
 
     started = time.perf_counter()
-    history = fit_model.fit(ds_train, steps_per_epoch=plan.steps_per_epoch, epochs=config.epochs,
-                        initial_epoch=initial_epoch, callbacks=callbacks, class_weight=class_weight,
-                        verbose=(1 if sys.stderr.isatty() else 2) if rank == 0 else 0)
+    epochs_run = 0
+    if finishing:
+        if rank == 0:
+            log.info("%s trained all %d epochs before it stopped; finishing its calibration and export",
+                     run_dir, initial_epoch)
+    else:
+        history = fit_model.fit(ds_train, steps_per_epoch=plan.steps_per_epoch, epochs=config.epochs,
+                                initial_epoch=initial_epoch, callbacks=callbacks, class_weight=class_weight,
+                                verbose=(1 if sys.stderr.isatty() else 2) if rank == 0 else 0)
+        epochs_run = len(history.epoch)
     seconds = time.perf_counter() - started
 
     checksums = hvd_tf.allgather_object(cb.weight_checksum(model), name="weight_checksums") if size > 1 else [
@@ -282,14 +316,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
         best_dir = run_dir / "checkpoints" / "best"
         if (best_dir / "state.json").exists():
             model.load_weights(str(best_dir / "weights")).expect_partial()
-        export_model(config, plan, model.get_weights(), run_dir / "model")
+        calibration = fit_run_calibration(config, model, data_dir, plan, run_dir)
+        export_model(config, plan, model.get_weights(), run_dir / "model", calibration)
         rows = read_numeric_csv(run_dir / "history.csv")
         best_row = max(rows, key=lambda r: r.get("val_auc", -1) if r.get("val_auc") == r.get("val_auc") else -1)
-        epochs_run = len(history.epoch)
         summary = {"epochs_completed": int(rows[-1]["epoch"]) if rows else initial_epoch,
                    "epochs_this_session": epochs_run, "best_epoch": int(best_row["epoch"]),
                    "best_val_auc": best_row.get("val_auc"), "seconds": seconds,
-                   "train_images_per_second": epochs_run * plan.steps_per_epoch * config.batch_size * size / seconds,
+                   "train_images_per_second": epochs_run * plan.steps_per_epoch * config.batch_size * size
+                   / max(seconds, 1e-9),
                    "weight_checksums_by_rank": checksums, "ranks_in_sync": len(set(checksums)) == 1}
         write_json_atomic(run_dir / "train_summary.json", summary)
         log.info("best val AUC %.4f at epoch %d; model exported to %s", summary["best_val_auc"],

@@ -23,7 +23,8 @@ from tensorflow_model_optimization.python.core.quantization.keras.default_8bit i
     default_8bit_quantize_registry
 from tensorflow_model_optimization.python.core.sparsity.keras import prune_registry
 
-from distributed.models import LOGITS_NAME, PREPROCESSING_LAYER_NAMES
+from distributed.calibration import is_calibration_layer
+from distributed.models import LOGITS_NAME, OUTPUT_NAME, PREPROCESSING_LAYER_NAMES
 from preprocessing.runtime import CxrError
 
 PRUNABLE_TYPES = (keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv2D,
@@ -57,7 +58,7 @@ def prune_targets(model: keras.Model) -> list[str]:
                 layer, tfmot.sparsity.keras.PrunableLayer):
             raise VariantSkipped(f"{_describe(layer)} is not supported by tfmot pruning (a custom layer must "
                                  "implement tfmot.sparsity.keras.PrunableLayer)")
-        if isinstance(layer, PRUNABLE_TYPES) and layer.name != LOGITS_NAME and \
+        if isinstance(layer, PRUNABLE_TYPES) and layer.name != LOGITS_NAME and not is_calibration_layer(layer) and \
                 int(np.prod(layer.kernel.shape)) >= MIN_PRUNED_WEIGHTS:
             targets.append(layer.name)
     if not targets:
@@ -101,8 +102,12 @@ def quantize_wrap(model: keras.Model, *, preserve_sparsity: bool = False) -> ker
     tfmot supports; the weight-free preprocessing layers stay float. preserve_sparsity: the
     prune-preserving scheme of tfmot's collaborative optimisation (the pruned zeros stay zero)."""
     registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
+    def stays_float(layer) -> bool:  # weight-free preprocessing, and the calibration (a float map of the logits)
+        return layer.name in PREPROCESSING_LAYER_NAMES or is_calibration_layer(layer) or (
+            layer.name == OUTPUT_NAME and any(is_calibration_layer(other) for other in model.layers))
+
     for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer) or layer.name in PREPROCESSING_LAYER_NAMES:
+        if isinstance(layer, keras.layers.InputLayer) or stays_float(layer):
             continue
         # BatchNormalization is not quantized on its own: tfmot folds it into the convolution before it
         if not type(layer).__module__.startswith("tf_keras.") or not (
@@ -112,7 +117,7 @@ def quantize_wrap(model: keras.Model, *, preserve_sparsity: bool = False) -> ker
 
     def wrap(layer):
         fresh = layer.__class__.from_config(layer.get_config())
-        if layer.name in PREPROCESSING_LAYER_NAMES:
+        if stays_float(layer):
             return fresh
         return tfmot.quantization.keras.quantize_annotate_layer(fresh)
 

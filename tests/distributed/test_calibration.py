@@ -91,3 +91,29 @@ def test_the_calibrated_graph_computes_the_fitted_map_in_savedmodel_and_tflite(t
         assert np.mean(np.abs(lite_probs - expected)) < 2e-3 and np.max(np.abs(lite_probs - expected)) < 0.05
     else:
         np.testing.assert_allclose(lite_probs, expected, atol=1e-4)
+
+
+def test_calibrated_on_real_radiographs_the_carved_test_ece_is_at_most_005(kermany_run, tmp_path):
+    """The run's built-in temperature calibration, fitted on validation only, judged on the carved test split
+    of the whole Kermany train set (522 patient-disjoint radiographs) through the real evaluate CLI."""
+    import json
+    import subprocess
+
+    from tests.conftest import PYTHON, REPO
+    from tests.training_fixtures import quiet
+
+    run = kermany_run["run"]
+    fitted = json.loads((run / "calibration.json").read_text())
+    assert fitted["method"] == "temperature" and fitted["fitted_on"] == "val"
+    out = tmp_path / "eval"
+    result = subprocess.run([PYTHON, "-m", "distributed.evaluate", "--run", str(run), "--output", str(out),
+                             "--no-gradcam", "--bootstrap", "200", "-q"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, quiet(result.stderr)
+    metrics = json.loads((out / "metrics.json").read_text())
+    cal = metrics["calibration"]
+    print("carved test calibration:", cal)
+    assert cal["method"] == "temperature" and cal["after"]["ece"] <= 0.05, cal
+    assert cal["after"]["log_loss"] <= cal["before"]["log_loss"] + 0.01, cal
+    assert metrics["at_threshold"]["roc_auc"] >= 0.95
+    assert "Calibration" in (out / "report.md").read_text()

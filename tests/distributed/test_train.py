@@ -194,3 +194,24 @@ def test_fewer_shards_than_workers_stops_every_worker(sample_images, tmp_path):
 def test_help():
     result = subprocess.run(train_cmd("--help"), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "horovodrun -np 4" in result.stdout and "--cache-features" in result.stdout
+
+
+def test_a_run_killed_after_its_last_epoch_finishes_its_export_on_resume(sample_run, tmp_path):
+    """Killed between the last epoch's checkpoint and the summary (during calibration or export): --resume
+    does not refuse ("already trained"), it calibrates and exports; a finished run still refuses."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(sample_run, run)
+    shutil.rmtree(run / "model")
+    (run / "train_summary.json").unlink()
+    (run / "calibration.json").unlink()
+    config = json.loads((run / "config.json").read_text())["config"]
+    args = ["--data", config["data"], "--model", "cnn", "--epochs", "2", "--batch-size", "16", "--output", str(run),
+            "--resume"]
+    result = run_train(*args)
+    assert result.returncode == 0, quiet(result.stderr)
+    assert (run / "model" / "saved_model.pb").is_file() and (run / "calibration.json").is_file()
+    assert summary(run)["epochs_completed"] == 2 and summary(run)["epochs_this_session"] == 0
+    again = run_train(*args)
+    assert again.returncode == 2 and "already trained 2 epochs" in again.stderr
