@@ -59,6 +59,34 @@ class WarmupLearningRate(keras.callbacks.Callback):
             set_learning_rate(self.model.optimizer, self.rate(step))
 
 
+class CosineLearningRate(keras.callbacks.Callback):
+    """Linear warm-up over `warmup_epochs` from `start_lr` to `peak_lr`, then cosine decay to
+    `final_fraction` x peak at the end of `epochs` (Loshchilov & Hutter 2017; Goyal et al. 2017 for the
+    warm-up). The rate is a function of the global step alone, so a resumed run continues the same curve."""
+
+    def __init__(self, start_lr: float, peak_lr: float, warmup_epochs: float, epochs: int, steps_per_epoch: int,
+                 initial_epoch: int = 0, final_fraction: float = 0.01):
+        super().__init__()
+        self.start_lr, self.peak_lr, self.final_fraction = start_lr, peak_lr, final_fraction
+        self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+        self.total_steps = max(1, epochs * steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch = initial_epoch
+
+    def rate(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.start_lr + (self.peak_lr - self.start_lr) * (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        low = self.final_fraction * self.peak_lr
+        return low + 0.5 * (self.peak_lr - low) * (1.0 + math.cos(math.pi * progress))
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        set_learning_rate(self.model.optimizer, self.rate(self.epoch * self.steps_per_epoch + batch))
+
+
 class BatchNormStatistics(keras.callbacks.Callback):
     """At each epoch end, before validation and checkpoints: re-estimate the BatchNormalization statistics
     of the current weights on `images` (this rank's uint8 train images, dropout off; "precise BN", see

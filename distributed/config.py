@@ -11,6 +11,7 @@ from preprocessing.runtime import CxrError, read_options_file
 
 MODELS = ("cnn", "vgg16", "resnet50")
 PRECISIONS = ("auto", "fp32", "mixed_float16", "mixed_bfloat16")
+SCHEDULES = ("plateau", "cosine")
 CALIBRATIONS = ("temperature", "platt", "isotonic", "none")  # distributed.calibration.METHODS, without TensorFlow
 
 
@@ -43,6 +44,8 @@ class TrainConfig:
     shuffle_buffer: int = 1024
     bn_samples: int = 1024
     calibration: str = "temperature"
+    label_smoothing: float = 0.0
+    schedule: str = "plateau"
 
     def resolved_output(self) -> Path:
         return Path(self.output) if self.output else Path("runs") / Path(self.data).resolve().name
@@ -65,6 +68,8 @@ class TrainConfig:
             (self.l2 >= 0, f"--l2 must be >= 0, got {self.l2}"),
             (self.calibration in CALIBRATIONS,
              f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}"),
+            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (self.bn_samples >= 0, f"--bn-samples must be >= 0, got {self.bn_samples}"),
             (not (self.cache_features and self.augment),
              "--cache-features computes each image's features once, so it cannot be combined with --augment"),
@@ -127,7 +132,8 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
     p.add_argument("--freeze-base", action="store_true", default=None, help="train the head only")
     p.add_argument("--fine-tune-from", default=None, help="backbone layer from which on layers train")
     p.add_argument("--augment", action="store_true", default=None,
-                   help="random rotation, zoom, shift and contrast on training images")
+                   help="anatomy-safe augmentation of training images: random resized crop, rotation +-5 deg, gamma, "
+                        "brightness, contrast, blur and noise; never a left-right flip")
     p.add_argument("--class-weights", choices=("auto", "none"), default=None,
                    help="auto: weight classes inversely to their train counts (default auto)")
     p.add_argument("--cache-features", action="store_true", default=None,
@@ -139,6 +145,11 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
     p.add_argument("--early-stopping-patience", type=int, default=None)
     p.add_argument("--reduce-lr-patience", type=int, default=None)
     p.add_argument("--shuffle-buffer", type=int, default=None)
+    p.add_argument("--label-smoothing", type=float, default=None,
+                   help=f"smooth the training targets by this amount (default {d.label_smoothing})")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="learning rate: plateau = constant after the warm-up, halved when val AUC stalls; cosine = "
+                        f"linear warm-up then cosine decay to 1 %% at the last epoch (default {d.schedule})")
     p.add_argument("--calibration", choices=CALIBRATIONS, default=None,
                    help="probability calibration fitted on the validation split and built into the exported model "
                         f"(default {d.calibration})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 from preprocessing import schema
@@ -59,21 +60,67 @@ def balanced_class_weights(class_counts: list[int]) -> dict[int, float]:
     return {i: (total / (k * n) if n else 0.0) for i, n in enumerate(class_counts)}
 
 
-def augmenter(seed: int):
-    """Random geometric and contrast jitter on uint8 (H, W, 1) batches, kept as uint8. No horizontal flip:
-    a chest radiograph is not left-right symmetric (heart, stomach bubble) and the side marker matters."""
-    from distributed.kerasenv import keras
+@dataclass(frozen=True)
+class AugmentPolicy:
+    """Anatomy-safe random augmentation of radiographs, each image drawn independently. Ranges are the
+    acquisition differences between sites and machines (exposure, processing, positioning, detector
+    resolution and noise, JPEG/export), kept mild enough that the anatomy stays plausible. There is never a
+    left-right flip: a chest radiograph is not symmetric (heart, stomach bubble, side markers)."""
 
-    layers = keras.Sequential([
-        keras.layers.RandomRotation(0.03, fill_mode="constant", seed=seed),
-        keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 1),
-        keras.layers.RandomTranslation(0.05, 0.05, fill_mode="constant", seed=seed + 2),
-        keras.layers.RandomContrast(0.2, seed=seed + 3),
-    ], name="augmentation")
+    crop_scale: tuple[float, float] = (0.8, 1.0)      # random resized crop: share of the side kept
+    crop_aspect: tuple[float, float] = (0.9, 1.1)     # aspect ratio of the crop
+    rotation_degrees: float = 5.0                     # +- small rotation (patient positioning)
+    gamma: tuple[float, float] = (0.7, 1.4)           # x -> x ** gamma on [0, 1] (detector / processing curve)
+    brightness: float = 0.1                           # +- share of full scale
+    contrast: float = 0.3                             # +- 30 % around the image mean
+    blur_probability: float = 0.3                     # Gaussian blur, sigma 0.5 .. 1.2 px
+    noise_probability: float = 0.3                    # Gaussian noise, sigma up to 3 % of full scale
+    noise_sigma: float = 0.03
+
+
+def augment_batch(images: tf.Tensor, rng: tf.random.Generator, policy: AugmentPolicy = AugmentPolicy()) -> tf.Tensor:
+    """uint8 (n, H, W, 1) -> augmented uint8 (n, H, W, 1) (see `AugmentPolicy`)."""
+    n, h, w = tf.shape(images)[0], images.shape[1], images.shape[2]
+    x = tf.cast(images, tf.float32) / 255.0
+    # random resized crop, centred anywhere the crop fits, resized back to (H, W)
+    scale = rng.uniform([n], *policy.crop_scale)
+    aspect = rng.uniform([n], *policy.crop_aspect)
+    ch, cw = tf.minimum(scale * tf.sqrt(aspect), 1.0), tf.minimum(scale / tf.sqrt(aspect), 1.0)
+    y0, x0 = rng.uniform([n]) * (1.0 - ch), rng.uniform([n]) * (1.0 - cw)
+    boxes = tf.stack([y0, x0, y0 + ch, x0 + cw], axis=1)
+    x = tf.image.crop_and_resize(x, boxes, tf.range(n), (h, w))
+    # small rotation about the centre (projective transform), black outside like the letterbox padding
+    angle = rng.uniform([n], -1.0, 1.0) * policy.rotation_degrees * np.pi / 180.0
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    transforms = tf.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy,
+                           tf.zeros([n]), tf.zeros([n])], axis=1)
+    x = tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=transforms, output_shape=[h, w],
+                                              fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+    # intensity: gamma, brightness, contrast
+    gamma = tf.exp(rng.uniform([n, 1, 1, 1], np.log(policy.gamma[0]), np.log(policy.gamma[1])))
+    x = tf.pow(tf.clip_by_value(x, 0.0, 1.0), gamma)
+    x = x + rng.uniform([n, 1, 1, 1], -policy.brightness, policy.brightness)
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    x = (x - mean) * rng.uniform([n, 1, 1, 1], 1.0 - policy.contrast, 1.0 + policy.contrast) + mean
+    # blur: a separable 5-tap Gaussian with a random sigma, applied to a random share of the images
+    sigma = rng.uniform([], 0.5, 1.2)
+    taps = tf.exp(-tf.square(tf.range(-2.0, 3.0)) / (2.0 * sigma * sigma))
+    taps = taps / tf.reduce_sum(taps)
+    blurred = tf.nn.conv2d(tf.nn.conv2d(x, tf.reshape(taps, [5, 1, 1, 1]), 1, "SAME"),
+                           tf.reshape(taps, [1, 5, 1, 1]), 1, "SAME")
+    x = tf.where(rng.uniform([n, 1, 1, 1]) < policy.blur_probability, blurred, x)
+    noise = rng.normal(tf.shape(x)) * rng.uniform([n, 1, 1, 1], 0.0, policy.noise_sigma)
+    x = tf.where(rng.uniform([n, 1, 1, 1]) < policy.noise_probability, x + noise, x)
+    return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)
+
+
+def augmenter(seed: int, policy: AugmentPolicy = AugmentPolicy()):
+    """A tf.data map function applying `augment_batch` to (uint8 images, labels) batches, seeded."""
+    rng = tf.random.Generator.from_seed(seed)
 
     def apply(images: tf.Tensor, labels: tf.Tensor):
-        out = layers(tf.cast(images, tf.float32), training=True)
-        return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8), labels
+        return augment_batch(images, rng, policy), labels
 
     return apply
 
@@ -89,7 +136,7 @@ def train_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, *, 
     ds = ds.map(lambda s: _pair(s, plan.image_shape, binary_labels), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
     if augment:
-        ds = ds.map(augmenter(seed), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(augmenter(seed))  # sequential: a shared generator, so a seed gives the same stream
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -110,8 +157,6 @@ def ordered_dataset(files: list[Path], plan: DataPlan, batch_size: int, binary_l
 def sample_images(files: list[Path], shape: tuple[int, int, int], n: int, seed: int):
     """Up to n uint8 images (n, H, W, C) drawn at random (seeded) from the records of `files`, as a numpy
     array: the train images BatchNormalization statistics are re-estimated on."""
-    import numpy as np
-
     ds = tf.data.TFRecordDataset([str(p) for p in files]).shuffle(4096, seed=seed, reshuffle_each_iteration=False)
     ds = ds.take(n).map(lambda s: schema.parse_example(s, shape)["image"]).batch(256)
     batches = list(ds.as_numpy_iterator())

@@ -241,16 +241,27 @@ def output_probabilities(outputs: np.ndarray) -> np.ndarray:
     return out
 
 
-def loss_for(model: keras.Model) -> keras.losses.Loss:
+def loss_for(model: keras.Model, label_smoothing: float = 0.0):
     """The loss matching the model's head, for integer class-index labels of shape (n,) or (n, 1).
 
     A 1-unit sigmoid head gets BinaryCrossentropy (labels 0/1); a K-unit softmax head gets
     SparseCategoricalCrossentropy. Both take probabilities, not logits, as the models output them.
+    label_smoothing e (Szegedy et al. 2016): the targets become y (1 - e) + e / K, so the model is never
+    pushed to certainty on a label that may be wrong or an image unlike the deployment site's.
     """
     units = model.output_shape[-1]
     if units == 1:
-        return keras.losses.BinaryCrossentropy(name="binary_crossentropy")
-    return keras.losses.SparseCategoricalCrossentropy(name="sparse_categorical_crossentropy")
+        return keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing, name="binary_crossentropy")
+    if not label_smoothing:
+        return keras.losses.SparseCategoricalCrossentropy(name="sparse_categorical_crossentropy")
+    import tensorflow as tf
+
+    smoothed = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+
+    def smoothed_sparse_categorical_crossentropy(y_true, y_pred):  # tf_keras's sparse loss cannot smooth
+        return smoothed(tf.one_hot(tf.cast(tf.reshape(y_true, [-1]), tf.int32), units), y_pred)
+
+    return smoothed_sparse_categorical_crossentropy
 
 
 def last_conv_layer_name(model: keras.Model) -> str:

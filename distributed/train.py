@@ -200,7 +200,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                         seed=config.seed, **model_options(config))
     binary = model.output_shape[-1] == 1
     scaled_lr = config.lr * size
-    first_lr = config.lr if (config.warmup_epochs > 0 and size > 1) else scaled_lr
+    first_lr = config.lr if (config.warmup_epochs > 0 and (size > 1 or config.schedule == "cosine")) else scaled_lr
     optimizer = keras.optimizers.Adam(learning_rate=first_lr)
     if size > 1:  # on one worker it would only copy every gradient through Horovod's buffers (7 % on ResNet50)
         optimizer = hvd.DistributedOptimizer(optimizer)
@@ -233,7 +233,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         ds_train = train_dataset(data_dir, plan, config.batch_size, seed=train_seed,
                                  shuffle_buffer=config.shuffle_buffer, augment=config.augment,
                                  binary_labels=binary)
-    fit_model.compile(optimizer=optimizer, loss=loss_for(model), metrics=[accuracy], jit_compile=config.xla)
+    loss = loss_for(model, config.label_smoothing)
+    fit_model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy], jit_compile=config.xla)
 
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
     if state:
@@ -259,7 +260,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "output": str(run_dir), "weights": config.resolved_weights(), "precision": policy, "workers": size,
             "device": "GPU" if gpus else "CPU", "global_batch": config.batch_size * size,
             "scaled_lr": scaled_lr, "steps_per_epoch": plan.steps_per_epoch, "classes": plan.classes,
-            "image_shape": list(plan.image_shape), "loss": type(loss_for(model)).__name__,
+            "image_shape": list(plan.image_shape), "loss": getattr(loss, "name", None) or loss.__name__,
+            "label_smoothing": config.label_smoothing,
             "output_units": int(model.output_shape[-1])}, **run_metadata(data_dir)}
         if state:
             previous = json.loads((run_dir / "config.json").read_text())
@@ -282,14 +284,20 @@ def train(config: TrainConfig) -> dict[str, Any]:
             var, op=hvd_tf.Average, name=var.name.replace(":", "_"))) if size > 1 else None))
     callbacks += [cb.ExactValidation(ds_val, val_labels, lambda obj: hvd_tf.allgather_object(obj) if size > 1
                                           else [obj], len(plan.classes))]
-    if size > 1 and config.warmup_epochs > 0:
-        callbacks.append(cb.WarmupLearningRate(config.lr, scaled_lr, config.warmup_epochs, plan.steps_per_epoch,
+    if config.schedule == "cosine":
+        # one worker has no rate to ramp up to; its warm-up starts from a tenth of the rate instead
+        callbacks.append(cb.CosineLearningRate(config.lr if size > 1 else 0.1 * scaled_lr, scaled_lr,
+                                               config.warmup_epochs, config.epochs, plan.steps_per_epoch,
                                                initial_epoch))
-    callbacks += [keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5,
-                                                    patience=config.reduce_lr_patience, min_lr=config.lr * 1e-3,
-                                                    verbose=1 if rank == 0 else 0),
-                  keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
-                                                patience=config.early_stopping_patience)]
+    else:
+        if size > 1 and config.warmup_epochs > 0:
+            callbacks.append(cb.WarmupLearningRate(config.lr, scaled_lr, config.warmup_epochs, plan.steps_per_epoch,
+                                                   initial_epoch))
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5,
+                                                           patience=config.reduce_lr_patience,
+                                                           min_lr=config.lr * 1e-3, verbose=1 if rank == 0 else 0))
+    callbacks.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
+                                                   patience=config.early_stopping_patience))
     if rank == 0:
         best = float(state["best"]) if state else -float("inf")
         callbacks += [cb.Checkpointer(run_dir, checkpoint, model, config.seed, best_value=best),
