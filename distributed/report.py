@@ -292,7 +292,12 @@ def _provenance_blocks(r: dict) -> list[tuple]:
     mdl = r["model"]
     text = f"`{mdl['path']}` ({mdl['kind']}, input {'x'.join(map(str, mdl['input_shape']))}, " \
            f"{mdl['size_bytes'] / 1e6:.1f} MB)."
-    if r.get("run"):
+    if r.get("run") and r["run"].get("ensemble"):
+        ens = r["run"]["ensemble"]
+        text += (f" An ensemble of {len(ens['members'])} runs ({', '.join(ens['models'])}; seeds "
+                 f"{', '.join(str(x) for x in ens['seeds'])}), combined as the {ens['combine']}: "
+                 + ", ".join(f"`{m}`" for m in ens["members"]) + ".")
+    elif r.get("run"):
         cfg, res = r["run"]["config"], r["run"]["resolved"]
         text += (f" Trained as `{cfg['model']}` for {cfg['epochs']} epochs on {res['workers']} worker(s) "
                  f"({res['device']}, {res['precision']}), global batch {res['global_batch']}, learning rate "

@@ -29,6 +29,7 @@ class Scorer:
     input_shape: tuple[int, int, int]
     _predict: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     keras_model: Any = field(default=None, repr=False)
+    tta: bool = False  # average the outputs over `tta_views` of every image
 
     def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """uint8 images (n, H, W, C) -> probabilities (n, K) as float64, in batches."""
@@ -40,8 +41,38 @@ class Scorer:
                            "the data was prepared at another size")
         if len(images) == 0:
             return np.zeros((0, 0))
-        outs = [self._predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        outs = []
+        for i in range(0, len(images), batch_size):
+            batch = images[i:i + batch_size]
+            if self.tta:
+                outs.append(np.mean([self._predict(view) for view in tta_views(batch)], axis=0))
+            else:
+                outs.append(self._predict(batch))
         return output_probabilities(np.concatenate(outs)).astype(np.float64)
+
+
+# Test-time augmentation: the views are mild acquisition changes a model should be indifferent to (the
+# training augmentation's range, no flip). Averaging over them smooths a prediction that hinges on one
+# exposure or framing.
+TTA_ZOOM = 0.92
+TTA_GAMMAS = (0.8, 1.25)
+
+
+def tta_views(images: np.ndarray) -> list[np.ndarray]:
+    """uint8 (n, H, W, C) -> [the images, a centre crop of TTA_ZOOM of the side resized back, and each of
+    TTA_GAMMAS applied], all uint8 (n, H, W, C)."""
+    import cv2
+
+    n, h, w, c = images.shape
+    ch, cw = int(round(h * TTA_ZOOM)), int(round(w * TTA_ZOOM))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    zoomed = np.stack([cv2.resize(np.ascontiguousarray(im[top:top + ch, left:left + cw]), (w, h),
+                                  interpolation=cv2.INTER_LINEAR).reshape(h, w, c) for im in images])
+    views = [images, zoomed]
+    for gamma in TTA_GAMMAS:
+        table = np.clip(np.round(255.0 * (np.arange(256) / 255.0) ** gamma), 0, 255).astype(np.uint8)
+        views.append(table[images])
+    return views
 
 
 def run_model_path(run_dir: str | Path) -> Path:

@@ -94,6 +94,39 @@ def test_evaluate_cli_writes_a_complete_self_contained_report(sample_run, tmp_pa
     assert "95 % CI" in md and "at 0.5" in md and "not told apart" in md
     rows = list(csv.DictReader(io.StringIO((out / "scores.csv").read_text())))
     assert len(rows) == metrics["n"]
+    cal = metrics["calibration"]
+    assert cal["method"] == "temperature" and cal["fitted_on"] == "val"
+    assert set(cal["before"]) == set(cal["after"]) == {"ece", "brier", "log_loss"}
+    assert "## Calibration" in md and metrics["tta"] is False
+
+
+def test_tta_views_are_mild_and_unflipped():
+    from distributed.scoring import tta_views
+
+    image = np.zeros((2, 64, 64, 1), np.uint8)
+    image[:, 16:48, 4:30] = 200  # a bright block on the left
+    views = tta_views(image)
+    assert len(views) == 4 and all(v.shape == image.shape and v.dtype == np.uint8 for v in views)
+    assert np.array_equal(views[0], image)
+    for view in views[1:]:
+        assert view[:, :, :32].mean() > 3 * view[:, :, 32:].mean()  # still on the left: never flipped
+
+
+def test_tta_in_evaluate_and_predict(sample_run, sample_images, tmp_path):
+    result = run_module("distributed.evaluate", "--run", str(sample_run), "--bootstrap", "50", "--no-gradcam",
+                        "--tta", "--output", str(tmp_path / "eval"), "-q")
+    assert result.returncode == 0, quiet(result.stderr)
+    with_tta = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert with_tta["tta"] is True
+    folder = str(sample_images / "train" / "PNEUMONIA")
+    plain = run_module("distributed.predict", "--run", str(sample_run), folder, "--format", "json", "-q")
+    tta = run_module("distributed.predict", "--run", str(sample_run), folder, "--format", "json", "--tta",
+                     "--threshold", "0.5", "-q")
+    assert plain.returncode == tta.returncode == 0, quiet(plain.stderr + tta.stderr)
+    p_plain = np.array([r["probability"] for r in json.loads(plain.stdout)])
+    p_tta = np.array([r["probability"] for r in json.loads(tta.stdout)])
+    assert len(p_plain) == len(p_tta) and not np.allclose(p_plain, p_tta)
+    assert np.corrcoef(p_plain, p_tta)[0, 1] > 0.8  # an average over mild views, not another model
 
 
 def test_real_data_predict_agrees_with_evaluate(real_run, tmp_path):

@@ -1,0 +1,79 @@
+"""Ensembles: two real runs joined into one flat, calibrated model that evaluate, predict and optimize take as
+a run folder."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from distributed.kerasenv import keras
+from distributed.calibration import Calibration, logits_of
+from preprocessing import schema
+from preprocessing.runtime import CxrError
+from tests.conftest import PYTHON, REPO
+from tests.training_fixtures import quiet, run_train
+
+
+def cli(module: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(sample_run, prepared64, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ensemble")
+    second = folder / "seed1"
+    result = run_train("--data", str(prepared64), "--model", "cnn", "--epochs", "2", "--batch-size", "16",
+                       "--seed", "1", "--output", str(second))
+    assert result.returncode == 0, quiet(result.stderr)
+    out = folder / "ensemble"
+    result = cli("distributed.ensemble", "--runs", str(sample_run), str(second), "--output", str(out), "-q")
+    assert result.returncode == 0, quiet(result.stderr)
+    return {"members": [sample_run, second], "run": out, "data": prepared64}
+
+
+@pytest.mark.slow
+def test_the_ensemble_is_the_calibrated_mean_of_its_members_logits(ensemble_run):
+    run = ensemble_run["run"]
+    model = keras.models.load_model(str(run / "model"), compile=False)
+    assert not any(isinstance(layer, keras.Model) for layer in model.layers)  # flat, as tfmot needs
+    images = np.stack([x for x, _ in schema.dataset(ensemble_run["data"], "test").take(16).as_numpy_iterator()])
+    members = [keras.models.load_model(str(m / "model"), compile=False) for m in ensemble_run["members"]]
+    mean_logits = np.mean([logits_of(m, images) for m in members], axis=0)
+    calibration = Calibration.from_dict(json.loads((run / "calibration.json").read_text()))
+    assert calibration.method == "temperature"
+    np.testing.assert_allclose(model.predict(images, verbose=0)[:, 0], calibration.apply(mean_logits)[:, 1],
+                               atol=1e-5)
+    config = json.loads((run / "config.json").read_text())
+    assert config["ensemble"]["members"] == [str(m) for m in ensemble_run["members"]]
+    assert config["ensemble"]["seeds"] == [0, 1]
+
+
+@pytest.mark.slow
+def test_evaluate_predict_and_optimize_take_the_ensemble_as_a_run(ensemble_run, sample_images):
+    run = ensemble_run["run"]
+    result = cli("distributed.evaluate", "--run", str(run), "--bootstrap", "50", "--no-gradcam", "-q")
+    assert result.returncode == 0, quiet(result.stderr)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["run"]["ensemble"]["combine"] == "mean of logits"
+    assert "An ensemble of 2 runs" in (run / "eval" / "report.md").read_text()
+    result = cli("distributed.predict", "--run", str(run), str(sample_images / "train" / "NORMAL"), "--format", "json", "-q")
+    assert result.returncode == 0, quiet(result.stderr)
+    rows = json.loads(result.stdout)
+    assert rows and all(0 <= r["probability"] <= 1 for r in rows)
+    result = cli("optimize.prune_quantize", "--run", str(run), "--variants", "ptq-dynamic,qat",
+                 "--fine-tune-epochs", "1", "--bootstrap", "50", "--latency-runs", "2", "-q")
+    assert result.returncode == 0, quiet(result.stderr)
+    comparison = json.loads((run / "optimized" / "comparison.json").read_text())
+    assert {v["name"] for v in comparison["variants"]} >= {"ptq-dynamic", "qat"}
+
+
+def test_ensemble_refuses_bad_members(sample_run, tmp_path):
+    from distributed.ensemble import build_ensemble
+
+    with pytest.raises(CxrError, match="at least two"):
+        build_ensemble([sample_run], tmp_path / "out", "temperature")
+    result = cli("distributed.ensemble", "--runs", str(sample_run), str(tmp_path / "missing"), "--output",
+                 str(tmp_path / "out"))
+    assert result.returncode == 2 and "run folder not found" in result.stderr
