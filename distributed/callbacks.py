@@ -87,6 +87,59 @@ class CosineLearningRate(keras.callbacks.Callback):
         set_learning_rate(self.model.optimizer, self.rate(self.epoch * self.steps_per_epoch + batch))
 
 
+class WeightAverage(keras.callbacks.Callback):
+    """An exponential moving average of the trained weights (Polyak averaging; "EMA" in timm and the
+    EfficientNet recipes), updated after every step, that is what validation, checkpoints and the export
+    see: at each epoch end the averaged weights are swapped in (put this callback before BatchNormStatistics,
+    so the statistics are re-estimated for them, and before validation and checkpointing), and
+    `restore_callback()`, placed last, swaps the raw weights back for the next epoch. A resumed run
+    continues from the averaged weights of its checkpoint."""
+
+    def __init__(self, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.shadow: list[tf.Variable] = []
+        self.raw: list[np.ndarray] | None = None
+        self._update = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        weights = self.model.trainable_weights
+        self.shadow = [tf.Variable(w, trainable=False, name=f"ema_{i}") for i, w in enumerate(weights)]
+        decay = self.decay
+
+        @tf.function
+        def update():
+            for s, w in zip(self.shadow, weights):
+                s.assign(decay * s + (1.0 - decay) * tf.cast(w, s.dtype))
+
+        self._update = update
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._update()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        weights = self.model.trainable_weights
+        self.raw = [w.numpy() for w in weights]
+        for w, s in zip(weights, self.shadow):
+            w.assign(s)
+
+    def restore_callback(self) -> keras.callbacks.Callback:
+        average = self
+
+        class RestoreRawWeights(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                if average.raw is not None:
+                    for w, r in zip(average.model.trainable_weights, average.raw):
+                        w.assign(r)
+                    average.raw = None
+
+            def on_train_end(self, logs: dict | None = None) -> None:
+                for w, s in zip(average.model.trainable_weights, average.shadow):  # end on the average
+                    w.assign(s)
+
+        return RestoreRawWeights()
+
+
 class BatchNormStatistics(keras.callbacks.Callback):
     """At each epoch end, before validation and checkpoints: re-estimate the BatchNormalization statistics
     of the current weights on `images` (this rank's uint8 train images, dropout off; "precise BN", see

@@ -46,6 +46,7 @@ class TrainConfig:
     calibration: str = "temperature"
     label_smoothing: float = 0.0
     schedule: str = "plateau"
+    ema: float = 0.0
 
     def resolved_output(self) -> Path:
         return Path(self.output) if self.output else Path("runs") / Path(self.data).resolve().name
@@ -70,6 +71,7 @@ class TrainConfig:
              f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (self.ema == 0 or 0.5 <= self.ema < 1, f"--ema must be 0 (off) or in [0.5, 1), got {self.ema}"),
             (self.bn_samples >= 0, f"--bn-samples must be >= 0, got {self.bn_samples}"),
             (not (self.cache_features and self.augment),
              "--cache-features computes each image's features once, so it cannot be combined with --augment"),
@@ -150,6 +152,9 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="learning rate: plateau = constant after the warm-up, halved when val AUC stalls; cosine = "
                         f"linear warm-up then cosine decay to 1 %% at the last epoch (default {d.schedule})")
+    p.add_argument("--ema", type=float, default=None,
+                   help="validate, checkpoint and export an exponential moving average of the weights with this "
+                        "decay per step, e.g. 0.99 (default 0: off)")
     p.add_argument("--calibration", choices=CALIBRATIONS, default=None,
                    help="probability calibration fitted on the validation split and built into the exported model "
                         f"(default {d.calibration})")

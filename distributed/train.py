@@ -275,6 +275,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     callbacks: list = [hvd.callbacks.BroadcastGlobalVariablesCallback(0),
                        hvd.callbacks.MetricAverageCallback()]
+    averaging = cb.WeightAverage(config.ema) if config.ema else None
+    if averaging:
+        callbacks.append(averaging)  # before the BN statistics, validation and checkpoints: they see the average
     bn_images = None
     if config.bn_samples and not config.cache_features and any(
             isinstance(layer, keras.layers.BatchNormalization) and layer.trainable for layer in model.layers):
@@ -305,6 +308,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                        read_numeric_csv(run_dir / "history.csv")),
                       keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs"), update_freq="epoch",
                                                   profile_batch=0)]
+    if averaging:
+        callbacks.append(averaging.restore_callback())  # last: training goes on from the raw weights
     class_weight = balanced_class_weights(plan.class_counts) if config.class_weights == "auto" else None
 
     started = time.perf_counter()

@@ -241,3 +241,47 @@ def test_robust_recipe_options_train_together(prepared64, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["label_smoothing"] == 0.1 and config["config"]["schedule"] == "cosine"
     assert (run / "model" / "saved_model.pb").is_file()
+
+
+def test_weight_average_is_the_ema_of_the_steps_and_training_continues_from_the_raw_weights():
+    from distributed.callbacks import WeightAverage
+    from distributed.kerasenv import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    steps: list[np.ndarray] = []
+    seen_at_epoch_end: list[np.ndarray] = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            steps.append(self.model.get_weights()[0].copy())
+
+        def on_epoch_end(self, epoch, logs=None):
+            seen_at_epoch_end.append(self.model.get_weights()[0].copy())
+
+    initial = model.get_weights()[0].copy()
+    average = WeightAverage(0.5)
+    x, y = np.random.default_rng(0).normal(size=(32, 3)), np.random.default_rng(1).normal(size=(32, 1))
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+              callbacks=[Record(), average, Record(), average.restore_callback()])
+    steps = steps[0::2]  # each step was recorded twice, once by each Record
+    ema = initial
+    for w in steps:
+        ema = 0.5 * ema + 0.5 * w
+    np.testing.assert_allclose(model.get_weights()[0], ema, rtol=1e-5)  # training ends on the average
+    raw_epoch1, averaged_epoch1 = seen_at_epoch_end[0], seen_at_epoch_end[1]
+    np.testing.assert_allclose(raw_epoch1, steps[3])  # before the swap: the raw weights
+    assert not np.allclose(averaged_epoch1, raw_epoch1)  # after it: the average, which validation sees
+    # epoch 2 trained on from the raw weights, not from the average
+    sgd_from_raw = steps[4] - raw_epoch1
+    assert np.abs(sgd_from_raw).max() < np.abs(steps[4] - averaged_epoch1).max()
+
+
+def test_ema_run_trains_and_exports(prepared64, tmp_path):
+    run = tmp_path / "run"
+    result = run_train("--data", str(prepared64), "--model", "cnn", "--epochs", "2", "--batch-size", "16",
+                       "--ema", "0.9", "--output", str(run))
+    assert result.returncode == 0, quiet(result.stderr)
+    assert json.loads((run / "config.json").read_text())["config"]["ema"] == 0.9
+    assert (run / "model" / "saved_model.pb").is_file() and len(history(run)) == 2
