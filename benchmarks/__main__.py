@@ -27,7 +27,7 @@ from preprocessing.runtime import (git_commit, library_versions, run_cli, setup_
 
 log = logging.getLogger("cxrscale.benchmarks")
 REPO = Path(__file__).resolve().parents[1]
-SUITES = ("preprocess", "train", "optimize", "complexity", "scaling")
+SUITES = ("preprocess", "train", "optimize", "complexity", "scaling", "robustness")
 
 
 def run_suites(names: Sequence[str], quick: bool, out: Path, work: Path) -> dict[str, dict]:

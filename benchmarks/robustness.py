@@ -1,0 +1,302 @@
+"""python -m benchmarks.robustness: a trained model on its own carved test split under acquisition shifts.
+
+    python -m benchmarks.robustness --run runs/kermany --input ~/chest_xray/train --salt-file prepared/salt
+
+A validation score is not the world: another hospital's radiographs differ in exposure, processing, detector
+resolution, noise and compression. This suite re-reads the test split's own files (patient-disjoint from
+training), changes them the way another site's acquisition would, runs the run's whole transform (the same
+pure function as preparation and prediction) and scores them with the exported model:
+
+  none             the files as they are (matches distributed.evaluate on the test split)
+  gamma-0.7/1.4    x -> x ** gamma on [0, 1]: another detector or processing curve
+  contrast+-30     +-30 % around the image mean: another window or exposure
+  blur             Gaussian, sigma 0.6 % of the image side: another detector's resolution
+  noise            Gaussian, sigma 8 grey levels: a noisier detector or lower dose
+  jpeg-40          re-encoded as JPEG at quality 40: another PACS export
+  fullres          the full-resolution originals of the same test radiographs (--fullres), through the
+                   whole transform: the real input size and decoder path (only the test split's images)
+
+Per shift: ROC-AUC (95 % bootstrap interval), and accuracy, sensitivity and specificity at the threshold
+chosen on the validation split (Youden, as distributed.evaluate does; never on test).
+
+Mapping the test split back to files needs the salt its ids were hashed with: prepare with --salt-file
+(launch.pipeline does). Without --run, the suite prepares the shared Kermany radiographs with a salt of its
+own and trains the CNN on them (reused across invocations).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, markdown_table, report,
+                               require_dir, run_command)
+from preprocessing import schema
+from preprocessing.runtime import CxrError, run_cli, setup_logging
+
+log = logging.getLogger("cxrscale.benchmarks")
+REPO = Path(__file__).resolve().parents[1]
+HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
+MAX_AUC_DROP = 0.05  # the target: no controlled shift costs more than this much test AUC
+
+
+# --- the shifts: pure functions on decoded greyscale uint8 pixels ---------------------------------------
+
+def _gamma(g: float) -> Callable[[np.ndarray], np.ndarray]:
+    table = np.clip(np.round(255.0 * (np.arange(256) / 255.0) ** g), 0, 255).astype(np.uint8)
+    return lambda px: table[px]
+
+
+def _contrast(factor: float) -> Callable[[np.ndarray], np.ndarray]:
+    def apply(px: np.ndarray) -> np.ndarray:
+        mean = float(px.mean())
+        return np.clip(np.round((px.astype(np.float32) - mean) * factor + mean), 0, 255).astype(np.uint8)
+    return apply
+
+
+def _blur(px: np.ndarray) -> np.ndarray:
+    import cv2
+
+    sigma = 0.006 * max(px.shape)
+    return cv2.GaussianBlur(px, (0, 0), sigma)
+
+
+def _noise(px: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(int(px[::7, ::7].sum()) % (2**32))  # per image, reproducible
+    return np.clip(np.round(px + rng.normal(0, 8.0, px.shape)), 0, 255).astype(np.uint8)
+
+
+def _jpeg(quality: int) -> Callable[[np.ndarray], np.ndarray]:
+    def apply(px: np.ndarray) -> np.ndarray:
+        import cv2
+
+        ok, buf = cv2.imencode(".jpg", px, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
+    return apply
+
+
+SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {
+    "none": None, "gamma-0.7": _gamma(0.7), "gamma-1.4": _gamma(1.4), "contrast+30": _contrast(1.3),
+    "contrast-30": _contrast(0.7), "blur": _blur, "noise": _noise, "jpeg-40": _jpeg(40)}
+
+
+# --- files of the test split ----------------------------------------------------------------------------
+
+def test_split_files(input_dir: Path, prepared: Path, salt: bytes, split: str = "test") -> list[tuple[Path, int]]:
+    """(file, label) of every record of `split` in `prepared`, found by recomputing the salted id hashes of
+    the files under `input_dir` (the folder or CSV the dataset was prepared from)."""
+    from preprocessing.pipeline import keyed_hash
+    from preprocessing.sources import discover
+
+    with open(prepared / schema.SPLIT_CSV, newline="") as fh:
+        wanted = {r["id"]: int(r["label"]) for r in csv.DictReader(fh) if r["split"] == split}
+    if not wanted:
+        raise CxrError(f"{prepared} has no {split} split")
+    found = []
+    for item in discover(input_dir).items:
+        record_id = keyed_hash(salt, "id", item.rel)
+        if record_id in wanted:
+            found.append((Path(item.path), wanted[record_id]))
+    if len(found) < len(wanted):
+        raise CxrError(f"only {len(found)} of the {len(wanted)} {split} records of {prepared} were found under "
+                       f"--input {input_dir} with this --salt-file: give the folder and salt the dataset was "
+                       "prepared with")
+    return found
+
+
+def shifted_images(files: Sequence[Path], params, shift: Callable | None) -> np.ndarray:
+    """The whole transform of each file, with `shift` applied to its decoded pixels first."""
+    from preprocessing.transform import Decoded, decode, transform_decoded
+
+    out = []
+    for path in files:
+        decoded = decode(path.read_bytes(), params.size, params.resize, path.name)
+        if shift is not None:
+            decoded = Decoded(shift(decoded.pixels), decoded.original_shape, decoded.fmt)
+        out.append(transform_decoded(decoded, params))
+    return np.stack(out)
+
+
+def shift_metrics(y: np.ndarray, p: np.ndarray, threshold: float, *, n_bootstrap: int, seed: int) -> dict[str, Any]:
+    from distributed import metrics as m
+
+    row: dict[str, Any] = {"n": int(len(y)), "positives": int(y.sum())}
+    summary = m.binary_summary(y, p, threshold)
+    for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "ece"):
+        row[key] = summary.get(key)
+    if len(np.unique(y)) == 2 and n_bootstrap:
+        row["roc_auc_ci"] = m.bootstrap_intervals({"roc_auc": m.roc_auc}, y, p, n_resamples=n_bootstrap,
+                                                  seed=seed)["roc_auc"]
+    return row
+
+
+def measure(run_dir: Path, input_dir: Path, salt: bytes, fullres: Path | None, *, tta: bool = False,
+            n_bootstrap: int = 500, seed: int = 0) -> dict[str, Any]:
+    from distributed.evaluate import ThresholdRule, score_split
+    from distributed.scoring import load_scorer, read_run_config, run_model_path
+    from preprocessing.sources import discover
+    from preprocessing.transform import TransformParams
+
+    config = read_run_config(run_dir)
+    prepared = Path(config["config"]["data"])
+    manifest = json.loads((run_dir / "dataset_manifest.json").read_text())
+    params = TransformParams.from_dict(manifest["transform"])
+    scorer = load_scorer(run_model_path(run_dir))
+    scorer.tta = tta
+    val = score_split(scorer, prepared, "val")
+    threshold = ThresholdRule("youden").choose(val.labels, val.probs[:, 1])
+    files = test_split_files(input_dir, prepared, salt)
+    labels = np.array([label for _, label in files])
+    rows: dict[str, Any] = {}
+    for name, shift in SHIFTS.items():
+        probs = scorer.predict(shifted_images([f for f, _ in files], params, shift))[:, 1]
+        rows[name] = shift_metrics(labels, probs, threshold, n_bootstrap=n_bootstrap, seed=seed)
+        log.info("%-12s AUC %.4f  accuracy %.3f", name, rows[name]["roc_auc"] or float("nan"),
+                 rows[name]["accuracy"] or float("nan"))
+    if fullres is not None:
+        by_name = {Path(item.path).name: Path(item.path) for item in discover(fullres).items}
+        matched = [(by_name[f.name], label) for f, label in files if f.name in by_name]
+        if matched:
+            probs = scorer.predict(shifted_images([f for f, _ in matched], params, None))[:, 1]
+            rows["fullres"] = shift_metrics(np.array([label for _, label in matched]), probs, threshold,
+                                            n_bootstrap=n_bootstrap, seed=seed)
+            rows["fullres"]["note"] = f"the {len(matched)} test images that have a full-resolution original"
+        else:
+            rows["fullres"] = {"n": 0, "note": f"none of the test images has a full-resolution original in {fullres}"}
+    return {"run": str(run_dir), "data": str(prepared), "threshold": threshold, "tta": tta, "shifts": rows}
+
+
+# --- default run, report -------------------------------------------------------------------------------
+
+def default_run(data: Path, work: Path, *, size: int, epochs: int, workers: int,
+                subset: int | None = None) -> tuple[Path, Path, bytes]:
+    """The shared radiographs prepared with this suite's own salt (80/10/10 by patient) and the CNN trained on
+    them; reused when present. Returns (run, the input the dataset was prepared from, the salt)."""
+    from preprocessing.sources import patient_subset_csv
+
+    work.mkdir(parents=True, exist_ok=True)
+    salt_file = work / "salt"
+    if not salt_file.is_file():
+        salt_file.write_bytes(b"cxrscale-robustness-benchmark-salt")
+    source = data if subset is None else patient_subset_csv(data, work / f"subset{subset}.csv", subset, seed=2)
+    prepared, run_dir = work / f"prepared{size}", work / f"cnn{size}"
+    if not (prepared / schema.MANIFEST).is_file():
+        run_command([sys.executable, "-m", "preprocessing", "--input", str(source), "--output", str(prepared),
+                     "--size", str(size), "--salt-file", str(salt_file), "--workers", "2", "-q"])
+    if not (run_dir / "model" / "saved_model.pb").is_file():
+        cmd = [sys.executable, "-m", "distributed.train", "--data", str(prepared), "--model", "cnn", "--epochs",
+               str(epochs), "--batch-size", "32", "--output", str(run_dir)]
+        run_command([HOROVODRUN, "-np", str(workers), "--gloo", *cmd] if workers > 1 else cmd)
+    return run_dir, source, salt_file.read_bytes()
+
+
+def summarise(results: dict) -> tuple[list[dict], str]:
+    shifts = results["shifts"]
+    base = shifts["none"].get("roc_auc")
+
+    def fmt(v, digits=3):
+        return "" if v is None else f"{v:.{digits}f}"
+
+    rows = []
+    for name, r in shifts.items():
+        ci = r.get("roc_auc_ci") or {}
+        interval = f"{ci['low']:.3f}-{ci['high']:.3f}" if ci.get("low") is not None else ""
+        drop = None if (r.get("roc_auc") is None or base is None) else base - r["roc_auc"]
+        rows.append([name, r.get("n", 0), fmt(r.get("roc_auc"), 4), interval, fmt(drop, 4), fmt(r.get("accuracy")),
+                     fmt(r.get("sensitivity")), fmt(r.get("specificity")), fmt(r.get("ece"))])
+    checks = [check(f"AUC drop under {name}", None if r.get("roc_auc") is None or base is None
+                    else base - r["roc_auc"], "<=", MAX_AUC_DROP)
+              for name, r in shifts.items() if name != "none" and r.get("n")]
+    text = (f"Run `{results['run']}`, carved test split of `{results['data']}`, threshold "
+            f"{results['threshold']:.4f} (Youden on validation){', with test-time augmentation' if results['tta'] else ''}.\n\n"
+            + markdown_table(["shift", "images", "ROC-AUC", "95 % CI", "AUC drop", "accuracy", "sensitivity",
+                              "specificity", "ECE"], rows))
+    notes = [f"- fullres: {shifts['fullres']['note']}"] if "fullres" in shifts else []
+    return checks, text + ("\n\n" + "\n".join(notes) if notes else "") + "\n\n## Targets\n\n" + checks_table(checks)
+
+
+def plots(results: dict, out: Path) -> list[Path]:
+    from distributed.plots import save_figure, styled
+
+    @styled
+    def draw(path: Path) -> Path:
+        import matplotlib.pyplot as plt
+
+        names = [n for n, r in results["shifts"].items() if r.get("roc_auc") is not None]
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        aucs = [results["shifts"][n]["roc_auc"] for n in names]
+        low = [a - (results["shifts"][n].get("roc_auc_ci") or {}).get("low", a) for n, a in zip(names, aucs)]
+        high = [(results["shifts"][n].get("roc_auc_ci") or {}).get("high", a) - a for n, a in zip(names, aucs)]
+        ax.bar(names, aucs, yerr=[low, high], color=["C0"] + ["C1"] * (len(names) - 1), capsize=3)
+        ax.axhline(aucs[0] - MAX_AUC_DROP, ls="--", color="grey", lw=1, label=f"baseline - {MAX_AUC_DROP}")
+        ax.set(ylabel="test ROC-AUC", ylim=(max(0.5, min(aucs) - 0.1), 1.0), title="AUC under acquisition shifts")
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend(loc="lower left")
+        return save_figure(fig, path)
+
+    return [draw(out / "robustness-auc.png")]
+
+
+def run_suite(quick: bool, work: Path) -> dict:
+    """For `python -m benchmarks`: quick uses ~1,300 radiographs at 64 px and 4 epochs; full, the whole shared
+    train split at 128 px and 8 epochs."""
+    data = require_dir(DEFAULT_SHARED_DATA / "kermany224" / "train", "--data", "the shared Kermany radiographs")
+    fullres = DEFAULT_SHARED_DATA / "kermany-fullres"
+    size, epochs, subset = (64, 4, 1300) if quick else (128, 8, None)
+    run_dir, source, salt = default_run(data, work / "robustness", size=size, epochs=epochs, workers=2, subset=subset)
+    return measure(run_dir, source, salt, fullres if fullres.is_dir() else None, n_bootstrap=200 if quick else 1000)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1] + "\nexamples:\n"
+                                       "  python -m benchmarks.robustness --run OUT/final --input chest_xray "
+                                       "--salt-file OUT/salt\n"
+                                       "  python -m benchmarks.robustness          # prepares and trains its own run")
+    p.add_argument("--run", type=Path, help="a run folder (a launch.pipeline OUT/final, a training run, an ensemble)")
+    p.add_argument("--input", type=Path, help="the folder or CSV the run's dataset was prepared from")
+    p.add_argument("--salt-file", type=Path, help="the --salt-file the dataset was prepared with")
+    p.add_argument("--fullres", type=Path, default=DEFAULT_SHARED_DATA / "kermany-fullres",
+                   help="class folders of full-resolution originals, matched by file name (default: the shared "
+                        "kermany-fullres; 'none' to skip)")
+    p.add_argument("--tta", action="store_true", help="score with test-time augmentation")
+    p.add_argument("--size", type=int, default=128, help="image size of the default run (without --run)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs of the default run (without --run)")
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "bench-robustness",
+                   help="where the default run goes (reused across invocations)")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    fullres = None if str(args.fullres).lower() == "none" or not args.fullres.is_dir() else args.fullres
+    if args.run:
+        if not (args.input and args.salt_file):
+            raise CxrError("--run needs --input and --salt-file: the folder and salt its dataset was prepared with")
+        try:
+            salt = args.salt_file.read_bytes()
+        except OSError as err:
+            raise CxrError(f"--salt-file {args.salt_file} cannot be read: {err.strerror or err}") from None
+        run_dir, source = args.run, args.input
+    else:
+        data = require_dir(DEFAULT_SHARED_DATA / "kermany224" / "train", "--data", "the shared Kermany radiographs")
+        run_dir, source, salt = default_run(data, args.work, size=args.size, epochs=args.epochs, workers=2)
+    results = measure(run_dir, source, salt, fullres, tta=args.tta, n_bootstrap=args.bootstrap)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results["plots"] = [p.name for p in plots(results, args.out)]
+    report(args.out, "robustness", results, summarise)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

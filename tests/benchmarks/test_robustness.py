@@ -1,0 +1,60 @@
+"""benchmarks.robustness: the shifts are what they say, and the suite re-reads a run's own test split from its
+files, through the real transform, model and CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from benchmarks import robustness as R
+from tests.conftest import PYTHON, REPO, radiograph_like
+from tests.training_fixtures import quiet
+
+
+def test_shifts_change_the_pixels_as_named():
+    px = radiograph_like(0, (200, 180))
+    out = {name: fn(px) for name, fn in R.SHIFTS.items() if fn is not None}
+    assert all(v.shape == px.shape and v.dtype == np.uint8 for v in out.values())
+    assert out["gamma-0.7"].mean() > px.mean() > out["gamma-1.4"].mean()  # gamma < 1 brightens
+    assert out["contrast+30"].std() > px.std() > out["contrast-30"].std()
+    assert np.abs(np.diff(out["blur"].astype(float), axis=1)).mean() < np.abs(np.diff(px.astype(float), axis=1)).mean()
+    assert 6 < (out["noise"].astype(float) - px).std() < 10
+    assert np.array_equal(R.SHIFTS["noise"](px), out["noise"])  # reproducible
+    assert 0 < np.abs(out["jpeg-40"].astype(float) - px).mean() < 15  # the test image is noisy: JPEG smooths it
+
+
+@pytest.mark.slow
+def test_suite_on_a_real_run_matches_evaluate_and_scores_every_shift(real_run, shared_data, tmp_path):
+    run, data = real_run["run"], real_run["data"]
+    salt = tmp_path / "salt"
+    salt.write_bytes(real_run["salt"])
+    result = subprocess.run([PYTHON, "-m", "benchmarks.robustness", "--run", str(run), "--input", str(real_run["csv"]),
+                             "--salt-file", str(salt), "--fullres", str(shared_data / "kermany-fullres"),
+                             "--bootstrap", "50", "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, quiet(result.stderr)
+    [path] = list((tmp_path / "out").glob("robustness-*.json"))
+    results = json.loads(path.read_text())
+    shifts = results["shifts"]
+    assert set(R.SHIFTS) | {"fullres"} == set(shifts)
+    test_count = json.loads((data / "manifest.json").read_text())["counts"]["per_split"]["test"]["total"]
+    assert all(shifts[name]["n"] == test_count for name in R.SHIFTS)
+    assert 0 < shifts["fullres"]["n"] < test_count  # only the test images that have a full-resolution original
+    assert all(0.5 <= shifts[name]["roc_auc"] <= 1 for name in R.SHIFTS)
+    # "none" re-reads the files through the same transform the shards were written with: evaluate's test AUC
+    from distributed.evaluate import score_split
+    from distributed.metrics import roc_auc
+    from distributed.scoring import load_scorer
+
+    test = score_split(load_scorer(run / "model"), data, "test")
+    assert shifts["none"]["roc_auc"] == pytest.approx(roc_auc(test.labels, test.probs[:, 1]), abs=1e-6)
+    assert (tmp_path / "out" / "robustness-auc.png").is_file()
+    assert "AUC drop under jpeg-40" in result.stdout
+
+
+def test_bad_arguments_are_clear(tmp_path):
+    result = subprocess.run([PYTHON, "-m", "benchmarks.robustness", "--run", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--run needs --input and --salt-file" in result.stderr
