@@ -6,11 +6,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cxrscale-installed
 SAMPLE ?= data/sample
-DEMO   ?= prepared/sample
-RUN    ?= runs/sample
+RUN    ?= runs/demo
 TUNE   ?= runs/tune-sample
 NP     ?= 2
-HOROVODRUN := $(VENV)/bin/horovodrun
 
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
@@ -20,7 +18,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 help:
 	@echo "make install  create $(VENV), install the pinned stack, build Horovod (once)"
-	@echo "make demo     generate the synthetic sample and run the pipeline on it"
+	@echo "make demo     generate the synthetic sample and run the pipeline on it (launch.pipeline --recipe sample)"
 	@echo "make test     run the test suite (set CXR_REQUIRE_SHARED_DATA=1 to require ../shared/data)"
 	@echo "make bench    run the benchmarks, results under benchmarks/results/"
 
@@ -39,14 +37,10 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml launch/install_horovod.sh
 
 demo: install
 	$(PY) -m preprocessing.sample --output $(SAMPLE)
-	$(PY) -m preprocessing --input $(SAMPLE) --output $(DEMO) --size 96 --workers 2 --overwrite
-	@if [ -f $(RUN)/train_summary.json ]; then echo "demo: $(RUN) is already trained (make clean to redo)"; \
-	else $(HOROVODRUN) -np $(NP) --gloo $(PY) -m distributed.train --data $(DEMO) --model cnn \
-	  --epochs 12 --batch-size 16 --output $(RUN) $$([ -f $(RUN)/checkpoints/latest.json ] && echo --resume); fi
-	$(PY) -m distributed.evaluate --run $(RUN) -q
-	$(PY) -m optimize.prune_quantize --run $(RUN) --fine-tune-epochs 1 -q
-	$(PY) -m optimize.tune --data $(DEMO) --model cnn --search grid --max-epochs 2 --output $(TUNE) -q
-	@echo "demo: prepared dataset in $(DEMO); trained model in $(RUN)/model; evaluation report in $(RUN)/eval/report.html; compressed variants in $(RUN)/optimized/report.md; hyper-parameter search in $(TUNE)/report.md"
+	$(PY) -m launch.pipeline --recipe sample --input $(SAMPLE) --output $(RUN) --np $(NP)
+	$(PY) -m optimize.prune_quantize --run $(RUN)/final --fine-tune-epochs 1 -q
+	$(PY) -m optimize.tune --data $(RUN)/prepared --model cnn --search grid --max-epochs 2 --output $(TUNE) -q
+	@echo "demo: prepared dataset in $(RUN)/prepared; ensemble of two CNNs in $(RUN)/final (calibrated); evaluation report in $(RUN)/final/eval/report.html; compressed variants in $(RUN)/final/optimized/report.md; hyper-parameter search in $(TUNE)/report.md"
 
 test: install
 	$(PY) -m pytest
@@ -55,4 +49,4 @@ bench: install
 	$(PY) -m benchmarks --suite all --quick
 
 clean:
-	rm -rf $(SAMPLE) $(DEMO) $(RUN) $(TUNE) .pytest_cache
+	rm -rf $(SAMPLE) $(RUN) $(TUNE) .pytest_cache

@@ -38,11 +38,13 @@ def join_members(models: Sequence[keras.Model]) -> keras.Model:
     """One flat model averaging the members' logits: (n, H, W, C) uint8 -> mean logits (n, units).
 
     Each member is cloned onto a shared input with its layers renamed MEMBER_PREFIX + name (weights copied),
-    its calibration layers dropped. The result ends in a layer named `logits` (the mean), so calibration,
-    Grad-CAM-free evaluation and the optimize stage treat it like a single model."""
+    its calibration layers dropped. Binary members with different heads (VGG16's 2-unit softmax, ResNet50's
+    sigmoid) are averaged on the positive-class logit. The result ends in a layer named `logits` (the mean),
+    so calibration, evaluation and the optimize stage treat it like a single model."""
     shapes = {tuple(m.input_shape[1:]) for m in models}
     units = {int(logits_model(m).output_shape[-1]) for m in models}
-    if len(shapes) != 1 or len(units) != 1:
+    binary = units <= {1, 2}  # a sigmoid head (1 logit) and a 2-unit softmax (its logit is z1 - z0) mix
+    if len(shapes) != 1 or (len(units) != 1 and not binary):
         raise CxrError(f"the members take inputs {sorted(shapes)} and output {sorted(units)} logits: an ensemble "
                        "needs one input shape and one head size (the same prepared dataset and kind of head)")
     shape = shapes.pop()
@@ -61,7 +63,13 @@ def join_members(models: Sequence[keras.Model]) -> keras.Model:
         for layer in clone.layers:
             if layer.name.startswith(prefix) and layer.weights:
                 layer.set_weights(core.get_layer(layer.name[len(prefix):]).get_weights())
-        member_logits.append(clone.outputs[0])
+        z = clone.outputs[0]
+        if binary and len(units) > 1 and int(z.shape[-1]) == 2:
+            difference = keras.layers.Dense(1, use_bias=False, trainable=False, dtype="float32",
+                                            name=f"{prefix}logit_difference",
+                                            kernel_initializer=keras.initializers.Constant([[-1.0], [1.0]]))
+            z = difference(z)
+        member_logits.append(z)
     mean = keras.layers.Average(name=MEAN_LOGITS_NAME, dtype="float32")(member_logits) if len(models) > 1 \
         else member_logits[0]
     logits = keras.layers.Activation("linear", name=LOGITS_NAME, dtype="float32")(mean)

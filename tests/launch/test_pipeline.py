@@ -1,0 +1,113 @@
+"""launch.pipeline: recipes load and are checked; a real pipeline (prepare, two members under horovodrun -np 2,
+ensemble, evaluate) leaves a final run that predict takes, and a re-run skips what is done."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from launch.pipeline import load_recipe, plan, recipe_names, with_overrides
+from preprocessing.runtime import CxrError
+from tests.conftest import PYTHON, REPO
+from tests.launch.cli import run_module
+from tests.training_fixtures import quiet
+
+
+def test_shipped_recipes_load():
+    assert {"kermany-cpu", "kermany-gpu", "sample"} <= set(recipe_names())
+    for name in recipe_names():
+        recipe = load_recipe(name)
+        assert recipe.description and recipe.train and recipe.member_names()
+
+
+def test_bad_recipes_and_overrides_are_named(tmp_path):
+    with pytest.raises(CxrError, match="no such recipe; shipped recipes: .*kermany-cpu"):
+        load_recipe("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: 2}\nfit: {}\n")
+    with pytest.raises(CxrError, match=r"bad.yaml: unknown keys fit"):
+        load_recipe(str(bad))
+    bad.write_text("members: [{name: a}, {name: a}]\n")
+    with pytest.raises(CxrError, match="member names must differ"):
+        load_recipe(str(bad))
+    with pytest.raises(CxrError, match="--set 'epochs=3': expected STAGE.OPTION=VALUE"):
+        with_overrides(load_recipe("sample"), ["epochs=3"])
+    assert with_overrides(load_recipe("sample"), ["train.epochs=3"]).train["epochs"] == 3
+
+
+def test_gpu_recipe_is_the_thesis_setting_with_mixed_precision(tmp_path):
+    p = plan(load_recipe("kermany-gpu"), tmp_path / "in", tmp_path / "out", 4, None)
+    assert "--size 224" in " ".join(p.prepare)
+    vgg, resnet = p.members["vgg16"], p.members["resnet50"]
+    assert vgg[:5] == [vgg[0], "-np", "4", "--gloo", "-H"] and "--precision auto" in " ".join(vgg)
+    assert "--model vgg16" in " ".join(vgg) and "--model resnet50" in " ".join(resnet)
+    assert "--weights imagenet" in " ".join(resnet) and p.combine and "distributed.ensemble" in p.combine
+
+
+def small_recipe(path, members: int = 2):
+    lines = ["description: a small test recipe", "prepare: {size: 64, shards: 4}",
+             "train: {model: cnn, epochs: 2, batch_size: 16, augment: true, schedule: cosine}", "members:"]
+    lines += [f"  - {{name: s{i}, seed: {i}}}" for i in range(members)]
+    lines += ["evaluate: {bootstrap: 50, no_gradcam: true}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def pipeline(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    return run_module("launch.pipeline", *args, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_and_resumes_stage_by_stage(sample_images, tmp_path):
+    recipe = small_recipe(tmp_path / "small.yaml")
+    out = tmp_path / "out"
+    args = ["--recipe", str(recipe), "--input", str(sample_images), "--output", str(out), "--np", "2"]
+    first = pipeline(*args)
+    assert first.returncode == 0, quiet(first.stderr)
+    assert "final model:" in first.stdout and "threshold" in first.stdout
+    record = json.loads((out / "pipeline.json").read_text())
+    assert set(record["stages"]) == {"prepare", "train:s0", "train:s1", "combine", "evaluate"}
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["ensemble"]["seeds"] == [0, 1]
+    assert json.loads((out / "members" / "s0" / "config.json").read_text())["resolved"]["workers"] == 2
+    metrics = json.loads((out / "final" / "eval" / "metrics.json").read_text())
+    assert metrics["threshold"]["chosen_on"] == "val" and metrics["calibration"]["method"] == "temperature"
+    assert record["final"]["threshold"] == metrics["threshold"]["value"]
+
+    predicted = run_module("distributed.predict", "--run", str(out / "final"), str(sample_images / "train" / "NORMAL"),
+                           "--format", "json", timeout=300)
+    assert predicted.returncode == 0, quiet(predicted.stderr)
+    assert f"{metrics['threshold']['value']:.4f}" in predicted.stderr  # the final run's own threshold
+
+    again = pipeline(*args)
+    assert again.returncode == 0, quiet(again.stderr)
+    assert again.stderr.count("already done") == 5
+    import shutil
+
+    shutil.rmtree(out / "final")  # as if the job died during the ensemble stage
+    resumed = pipeline(*args)
+    assert resumed.returncode == 0, quiet(resumed.stderr)
+    assert resumed.stderr.count("already done") == 3  # prepare and both members
+    changed = pipeline(*args[:-1], "1")
+    assert changed.returncode == 2 and "other settings (np)" in changed.stderr
+
+
+@pytest.mark.slow
+def test_gpu_recipe_runs_here_with_random_weights_on_a_few_images(sample_images, tmp_path):
+    """kermany-gpu's members (VGG16's 2-unit softmax and ResNet50's sigmoid, averaged on the positive logit),
+    with --weights none, one epoch and 32 px so that it runs on a CPU."""
+    out = tmp_path / "gpu"
+    result = pipeline("--recipe", "kermany-gpu", "--input", str(sample_images), "--output", str(out), "--weights",
+                      "none", "--set", "prepare.size=32", "--set", "train.epochs=1", "--set", "train.batch_size=8",
+                      "--set", "evaluate.bootstrap=20", "--set", "evaluate.no_gradcam=true")
+    assert result.returncode == 0, quiet(result.stderr)
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["ensemble"]["models"] == ["vgg16", "resnet50"]
+    assert json.loads((out / "members" / "vgg16" / "config.json").read_text())["resolved"]["weights"] == "none"
+    assert (out / "final" / "eval" / "metrics.json").is_file()
+
+
+def test_bad_input_is_one_line(tmp_path):
+    result = pipeline("--recipe", "sample", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"))
+    assert result.returncode == 2 and "--input" in result.stderr and "does not exist" in result.stderr
