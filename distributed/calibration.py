@@ -6,9 +6,15 @@
 
 Methods (on the model's pre-activation output, the `logits` layer: (n, 1) for a sigmoid head, (n, K) for a
 softmax head):
-- temperature (default; Guo et al. 2017): p = sigmoid(z / T) or softmax(z / T). One parameter, so it cannot
-  overfit a small validation split, and it never changes the ranking (AUC) or the argmax.
-- platt (binary; Platt 1999, scikit-learn's LogisticRegression on the logit): p = sigmoid(a z + b).
+- auto (default): platt for two classes, temperature for more.
+- temperature (Guo et al. 2017): p = sigmoid(z / T) or softmax(z / T). One parameter, so it cannot overfit a
+  small validation split, and it never changes the ranking (AUC) or the argmax. It cannot move the decision
+  boundary, though, and training with balanced class weights (the default) shifts every logit by about
+  log(n_negative / n_positive): measured on the real Kermany split (64 px CNN), temperature left the carved
+  test ECE at 0.067 (0.064 uncalibrated), Platt took it to 0.041 (Brier 0.042 -> 0.023) with b = 1.07, close
+  to log(3,875 / 1,341) = 1.06.
+- platt (binary; Platt 1999, scikit-learn's LogisticRegression on the logit): p = sigmoid(a z + b), a
+  temperature and an offset; a monotone map, so the ranking is kept.
 - isotonic (binary; scikit-learn's IsotonicRegression on the logit): a monotone piecewise-linear map, the
   most flexible; it needs a few hundred validation images and can tie scores (AUC may drop slightly).
 
@@ -28,7 +34,7 @@ import numpy as np
 
 from distributed.models import LOGITS_NAME, OUTPUT_NAME, ModelError
 
-METHODS = ("temperature", "platt", "isotonic", "none")
+METHODS = ("auto", "temperature", "platt", "isotonic", "none")
 PREFIX = "calibration_"
 _MAX_TEMPERATURE_LOG = 5.0  # T within e^-5 .. e^5
 
@@ -46,7 +52,7 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Calibration":
-        if data.get("method") not in METHODS:
+        if data.get("method") not in METHODS or data.get("method") == "auto":
             raise ModelError(f"unknown calibration method {data.get('method')!r}; expected one of {', '.join(METHODS)}")
         return cls(data["method"], dict(data.get("params", {})))
 
@@ -80,6 +86,8 @@ def fit_calibration(method: str, labels: np.ndarray, logits: np.ndarray) -> Cali
     z = z[:, None] if z.ndim == 1 else z
     if method not in METHODS:
         raise ModelError(f"--calibration {method!r}: choose one of {', '.join(METHODS)}")
+    if method == "auto":
+        method = "platt" if z.shape[1] in (1, 2) else "temperature"
     if method == "none":
         return Calibration("none")
     if len(np.unique(y)) < 2:

@@ -12,7 +12,7 @@ from preprocessing.runtime import CxrError, read_options_file
 MODELS = ("cnn", "vgg16", "resnet50")
 PRECISIONS = ("auto", "fp32", "mixed_float16", "mixed_bfloat16")
 SCHEDULES = ("plateau", "cosine")
-CALIBRATIONS = ("temperature", "platt", "isotonic", "none")  # distributed.calibration.METHODS, without TensorFlow
+CALIBRATIONS = ("auto", "temperature", "platt", "isotonic", "none")  # calibration.METHODS, without TensorFlow
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class TrainConfig:
     reduce_lr_patience: int = 2
     shuffle_buffer: int = 1024
     bn_samples: int = 1024
-    calibration: str = "temperature"
+    calibration: str = "auto"
     label_smoothing: float = 0.0
     schedule: str = "plateau"
     ema: float = 0.0
@@ -156,8 +156,8 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
                    help="validate, checkpoint and export an exponential moving average of the weights with this "
                         "decay per step, e.g. 0.99 (default 0: off)")
     p.add_argument("--calibration", choices=CALIBRATIONS, default=None,
-                   help="probability calibration fitted on the validation split and built into the exported model "
-                        f"(default {d.calibration})")
+                   help="probability calibration fitted on the validation split and built into the exported model; "
+                        f"auto = platt for two classes, temperature for more (default {d.calibration})")
     p.add_argument("--bn-samples", type=int, default=None,
                    help="train images over which BatchNormalization statistics are re-estimated after every epoch, "
                         f"dropout off, across all workers (0 keeps Keras's moving averages; default {d.bn_samples})")

@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "  python -m distributed.evaluate --run runs/cnn-ensemble")
     parser.add_argument("--runs", nargs="+", required=True, metavar="RUN", help="training run folders (2 or more)")
     parser.add_argument("--output", required=True, help="the ensemble's run folder to write")
-    parser.add_argument("--calibration", choices=METHODS, default="temperature",
-                        help="calibration fitted on the validation split of the whole ensemble (default temperature)")
+    parser.add_argument("--calibration", choices=METHODS, default="auto",
+                        help="calibration fitted on the validation split of the whole ensemble; auto = platt for two "
+                             "classes, temperature for more (default auto)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
 

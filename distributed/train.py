@@ -185,7 +185,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         plan.steps_per_epoch]
     if len(set(all_steps)) != 1:
         raise CxrError(f"workers disagree on steps per epoch ({all_steps}): their data folders differ")
-    if config.calibration in ("platt", "isotonic") and len(plan.classes) > 2:
+    if config.calibration in ("platt", "isotonic") and len(plan.classes) > 2:  # "auto" adapts
         raise CxrError(f"--calibration {config.calibration} is for two classes; {data_dir} has {len(plan.classes)} "
                        "(use --calibration temperature)")
     state = agree(hvd, lambda: check_run_dir(run_dir, config.resume))
