@@ -11,10 +11,10 @@ softmax head):
   small validation split, and it never changes the ranking (AUC) or the argmax. It cannot move the decision
   boundary, though, and training with balanced class weights (the default) shifts every logit by about
   log(n_negative / n_positive): measured on the real Kermany split (64 px CNN), temperature left the carved
-  test ECE at 0.067 (0.064 uncalibrated), Platt took it to 0.041 (Brier 0.042 -> 0.023) with b = 1.07, close
+  test ECE at 0.067 (0.064 uncalibrated), Platt took it to 0.044 (Brier 0.041 -> 0.024) with b = 1.02, close
   to log(3,875 / 1,341) = 1.06.
-- platt (binary; Platt 1999, scikit-learn's LogisticRegression on the logit): p = sigmoid(a z + b), a
-  temperature and an offset; a monotone map, so the ranking is kept.
+- platt (binary; Platt 1999, scikit-learn's LogisticRegression on the logit, with Platt's smoothed targets):
+  p = sigmoid(a z + b), a temperature and an offset; a monotone map, so the ranking is kept.
 - isotonic (binary; scikit-learn's IsotonicRegression on the logit): a monotone piecewise-linear map, the
   most flexible; it needs a few hundred validation images and can tie scores (AUC may drop slightly).
 
@@ -101,7 +101,14 @@ def fit_calibration(method: str, labels: np.ndarray, logits: np.ndarray) -> Cali
     if method == "platt":
         from sklearn.linear_model import LogisticRegression
 
-        fit = LogisticRegression(C=np.inf).fit(d[:, None], y)
+        # Platt's own smoothed targets, (N+ + 1) / (N+ + 2) and 1 / (N- + 2), as soft labels (each image once
+        # as a positive and once as a negative, weighted): on a small or separable validation split plain
+        # maximum likelihood drives the slope to infinity, a step function; these keep it finite.
+        n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+        target = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+        fit = LogisticRegression(C=np.inf, max_iter=1000).fit(
+            np.concatenate([d, d])[:, None], np.concatenate([np.ones(len(d)), np.zeros(len(d))]),
+            sample_weight=np.concatenate([target, 1 - target]))
         return Calibration("platt", {"a": float(fit.coef_[0, 0]), "b": float(fit.intercept_[0])})
     from sklearn.isotonic import IsotonicRegression
 

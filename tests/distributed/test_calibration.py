@@ -126,3 +126,12 @@ def test_auto_is_platt_for_two_classes_and_temperature_for_more():
         "temperature"
     with pytest.raises(ModelError, match="unknown calibration method 'auto'"):
         C.Calibration.from_dict({"method": "auto"})
+
+
+def test_platt_stays_finite_on_a_small_separable_validation_split():
+    y = np.array([0] * 5 + [1] * 8)
+    z = np.concatenate([np.linspace(-3, -1, 5), np.linspace(1, 4, 8)])[:, None]  # perfectly separated
+    cal = C.fit_calibration("platt", y, z)
+    assert 0 < cal.params["a"] < 10
+    p = cal.apply(z)[:, 1]
+    assert 0.05 < p.min() and p.max() < 0.99  # no hard 0/1 from 13 images
