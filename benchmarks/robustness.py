@@ -49,7 +49,9 @@ MAX_AUC_DROP = 0.05  # the target: no controlled shift costs more than this much
 # --- the shifts: pure functions on decoded greyscale uint8 pixels ---------------------------------------
 
 def _gamma(g: float) -> Callable[[np.ndarray], np.ndarray]:
-    table = np.clip(np.round(255.0 * (np.arange(256) / 255.0) ** g), 0, 255).astype(np.uint8)
+    from preprocessing.transform import gamma_table
+
+    table = gamma_table(g)
     return lambda px: table[px]
 
 

@@ -63,16 +63,14 @@ def tta_views(images: np.ndarray) -> list[np.ndarray]:
     TTA_GAMMAS applied], all uint8 (n, H, W, C)."""
     import cv2
 
+    from preprocessing.transform import gamma_table
+
     n, h, w, c = images.shape
     ch, cw = int(round(h * TTA_ZOOM)), int(round(w * TTA_ZOOM))
     top, left = (h - ch) // 2, (w - cw) // 2
     zoomed = np.stack([cv2.resize(np.ascontiguousarray(im[top:top + ch, left:left + cw]), (w, h),
                                   interpolation=cv2.INTER_LINEAR).reshape(h, w, c) for im in images])
-    views = [images, zoomed]
-    for gamma in TTA_GAMMAS:
-        table = np.clip(np.round(255.0 * (np.arange(256) / 255.0) ** gamma), 0, 255).astype(np.uint8)
-        views.append(table[images])
-    return views
+    return [images, zoomed] + [gamma_table(gamma)[images] for gamma in TTA_GAMMAS]
 
 
 def run_model_path(run_dir: str | Path) -> Path:

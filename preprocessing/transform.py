@@ -273,6 +273,11 @@ def apply_contrast(pixels: np.ndarray, params: TransformParams) -> np.ndarray:
     return pixels
 
 
+def gamma_table(gamma: float) -> np.ndarray:
+    """uint8 lookup table of x -> 255 (x / 255) ** gamma (gamma < 1 brightens): `gamma_table(g)[pixels]`."""
+    return np.clip(np.round(255.0 * (np.arange(256) / 255.0) ** gamma), 0, 255).astype(np.uint8)
+
+
 def pad_to_square(pixels: np.ndarray, size: int) -> np.ndarray:
     """Centre an (h, w) image with h, w <= size on a black size x size canvas."""
     h, w = pixels.shape
