@@ -25,6 +25,7 @@ probability, and tfmot can clone the model (no custom layers).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,8 @@ from distributed.kerasenv import keras  # first: chooses tf_keras before TensorF
 import numpy as np
 
 from distributed.models import LOGITS_NAME, OUTPUT_NAME, ModelError
+
+log = logging.getLogger("cxrscale.calibration")
 
 METHODS = ("auto", "temperature", "platt", "isotonic", "none")
 PREFIX = "calibration_"
@@ -141,6 +144,32 @@ def probability_quality(labels: np.ndarray, probs: np.ndarray) -> dict[str, floa
     return {"ece": m.expected_calibration_error(p.argmax(axis=1) == y, p.max(axis=1)),
             "brier": float(np.mean(np.sum((p - onehot) ** 2, axis=1))),
             "log_loss": float(log_loss(y, p, labels=list(range(p.shape[1]))))}
+
+
+def fit_on_validation(model: keras.Model, data_dir, method: str, record_dir) -> Calibration:
+    """Fit `method` on the logits of `model` over the whole validation split of the prepared dataset
+    `data_dir`, and write record_dir/calibration.json: the map, and the validation ECE, Brier and log loss
+    before and after it. What training and distributed.ensemble both do at their end."""
+    from pathlib import Path
+
+    from preprocessing import schema
+    from preprocessing.runtime import write_json_atomic
+
+    labels, logits = [], []
+    for images, y in schema.dataset(data_dir, "val").batch(256).as_numpy_iterator():
+        logits.append(logits_of(model, images))
+        labels.append(y)
+    if not labels:
+        raise ModelError(f"{data_dir} has no validation split to calibrate on")
+    labels, logits = np.concatenate(labels).astype(int).ravel(), np.concatenate(logits)
+    calibration = fit_calibration(method, labels, logits)
+    summary = calibration_summary(labels, logits, calibration)
+    write_json_atomic(Path(record_dir) / "calibration.json", {**calibration.to_dict(), "fitted_on": "val",
+                                                             "validation": summary})
+    log.info("calibration %s on %d validation images: ECE %.3f -> %.3f, log loss %.3f -> %.3f",
+             calibration.method, len(labels), summary["before"]["ece"], summary["after"]["ece"],
+             summary["before"]["log_loss"], summary["after"]["log_loss"])
+    return calibration
 
 
 # --- in the graph ---------------------------------------------------------------------------------------

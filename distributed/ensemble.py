@@ -18,10 +18,7 @@ from typing import Any, Sequence
 
 from distributed.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
 
-import numpy as np
-
-from distributed.calibration import (METHODS, calibrated_model, calibration_summary, fit_calibration, logits_model,
-                                     logits_of)
+from distributed.calibration import METHODS, calibrated_model, fit_on_validation, logits_model
 from distributed.models import LOGITS_NAME
 from distributed.scoring import read_run_config, run_model_path
 from preprocessing import schema
@@ -85,7 +82,6 @@ def build_ensemble(run_dirs: Sequence[Path], output: Path, method: str) -> dict[
     if len(hashes) != 1:
         raise CxrError("the --runs were trained on different prepared datasets (their manifests differ): an "
                        "ensemble is calibrated and evaluated on one dataset")
-    classes = configs[0]["resolved"]["classes"]
     data_dir = Path(configs[0]["config"]["data"])
     if not (data_dir / schema.MANIFEST).is_file():
         raise CxrError(f"the members' dataset {data_dir} (from {run_dirs[0] / 'config.json'}) is not here")
@@ -96,20 +92,12 @@ def build_ensemble(run_dirs: Sequence[Path], output: Path, method: str) -> dict[
     members = [keras.models.load_model(str(run_model_path(r)), compile=False) for r in run_dirs]
     joined = join_members(members)
     log.info("joined %d members: %d layers, %d parameters", len(members), len(joined.layers), joined.count_params())
-    labels, logits = [], []
-    for images, y in schema.dataset(data_dir, "val").batch(256).as_numpy_iterator():
-        logits.append(logits_of(joined, images))
-        labels.append(y)
-    if not labels:
-        raise CxrError(f"{data_dir} has no validation split to calibrate the ensemble on")
-    labels, logits = np.concatenate(labels).astype(int), np.concatenate(logits)
-    calibration = fit_calibration(method, labels, logits)
-    summary = calibration_summary(labels, logits, calibration)
+    output.mkdir(parents=True, exist_ok=True)
+    calibration = fit_on_validation(joined, data_dir, method, output)  # OUTPUT/calibration.json
     final = calibrated_model(joined, calibration)
 
     tmp = output / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    output.mkdir(parents=True, exist_ok=True)
     final.save(str(tmp))
     models = sorted({c["config"]["model"] for c in configs})
     first = configs[0]
@@ -122,11 +110,8 @@ def build_ensemble(run_dirs: Sequence[Path], output: Path, method: str) -> dict[
             "git_commit": git_commit(), "manifest_sha256": first.get("manifest_sha256")}
     write_json_atomic(output / "config.json", meta)
     shutil.copyfile(Path(run_dirs[0]) / "dataset_manifest.json", output / "dataset_manifest.json")
-    write_json_atomic(output / "calibration.json", {**calibration.to_dict(), "fitted_on": "val",
-                                                   "validation": summary})
     shutil.rmtree(output / "model", ignore_errors=True)
     tmp.replace(output / "model")
-    log.info("calibration %s: validation ECE %.3f -> %.3f", method, summary["before"]["ece"], summary["after"]["ece"])
     return meta
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from distributed import callbacks as cb
+from distributed.calibration import fit_on_validation
 from distributed.config import TrainConfig, parse_config
 from distributed.data import (balanced_class_weights, ordered_dataset, plan_data, sample_images, train_dataset,
                               val_dataset)
@@ -131,27 +132,6 @@ def export_model(config: TrainConfig, plan, weights: list[np.ndarray], target: P
         os.replace(tmp, target)
     finally:
         keras.mixed_precision.set_global_policy(policy)
-
-
-def fit_run_calibration(config: TrainConfig, model, data_dir: Path, plan, run_dir: Path):
-    """Rank 0: fit `config.calibration` on the whole validation split's logits of the (best) model, write
-    RUN/calibration.json with the map and the validation ECE, Brier and log loss before and after it."""
-    from distributed.calibration import calibration_summary, fit_calibration, logits_of
-
-    images, labels = [], []
-    for x, y in val_dataset(data_dir, plan, 256, 0, 1).as_numpy_iterator():
-        images.append(x)
-        labels.append(y)
-    images, labels = np.concatenate(images), np.concatenate(labels).astype(int).ravel()
-    logits = logits_of(model, images)
-    calibration = fit_calibration(config.calibration, labels, logits)
-    summary = calibration_summary(labels, logits, calibration)
-    write_json_atomic(run_dir / "calibration.json", {**calibration.to_dict(), "fitted_on": "val",
-                                                     "validation": summary})
-    log.info("calibration %s on %d validation images: ECE %.3f -> %.3f, log loss %.3f -> %.3f",
-             calibration.method, len(labels), summary["before"]["ece"], summary["after"]["ece"],
-             summary["before"]["log_loss"], summary["after"]["log_loss"])
-    return calibration
 
 
 def model_options(config: TrainConfig) -> dict[str, Any]:
@@ -332,7 +312,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         best_dir = run_dir / "checkpoints" / "best"
         if (best_dir / "state.json").exists():
             model.load_weights(str(best_dir / "weights")).expect_partial()
-        calibration = fit_run_calibration(config, model, data_dir, plan, run_dir)
+        calibration = fit_on_validation(model, data_dir, config.calibration, run_dir)  # RUN/calibration.json
         export_model(config, plan, model.get_weights(), run_dir / "model", calibration)
         rows = read_numeric_csv(run_dir / "history.csv")
         best_row = max(rows, key=lambda r: r.get("val_auc", -1) if r.get("val_auc") == r.get("val_auc") else -1)

@@ -6,8 +6,9 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from preprocessing import audit, split, transform
+from preprocessing import audit, transform
 from preprocessing.pipeline import PrepareConfig, prepare
+from preprocessing.split import OVERLAP_POLICIES
 from preprocessing.runtime import run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.preprocessing")
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the pool carved out as test when the input gives no test split")
     p.add_argument("--resplit", action="store_true",
                    help="pool the given train and val splits and carve val again (Kermany's val has 16 images)")
-    p.add_argument("--given-overlap", choices=split.OVERLAP_POLICIES, default=d.given_overlap,
+    p.add_argument("--given-overlap", choices=OVERLAP_POLICIES, default=d.given_overlap,
                    help="pool images sharing a patient or duplicate group with a given val/test split: exclude "
                         "them from train and val (default), or keep them in train (a leak, flagged in the "
                         "manifest); a given split always holds exactly its given images")
