@@ -93,19 +93,33 @@ class SplitScores:
     labels: np.ndarray  # (n,) int
     probs: np.ndarray  # (n, K)
     ids: list[str]
+    uncalibrated: np.ndarray | None = None  # (n, K) before the model's built-in calibration, when asked and known
+
+    def before_calibration(self) -> SplitScores | None:
+        if self.uncalibrated is None:
+            return None
+        return SplitScores(self.split, self.labels, self.uncalibrated, self.ids)
 
 
-def score_split(scorer: Scorer, data_dir: Path, split: str, batch_size: int = 32) -> SplitScores:
-    """The model's probabilities for every record of a prepared split, in file order."""
+def score_split(scorer: Scorer, data_dir: Path, split: str, batch_size: int = 32, *,
+                uncalibrated: bool = False) -> SplitScores:
+    """The model's probabilities for every record of a prepared split, in file order; with `uncalibrated`,
+    also those before its built-in calibration (same forward pass; None for a model without one)."""
     ds = schema.dataset(data_dir, split, with_ids=True).batch(batch_size)
-    labels, probs, ids = [], [], []
+    labels, probs, before, ids = [], [], [], []
     for images, y, rid in ds.as_numpy_iterator():
-        probs.append(scorer.predict(images, batch_size))
+        if uncalibrated:
+            p, b = scorer.predict_with_uncalibrated(images, batch_size)
+            before.append(b)
+        else:
+            p = scorer.predict(images, batch_size)
+        probs.append(p)
         labels.append(y)
         ids += [r.decode() for r in rid]
     if not labels:
         raise CxrError(f"the {split} split of {data_dir} is empty")
-    return SplitScores(split, np.concatenate(labels).astype(int), np.concatenate(probs), ids)
+    raw = np.concatenate(before) if before and before[0] is not None else None
+    return SplitScores(split, np.concatenate(labels).astype(int), np.concatenate(probs), ids, raw)
 
 
 def load_records(data_dir: Path, split: str, indices: Sequence[int]) -> dict[int, np.ndarray]:
@@ -242,13 +256,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                         "data, which only the user can rule out", target.data_dir)
 
     log.info("scoring the val and %s splits of %s with %s", args.split, target.data_dir, target.model_path)
-    val = score_split(scorer, target.data_dir, "val", args.batch_size)
-    test = val if args.split == "val" else score_split(scorer, target.data_dir, args.split, args.batch_size)
+    val = score_split(scorer, target.data_dir, "val", args.batch_size, uncalibrated=args.split == "val")
+    test = val if args.split == "val" else score_split(scorer, target.data_dir, args.split, args.batch_size,
+                                                       uncalibrated=True)
     if args.split == "val":
         log.warning("--split val: the threshold is chosen on the same cases it is measured on (optimistic)")
     results = compute_metrics(val, test, classes, args.threshold, n_bootstrap=args.bootstrap, seed=args.seed)
-    before = uncalibrated_scores(scorer, target.data_dir, test)
-    results["calibration"] = calibration_report(target, test, before)
+    results["calibration"] = calibration_report(target, test, test.before_calibration())
     results["tta"] = bool(args.tta)
     results["model"] = {"path": str(target.model_path), "kind": scorer.kind, "input_shape": list(scorer.input_shape),
                         "size_bytes": _size(target.model_path)}
@@ -274,23 +288,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     report.write_report(target.output, results)
     log.info("report written to %s (%.0f s)", target.output / "report.html", results["seconds"])
     return results
-
-
-def uncalibrated_scores(scorer: Scorer, data_dir: Path, scores: SplitScores) -> SplitScores | None:
-    """The split's probabilities before the model's built-in calibration (its logits through the head's own
-    sigmoid/softmax), or None when the model has no calibration layers or is not a Keras model."""
-    from distributed.calibration import is_calibration_layer, logits_of, uncalibrated_probabilities
-
-    model = scorer.keras_model
-    if model is None or not any(is_calibration_layer(layer) for layer in model.layers):
-        return None
-    from distributed.scoring import tta_views
-
-    probs = []
-    for images, _ in schema.dataset(data_dir, scores.split).batch(256).as_numpy_iterator():
-        views = tta_views(images) if scorer.tta else [images]
-        probs.append(np.mean([uncalibrated_probabilities(logits_of(model, view)) for view in views], axis=0))
-    return SplitScores(scores.split, scores.labels, np.concatenate(probs), scores.ids)
 
 
 def calibration_report(target: Target, after: SplitScores, before: SplitScores | None) -> dict[str, Any]:

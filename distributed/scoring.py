@@ -30,9 +30,29 @@ class Scorer:
     _predict: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     keras_model: Any = field(default=None, repr=False)
     tta: bool = False  # average the outputs over `tta_views` of every image
+    # batch -> (output, the head's own probabilities before the built-in calibration) in one forward pass;
+    # set for Keras models that carry calibration layers
+    _predict_both: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = field(default=None, repr=False)
+
+    @property
+    def has_calibration(self) -> bool:
+        """Whether `predict_with_uncalibrated` can give the probabilities before the built-in calibration."""
+        return self._predict_both is not None
 
     def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """uint8 images (n, H, W, C) -> probabilities (n, K) as float64, in batches."""
+        return self._run(images, batch_size, self._predict)
+
+    def predict_with_uncalibrated(self, images: np.ndarray,
+                                  batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """(calibrated, uncalibrated) probabilities, both (n, K) float64, from one pass over the images; the
+        second is None for a model without built-in calibration."""
+        if self._predict_both is None:
+            return self.predict(images, batch_size), None
+        return self._run(images, batch_size, lambda b: np.concatenate(self._predict_both(b), axis=1), split=True)
+
+    def _run(self, images: np.ndarray, batch_size: int, fn: Callable[[np.ndarray], np.ndarray],
+             split: bool = False):
         images = np.asarray(images)
         if images.ndim == 3:
             images = images[..., np.newaxis]
@@ -40,15 +60,19 @@ class Scorer:
             raise CxrError(f"{self.path} takes images of shape {self.input_shape}, got {images.shape[1:]}: "
                            "the data was prepared at another size")
         if len(images) == 0:
-            return np.zeros((0, 0))
+            return (np.zeros((0, 0)), np.zeros((0, 0))) if split else np.zeros((0, 0))
         outs = []
         for i in range(0, len(images), batch_size):
             batch = images[i:i + batch_size]
             if self.tta:
-                outs.append(np.mean([self._predict(view) for view in tta_views(batch)], axis=0))
+                outs.append(np.mean([fn(view) for view in tta_views(batch)], axis=0))
             else:
-                outs.append(self._predict(batch))
-        return output_probabilities(np.concatenate(outs)).astype(np.float64)
+                outs.append(fn(batch))
+        out = np.concatenate(outs)
+        if not split:
+            return output_probabilities(out).astype(np.float64)
+        k = out.shape[1] // 2  # [calibrated output | uncalibrated probabilities], each widened to K columns
+        return output_probabilities(out[:, :k]).astype(np.float64), out[:, k:].astype(np.float64)
 
 
 # Test-time augmentation: the views are mild acquisition changes a model should be indifferent to (the
@@ -114,7 +138,23 @@ def load_scorer(path: str | Path, *, num_threads: int | None = None) -> Scorer:
     def predict(batch: np.ndarray) -> np.ndarray:
         return model(tf.convert_to_tensor(batch, dtype=model.inputs[0].dtype), training=False).numpy()
 
-    return Scorer(path, "keras", shape, predict, model)
+    return Scorer(path, "keras", shape, predict, model, _predict_both=_two_output_predict(model))
+
+
+def _two_output_predict(model) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
+    """For a model with calibration layers: batch -> (its output as K columns, the probabilities of its
+    logits through the head's own sigmoid/softmax), from one forward pass of a two-output view of the model."""
+    from distributed.calibration import is_calibration_layer, logits_model, uncalibrated_probabilities
+
+    if not any(is_calibration_layer(layer) for layer in model.layers):
+        return None
+    both = keras.Model(model.inputs, [model.output, logits_model(model).output])
+
+    def predict(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out, logits = both(tf.convert_to_tensor(batch, dtype=model.inputs[0].dtype), training=False)
+        return output_probabilities(out.numpy()), uncalibrated_probabilities(logits.numpy())
+
+    return predict
 
 
 def _tflite_scorer(path: Path, num_threads: int | None) -> Scorer:

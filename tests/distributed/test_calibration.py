@@ -79,6 +79,7 @@ def test_the_calibrated_graph_computes_the_fitted_map_in_savedmodel_and_tflite(t
     np.testing.assert_allclose(loaded.predict(images, verbose=0)[:, -1], expected, atol=atol)
     again = C.calibrated_model(loaded, C.Calibration("none"))  # re-calibrating replaces the old layers
     assert not any(C.is_calibration_layer(layer) for layer in again.layers)
+    check_scorer_gives_both_outputs_in_one_pass(tmp_path / "model", images, expected, atol)
 
     lite = tf.lite.Interpreter(model_content=tf.lite.TFLiteConverter.from_keras_model(calibrated).convert())
     inp, out = lite.get_input_details()[0], lite.get_output_details()[0]
@@ -91,6 +92,28 @@ def test_the_calibrated_graph_computes_the_fitted_map_in_savedmodel_and_tflite(t
         assert np.mean(np.abs(lite_probs - expected)) < 2e-3 and np.max(np.abs(lite_probs - expected)) < 0.05
     else:
         np.testing.assert_allclose(lite_probs, expected, atol=1e-4)
+
+
+def check_scorer_gives_both_outputs_in_one_pass(path, images, expected, atol):
+    """evaluate's before/after figures: the Scorer's one forward pass gives the calibrated probabilities and
+    the head's own ones, equal to scoring the whole model and its logits separately (with TTA too)."""
+    from distributed.scoring import load_scorer, tta_views
+
+    scorer = load_scorer(path)
+    assert scorer.has_calibration
+    after, before = scorer.predict_with_uncalibrated(images, batch_size=24)
+    np.testing.assert_allclose(after[:, 1], expected, atol=atol)
+    np.testing.assert_allclose(before, C.uncalibrated_probabilities(C.logits_of(scorer.keras_model, images)),
+                               atol=1e-6)
+    scorer.tta = True
+    after, before = scorer.predict_with_uncalibrated(images, batch_size=24)
+    np.testing.assert_allclose(after, scorer.predict(images, batch_size=24), atol=1e-6)
+    views = [C.uncalibrated_probabilities(C.logits_of(scorer.keras_model, v)) for v in tta_views(images)]
+    np.testing.assert_allclose(before, np.mean(views, axis=0), atol=1e-6)
+    plain = path.parent / "uncalibrated"
+    C.calibrated_model(scorer.keras_model, C.Calibration("none")).save(str(plain))
+    scorer = load_scorer(plain)
+    assert not scorer.has_calibration and scorer.predict_with_uncalibrated(images)[1] is None
 
 
 def test_calibrated_on_real_radiographs_the_carved_test_ece_is_at_most_005(kermany_run, tmp_path):
