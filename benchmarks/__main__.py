@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.common import (BENCH_PACKAGES, DEFAULT_RESULTS, checks_table, machine, markdown_table, stamp)
-from preprocessing.runtime import (git_commit, library_versions, run_cli, setup_logging, write_json_atomic,
-                                   write_text_atomic)
+from launch.runtime import (git_commit, library_versions, run_cli, setup_logging, write_json_atomic,
+                            write_text_atomic)
 
 log = logging.getLogger("cxrscale.benchmarks")
 REPO = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def to_html(markdown_text: str, folder: Path) -> str:
     """The Markdown report as one HTML file, images embedded as data URIs."""
     import markdown
 
-    from distributed.report import png_data_uri
+    from distributed.evaluation.report import png_data_uri
 
     body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code"])
     body = re.sub(r'src="([^":]+\.png)"', lambda m: f'src="{png_data_uri(folder / m.group(1))}"', body)

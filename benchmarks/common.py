@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from preprocessing.runtime import CxrError, git_commit, library_versions, write_json_atomic, write_text_atomic
+from launch.runtime import CxrError, git_commit, library_versions, write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / "benchmarks" / "results"

@@ -30,7 +30,7 @@ from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, chec
                                report, require_dir, run_child)
 from benchmarks.preprocess import image_files, repeated_input, run_thesis
 from benchmarks.train import child_plain, make_dataset, run_distributed
-from preprocessing.runtime import atomic_path, run_cli, setup_logging
+from launch.runtime import atomic_path, run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.benchmarks")
 FACTORS = (1, 2, 4, 8)
@@ -87,10 +87,10 @@ def child_thesis(folder: Path, size: int) -> dict:
 
 def child_batch(data: Path, batch_size: int) -> dict:
     """One epoch of the thesis's `model.fit` on the CNN; RSS after importing TensorFlow and at peak."""
-    from distributed.kerasenv import keras  # noqa: F401  (before tensorflow)
+    from distributed.model.kerasenv import keras  # noqa: F401  (before tensorflow)
     import tensorflow  # noqa: F401
 
-    import distributed.models  # noqa: F401
+    import distributed.model.builders  # noqa: F401
 
     baseline = peak_rss_mb()
     child_plain(argparse.Namespace(data=data, model="cnn", precision="fp32", extra="", batch_size=batch_size,
@@ -102,8 +102,8 @@ def child_build(model: str, size: int) -> dict:
     """Seconds and RSS growth (current, not peak: what the built model holds) of one `build_model`."""
     import psutil
 
-    from distributed.kerasenv import keras
-    from distributed.models import build_model
+    from distributed.model.kerasenv import keras
+    from distributed.model.builders import build_model
 
     keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])  # runtime start-up is not the model's
     before = psutil.Process().memory_info().rss

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, markdown_table, report,
                                require_dir, run_command)
-from preprocessing.runtime import CxrError, run_cli, setup_logging
+from launch.runtime import CxrError, run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.benchmarks")
 REPO = Path(__file__).resolve().parents[1]

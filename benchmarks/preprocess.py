@@ -20,7 +20,7 @@ from typing import Sequence
 
 from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, comma_list, markdown_table,
                                peak_rss_mb, report, require_dir, run_child)
-from preprocessing.runtime import run_cli, setup_logging
+from launch.runtime import run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.benchmarks")
 VARIANTS = ("thesis", "tfdata", "cxrscale-1", "cxrscale-2")

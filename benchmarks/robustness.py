@@ -38,7 +38,7 @@ import numpy as np
 from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, markdown_table, report,
                                require_dir, run_command)
 from preprocessing import schema
-from preprocessing.runtime import CxrError, run_cli, setup_logging
+from launch.runtime import CxrError, run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.benchmarks")
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def shifted_images(files: Sequence[Path], params, shift: Callable | None) -> np.
 
 
 def shift_metrics(y: np.ndarray, p: np.ndarray, threshold: float, *, n_bootstrap: int, seed: int) -> dict[str, Any]:
-    from distributed import metrics as m
+    from distributed.evaluation import metrics as m
 
     row: dict[str, Any] = {"n": int(len(y)), "positives": int(y.sum())}
     summary = m.binary_summary(y, p, threshold)
@@ -140,8 +140,8 @@ def shift_metrics(y: np.ndarray, p: np.ndarray, threshold: float, *, n_bootstrap
 
 def measure(run_dir: Path, input_dir: Path, salt: bytes, fullres: Path | None, *, tta: bool = False,
             n_bootstrap: int = 500, seed: int = 0) -> dict[str, Any]:
-    from distributed.evaluate import ThresholdRule, score_split
-    from distributed.scoring import load_scorer, read_run_config, run_model_path
+    from distributed.evaluation.scores import ThresholdRule, score_split
+    from distributed.model.scoring import load_scorer, read_run_config, run_model_path
     from preprocessing.sources import discover
     from preprocessing.transform import TransformParams
 
@@ -224,7 +224,7 @@ def summarise(results: dict) -> tuple[list[dict], str]:
 
 
 def plots(results: dict, out: Path) -> list[Path]:
-    from distributed.plots import save_figure, styled
+    from distributed.evaluation.plots import save_figure, styled
 
     @styled
     def draw(path: Path) -> Path:

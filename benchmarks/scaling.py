@@ -55,7 +55,7 @@ from typing import Sequence
 import numpy as np
 
 from benchmarks.common import DEFAULT_RESULTS, checks_table, machine, markdown_table, report
-from preprocessing.runtime import CxrError, read_json, run_cli, setup_logging
+from launch.runtime import CxrError, read_json, run_cli, setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
 HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
@@ -81,7 +81,7 @@ class Workload:
         return 1e9 * (self.forward_gflops + 2 * self.head_gflops if frozen else 3 * self.forward_gflops)
 
 
-# The thesis's models (distributed/models.py): trainable parameters exclude BatchNorm moving statistics.
+# The thesis's models (distributed/model/builders.py): trainable parameters exclude BatchNorm moving statistics.
 THESIS = (Workload("VGG16, frozen base (224 px)", 31.0, 25_693_186, head_gflops=2 * 25_693_186 / 1e9),
           Workload("ResNet50, all layers (224 px)", 8.2, 26_158_081),
           Workload("ResNet50, frozen base (224 px)", 8.2, 2_623_489, head_gflops=2 * 2_623_489 / 1e9))
@@ -219,7 +219,7 @@ def validate(cases: Sequence[dict] = CASES, profiles: dict[str, dict] = DEFAULT_
 
 def child_allreduce(sizes: list[int], reps: int, warmup: int) -> dict | None:
     """Runs under horovodrun: median time of float32 allreduces per size, and matmul FLOP/s per worker."""
-    from distributed.kerasenv import keras  # noqa: F401 (picks Keras before TensorFlow loads)
+    from distributed.model.kerasenv import keras  # noqa: F401 (picks Keras before TensorFlow loads)
     import tensorflow as tf
     import horovod.tensorflow as hvd
 
@@ -370,7 +370,7 @@ def _size(n: float) -> str:
 def plots(results: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    from distributed.plots import STYLE, save_figure
+    from distributed.evaluation.plots import STYLE, save_figure
 
     out_dir = Path(out_dir)
     paths = []

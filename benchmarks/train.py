@@ -24,7 +24,7 @@ from typing import Sequence
 
 from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, comma_list, markdown_table,
                                report, require_dir, run_child, run_command)
-from preprocessing.runtime import read_numeric_csv, run_cli, setup_logging
+from launch.runtime import read_numeric_csv, run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.benchmarks")
 HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
@@ -70,10 +70,10 @@ def run_distributed(data: Path, model: str, precision: str, workers: int, batch:
 
 def child_plain(args: argparse.Namespace) -> dict:
     """The thesis's way: one process, model.fit on the prepared shards, default TensorFlow threading."""
-    from distributed.kerasenv import keras
+    from distributed.model.kerasenv import keras
     import tensorflow as tf
 
-    from distributed.models import build_model, loss_for
+    from distributed.model.builders import build_model, loss_for
     from preprocessing import schema
 
     keras.mixed_precision.set_global_policy("float32" if args.precision == "fp32" else args.precision)
@@ -106,11 +106,11 @@ def child_plain(args: argparse.Namespace) -> dict:
 
 def child_flops(args: argparse.Namespace) -> dict:
     """Forward FLOPs per image of the model and of its head, and this machine's float32 matmul FLOP/s."""
-    from distributed.kerasenv import keras
+    from distributed.model.kerasenv import keras
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    from distributed.models import build_model
+    from distributed.model.builders import build_model
 
     def forward_flops(model) -> float:
         spec = tf.TensorSpec((1, *model.input_shape[1:]), model.input.dtype)

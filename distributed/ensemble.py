@@ -16,14 +16,14 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from distributed.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
+from distributed.model.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
 
-from distributed.calibration import METHODS, calibrated_model, fit_on_validation, logits_model
-from distributed.models import LOGITS_NAME
-from distributed.scoring import read_run_config, run_model_path
+from distributed.model.calibration import METHODS, calibrated_model, fit_on_validation, logits_model
+from distributed.model.builders import LOGITS_NAME
+from distributed.model.scoring import read_run_config, run_model_path
 from preprocessing import schema
-from preprocessing.runtime import (CxrError, check_writable_dir, git_commit, library_versions, run_cli,
-                                   setup_logging, write_json_atomic)
+from launch.runtime import (CxrError, atomic_dir, check_writable_dir, git_commit, library_versions, run_cli,
+                            setup_logging, write_json_atomic)
 
 log = logging.getLogger("cxrscale.ensemble")
 
@@ -96,9 +96,6 @@ def build_ensemble(run_dirs: Sequence[Path], output: Path, method: str) -> dict[
     calibration = fit_on_validation(joined, data_dir, method, output)  # OUTPUT/calibration.json
     final = calibrated_model(joined, calibration)
 
-    tmp = output / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    final.save(str(tmp))
     models = sorted({c["config"]["model"] for c in configs})
     first = configs[0]
     meta = {"config": {**first["config"], "model": models[0] if len(models) == 1 else first["config"]["model"],
@@ -108,10 +105,10 @@ def build_ensemble(run_dirs: Sequence[Path], output: Path, method: str) -> dict[
                          "seeds": [c["config"].get("seed") for c in configs], "combine": "mean of logits"},
             "libraries": library_versions(("tensorflow", "tf-keras", "numpy", "cxrscale")),
             "git_commit": git_commit(), "manifest_sha256": first.get("manifest_sha256")}
-    write_json_atomic(output / "config.json", meta)
-    shutil.copyfile(Path(run_dirs[0]) / "dataset_manifest.json", output / "dataset_manifest.json")
-    shutil.rmtree(output / "model", ignore_errors=True)
-    tmp.replace(output / "model")
+    with atomic_dir(output / "model") as tmp:  # the model lands last: its presence means a finished ensemble
+        final.save(str(tmp))
+        write_json_atomic(output / "config.json", meta)
+        shutil.copyfile(Path(run_dirs[0]) / "dataset_manifest.json", output / "dataset_manifest.json")
     return meta
 
 

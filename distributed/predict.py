@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from distributed.kerasenv import keras  # noqa: F401  first: chooses tf_keras before TensorFlow loads
+from distributed.model.kerasenv import keras  # noqa: F401  first: chooses tf_keras before TensorFlow loads
 
 import numpy as np
 
-from distributed.evaluate import predicted_classes
-from distributed.scoring import load_scorer, run_model_path
-from preprocessing.runtime import CxrError, read_json, run_cli, setup_logging, write_text_atomic
+from distributed.evaluation.scores import predicted_classes
+from distributed.model.scoring import load_scorer, run_model_path
+from launch.runtime import CxrError, read_json, run_cli, setup_logging, write_text_atomic
 from preprocessing.transform import ImageRejected, TransformParams, transform
 
 log = logging.getLogger("cxrscale.predict")
@@ -134,8 +134,8 @@ def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
 def write_gradcams(folder: Path, model, images: np.ndarray, pred: np.ndarray, rows: list[dict],
                    used: set[str]) -> None:
     """One Grad-CAM overlay of the predicted class per image: FOLDER/<file stem>-gradcam.png."""
-    from distributed.gradcam import gradcam, overlay
-    from distributed.report import write_png
+    from distributed.evaluation.gradcam import gradcam, overlay
+    from distributed.evaluation.report import write_png
 
     folder.mkdir(parents=True, exist_ok=True)
     heat = gradcam(model, images, pred)

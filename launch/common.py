@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence, TextIO
 
 from preprocessing import schema
-from preprocessing.runtime import CxrError, read_json
+from launch.runtime import CxrError, read_json
 
 # The entry points that run one process per worker under horovodrun / mpirun / srun.
 ENTRY_POINTS = {
@@ -92,7 +92,7 @@ def data_target(entry: EntryPoint) -> DataTarget:
     optimize.prune_quantize: --data, else the data of the run it compresses (RUN/config.json), as it does.
     """
     if entry.module == "distributed.train":
-        from distributed.config import parse_config
+        from distributed.training.config import parse_config
 
         captured = io.StringIO()
         try:
@@ -199,7 +199,7 @@ def tail_usage(prog: str) -> str:
 def write_generated(path: str | Path, text: str, *, overwrite: bool, option: str = "--output") -> bool:
     """Write a generated file atomically. An identical existing file is left alone (returns False); a
     different one is replaced only with `overwrite`, since it may hold the user's own edits."""
-    from preprocessing.runtime import write_text_atomic
+    from launch.runtime import write_text_atomic
 
     path = Path(path)
     if path.is_dir():

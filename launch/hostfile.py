@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from preprocessing.runtime import CxrError, run_cli
+from launch.runtime import CxrError, run_cli
 
 Host = tuple[str, int]  # (host name or address, slots)
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from preprocessing.runtime import (CxrError, read_json, read_options_file, run_cli, setup_logging,
-                                   write_bytes_atomic, write_json_atomic)
+from launch.runtime import (CxrError, atomic_dir, read_json, read_options_file, run_cli, setup_logging,
+                            write_bytes_atomic, write_json_atomic)
 
 log = logging.getLogger("cxrscale.pipeline")
 
@@ -179,14 +179,12 @@ def _run(cmd: list[str], stage: str, log_file: Path) -> None:
 
 def _copy_run(src: Path, dst: Path) -> None:
     """One member as the final run: its files (not its checkpoints), atomically."""
-    tmp = dst.parent / f".{dst.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints", "logs", "eval", "optimized"))
-    config = read_json(tmp / "config.json", "member run config")
-    config["config"]["output"] = str(dst)
-    write_json_atomic(tmp / "config.json", config)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints", "logs", "eval", "optimized"),
+                        dirs_exist_ok=True)
+        config = read_json(tmp / "config.json", "member run config")
+        config["config"]["output"] = str(dst)
+        write_json_atomic(tmp / "config.json", config)
 
 
 def run_pipeline(recipe: Recipe, p: Plan, *, command: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, Sequence
 
-from distributed.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
+from distributed.model.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
 
 import numpy as np
 import tensorflow as tf
@@ -23,9 +23,9 @@ from tensorflow_model_optimization.python.core.quantization.keras.default_8bit i
     default_8bit_quantize_registry
 from tensorflow_model_optimization.python.core.sparsity.keras import prune_registry
 
-from distributed.calibration import is_calibration_layer
-from distributed.models import LOGITS_NAME, OUTPUT_NAME, PREPROCESSING_LAYER_NAMES
-from preprocessing.runtime import CxrError
+from distributed.model.calibration import is_calibration_layer
+from distributed.model.builders import LOGITS_NAME, OUTPUT_NAME, PREPROCESSING_LAYER_NAMES
+from launch.runtime import CxrError
 
 PRUNABLE_TYPES = (keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv2D,
                   keras.layers.SeparableConv2D)

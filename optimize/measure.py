@@ -15,7 +15,7 @@ import zlib
 from pathlib import Path
 from typing import Sequence
 
-from distributed.kerasenv import keras  # noqa: F401  (first: chooses tf_keras before TensorFlow loads)
+from distributed.model.kerasenv import keras  # noqa: F401  (first: chooses tf_keras before TensorFlow loads)
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
@@ -24,9 +24,9 @@ from tensorflow.lite.python import schema_py_generated as schema_fb  # noqa: E40
 from tensorflow.lite.tools import flatbuffer_utils  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from distributed.plots import save_figure, styled, plt  # noqa: E402
-from distributed.scoring import quantize_input  # noqa: E402
-from preprocessing.runtime import CxrError  # noqa: E402
+from distributed.evaluation.plots import save_figure, styled, plt  # noqa: E402
+from distributed.model.scoring import quantize_input  # noqa: E402
+from launch.runtime import CxrError  # noqa: E402
 
 _CHUNK = 1 << 20
 _TYPE_NAMES = {v: k.lower() for k, v in vars(schema_fb.TensorType).items() if not k.startswith("_")}

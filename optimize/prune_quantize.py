@@ -19,25 +19,24 @@ import functools
 import hashlib
 import logging
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from distributed.kerasenv import hvd_keras, keras  # first: chooses tf_keras before TensorFlow loads
+from distributed.model.kerasenv import hvd_keras, keras  # first: chooses tf_keras before TensorFlow loads
 
 import numpy as np
 
-from distributed.data import balanced_class_weights, plan_data, train_dataset
-from distributed.evaluate import ThresholdRule, compute_metrics, parse_threshold, score_split
-from distributed.models import loss_for, min_image_size, recalibrate_batchnorm
-from distributed.scoring import load_scorer, read_run_config, run_model_path
-from distributed.train import agree, configure_devices, launcher_rank
+from distributed.training.data import balanced_class_weights, plan_data, train_dataset
+from distributed.evaluation.scores import ThresholdRule, compute_metrics, parse_threshold, score_split
+from distributed.model.builders import loss_for, recalibrate_batchnorm
+from distributed.model.scoring import load_scorer, read_run_config, run_model_path
+from distributed.training.hvd_utils import agree, configure_devices
 from optimize import compress, measure
 from preprocessing import schema
-from preprocessing.runtime import (USER_ERROR_EXIT, CxrError, check_writable_dir, read_json, setup_logging,
-                                   sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic)
+from launch.runtime import (CxrError, check_writable_dir, read_json, run_cli, setup_logging, sha256_file,
+                            write_bytes_atomic, write_json_atomic, write_text_atomic)
 
 log = logging.getLogger("cxrscale.optimize")
 
@@ -221,8 +220,7 @@ def run(args: argparse.Namespace) -> dict | None:
         raise CxrError(f"optimize compares variants by binary metrics; {args.data} has {len(classes)} classes")
     variants = expand_variants(args.variants, args.sparsity)
     base = keras.models.load_model(str(run_model_path(args.run)), compile=False)
-    plan = plan_data(args.data, rank, hvd.size(), args.batch_size, min_image_size(config["config"]["model"]),
-                     config["config"]["model"])
+    plan = plan_data(args.data, rank, hvd.size(), args.batch_size, config["config"]["model"])
     class_weight = balanced_class_weights(plan.class_counts) if config["config"].get("class_weights") == "auto" \
         else None
     rep_images, rep_ids = representative_images(Path(args.data), args.representative_samples, args.seed)
@@ -415,13 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.fine_tune_epochs < 1 or args.representative_samples < 1 or args.batch_size < 1:
         parser.error("--fine-tune-epochs, --representative-samples and --batch-size must be >= 1")
     args.output = args.output or str(Path(args.run) / "optimized")
-    try:
-        args.data = args.data or read_run_config(args.run)["config"]["data"]
-        comparison = run(args)
-    except CxrError as err:
-        if launcher_rank() == 0:
-            print(f"error: {err}", file=sys.stderr)
-        return USER_ERROR_EXIT
+    args.data = args.data or read_run_config(args.run)["config"]["data"]
+    comparison = run(args)
     if comparison:
         print(render_report(comparison, None).split("\n\n![")[0])
         print(f"\nrecommended: {comparison['recommended']}; report: {Path(args.output) / 'report.md'}")
@@ -429,4 +422,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

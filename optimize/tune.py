@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from distributed.config import MODELS, TrainConfig, load_config_file
+from distributed.training.config import MODELS, TrainConfig, load_config_file
 from preprocessing import schema
-from preprocessing.runtime import (CxrError, read_json, read_numeric_csv, read_options_file,
-                                   run_cli, setup_logging, write_json_atomic, write_text_atomic)
+from launch.runtime import (CxrError, read_json, read_numeric_csv, read_options_file, start_ray,
+                            run_cli, setup_logging, write_json_atomic, write_text_atomic)
 
 log = logging.getLogger("cxrscale.tune")
 
@@ -400,7 +400,7 @@ def best_config(base: dict[str, Any], best_row: dict, space: dict[str, Param]) -
 def plot_auc_vs_params(rows: list[dict], space: dict[str, Param], path: Path) -> Path | None:
     """One panel per searched parameter: best validation AUC of each trial against its value (log axis
     for log-uniform parameters, one column per category for choices), ASHA-stopped trials hollow."""
-    from distributed.plots import plt, save_figure, styled
+    from distributed.evaluation.plots import plt, save_figure, styled
 
     names = [n for n, p in space.items() if p.searched]
     scored = [r for r in rows if r["best_val_auc"] is not None]
@@ -601,26 +601,6 @@ def prepare_output(output: Path, settings: dict[str, Any], overwrite: bool) -> b
     return resumable
 
 
-def start_ray(address: str | None, num_cpus: int | None) -> str:
-    """Join `address`, or start a private Ray whose every server listens on 127.0.0.1 (Ray's single-machine
-    mode, the one it uses on macOS and Windows). Returns the GCS address."""
-    if not address:
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when Ray is imported
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    try:
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        else:
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.ERROR, object_store_memory=256 * 1024 * 1024)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise CxrError(f"could not start or reach Ray{f' at --address {address}' if address else ''}: "
-                       f"{err}") from None
-    return ray.get_runtime_context().gcs_address
-
-
 def run_search(settings: dict[str, Any], space: dict[str, Param], resume: bool, quiet: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -662,13 +642,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = Path(settings["output"])
     resume = prepare_output(output, settings, args.overwrite)
     started = time.perf_counter()
-    address = start_ray(args.address, args.num_cpus)
-    try:
-        results = run_search(settings, space, resume, args.quiet)
-    finally:
+    with start_ray(args.address, args.num_cpus, log_to_driver=False):
         import ray
 
-        ray.shutdown()
+        address = ray.get_runtime_context().gcs_address
+        results = run_search(settings, space, resume, args.quiet)
     rows = collect(results, space, Path(settings["trials_dir"]), settings["max_epochs"], settings["search"])
     write_results_csv(output / "results.csv", rows)
     plot = plot_auc_vs_params(rows, space, output / "auc_vs_params.png")

@@ -4,6 +4,6 @@
 `schema.dataset(prepared_dir, split)` to read the shards; `transform.transform` for the pixel transform
 shared by preparation and prediction.
 """
-from preprocessing.runtime import CxrError
+from launch.runtime import CxrError
 
 __all__ = ["CxrError"]

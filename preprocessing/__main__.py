@@ -9,7 +9,7 @@ from typing import Sequence
 from preprocessing import audit, transform
 from preprocessing.pipeline import PrepareConfig, prepare
 from preprocessing.split import OVERLAP_POLICIES
-from preprocessing.runtime import run_cli, setup_logging
+from launch.runtime import run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.preprocessing")
 

@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from preprocessing import audit, schema, split as splitting
-from preprocessing.runtime import (CxrError, atomic_path, check_writable_dir, library_versions, read_json,
-                                   write_bytes_atomic, write_json_atomic, write_text_atomic)
+from launch.runtime import (CxrError, atomic_path, check_writable_dir, library_versions, read_json, start_ray,
+                            write_bytes_atomic, write_json_atomic, write_text_atomic)
 from preprocessing.sources import Discovery, InputItem, discover
 from preprocessing.transform import ImageRejected, TransformParams, decode, transform_decoded
 
@@ -203,30 +203,6 @@ def write_shard(output: str, staging: str, name: str, records: list[tuple[int, i
 
 # --- Ray plumbing ---------------------------------------------------------------------------------------
 
-def start_ray(address: str | None, workers: int | None) -> tuple[int, bool]:
-    """Connect to Ray (an existing cluster with `address`, else a private local one). Returns the number
-    of tasks to keep in flight and whether this call started Ray (and so should shut it down)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        try:
-            if address:
-                module_dir = str(Path(__file__).resolve().parent)
-                ray.init(address=address, logging_level=logging.WARNING,
-                         runtime_env={"py_modules": [module_dir]})
-            else:
-                ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False,
-                         logging_level=logging.ERROR, object_store_memory=256 * 1024 * 1024)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            raise CxrError(f"could not start or reach Ray{f' at --address {address}' if address else ''}: "
-                           f"{err}") from None
-        started = True
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, min(workers or cpus, cpus)), started
-
-
 def run_tasks(fn: Callable, arg_lists: list[tuple], in_flight: int, on_done: Callable[[Any], None]) -> None:
     """Run `fn(*args)` as Ray tasks, at most `in_flight` at once, calling `on_done` with each result as it
     finishes (in completion order). Bounded in-flight work keeps memory flat and lets `--workers` cap use
@@ -391,8 +367,11 @@ def prepare(config: PrepareConfig) -> dict:
 
     items = discovery.items
     log.info("%d inputs in %s layout, classes: %s", len(items), discovery.layout, ", ".join(discovery.classes))
-    in_flight, started_ray = start_ray(config.address, config.workers)
-    try:
+    with start_ray(config.address, config.workers, py_modules=[str(Path(__file__).resolve().parent)]):
+        import ray
+
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        in_flight = max(1, min(config.workers or cpus, cpus))
         clock = time.perf_counter()
         records, rejected = _stage_transform(items, params, salt, staging, in_flight)
         log.info("stage 1 (decode, transform, hash): %.1f s", time.perf_counter() - clock)
@@ -408,11 +387,6 @@ def prepare(config: PrepareConfig) -> dict:
                               [keyed_hash(salt, "patient", r.patient_key) for r in records])
         shards, shard_files = _stage_write(plan, hashes, output, staging, in_flight, config)
         log.info("stage 2 (write %d shards): %.1f s", len(shards), time.perf_counter() - clock)
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
 
     manifest = _finish(output, discovery, config, params, fingerprint, salt_source, plan, hashes, shards,
                        shard_files, rejected + discovery.rejected, salt)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from preprocessing.runtime import CxrError, read_json
+from launch.runtime import CxrError, read_json
 
 if TYPE_CHECKING:  # TensorFlow is imported lazily, only by readers
     import tensorflow as tf

@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks.common import run_child
 from benchmarks.complexity import CLAIMS, add_fits, fit_loglog, plots, run_suite, summarise
-from preprocessing.runtime import CxrError
+from launch.runtime import CxrError
 
 X = [60, 120, 240, 480, 960]
 

@@ -44,9 +44,9 @@ def test_suite_on_a_real_run_matches_evaluate_and_scores_every_shift(real_run, s
     assert 0 < shifts["fullres"]["n"] < test_count  # only the test images that have a full-resolution original
     assert all(0.5 <= shifts[name]["roc_auc"] <= 1 for name in R.SHIFTS)
     # "none" re-reads the files through the same transform the shards were written with: evaluate's test AUC
-    from distributed.evaluate import score_split
-    from distributed.metrics import roc_auc
-    from distributed.scoring import load_scorer
+    from distributed.evaluation.scores import score_split
+    from distributed.evaluation.metrics import roc_auc
+    from distributed.model.scoring import load_scorer
 
     test = score_split(load_scorer(run / "model"), data, "test")
     assert shifts["none"]["roc_auc"] == pytest.approx(roc_auc(test.labels, test.probs[:, 1]), abs=1e-6)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks import scaling as s
-from preprocessing.runtime import CxrError
+from launch.runtime import CxrError
 
 MB = 2**20
 PROFILE = s.DEFAULT_PROFILES["pascal-25g-roce"]

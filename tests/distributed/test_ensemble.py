@@ -8,10 +8,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from distributed.kerasenv import keras
-from distributed.calibration import Calibration, logits_of
+from distributed.model.kerasenv import keras
+from distributed.model.calibration import Calibration, logits_of
 from preprocessing import schema
-from preprocessing.runtime import CxrError
+from launch.runtime import CxrError
 from tests.conftest import PYTHON, REPO
 from tests.training_fixtures import quiet, run_train
 

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from distributed.evaluate import SplitScores, ThresholdRule, compute_metrics, parse_threshold
+from distributed.evaluation.scores import SplitScores, ThresholdRule, compute_metrics, parse_threshold
 from preprocessing.pipeline import keyed_hash
 from tests.conftest import PYTHON, REPO, radiograph_like, write_image
 from tests.training_fixtures import quiet
@@ -101,7 +101,7 @@ def test_evaluate_cli_writes_a_complete_self_contained_report(sample_run, tmp_pa
 
 
 def test_tta_views_are_mild_and_unflipped():
-    from distributed.scoring import tta_views
+    from distributed.model.scoring import tta_views
 
     image = np.zeros((2, 64, 64, 1), np.uint8)
     image[:, 16:48, 4:30] = 200  # a bright block on the left
@@ -127,7 +127,7 @@ def test_tta_in_evaluate_and_predict(sample_run, sample_images, tmp_path):
     p_tta = np.array([r["probability"] for r in json.loads(tta.stdout)])
     assert len(p_plain) == len(p_tta) and not np.allclose(p_plain, p_tta)
     assert np.all((p_tta >= 0) & (p_tta <= 1))
-    from distributed.scoring import load_scorer, tta_views
+    from distributed.model.scoring import load_scorer, tta_views
     from preprocessing import schema
 
     scorer = load_scorer(sample_run / "model")

@@ -218,7 +218,7 @@ def test_a_run_killed_after_its_last_epoch_finishes_its_export_on_resume(sample_
 
 
 def test_cosine_rate_warms_up_then_decays_to_one_percent():
-    from distributed.callbacks import CosineLearningRate
+    from distributed.training.callbacks import CosineLearningRate
 
     schedule = CosineLearningRate(1e-4, 1e-3, warmup_epochs=1, epochs=5, steps_per_epoch=10)
     rates = [schedule.rate(step) for step in range(50)]
@@ -244,8 +244,8 @@ def test_robust_recipe_options_train_together(prepared64, tmp_path):
 
 
 def test_weight_average_is_the_ema_of_the_steps_and_training_continues_from_the_raw_weights():
-    from distributed.callbacks import WeightAverage
-    from distributed.kerasenv import keras
+    from distributed.training.callbacks import WeightAverage
+    from distributed.model.kerasenv import keras
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
@@ -267,8 +267,9 @@ def test_weight_average_is_the_ema_of_the_steps_and_training_continues_from_the_
               callbacks=[Record(), average, Record(), average.restore_callback()])
     steps = steps[0::2]  # each step was recorded twice, once by each Record
     ema = initial
-    for w in steps:
-        ema = 0.5 * ema + 0.5 * w
+    for t, w in enumerate(steps, start=1):  # the decay warms up: min(decay, (1 + t) / (10 + t))
+        d = min(0.5, (1 + t) / (10 + t))
+        ema = d * ema + (1 - d) * w
     np.testing.assert_allclose(model.get_weights()[0], ema, rtol=1e-5)  # training ends on the average
     raw_epoch1, averaged_epoch1 = seen_at_epoch_end[0], seen_at_epoch_end[1]
     np.testing.assert_allclose(raw_epoch1, steps[3])  # before the swap: the raw weights

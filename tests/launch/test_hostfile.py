@@ -5,7 +5,7 @@ import pytest
 from horovod.runner.common.util.hosts import parse_host_files
 
 from launch.hostfile import expand_nodelist, format_hostfile, horovod_hosts_arg, main, parse_nodes
-from preprocessing.runtime import CxrError
+from launch.runtime import CxrError
 from tests.launch.cli import run_main
 
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import gzip
 import os
 
-from distributed.kerasenv import keras
+from distributed.model.kerasenv import keras
 
 import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from distributed.models import build_model
+from distributed.model.builders import build_model
 from optimize.measure import latency, pareto_front, recommend, sizes, tradeoff_plot, weight_report
-from preprocessing.runtime import CxrError
+from launch.runtime import CxrError
 
 SIZE = 32
 pytestmark = pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")  # int8 converter

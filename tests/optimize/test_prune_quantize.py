@@ -10,11 +10,11 @@ import subprocess
 import numpy as np
 import pytest
 
-from distributed.kerasenv import keras
+from distributed.model.kerasenv import keras
 import tensorflow_model_optimization as tfmot  # noqa: E402
 
-from distributed.models import build_model, loss_for  # noqa: E402
-from distributed.scoring import load_scorer  # noqa: E402
+from distributed.model.builders import build_model, loss_for  # noqa: E402
+from distributed.model.scoring import load_scorer  # noqa: E402
 from optimize import compress, measure  # noqa: E402
 from optimize.prune_quantize import representative_images  # noqa: E402
 from preprocessing import schema  # noqa: E402

@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 from optimize import tune as cxr_tune
-from preprocessing.runtime import CxrError, read_numeric_csv
+from launch.runtime import CxrError, read_numeric_csv
 from tests.conftest import PYTHON, REPO, radiograph_like, write_image
 from tests.training_fixtures import prepare, quiet, run_train
 
@@ -67,7 +67,7 @@ def test_default_spaces_are_valid_training_options(model, search):
 
 @pytest.mark.parametrize("model", ["vgg16", "resnet50"])
 def test_default_unfrozen_layer_choices_name_real_backbone_layers(model):
-    from distributed.models import backbone_layers, build_model, min_image_size, set_backbone_trainable
+    from distributed.model.builders import backbone_layers, build_model, min_image_size, set_backbone_trainable
 
     built = build_model(model, min_image_size(model), weights="none")
     layers = backbone_layers(built)

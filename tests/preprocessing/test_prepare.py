@@ -16,7 +16,7 @@ import pytest
 
 from preprocessing import schema
 from preprocessing.pipeline import PrepareConfig, keyed_hash, prepare
-from preprocessing.runtime import CxrError
+from launch.runtime import CxrError
 from preprocessing.sample import generate_sample
 from preprocessing.transform import TransformParams, transform
 from tests.conftest import PYTHON, REPO, radiograph_like, write_image
@@ -84,7 +84,7 @@ def test_messy_folder_reconciles_and_audits(messy_folder, tmp_path, salt_file, r
     assert manifest["classes"] == ["NORMAL", "PNEUMONIA"]
     assert sum(s["records"] for s in manifest["shards"]) == counts["written"]
     for shard in manifest["shards"]:
-        from preprocessing.runtime import sha256_file
+        from launch.runtime import sha256_file
         assert sha256_file(out / shard["file"]) == shard["sha256"]
 
     rows = list(csv.DictReader(open(out / schema.SPLIT_CSV)))

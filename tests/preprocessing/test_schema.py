@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from preprocessing import schema
-from preprocessing.runtime import CxrError
+from launch.runtime import CxrError
 
 
 def test_example_and_record_bytes_match_tensorflow(tmp_path):

@@ -1,0 +1,181 @@
+"""Scores of a prepared split and every number computed from them: the validation-chosen threshold, the
+metrics at it and at 0.5 with bootstrap intervals, and the gallery's picks. Shared by evaluate, optimize and
+the benchmarks; no files written here."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from distributed.evaluation import metrics as m
+from distributed.model.scoring import Scorer
+from launch.runtime import CxrError
+from preprocessing import schema
+
+DEFAULT_BOOTSTRAP = 1000
+
+
+# --- threshold rules ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How the binary operating threshold is chosen on validation: youden, sensitivity:X, specificity:X,
+    or a fixed number."""
+
+    kind: str
+    value: float | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "fixed":
+            return f"{self.value:g}"
+        return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
+
+    def describe(self) -> str:
+        return {"youden": "maximises sensitivity + specificity - 1 (Youden's J) on validation",
+                "sensitivity": f"highest specificity keeping sensitivity >= {self.value} on validation",
+                "specificity": f"highest sensitivity keeping specificity >= {self.value} on validation",
+                "fixed": "fixed by the user"}[self.kind]
+
+    def choose(self, y_val: np.ndarray, p_val: np.ndarray) -> float:
+        """The threshold on validation labels and positive-class probabilities (never test data)."""
+        try:
+            if self.kind == "fixed":
+                return float(self.value)
+            if self.kind == "youden":
+                return m.youden_threshold(y_val, p_val)
+            if self.kind == "sensitivity":
+                return m.threshold_for_sensitivity(y_val, p_val, self.value)
+            # specificity >= X for the negatives is sensitivity >= X for the flipped problem
+            return 1.0 - m.threshold_for_sensitivity(1 - np.asarray(y_val), 1.0 - np.asarray(p_val), self.value) \
+                + np.finfo(np.float32).eps
+        except m.MetricError as err:
+            raise CxrError(f"--threshold {self}: cannot be chosen on the validation split ({err}); "
+                           "pass a number instead") from None
+
+
+def parse_threshold(text: str) -> ThresholdRule:
+    """argparse type for --threshold."""
+    kind, _, value = text.partition(":")
+    try:
+        if kind in ("youden",) and not value:
+            return ThresholdRule("youden")
+        if kind in ("sensitivity", "specificity") and value and 0 < float(value) <= 1:
+            return ThresholdRule(kind, float(value))
+        if not value and 0 <= float(text) <= 1:
+            return ThresholdRule("fixed", float(text))
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: expected youden, sensitivity:X or specificity:X with X in (0, 1], "
+                                     "or a probability in [0, 1]")
+
+
+# --- scoring a split ------------------------------------------------------------------------------------
+
+@dataclass
+class SplitScores:
+    split: str
+    labels: np.ndarray  # (n,) int
+    probs: np.ndarray  # (n, K)
+    ids: list[str]
+    uncalibrated: np.ndarray | None = None  # (n, K) before the model's built-in calibration, when asked and known
+
+    def before_calibration(self) -> SplitScores | None:
+        if self.uncalibrated is None:
+            return None
+        return SplitScores(self.split, self.labels, self.uncalibrated, self.ids)
+
+
+def score_split(scorer: Scorer, data_dir: Path, split: str, batch_size: int = 32, *,
+                uncalibrated: bool = False) -> SplitScores:
+    """The model's probabilities for every record of a prepared split, in file order; with `uncalibrated`,
+    also those before its built-in calibration (same forward pass; None for a model without one)."""
+    ds = schema.dataset(data_dir, split, with_ids=True).batch(batch_size)
+    labels, probs, before, ids = [], [], [], []
+    for images, y, rid in ds.as_numpy_iterator():
+        if uncalibrated:
+            p, b = scorer.predict_with_uncalibrated(images, batch_size)
+            before.append(b)
+        else:
+            p = scorer.predict(images, batch_size)
+        probs.append(p)
+        labels.append(y)
+        ids += [r.decode() for r in rid]
+    if not labels:
+        raise CxrError(f"the {split} split of {data_dir} is empty")
+    raw = np.concatenate(before) if before and before[0] is not None else None
+    return SplitScores(split, np.concatenate(labels).astype(int), np.concatenate(probs), ids, raw)
+
+
+def load_records(data_dir: Path, split: str, indices: Sequence[int]) -> dict[int, np.ndarray]:
+    """The uint8 images of the given record positions of a split (a second pass, so that scoring a large
+    split never holds all its images in memory)."""
+    wanted, found = set(int(i) for i in indices), {}
+    for i, (image, _) in enumerate(schema.dataset(data_dir, split).as_numpy_iterator()):
+        if i in wanted:
+            found[i] = image
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+# --- metrics --------------------------------------------------------------------------------------------
+
+def compute_metrics(val: SplitScores, test: SplitScores, classes: list[str], rule: ThresholdRule, *,
+                    n_bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
+    """Every number of the evaluation: the validation-chosen threshold and the evaluated split's metrics at
+    it and at 0.5, with bootstrap intervals (binary); one-vs-rest and macro metrics (K classes)."""
+    if test.probs.shape[1] != len(classes):
+        raise CxrError(f"the model outputs {test.probs.shape[1]} classes but the data has {len(classes)} "
+                       f"({', '.join(classes)})")
+    out: dict[str, Any] = {"classes": classes, "split": test.split, "n": len(test.labels),
+                           "class_counts": {c: int(np.sum(test.labels == i)) for i, c in enumerate(classes)}}
+    if len(classes) == 2:
+        threshold = rule.choose(val.labels, val.probs[:, 1])
+        out["threshold"] = {"rule": str(rule), "description": rule.describe(), "value": threshold,
+                            "chosen_on": val.split}
+        y, p = test.labels, test.probs[:, 1]
+        for key, t in (("at_threshold", threshold), ("at_0.5", 0.5)):
+            summary = m.binary_summary(y, p, t)
+            fns = m.binary_metric_functions(t)
+            summary["intervals"] = m.bootstrap_intervals({k: fns[k] for k in m.INTERVAL_METRICS}, y, p,
+                                                         n_resamples=n_bootstrap, seed=seed)
+            out[key] = summary
+        out["validation_at_threshold"] = m.binary_summary(val.labels, val.probs[:, 1], threshold)
+        out["calibration_bins"] = m.calibration_bins(y, p)
+    else:
+        out["threshold"] = {"rule": "argmax", "description": "the most probable class (K > 2)", "value": None,
+                            "chosen_on": None}
+        out["multiclass"] = m.multiclass_summary(test.labels, test.probs, classes)
+        out["multiclass"]["intervals"] = m.bootstrap_intervals(m.multiclass_metric_functions(), test.labels,
+                                                               test.probs, n_resamples=n_bootstrap, seed=seed)
+    return out
+
+
+def predicted_classes(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Binary: positive where P(positive) >= threshold; K classes: the argmax."""
+    if probs.shape[1] == 2 and threshold is not None:
+        return (probs[:, 1] >= threshold).astype(int)
+    return probs.argmax(axis=1)
+
+
+def gallery_picks(scores: SplitScores, threshold: float | None, per_group: int) -> list[dict[str, Any]]:
+    """The most confident right and the most confident wrong cases of each true class. Binary decisions at a
+    threshold rank by the score's distance from the threshold in the direction of the call."""
+    pred = predicted_classes(scores.probs, threshold)
+    confidence = scores.probs[np.arange(len(pred)), pred]
+    if threshold is not None:
+        margin = np.where(pred == 1, scores.probs[:, 1] - threshold, threshold - scores.probs[:, 1])
+    else:
+        margin = confidence
+    picks = []
+    for c in range(scores.probs.shape[1]):
+        for right in (True, False):
+            idx = np.flatnonzero((scores.labels == c) & ((pred == c) == right))
+            for i in idx[np.argsort(-margin[idx], kind="stable")][:per_group]:
+                picks.append({"index": int(i), "id": scores.ids[i], "true_index": c, "predicted_index": int(pred[i]),
+                              "confidence": float(confidence[i]), "probabilities": scores.probs[i].tolist(),
+                              "correct": right})
+    return picks

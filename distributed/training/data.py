@@ -1,0 +1,170 @@
+"""Input pipelines for data-parallel training: each worker reads its own shard files (train) or its own
+share of the records (validation), all through `preprocessing.schema`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from distributed.model.builders import check_image_size
+from launch.runtime import CxrError
+from preprocessing import schema
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """What every worker must agree on before training. steps_per_epoch is derived from the manifest's
+    train count and the global batch, so it is the same on every rank."""
+
+    image_shape: tuple[int, int, int]
+    classes: list[str]
+    train_count: int
+    val_count: int
+    train_files: list[Path]      # this worker's files
+    val_files: list[Path]        # all validation files (records are split between workers)
+    steps_per_epoch: int
+    class_counts: list[int]
+
+
+def plan_data(prepared_dir: str | Path, rank: int, size: int, batch_size: int, model: str) -> DataPlan:
+    """Check the prepared dataset against the run (before any training) and plan each worker's share.
+
+    Raises `CxrError` for an unknown schema version, fewer train shard files than workers, a global batch
+    larger than the train split, an image size the model cannot take, or a missing validation split.
+    """
+    manifest = schema.read_manifest(prepared_dir)
+    shape = schema.image_shape(manifest)
+    check_image_size(model, int(min(shape[:2])), source=f"--data {prepared_dir}")
+    counts = manifest["counts"]["per_split"]
+    classes = list(manifest["classes"])
+    problems = schema.worker_problems(prepared_dir, manifest, size, batch_size)
+    if problems:
+        raise CxrError(problems[0])
+    train_files = schema.shard_paths(prepared_dir, "train", manifest)
+    val_files = schema.shard_paths(prepared_dir, "val", manifest) if "val" in counts else []
+    if not val_files:
+        raise CxrError(f"{prepared_dir} has no validation split; prepare it with --val-fraction > 0")
+    train_count = counts["train"]["total"]
+    global_batch = batch_size * size
+    return DataPlan(shape, classes, train_count, counts["val"]["total"], train_files[rank::size], val_files,
+                    train_count // global_batch, [counts["train"].get(c, 0) for c in classes])
+
+
+def balanced_class_weights(class_counts: list[int]) -> dict[int, float]:
+    """n / (K * n_c) per class, as scikit-learn's "balanced"; a class with no images gets weight 0."""
+    total, k = sum(class_counts), len(class_counts)
+    return {i: (total / (k * n) if n else 0.0) for i, n in enumerate(class_counts)}
+
+
+@dataclass(frozen=True)
+class AugmentPolicy:
+    """Anatomy-safe random augmentation of radiographs, each image drawn independently. Ranges are the
+    acquisition differences between sites and machines (exposure, processing, positioning, detector
+    resolution and noise, JPEG/export), kept mild enough that the anatomy stays plausible. There is never a
+    left-right flip: a chest radiograph is not symmetric (heart, stomach bubble, side markers)."""
+
+    crop_scale: tuple[float, float] = (0.8, 1.0)      # random resized crop: share of the side kept
+    crop_aspect: tuple[float, float] = (0.9, 1.1)     # aspect ratio of the crop
+    rotation_degrees: float = 5.0                     # +- small rotation (patient positioning)
+    gamma: tuple[float, float] = (0.7, 1.4)           # x -> x ** gamma on [0, 1] (detector / processing curve)
+    brightness: float = 0.1                           # +- share of full scale
+    contrast: float = 0.3                             # +- 30 % around the image mean
+    blur_probability: float = 0.3                     # Gaussian blur, sigma 0.5 .. 1.2 px
+    noise_probability: float = 0.3                    # Gaussian noise, sigma up to 3 % of full scale
+    noise_sigma: float = 0.03
+
+
+def augment_batch(images: tf.Tensor, rng: tf.random.Generator, policy: AugmentPolicy = AugmentPolicy()) -> tf.Tensor:
+    """uint8 (n, H, W, 1) -> augmented uint8 (n, H, W, 1) (see `AugmentPolicy`)."""
+    n, h, w = tf.shape(images)[0], images.shape[1], images.shape[2]
+    x = tf.cast(images, tf.float32) / 255.0
+    # random resized crop, centred anywhere the crop fits, resized back to (H, W)
+    scale = rng.uniform([n], *policy.crop_scale)
+    aspect = rng.uniform([n], *policy.crop_aspect)
+    ch, cw = tf.minimum(scale * tf.sqrt(aspect), 1.0), tf.minimum(scale / tf.sqrt(aspect), 1.0)
+    y0, x0 = rng.uniform([n]) * (1.0 - ch), rng.uniform([n]) * (1.0 - cw)
+    boxes = tf.stack([y0, x0, y0 + ch, x0 + cw], axis=1)
+    x = tf.image.crop_and_resize(x, boxes, tf.range(n), (h, w))
+    # small rotation about the centre (projective transform), black outside like the letterbox padding
+    angle = rng.uniform([n], -1.0, 1.0) * policy.rotation_degrees * np.pi / 180.0
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    transforms = tf.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy,
+                           tf.zeros([n]), tf.zeros([n])], axis=1)
+    x = tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=transforms, output_shape=[h, w],
+                                              fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+    # intensity: gamma, brightness, contrast
+    gamma = tf.exp(rng.uniform([n, 1, 1, 1], np.log(policy.gamma[0]), np.log(policy.gamma[1])))
+    x = tf.pow(tf.clip_by_value(x, 0.0, 1.0), gamma)
+    x = x + rng.uniform([n, 1, 1, 1], -policy.brightness, policy.brightness)
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    x = (x - mean) * rng.uniform([n, 1, 1, 1], 1.0 - policy.contrast, 1.0 + policy.contrast) + mean
+    # blur: a separable 5-tap Gaussian with a random sigma, applied to a random share of the images
+    sigma = rng.uniform([], 0.5, 1.2)
+    taps = tf.exp(-tf.square(tf.range(-2.0, 3.0)) / (2.0 * sigma * sigma))
+    taps = taps / tf.reduce_sum(taps)
+    blurred = tf.nn.conv2d(tf.nn.conv2d(x, tf.reshape(taps, [5, 1, 1, 1]), 1, "SAME"),
+                           tf.reshape(taps, [1, 5, 1, 1]), 1, "SAME")
+    x = tf.where(rng.uniform([n, 1, 1, 1]) < policy.blur_probability, blurred, x)
+    noise = rng.normal(tf.shape(x)) * rng.uniform([n, 1, 1, 1], 0.0, policy.noise_sigma)
+    x = tf.where(rng.uniform([n, 1, 1, 1]) < policy.noise_probability, x + noise, x)
+    return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)
+
+
+def augmenter(seed: int, policy: AugmentPolicy = AugmentPolicy()):
+    """A tf.data map function applying `augment_batch` to (uint8 images, labels) batches, seeded."""
+    rng = tf.random.Generator.from_seed(seed)
+
+    def apply(images: tf.Tensor, labels: tf.Tensor):
+        return augment_batch(images, rng, policy), labels
+
+    return apply
+
+
+def train_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, *, seed: int, shuffle_buffer: int,
+                  augment: bool, binary_labels: bool) -> tf.data.Dataset:
+    """This worker's endless, shuffled, batched (uint8 image, label) stream over its own shard files."""
+    files = tf.data.Dataset.from_tensor_slices([str(p) for p in plan.train_files])
+    files = files.shuffle(len(plan.train_files), seed=seed, reshuffle_each_iteration=True)
+    ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(plan.train_files)),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.map(lambda s: _pair(s, plan.image_shape, binary_labels), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if augment:
+        ds = ds.map(augmenter(seed))  # sequential: a shared generator, so a seed gives the same stream
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def val_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, rank: int, size: int) -> tf.data.Dataset:
+    """This worker's share (every size-th record) of the validation split, in order, as (image, label)."""
+    ds = tf.data.TFRecordDataset([str(p) for p in plan.val_files]).shard(size, rank)
+    ds = ds.map(lambda s: _pair(s, plan.image_shape, False), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def ordered_dataset(files: list[Path], plan: DataPlan, batch_size: int, binary_labels: bool) -> tf.data.Dataset:
+    """The records of `files` once, in file order, batched as (image, label): for feature caching."""
+    ds = tf.data.TFRecordDataset([str(p) for p in files])
+    ds = ds.map(lambda s: _pair(s, plan.image_shape, binary_labels), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def sample_images(files: list[Path], shape: tuple[int, int, int], n: int, seed: int):
+    """Up to n uint8 images (n, H, W, C) drawn at random (seeded) from the records of `files`, as a numpy
+    array: the train images BatchNormalization statistics are re-estimated on."""
+    ds = tf.data.TFRecordDataset([str(p) for p in files]).shuffle(4096, seed=seed, reshuffle_each_iteration=False)
+    ds = ds.take(n).map(lambda s: schema.parse_example(s, shape)["image"]).batch(256)
+    batches = list(ds.as_numpy_iterator())
+    return np.concatenate(batches) if batches else np.zeros((0, *shape), np.uint8)
+
+
+def _pair(serialized: tf.Tensor, shape: tuple[int, int, int], binary_labels: bool):
+    record = schema.parse_example(serialized, shape)
+    label = record["label"]
+    if binary_labels:  # a 1-unit sigmoid head wants float labels of shape (1,)
+        label = tf.cast(tf.reshape(label, (1,)), tf.float32)
+    return record["image"], label
+

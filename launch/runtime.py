@@ -1,0 +1,254 @@
+"""Toolkit-wide plumbing shared by every stage: the user-error type, logging, atomic writes, CLI exit codes.
+
+Every stage (preprocessing, distributed, optimize, benchmarks, launch) imports from here, so a user mistake
+looks the same everywhere: one line naming the thing and the fix, exit status 2, no traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+USER_ERROR_EXIT = 2
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class CxrError(Exception):
+    """A user's mistake (bad path, bad flag, unusable data). The CLI prints its message and exits 2."""
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """One log format for the whole toolkit; safe to call more than once."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stderr)
+    root.setLevel(level)
+
+
+def launcher_rank() -> int:
+    """This process's rank as its launcher (horovodrun, mpirun, Slurm) set it, readable before Horovod is
+    initialised; 0 for a plain process."""
+    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
+    """Run a CLI `main`, turning a `CxrError` into one line on stderr and exit status 2, and Ctrl-C into
+    exit status 130. Under a launcher only rank 0 prints, so N workers report one mistake once."""
+    speak = launcher_rank() == 0
+    try:
+        code = main(argv)
+    except CxrError as err:
+        if speak:
+            print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT) from None
+    except KeyboardInterrupt:
+        if speak:
+            print("interrupted: what was finished is kept; re-run the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    raise SystemExit(code or 0)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one `error: ...` line and exit status 2, like every other user
+    mistake in the toolkit (argparse's own adds its usage lines)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+@contextlib.contextmanager
+def start_ray(address: str | None, num_cpus: int | None, *, py_modules: Sequence[str] = (),
+              log_to_driver: bool = True) -> Iterator[None]:
+    """Join the Ray cluster at `address`, or start a private one on this machine with `num_cpus` CPUs (all
+    by default) whose every server listens on 127.0.0.1; shut it down on exit if this call started it.
+    `py_modules` are shipped to a cluster's workers (they may not have this checkout)."""
+    if not address:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single-machine mode; read when Ray is imported
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        try:
+            if address:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver,
+                         runtime_env={"py_modules": list(py_modules)} if py_modules else None)
+            else:
+                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                         log_to_driver=log_to_driver, logging_level=logging.ERROR,
+                         object_store_memory=256 * 1024 * 1024)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise CxrError(f"could not start or reach Ray{f' at --address {address}' if address else ''}: "
+                           f"{err}") from None
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it replaces `path` in one step.
+
+    A crash leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder next to `path`; on success it takes `path`'s place (an old `path` is
+    moved aside first and removed last), on failure it is removed and `path` is left as it was."""
+    path = Path(path)
+    tmp, old = path.parent / f".{path.name}.tmp", path.parent / f".{path.name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """Read a JSON file, raising `CxrError` naming `what` and the path when it is missing or broken."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise CxrError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CxrError(f"{what} is not valid JSON: {path} ({err})") from None
+
+
+def read_options_file(path: str | os.PathLike, option: str) -> Any:
+    """A JSON or YAML file a user passed with `option` (YAML for .yaml/.yml), raising `CxrError` naming the
+    option and the path when it is unreadable or malformed."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise CxrError(f"{option} {path} cannot be read: {getattr(err, 'strerror', None) or err}") from None
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except Exception as err:  # noqa: BLE001 - JSON and YAML raise different types
+        raise CxrError(f"{option} {path} is not valid {file.suffix.lstrip('.') or 'JSON'}: {err}") from None
+
+
+def read_numeric_csv(path: str | os.PathLike) -> list[dict[str, float]]:
+    """A CSV of numbers (a run's history.csv) as one dict per row; empty cells are NaN, a missing file no
+    rows."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
+                for row in csv.DictReader(fh)]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions(packages: Sequence[str]) -> dict[str, str]:
+    """Installed version of each distribution ("not installed" when absent), for run records."""
+    from importlib import metadata
+
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def git_commit() -> str:
+    """The toolkit's git commit, or "unknown" outside a checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def check_writable_dir(path: Path, option: str) -> None:
+    """Create `path` if needed and prove it is writable, else raise a `CxrError` naming `option`."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise CxrError(f"{option} {path} is not writable: {err.strerror or err}") from None

@@ -1,0 +1,100 @@
+"""Clinical metrics against hand-computed cases, threshold choice, and bootstrap intervals."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distributed.evaluation import metrics as m
+
+# 4 positives, 4 negatives. At threshold 0.5: tp=3 (0.9, 0.8, 0.6), fn=1 (0.4), fp=1 (0.7), tn=3.
+Y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+S = np.array([0.9, 0.8, 0.6, 0.4, 0.7, 0.3, 0.2, 0.1])
+
+
+def test_hand_computed_confusion_and_rates():
+    assert m.confusion(Y, S) == {"tp": 3, "fp": 1, "tn": 3, "fn": 1}
+    assert m.sensitivity(Y, S) == 0.75 and m.specificity(Y, S) == 0.75
+    assert m.ppv(Y, S) == 0.75 and m.npv(Y, S) == 0.75
+    # AUC: of 16 positive/negative pairs, only (0.4 < 0.7), (0.6 < 0.7) are ordered wrongly: 14/16.
+    assert m.roc_auc(Y, S) == pytest.approx(14 / 16)
+    assert m.sensitivity(Y, S, threshold=0.35) == 1.0
+
+
+def test_one_class_gives_a_clear_error_not_nan():
+    with pytest.raises(m.MetricError, match="one class"):
+        m.roc_auc(np.ones(5), np.linspace(0, 1, 5))
+    with pytest.raises(m.MetricError, match="no positive cases"):
+        m.sensitivity(np.zeros(4), np.full(4, 0.9))
+    with pytest.raises(m.MetricError, match="no cases"):
+        m.roc_auc([], [])
+
+
+def test_thresholds():
+    assert m.youden_threshold(Y, S) in (0.6, 0.7, 0.4)
+    t = m.threshold_for_sensitivity(Y, S, 1.0)
+    assert t == 0.4 and m.sensitivity(Y, S, t) == 1.0
+    t75 = m.threshold_for_sensitivity(Y, S, 0.75)
+    assert t75 == 0.6 and m.specificity(Y, S, t75) >= m.specificity(Y, S, t)
+
+
+def test_bootstrap_contains_point_and_narrows_with_n():
+    rng = np.random.default_rng(1)
+
+    def cohort(n):
+        y = rng.integers(0, 2, n)
+        return y, np.clip(0.35 * y + rng.normal(0.33, 0.2, n), 0, 1)
+
+    small, large = cohort(100), cohort(2000)
+    p1, lo1, hi1 = m.bootstrap_ci(m.roc_auc, *small, n_resamples=300)
+    p2, lo2, hi2 = m.bootstrap_ci(m.roc_auc, *large, n_resamples=300)
+    assert lo1 <= p1 <= hi1 and lo2 <= p2 <= hi2
+    assert (hi2 - lo2) < 0.5 * (hi1 - lo1)
+    assert m.bootstrap_ci(m.roc_auc, *small, n_resamples=50, seed=3) == m.bootstrap_ci(
+        m.roc_auc, *small, n_resamples=50, seed=3)
+
+
+def test_more_hand_computed_metrics():
+    # Y/S above at 0.5: tp=3 fp=1 tn=3 fn=1
+    assert m.accuracy(Y, S) == 0.75 and m.balanced_accuracy(Y, S) == 0.75
+    assert m.f1(Y, S) == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))
+    # AP: ranked 0.9+ 0.8+ 0.7- 0.6+ 0.4+ ...: precisions at each positive 1, 1, 3/4, 4/5 -> mean
+    assert m.average_precision(Y, S) == pytest.approx((1 + 1 + 3 / 4 + 4 / 5) / 4)
+    expected_ll = -np.mean(np.where(Y == 1, np.log(S), np.log(1 - S)))
+    assert m.log_loss(Y, S) == pytest.approx(expected_ll)
+    assert m.brier(Y, S) == pytest.approx(np.mean((S - Y) ** 2))
+
+
+def test_calibration_error():
+    # bins [0.2, 0.3) holds 0.25 x4 with 1 positive, [0.7, 0.8) holds 0.75 x4 with 3: perfectly calibrated
+    y = np.array([1, 0, 0, 0, 1, 1, 1, 0])
+    p = np.array([0.25] * 4 + [0.75] * 4)
+    assert m.expected_calibration_error(y, p) == pytest.approx(0.0)
+    assert m.expected_calibration_error(np.array([1, 0, 1, 0]), np.ones(4)) == pytest.approx(0.5)
+    bins = m.calibration_bins(y, p)
+    assert [(b["count"], b["fraction_positive"]) for b in bins] == [(4, 0.25), (4, 0.75)]
+
+
+def test_summaries_record_undefined_metrics_with_reasons():
+    one_class = m.binary_summary(np.ones(6), np.linspace(0.1, 0.9, 6), 0.5)
+    assert one_class["roc_auc"] is None and "one class" in one_class["undefined"]["roc_auc"]
+    assert one_class["specificity"] is None and "no negative cases" in one_class["undefined"]["specificity"]
+    assert one_class["sensitivity"] == 0.5  # 0.58, 0.74, 0.9 of the six are >= 0.5
+    assert not any(isinstance(v, float) and np.isnan(v) for v in one_class.values())
+
+
+def test_multiclass_summary_by_hand():
+    classes = ["a", "b", "c"]
+    y = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.array([[.8, .1, .1], [.4, .5, .1], [.1, .8, .1], [.2, .7, .1], [.1, .2, .7], [.5, .1, .4]])
+    s = m.multiclass_summary(y, probs, classes)
+    assert s["accuracy"] == pytest.approx(4 / 6)  # row 2 -> b, row 6 -> a are wrong
+    assert s["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert s["per_class"]["b"]["sensitivity"] == 1.0 and s["per_class"]["b"]["ppv"] == pytest.approx(2 / 3)
+    assert s["per_class"]["a"]["specificity"] == pytest.approx(3 / 4)
+    assert s["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5) / 3)
+    onehot = np.eye(3)[y]
+    assert s["brier"] == pytest.approx(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+    ci = m.bootstrap_intervals(m.multiclass_metric_functions(), y, probs, n_resamples=100)
+    assert ci["accuracy"]["low"] <= s["accuracy"] <= ci["accuracy"]["high"]
+    with pytest.raises(m.MetricError, match="shape"):
+        m.multiclass_summary(y, probs[:, :2], classes)
