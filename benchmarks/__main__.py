@@ -156,7 +156,7 @@ def to_html(markdown_text: str, folder: Path) -> str:
     """The Markdown report as one HTML file, images embedded as data URIs."""
     import markdown
 
-    from distributed.evaluation.report import png_data_uri
+    from launch.figures import png_data_uri
 
     body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code"])
     body = re.sub(r'src="([^":]+\.png)"', lambda m: f'src="{png_data_uri(folder / m.group(1))}"', body)

@@ -224,7 +224,7 @@ def summarise(results: dict) -> tuple[list[dict], str]:
 
 
 def plots(results: dict, out: Path) -> list[Path]:
-    from distributed.evaluation.plots import save_figure, styled
+    from launch.figures import save_figure, styled
 
     @styled
     def draw(path: Path) -> Path:

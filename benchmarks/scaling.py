@@ -370,7 +370,7 @@ def _size(n: float) -> str:
 def plots(results: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    from distributed.evaluation.plots import STYLE, save_figure
+    from launch.figures import STYLE, save_figure
 
     out_dir = Path(out_dir)
     paths = []

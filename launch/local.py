@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 from launch.common import (ERROR, INFO, OK, WARNING, Check, EntryPoint, data_checks, data_target, loose_data_target,
                            parse_entry_point, print_checks, split_tail, stop_if_fatal, tail_usage)
 from launch.hostfile import Host, horovod_hosts_arg, parse_nodes, read_hostfile, total_slots
-from launch.runtime import CxrError, run_cli
+from launch.runtime import CxrError, run_cli, run_quietly
 
 PROG = "python -m launch.local"
 INSTALL_FIX = "bash launch/install_horovod.sh (or make install)"
@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"starting: {shlex.join(command)}", file=sys.stderr, flush=True)
     env = dict(os.environ)
     env.setdefault("TF_USE_LEGACY_KERAS", "1")
-    return subprocess.run(command, env=env).returncode
+    return run_quietly(command, env)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from tensorflow.lite.python import schema_py_generated as schema_fb  # noqa: E40
 from tensorflow.lite.tools import flatbuffer_utils  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from distributed.evaluation.plots import save_figure, styled, plt  # noqa: E402
+from launch.figures import plt, save_figure, styled  # noqa: E402
 from distributed.model.scoring import quantize_input  # noqa: E402
 from launch.runtime import CxrError  # noqa: E402
 

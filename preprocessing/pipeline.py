@@ -547,18 +547,32 @@ def _finish(output: Path, discovery: Discovery, config: PrepareConfig, params: T
             fingerprint: str, salt_source: str, plan: SplitPlan, hashes: RecordHashes, shards: list[dict],
             shard_files: list[str], rejected: list[dict],
             salt: bytes) -> dict:
-    classes = discovery.classes
-    records = plan.records
+    """The three files that describe the written shards: split.csv, audit.json and, last (its presence
+    means a finished dataset), manifest.json, which it returns."""
     shown = (lambda rel: keyed_hash(salt, "id", rel)) if config.redact_paths else (lambda rel: rel)
+    per_split = _class_counts(plan, discovery.classes)
+    _write_split_csv(output, plan, hashes, shard_files, discovery.classes)
+    near_components = _write_audit(output, plan, hashes, config, per_split, shown)
+    return _write_manifest(output, discovery, config, params, fingerprint, salt_source, plan, shards, rejected,
+                           per_split, len(near_components), shown)
 
+
+def _class_counts(plan: SplitPlan, classes: list[str]) -> dict[str, dict[str, int]]:
+    """{split: {class name: count, "total": n}} of the records written to each split."""
     per_split: dict[str, dict[str, int]] = {}
     for split in schema.SPLITS:
-        labels = [r.item.label for r, s in zip(records, plan.splits) if s == split]
+        labels = [r.item.label for r, s in zip(plan.records, plan.splits) if s == split]
         if labels:
             counts = Counter(labels)
             per_split[split] = {name: counts.get(i, 0) for i, name in enumerate(classes)}
             per_split[split]["total"] = len(labels)
+    return per_split
 
+
+def _write_split_csv(output: Path, plan: SplitPlan, hashes: RecordHashes, shard_files: list[str],
+                     classes: list[str]) -> None:
+    """split.csv: one row per written record (id and patient hashes, split, label, shard), by split."""
+    records = plan.records
     lines = io.StringIO()
     writer = csv.writer(lines, lineterminator="\n")
     writer.writerow(["id", "patient", "split", "label", "class", "shard"])
@@ -569,6 +583,13 @@ def _finish(output: Path, discovery: Discovery, config: PrepareConfig, params: T
         writer.writerow([hashes.ids[k], hashes.patients[k], plan.splits[k], label, classes[label], shard_files[k]])
     write_text_atomic(output / schema.SPLIT_CSV, lines.getvalue())
 
+
+def _write_audit(output: Path, plan: SplitPlan, hashes: RecordHashes, config: PrepareConfig,
+                 per_split: dict, shown: Callable[[str], str]) -> dict[int, set[int]]:
+    """audit.json: duplicates, class balance, patients, groups, overlaps with given splits, input formats
+    and sizes. Returns the near-duplicate groups (group id -> record indices)."""
+    records = plan.records
+
     def describe(indices: Iterable[int]) -> dict:
         idx = list(indices)
         return {"inputs": [shown(records[i].item.rel) for i in idx],
@@ -578,7 +599,7 @@ def _finish(output: Path, discovery: Discovery, config: PrepareConfig, params: T
     near_components: dict[int, set[int]] = {}
     exact_members = {i for g in plan.exact_groups for i in g}
     for i, j, _ in plan.near_pairs:
-        if i in exact_members and j in exact_members and plan.records[i].digest == plan.records[j].digest:
+        if i in exact_members and j in exact_members and records[i].digest == records[j].digest:
             continue
         near_components.setdefault(int(plan.groups[i]), set()).update((i, j))
     shapes = np.array([r.shape for r in records])
@@ -602,7 +623,15 @@ def _finish(output: Path, discovery: Discovery, config: PrepareConfig, params: T
                                  "max": int(shapes[:, k].max())} for k, dim in enumerate(("height", "width"))},
     }
     write_json_atomic(output / schema.AUDIT, audit_doc)
+    return near_components
 
+
+def _write_manifest(output: Path, discovery: Discovery, config: PrepareConfig, params: TransformParams,
+                    fingerprint: str, salt_source: str, plan: SplitPlan, shards: list[dict], rejected: list[dict],
+                    per_split: dict, near_groups: int, shown: Callable[[str], str]) -> dict:
+    """manifest.json, the prepared dataset's contract (preprocessing.schema reads it); checks that every
+    input is accounted for (inputs = written + rejected + excluded) before writing it."""
+    records, classes = plan.records, discovery.classes
     n_inputs = len(discovery.items) + len(discovery.rejected)
     n_written = len(records) - len(plan.excluded)
     warnings = []
@@ -626,7 +655,7 @@ def _finish(output: Path, discovery: Discovery, config: PrepareConfig, params: T
                   "given": sorted({r.item.given_split for r in records if r.item.given_split}),
                   "given_overlap": config.given_overlap,
                   "grouped_by": "patient and duplicate group", "id_salt": salt_source},
-        "audit": {"exact_duplicate_groups": len(plan.exact_groups), "near_duplicate_groups": len(near_components),
+        "audit": {"exact_duplicate_groups": len(plan.exact_groups), "near_duplicate_groups": near_groups,
                   "near_duplicate_distance": config.near_duplicate_distance, "given_split_leaks": len(plan.leaks)},
         "counts": {"inputs": n_inputs, "written": n_written, "rejected": len(rejected),
                    "excluded": len(plan.excluded), "per_split": per_split},

@@ -203,9 +203,9 @@ def multiclass_summary(y_true, probs, classes: Sequence[str]) -> dict[str, Any]:
 def cross_entropy(y_true, probs) -> float:
     """Mean cross-entropy in nats of class probabilities (n, K) against int labels (n,), probabilities
     clipped away from 0 as `log_loss` does."""
-    probs = np.asarray(probs, dtype=float)
-    return float(skm.log_loss(np.asarray(y_true).astype(int).ravel(), np.clip(probs, 1e-7, 1),
-                              labels=list(range(probs.shape[1]))))
+    probs = np.clip(np.asarray(probs, dtype=float), 1e-7, 1)
+    probs = probs / probs.sum(axis=1, keepdims=True)  # rows still sum to one after the clip
+    return float(skm.log_loss(np.asarray(y_true).astype(int).ravel(), probs, labels=list(range(probs.shape[1]))))
 
 
 def class_roc_auc(y_true, probs) -> float:

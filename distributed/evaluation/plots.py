@@ -13,42 +13,15 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
+from distributed.evaluation.metrics import calibration_bins, expected_calibration_error  # noqa: F401 (re-exported)
+from distributed.evaluation.metrics import confusion as _counts
+from launch.figures import DPI, STYLE, plt, save_figure, styled  # noqa: F401 (STYLE, DPI: used by callers' tests)
 
-from distributed.evaluation.metrics import calibration_bins, expected_calibration_error  # noqa: E402,F401 (re-exported)
-from distributed.evaluation.metrics import confusion as _counts  # noqa: E402
-from launch.runtime import atomic_path  # noqa: E402
-
-DPI = 110
 RIGHT, WRONG = "#1a7f37", "#c62828"
-STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
-         "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": DPI, "figure.constrained_layout.use": True}
-
-
-def styled(fn):
-    """Run a plotting function under the module's matplotlib style (leaves the global rcParams alone)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with plt.rc_context(STYLE):
-            return fn(*args, **kwargs)
-    return wrapper
-
-
-def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Write `fig` to `path` as PNG in one step and close it."""
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
 
 
 def _check(y_true, probs, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

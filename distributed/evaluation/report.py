@@ -6,7 +6,6 @@ Markdown and HTML, so the two always say the same.
 """
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
@@ -18,6 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from launch.figures import png_data_uri
 from launch.runtime import read_numeric_csv, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("cxrscale.evaluate")
@@ -338,11 +338,6 @@ def _inline(text: str) -> str:
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
          "td:first-child,th:first-child{text-align:left}img{max-width:100%}figcaption{color:#555;font-size:90%}")
-
-
-def png_data_uri(path: Path) -> str:
-    """A PNG file as a data: URI, so a report page carries its figures inside itself."""
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
 def render_html(blocks: list[tuple], folder: Path) -> str:

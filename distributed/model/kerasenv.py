@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+
+# CXR_VERBOSE=1 shows what TensorFlow prints as it starts (CPU features, CUDA probing, oneDNN), hidden otherwise.
+VERBOSE = os.environ.get("CXR_VERBOSE", "") not in ("", "0")  # = launch.runtime.verbose(), before any import
 
 # Must be set before TensorFlow is first imported, so that tf.keras resolves to tf_keras too.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if VERBOSE else "2")
 
-import tf_keras as keras  # noqa: E402
+if not VERBOSE:
+    # tf.lite.Interpreter announces its move to ai-edge-litert on every construction; the toolkit knows.
+    warnings.filterwarnings("ignore", message=r".*tf\.lite\.Interpreter is deprecated", category=UserWarning)
+
+from launch.runtime import quiet_start_up  # noqa: E402  (no TensorFlow in it)
+
+with quiet_start_up():
+    import tensorflow as _tf  # noqa: E402
+    import tf_keras as keras  # noqa: E402
+
+    _tf.config.list_physical_devices("GPU")  # the CUDA probe, here rather than in the middle of a run
 
 
 def hvd_keras():
@@ -39,4 +53,4 @@ def hvd_keras():
     return hvd
 
 
-__all__ = ["keras", "hvd_keras"]
+__all__ = ["VERBOSE", "hvd_keras", "keras"]

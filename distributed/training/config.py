@@ -46,7 +46,7 @@ class TrainConfig:
     calibration: str = "auto"
     label_smoothing: float = 0.0
     schedule: str = "plateau"
-    ema: float = 0.0
+    ema: float = 0.99
 
     def resolved_output(self) -> Path:
         return Path(self.output) if self.output else Path("runs") / Path(self.data).resolve().name
@@ -163,7 +163,7 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
                         f"linear warm-up then cosine decay to 1 %% at the last epoch (default {d.schedule})")
     p.add_argument("--ema", type=float, default=None,
                    help="validate, checkpoint and export an exponential moving average of the weights with this "
-                        "decay per step, e.g. 0.99 (default 0: off)")
+                        f"decay per step, warmed up over the first steps; 0 turns it off (default {d.ema})")
     p.add_argument("--calibration", choices=CALIBRATIONS, default=None,
                    help="probability calibration fitted on the validation split and built into the exported model; "
                         f"auto = platt for two classes, temperature for more (default {d.calibration})")
