@@ -25,6 +25,8 @@ from benchmarks.common import (BENCH_PACKAGES, DEFAULT_RESULTS, checks_table, ma
 from launch.runtime import (git_commit, library_versions, run_cli, setup_logging, write_json_atomic,
                             write_text_atomic)
 
+# The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
+# suite's driver process times and measures its children, and must not carry TensorFlow itself.
 log = logging.getLogger("cxrscale.benchmarks")
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("preprocess", "train", "optimize", "complexity", "scaling", "robustness")

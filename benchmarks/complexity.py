@@ -32,6 +32,8 @@ from benchmarks.preprocess import image_files, repeated_input, run_thesis
 from benchmarks.train import child_plain, make_dataset, run_distributed
 from launch.runtime import atomic_path, run_cli, setup_logging
 
+# The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
+# suite's driver process times and measures its children, and must not carry TensorFlow itself.
 log = logging.getLogger("cxrscale.benchmarks")
 FACTORS = (1, 2, 4, 8)
 MODELS = ("cnn", "resnet50", "vgg16")

@@ -22,6 +22,8 @@ from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, chec
                                peak_rss_mb, report, require_dir, run_child)
 from launch.runtime import run_cli, setup_logging
 
+# The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
+# suite's driver process times and measures its children, and must not carry TensorFlow itself.
 log = logging.getLogger("cxrscale.benchmarks")
 VARIANTS = ("thesis", "tfdata", "cxrscale-1", "cxrscale-2")
 

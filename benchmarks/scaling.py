@@ -57,6 +57,9 @@ import numpy as np
 from benchmarks.common import DEFAULT_RESULTS, checks_table, machine, markdown_table, report
 from launch.runtime import CxrError, read_json, run_cli, setup_logging
 
+# The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
+# suite's driver process times and measures its children, and must not carry TensorFlow itself.
+
 REPO = Path(__file__).resolve().parents[1]
 HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
 PROFILES_FILE = Path(__file__).with_name("profiles.json")

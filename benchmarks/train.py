@@ -26,6 +26,8 @@ from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, chec
                                report, require_dir, run_child, run_command)
 from launch.runtime import read_numeric_csv, run_cli, setup_logging
 
+# The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
+# suite's driver process times and measures its children, and must not carry TensorFlow itself.
 log = logging.getLogger("cxrscale.benchmarks")
 HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
 # (model, image size, extra train flags): the thesis's three setups.

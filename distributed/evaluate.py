@@ -24,6 +24,8 @@ from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, Thres
 from distributed.model.scoring import load_scorer, read_run_config, run_model_path
 from preprocessing import schema
 from launch.runtime import CxrError, check_writable_dir, read_json, run_cli, setup_logging, sha256_file
+from distributed.evaluation import report
+from distributed.model.calibration import probability_quality
 
 log = logging.getLogger("cxrscale.evaluate")
 
@@ -65,8 +67,6 @@ def resolve_target(args: argparse.Namespace) -> Target:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from distributed.evaluation import report
-
     started = time.perf_counter()
     target = resolve_target(args)
     manifest = schema.read_manifest(target.data_dir)
@@ -126,8 +126,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def calibration_report(target: Target, after: SplitScores, before: SplitScores | None) -> dict[str, Any]:
     """ECE, Brier and log loss of the evaluated split before (when known) and after calibration, and how the
     run fitted it (RUN/calibration.json)."""
-    from distributed.model.calibration import probability_quality
-
     fitted = None
     if target.run_dir and (target.run_dir / "calibration.json").is_file():
         fitted = read_json(target.run_dir / "calibration.json", "calibration record")

@@ -27,6 +27,8 @@ from distributed.evaluation.scores import predicted_classes
 from distributed.model.scoring import load_scorer, run_model_path
 from launch.runtime import CxrError, read_json, run_cli, setup_logging, write_text_atomic
 from preprocessing.transform import ImageRejected, TransformParams, transform
+from distributed.evaluation.gradcam import gradcam, overlay
+from distributed.evaluation.report import write_png
 
 log = logging.getLogger("cxrscale.predict")
 
@@ -134,9 +136,6 @@ def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
 def write_gradcams(folder: Path, model, images: np.ndarray, pred: np.ndarray, rows: list[dict],
                    used: set[str]) -> None:
     """One Grad-CAM overlay of the predicted class per image: FOLDER/<file stem>-gradcam.png."""
-    from distributed.evaluation.gradcam import gradcam, overlay
-    from distributed.evaluation.report import write_png
-
     folder.mkdir(parents=True, exist_ok=True)
     heat = gradcam(model, images, pred)
     for row, image, h in zip(rows, images, heat):

@@ -28,6 +28,7 @@ from distributed.training.config import TrainConfig, parse_config
 from distributed.training.data import (DataPlan, balanced_class_weights, ordered_dataset, plan_data,
                                        sample_images, train_dataset, val_dataset)
 from launch.runtime import CxrError, read_numeric_csv, run_cli, setup_logging
+from distributed.training.features import cached_train_dataset, compute_features, split_at_head
 
 log = logging.getLogger("cxrscale.train")
 
@@ -125,7 +126,6 @@ def datasets(config: TrainConfig, plan: DataPlan, model, *, seed: int, rank: int
         return model, train_dataset(config.data, plan, config.batch_size, seed=seed,
                                     shuffle_buffer=config.shuffle_buffer, augment=config.augment,
                                     binary_labels=binary), ds_val
-    from distributed.training.features import cached_train_dataset, compute_features, split_at_head
 
     extractor, head = split_at_head(model)
     started = time.perf_counter()

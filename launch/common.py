@@ -17,6 +17,8 @@ from typing import Sequence, TextIO
 
 from preprocessing import schema
 from launch.runtime import CxrError, read_json
+from distributed.training.config import parse_config
+from launch.runtime import write_text_atomic
 
 # The entry points that run one process per worker under horovodrun / mpirun / srun.
 ENTRY_POINTS = {
@@ -92,8 +94,6 @@ def data_target(entry: EntryPoint) -> DataTarget:
     optimize.prune_quantize: --data, else the data of the run it compresses (RUN/config.json), as it does.
     """
     if entry.module == "distributed.train":
-        from distributed.training.config import parse_config
-
         captured = io.StringIO()
         try:
             with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
@@ -199,8 +199,6 @@ def tail_usage(prog: str) -> str:
 def write_generated(path: str | Path, text: str, *, overwrite: bool, option: str = "--output") -> bool:
     """Write a generated file atomically. An identical existing file is left alone (returns False); a
     different one is replaced only with `overwrite`, since it may hold the user's own edits."""
-    from launch.runtime import write_text_atomic
-
     path = Path(path)
     if path.is_dir():
         raise CxrError(f"{option} {path} is a folder; give a file name")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from launch.runtime import CxrError, run_cli
+from launch.common import write_generated
 
 Host = tuple[str, int]  # (host name or address, slots)
 
@@ -168,7 +169,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.output:
         sys.stdout.write(text)
         return 0
-    from launch.common import write_generated
 
     write_generated(args.output, text, overwrite=True)
     print(f"wrote {args.output}: {len(hosts)} hosts, {total_slots(hosts)} slots; use it with\n"

@@ -35,6 +35,8 @@ from typing import Any, Sequence
 
 from launch.runtime import (CxrError, atomic_dir, read_json, read_options_file, run_cli, setup_logging,
                             write_bytes_atomic, write_json_atomic)
+from launch.common import EntryPoint
+from launch.local import horovodrun_command, horovodrun_path
 
 log = logging.getLogger("cxrscale.pipeline")
 
@@ -135,9 +137,6 @@ class Plan:
 
 def plan(recipe: Recipe, input_path: Path, output: Path, np_: int, weights: str | None,
          python: str = sys.executable) -> Plan:
-    from launch.common import EntryPoint
-    from launch.local import horovodrun_command, horovodrun_path
-
     prepared, salt = output / "prepared", output / "salt"
     prepare_cmd = [python, "-m", "preprocessing", "--input", str(input_path), "--output", str(prepared),
                    "--salt-file", str(salt), *flags(recipe.prepare, skip=("input", "output", "salt_file"))]

@@ -19,6 +19,10 @@ import numpy as np
 
 from launch.figures import png_data_uri
 from launch.runtime import read_numeric_csv, write_bytes_atomic, write_json_atomic, write_text_atomic
+from distributed.evaluation import plots
+from distributed.evaluation.gradcam import gradcam as grad_cam, overlay
+from distributed.evaluation.scores import predicted_classes
+from distributed.model.builders import last_conv_layer_name
 
 log = logging.getLogger("cxrscale.evaluate")
 
@@ -32,8 +36,6 @@ LOWER_IS_BETTER = ("log_loss", "brier", "ece")
 
 def write_scores(path: Path, scores, classes: list[str], threshold: float | None) -> None:
     """One row per evaluated record: its id hash, true and predicted class, and every class probability."""
-    from distributed.evaluation.scores import predicted_classes
-
     pred = predicted_classes(scores.probs, threshold)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -49,8 +51,6 @@ def write_figures(out: Path, val, test, classes: list[str], results: dict, histo
                   picks: list[dict], images: dict[int, np.ndarray], *, gradcam: bool) -> tuple[dict, list]:
     """All plots; returns ({plot name: file name}, gallery entries). A plot the data cannot support (ROC on
     a one-class split) is left out with its reason under plots["skipped"]."""
-    from distributed.evaluation import plots
-
     threshold = results["threshold"]["value"]
     points = ([(f"{results['threshold']['rule']} (chosen on val)", threshold), ("default", 0.5)]
               if threshold is not None else [])
@@ -108,8 +108,6 @@ def write_gallery(out: Path, picks: list[dict], images: dict[int, np.ndarray], c
                   gradcam: bool, threshold: float | None = None) -> list[dict]:
     """Grad-CAM overlays (one PNG each under gradcam/) and gallery.png of the picked cases. Without a Keras
     model (a .tflite file) or with gradcam off, the gallery shows the plain images."""
-    from distributed.evaluation import plots
-
     if not picks:
         return []
     batch = np.stack([images[p["index"]] for p in picks])
@@ -118,9 +116,6 @@ def write_gallery(out: Path, picks: list[dict], images: dict[int, np.ndarray], c
         log.warning("Grad-CAM needs a Keras model; %s is %s, so the gallery shows plain images",
                     scorer.path, scorer.kind)
     if use_cam:
-        from distributed.evaluation.gradcam import gradcam as grad_cam, overlay
-        from distributed.model.builders import last_conv_layer_name
-
         layer = last_conv_layer_name(scorer.keras_model)
         heat = grad_cam(scorer.keras_model, batch, np.array([p["predicted_index"] for p in picks]), layer=layer)
         shown = [overlay(img, h) for img, h in zip(batch, heat)]

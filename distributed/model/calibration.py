@@ -34,6 +34,9 @@ from distributed.model.kerasenv import keras  # first: chooses tf_keras before T
 import numpy as np
 
 from distributed.model.builders import LOGITS_NAME, OUTPUT_NAME, ModelError
+from distributed.evaluation import metrics as m
+from preprocessing import schema
+from launch.runtime import write_json_atomic
 
 log = logging.getLogger("cxrscale.calibration")
 
@@ -133,7 +136,6 @@ def probability_quality(labels: np.ndarray, probs: np.ndarray) -> dict[str, floa
     """ECE (10 equal-width bins), Brier score and log loss of class probabilities (n, K)."""
     from sklearn.metrics import log_loss
 
-    from distributed.evaluation import metrics as m
 
     y = np.asarray(labels).astype(int).ravel()
     p = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
@@ -152,8 +154,6 @@ def fit_on_validation(model: keras.Model, data_dir, method: str, record_dir) -> 
     before and after it. What training and distributed.ensemble both do at their end."""
     from pathlib import Path
 
-    from preprocessing import schema
-    from launch.runtime import write_json_atomic
 
     labels, logits = [], []
     for images, y in schema.dataset(data_dir, "val").batch(256).as_numpy_iterator():

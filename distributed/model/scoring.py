@@ -16,6 +16,8 @@ import tensorflow as tf
 
 from distributed.model.builders import output_probabilities
 from launch.runtime import CxrError, read_json
+from preprocessing.transform import gamma_table
+from distributed.model.calibration import is_calibration_layer, logits_model, uncalibrated_probabilities
 
 KERAS_FILE_SUFFIXES = (".keras", ".h5", ".hdf5")
 
@@ -87,7 +89,6 @@ def tta_views(images: np.ndarray) -> list[np.ndarray]:
     TTA_GAMMAS applied], all uint8 (n, H, W, C)."""
     import cv2
 
-    from preprocessing.transform import gamma_table
 
     n, h, w, c = images.shape
     ch, cw = int(round(h * TTA_ZOOM)), int(round(w * TTA_ZOOM))
@@ -144,8 +145,6 @@ def load_scorer(path: str | Path, *, num_threads: int | None = None) -> Scorer:
 def _two_output_predict(model) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
     """For a model with calibration layers: batch -> (its output as K columns, the probabilities of its
     logits through the head's own sigmoid/softmax), from one forward pass of a two-output view of the model."""
-    from distributed.model.calibration import is_calibration_layer, logits_model, uncalibrated_probabilities
-
     if not any(is_calibration_layer(layer) for layer in model.layers):
         return None
     both = keras.Model(model.inputs, [model.output, logits_model(model).output])

@@ -13,6 +13,7 @@ from distributed.training.config import TrainConfig
 from launch.runtime import (read_numeric_csv, write_text_atomic)
 
 from optimize.tune.space import METRIC, Param
+from launch.figures import plt, save_figure, styled
 
 log = logging.getLogger("cxrscale.tune")
 
@@ -95,8 +96,6 @@ def best_config(base: dict[str, Any], best_row: dict, space: dict[str, Param]) -
 def plot_auc_vs_params(rows: list[dict], space: dict[str, Param], path: Path) -> Path | None:
     """One panel per searched parameter: best validation AUC of each trial against its value (log axis
     for log-uniform parameters, one column per category for choices), ASHA-stopped trials hollow."""
-    from launch.figures import plt, save_figure, styled
-
     names = [n for n, p in space.items() if p.searched]
     scored = [r for r in rows if r["best_val_auc"] is not None]
     if not names or not scored:

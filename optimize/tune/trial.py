@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from launch.runtime import (read_numeric_csv, write_json_atomic)
+from launch.common import EntryPoint
+from launch.local import horovodrun_command, horovodrun_path
 
 log = logging.getLogger("cxrscale.tune")
 
@@ -24,9 +26,6 @@ log = logging.getLogger("cxrscale.tune")
 def trial_command(config_file: Path, workers: int) -> list[str]:
     """The training command of a trial: the toolkit's own entry point, under horovodrun on this node for
     W > 1 (built by launch.local, as a user would start it)."""
-    from launch.common import EntryPoint
-    from launch.local import horovodrun_command, horovodrun_path
-
     train = EntryPoint("distributed.train", ("--config", str(config_file)))
     if workers <= 1:
         return train.argv(sys.executable)
