@@ -1,12 +1,14 @@
-"""Toolkit-wide plumbing shared by every stage: the user-error type, logging, atomic writes, CLI exit codes.
+"""How every entry point of the toolkit runs: the user-error type and exit codes, the rank-aware CLI runner,
+logging and the quiet console, Ray start-up, atomic writes, and provenance. No TensorFlow.
 
-Every stage (preprocessing, distributed, optimize, benchmarks, launch) imports from here, so a user mistake
-looks the same everywhere: one line naming the thing and the fix, exit status 2, no traceback.
+It lives in `launch` (the stage that starts entry points) rather than in any stage it serves, and every
+stage (preprocessing, distributed, optimize, benchmarks, launch) imports from here, so a user mistake looks
+the same everywhere: one line naming the thing and the fix, exit status 2, no traceback.
 """
 from __future__ import annotations
 
-import contextlib
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
