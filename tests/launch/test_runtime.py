@@ -1,0 +1,94 @@
+"""launch.runtime: the plumbing every entry point shares (atomic folders, the rank-aware CLI runner, the quiet
+console), exercised as a user meets it: through real processes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import textwrap
+
+import pytest
+
+from launch.runtime import atomic_dir, is_start_up_noise
+from tests.conftest import PYTHON, REPO
+
+
+def test_atomic_dir_replaces_a_folder_in_one_step_and_keeps_it_on_failure(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left behind
+    with atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in ("CXR_VERBOSE", "TF_CPP_MIN_LOG_LEVEL")}
+    return subprocess.run([PYTHON, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**full, **env})
+
+
+MISTAKE = """
+    from launch.runtime import CxrError, run_cli
+    def main(argv):
+        raise CxrError("--data prepared/x not found")
+    run_cli(main)
+"""
+
+
+@pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
+def test_a_user_mistake_is_one_line_on_rank_0_only(rank, shown):
+    result = _run(MISTAKE, HOROVOD_RANK=rank)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == (["error: --data prepared/x not found"] if shown else [])
+
+
+def test_ctrl_c_keeps_what_was_done_and_exits_130():
+    result = _run("""
+        from launch.runtime import run_cli
+        def main(argv):
+            raise KeyboardInterrupt
+        run_cli(main)
+    """)
+    assert result.returncode == 130 and result.stderr.startswith("interrupted: what was finished is kept")
+
+
+def test_tensorflow_starts_quietly_unless_verbose():
+    code = """
+        import sys
+        from distributed.model.kerasenv import keras
+        import tensorflow as tf
+        tf.config.list_physical_devices()
+        print("a line of our own", file=sys.stderr)
+    """
+    quiet = _run(code)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr.splitlines() == ["a line of our own"]
+    loud = _run(code, CXR_VERBOSE="1")
+    assert loud.returncode == 0 and any(is_start_up_noise(line) for line in loud.stderr.splitlines()), loud.stderr
+
+
+def test_an_entry_point_that_loads_tensorflow_prints_one_error_line(tmp_path):
+    result = subprocess.run([PYTHON, "-m", "distributed.evaluate", "--run", str(tmp_path / "missing")], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={k: v for k, v in os.environ.items() if k != "CXR_VERBOSE"})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: run folder not found: {tmp_path / 'missing'}"]
+
+
+def test_run_quietly_passes_on_everything_but_tensorflows_start_up_lines():
+    child = ("import sys; sys.stderr.write('WARNING: All log messages before absl::InitializeLog() is called are "
+             "written to STDERR\\nI0000 00:00:1796130190.945559   12384 port.cc:153] oneDNN custom operations are "
+             "on.\\nreal problem\\n')")
+    result = _run(f"""
+        import sys
+        from launch.runtime import run_quietly
+        sys.exit(run_quietly([sys.executable, "-c", {child!r}]))
+    """)
+    assert result.returncode == 0 and result.stderr.splitlines() == ["real problem"]
