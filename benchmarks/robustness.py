@@ -95,7 +95,7 @@ SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {
 def test_split_files(input_dir: Path, prepared: Path, salt: bytes, split: str = "test") -> list[tuple[Path, int]]:
     """(file, label) of every record of `split` in `prepared`, found by recomputing the salted id hashes of
     the files under `input_dir` (the folder or CSV the dataset was prepared from)."""
-    from preprocessing.pipeline import keyed_hash
+    from preprocessing.records import keyed_hash
     from preprocessing.sources import discover
 
     with open(prepared / schema.SPLIT_CSV, newline="") as fh:

@@ -10,11 +10,7 @@ resumed by running the same command again: finished chunks and shards are skippe
 """
 from __future__ import annotations
 
-import csv
-import dataclasses
-import datetime as dt
 import hashlib
-import hmac
 import io
 import logging
 import math
@@ -23,15 +19,17 @@ import secrets
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
 from preprocessing import audit, schema, split as splitting
-from launch.runtime import (CxrError, atomic_path, check_writable_dir, library_versions, read_json, start_ray,
-                            write_bytes_atomic, write_json_atomic, write_text_atomic)
+from launch.runtime import (CxrError, atomic_path, check_writable_dir, read_json, start_ray, write_bytes_atomic,
+                            write_json_atomic)
+from preprocessing.config import PrepareConfig
+from preprocessing.describe import write_description
+from preprocessing.records import Record, RecordHashes, SplitPlan, keyed_hash, utc_now
 from preprocessing.sources import Discovery, InputItem, discover
 from preprocessing.transform import ImageRejected, TransformParams, decode, transform_decoded
 
@@ -41,69 +39,9 @@ STAGING = ".cxrscale-staging"
 MIN_RECORDS_PER_SHARD = 32
 TARGET_SHARDS = 16  # enough for 8+ Horovod workers to each read their own files
 MAX_RECORDS_PER_SHARD = 2048
-HASH_CHARS = 24
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """Every option of `python -m preprocessing`, one field per flag."""
-
-    input: str
-    output: str
-    size: int = 224
-    contrast: str = "clahe"
-    resize: str = "letterbox"
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    resplit: bool = False
-    given_overlap: str = "exclude"
-    workers: int | None = None
-    address: str | None = None
-    seed: int = 0
-    min_side: int = 64
-    clahe_clip_limit: float = 2.0
-    clahe_tile_grid: int = 8
-    near_duplicate_distance: int = audit.DEFAULT_NEAR_DISTANCE
-    shards: int | None = None
-    salt_file: str | None = None
-    redact_paths: bool = False
-    overwrite: bool = False
-
-    def transform_params(self) -> TransformParams:
-        try:
-            return TransformParams(size=self.size, resize=self.resize, contrast=self.contrast,
-                                   clahe_clip_limit=self.clahe_clip_limit, clahe_tile_grid=self.clahe_tile_grid,
-                                   min_side=self.min_side)
-        except ValueError as err:
-            raise CxrError(str(err)) from None
-
-    def validate(self) -> None:
-        for name, value in (("--val-fraction", self.val_fraction), ("--test-fraction", self.test_fraction)):
-            if not 0 <= value < 1:
-                raise CxrError(f"{name} must be in [0, 1), got {value}")
-        if self.val_fraction + self.test_fraction >= 1:
-            raise CxrError("--val-fraction + --test-fraction must leave something to train on (sum < 1)")
-        if self.workers is not None and self.workers < 1:
-            raise CxrError(f"--workers must be at least 1, got {self.workers}")
-        if self.given_overlap not in splitting.OVERLAP_POLICIES:
-            raise CxrError(f"--given-overlap must be one of {', '.join(splitting.OVERLAP_POLICIES)}, "
-                           f"got {self.given_overlap!r}")
-        if self.shards is not None and self.shards < 1:
-            raise CxrError(f"--shards must be at least 1, got {self.shards}")
-        self.transform_params()
-
-    def output_defining(self) -> dict[str, Any]:
-        """The options that decide the output's content (not how fast or where it runs)."""
-        skip = {"input", "output", "workers", "address", "overwrite", "salt_file"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
 # --- small pure helpers -----------------------------------------------------------------------------------
-
-def keyed_hash(salt: bytes, kind: str, value: str) -> str:
-    """Salted, keyed hash of an identifier: stable for a given salt, not reversible without it."""
-    return hmac.new(salt, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()[:HASH_CHARS]
-
 
 def chunk_size(n_items: int) -> int:
     """Files per stage-1 task: small enough to spread a small set over workers, large enough to amortise
@@ -294,21 +232,6 @@ def _load_salt(config: PrepareConfig, staging: Path) -> bytes:
 
 # --- the driver -----------------------------------------------------------------------------------------
 
-@dataclass
-class Record:
-    """An accepted input, as the driver sees it (small metadata only)."""
-
-    item: InputItem
-    chunk: int
-    row: int
-    digest: str
-    phash: list[int]
-    shape: tuple[int, int]
-    fmt: str
-    patient_key: str
-    patient_source: str
-
-
 def _patient_key(item: InputItem, dicom_patient: str | None) -> tuple[str, str]:
     """Patient key and its source, by precedence: CSV column, DICOM PatientID, Kermany name, the file."""
     if item.patient_key and item.patient_key.startswith("csv:"):
@@ -362,7 +285,7 @@ def prepare(config: PrepareConfig) -> dict:
         leftover.unlink()  # partial writes of a killed run; their finished twins are complete files
     if state == "resume":
         log.info("resuming the unfinished run in %s", output)
-    write_json_atomic(staging / "run.json", {"fingerprint": fingerprint, "started": _now()})
+    write_json_atomic(staging / "run.json", {"fingerprint": fingerprint, "started": utc_now()})
     salt = _load_salt(config, staging)
 
     items = discovery.items
@@ -388,14 +311,10 @@ def prepare(config: PrepareConfig) -> dict:
         shards, shard_files = _stage_write(plan, hashes, output, staging, in_flight, config)
         log.info("stage 2 (write %d shards): %.1f s", len(shards), time.perf_counter() - clock)
 
-    manifest = _finish(output, discovery, config, params, fingerprint, salt_source, plan, hashes, shards,
+    manifest = write_description(output, discovery, config, params, fingerprint, salt_source, plan, hashes, shards,
                        shard_files, rejected + discovery.rejected, salt)
     shutil.rmtree(staging, ignore_errors=True)
     return manifest
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _stage_transform(items: list[InputItem], params: TransformParams, salt: bytes, staging: Path,
@@ -432,18 +351,6 @@ def _stage_transform(items: list[InputItem], params: TransformParams, salt: byte
             records.append(Record(item, index, row["row"], row["digest"], row["phash"], tuple(row["shape"]),
                                   row["fmt"], key, source))
     return records, rejected
-
-
-@dataclass
-class SplitPlan:
-    records: list[Record]
-    splits: np.ndarray          # split name per record
-    groups: np.ndarray          # group label per record
-    exact_groups: list[list[int]]
-    near_pairs: list[tuple[int, int, int]]
-    excluded: dict[int, str]    # pool record -> why it is in no split (it overlaps a given held-out split)
-    kept_overlap: int           # pool records overlapping a given held-out split kept in train (--given-overlap train)
-    leaks: list[int]            # groups that straddle splits
 
 
 def _plan_splits(records: list[Record], discovery: Discovery, carve: dict[str, float], pooled: set[str],
@@ -493,14 +400,6 @@ def given_overlaps(records: list[Record], groups: np.ndarray, fixed: list[str | 
     return out
 
 
-@dataclass(frozen=True)
-class RecordHashes:
-    """The salted id and patient hash of each accepted record, computed once (index = record index)."""
-
-    ids: list[str]
-    patients: list[str]
-
-
 def _stage_write(plan: SplitPlan, hashes: RecordHashes, output: Path, staging: Path, in_flight: int,
                  config: PrepareConfig) -> tuple[list[dict], list[str]]:
     """Write every split's shards; returns the manifest's shard entries and each record's shard file."""
@@ -541,132 +440,3 @@ def _stage_write(plan: SplitPlan, hashes: RecordHashes, output: Path, staging: P
     entries = [{"file": name, "split": split, **{k: results[name][k] for k in ("records", "bytes", "sha256")}}
                for split, name, _ in jobs]
     return entries, shard_files
-
-
-def _finish(output: Path, discovery: Discovery, config: PrepareConfig, params: TransformParams,
-            fingerprint: str, salt_source: str, plan: SplitPlan, hashes: RecordHashes, shards: list[dict],
-            shard_files: list[str], rejected: list[dict],
-            salt: bytes) -> dict:
-    """The three files that describe the written shards: split.csv, audit.json and, last (its presence
-    means a finished dataset), manifest.json, which it returns."""
-    shown = (lambda rel: keyed_hash(salt, "id", rel)) if config.redact_paths else (lambda rel: rel)
-    per_split = _class_counts(plan, discovery.classes)
-    _write_split_csv(output, plan, hashes, shard_files, discovery.classes)
-    near_components = _write_audit(output, plan, hashes, config, per_split, shown)
-    return _write_manifest(output, discovery, config, params, fingerprint, salt_source, plan, shards, rejected,
-                           per_split, len(near_components), shown)
-
-
-def _class_counts(plan: SplitPlan, classes: list[str]) -> dict[str, dict[str, int]]:
-    """{split: {class name: count, "total": n}} of the records written to each split."""
-    per_split: dict[str, dict[str, int]] = {}
-    for split in schema.SPLITS:
-        labels = [r.item.label for r, s in zip(plan.records, plan.splits) if s == split]
-        if labels:
-            counts = Counter(labels)
-            per_split[split] = {name: counts.get(i, 0) for i, name in enumerate(classes)}
-            per_split[split]["total"] = len(labels)
-    return per_split
-
-
-def _write_split_csv(output: Path, plan: SplitPlan, hashes: RecordHashes, shard_files: list[str],
-                     classes: list[str]) -> None:
-    """split.csv: one row per written record (id and patient hashes, split, label, shard), by split."""
-    records = plan.records
-    lines = io.StringIO()
-    writer = csv.writer(lines, lineterminator="\n")
-    writer.writerow(["id", "patient", "split", "label", "class", "shard"])
-    written = [k for k in range(len(records)) if plan.splits[k] in schema.SPLITS]
-    order = sorted(written, key=lambda k: (schema.SPLITS.index(plan.splits[k]), records[k].item.rel))
-    for k in order:
-        label = records[k].item.label
-        writer.writerow([hashes.ids[k], hashes.patients[k], plan.splits[k], label, classes[label], shard_files[k]])
-    write_text_atomic(output / schema.SPLIT_CSV, lines.getvalue())
-
-
-def _write_audit(output: Path, plan: SplitPlan, hashes: RecordHashes, config: PrepareConfig,
-                 per_split: dict, shown: Callable[[str], str]) -> dict[int, set[int]]:
-    """audit.json: duplicates, class balance, patients, groups, overlaps with given splits, input formats
-    and sizes. Returns the near-duplicate groups (group id -> record indices)."""
-    records = plan.records
-
-    def describe(indices: Iterable[int]) -> dict:
-        idx = list(indices)
-        return {"inputs": [shown(records[i].item.rel) for i in idx],
-                "ids": [hashes.ids[i] for i in idx],
-                "splits": sorted({str(plan.splits[i]) for i in idx})}
-
-    near_components: dict[int, set[int]] = {}
-    exact_members = {i for g in plan.exact_groups for i in g}
-    for i, j, _ in plan.near_pairs:
-        if i in exact_members and j in exact_members and records[i].digest == records[j].digest:
-            continue
-        near_components.setdefault(int(plan.groups[i]), set()).update((i, j))
-    shapes = np.array([r.shape for r in records])
-    group_sizes = Counter(plan.groups.tolist())
-    patients = Counter(r.patient_key for r in records)
-    audit_doc = {
-        "exact_duplicates": [describe(g) for g in plan.exact_groups],
-        "near_duplicates": [describe(sorted(g)) | {"max_hamming_distance": max(
-            d for i, j, d in plan.near_pairs if i in g and j in g)} for g in near_components.values()],
-        "near_duplicate_rule": f"256-bit DCT perceptual hash, Hamming distance <= {config.near_duplicate_distance}",
-        "class_balance": per_split,
-        "patients": {"count": len(patients), "max_images_per_patient": max(patients.values()),
-                     "key_sources": dict(Counter(r.patient_source for r in records))},
-        "groups_kept_together": {"count": len(group_sizes),
-                                 "largest": max(group_sizes.values())},
-        "given_split_overlap": {"policy": config.given_overlap, "excluded": len(plan.excluded),
-                                "kept_in_train": plan.kept_overlap},
-        "given_split_leaks": [describe(np.flatnonzero(plan.groups == g).tolist()) for g in plan.leaks],
-        "input_formats": dict(Counter(r.fmt for r in records)),
-        "input_sizes_px": {dim: {"min": int(shapes[:, k].min()), "median": float(np.median(shapes[:, k])),
-                                 "max": int(shapes[:, k].max())} for k, dim in enumerate(("height", "width"))},
-    }
-    write_json_atomic(output / schema.AUDIT, audit_doc)
-    return near_components
-
-
-def _write_manifest(output: Path, discovery: Discovery, config: PrepareConfig, params: TransformParams,
-                    fingerprint: str, salt_source: str, plan: SplitPlan, shards: list[dict], rejected: list[dict],
-                    per_split: dict, near_groups: int, shown: Callable[[str], str]) -> dict:
-    """manifest.json, the prepared dataset's contract (preprocessing.schema reads it); checks that every
-    input is accounted for (inputs = written + rejected + excluded) before writing it."""
-    records, classes = plan.records, discovery.classes
-    n_inputs = len(discovery.items) + len(discovery.rejected)
-    n_written = len(records) - len(plan.excluded)
-    warnings = []
-    if plan.kept_overlap:
-        warnings.append(f"--given-overlap train: {plan.kept_overlap} train images share a patient or duplicate "
-                        "group with a given held-out split; metrics on that split are optimistic")
-    manifest = {
-        "schema_version": schema.SCHEMA_VERSION,
-        "created": _now(),
-        "fingerprint": fingerprint,
-        "libraries": library_versions(("cxrscale", "numpy", "opencv-python-headless", "pydicom", "ray")),
-        "source": {"layout": discovery.layout, "inputs": n_inputs, "ignored": [shown(p) for p in discovery.ignored]},
-        "classes": classes,
-        "class_indices": {name: i for i, name in enumerate(classes)},
-        "positive_class": classes[1] if len(classes) == 2 else None,
-        "image_shape": [params.size, params.size, 1],
-        "dtype": "uint8",
-        "transform": params.to_dict(),
-        "split": {"val_fraction": config.val_fraction, "test_fraction": config.test_fraction,
-                  "resplit": config.resplit, "seed": config.seed,
-                  "given": sorted({r.item.given_split for r in records if r.item.given_split}),
-                  "given_overlap": config.given_overlap,
-                  "grouped_by": "patient and duplicate group", "id_salt": salt_source},
-        "audit": {"exact_duplicate_groups": len(plan.exact_groups), "near_duplicate_groups": near_groups,
-                  "near_duplicate_distance": config.near_duplicate_distance, "given_split_leaks": len(plan.leaks)},
-        "counts": {"inputs": n_inputs, "written": n_written, "rejected": len(rejected),
-                   "excluded": len(plan.excluded), "per_split": per_split},
-        "shards": shards,
-        "rejected": [{"input": shown(r["input"]), "reason": r["reason"]} for r in rejected],
-        "excluded": [{"input": shown(records[k].item.rel), "reason": why} for k, why in sorted(
-            plan.excluded.items(), key=lambda kv: records[kv[0]].item.rel)],
-        "warnings": warnings,
-    }
-    counts = manifest["counts"]
-    if counts["inputs"] != counts["written"] + counts["rejected"] + counts["excluded"]:
-        raise AssertionError("inputs != written + rejected + excluded: a bug in cxrscale, please report it")
-    write_json_atomic(output / schema.MANIFEST, manifest)
-    return manifest

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from distributed.evaluation.scores import SplitScores, ThresholdRule, compute_metrics, parse_threshold
-from preprocessing.pipeline import keyed_hash
+from preprocessing.records import keyed_hash
 from tests.conftest import PYTHON, REPO, radiograph_like, write_image
 from tests.training_fixtures import quiet
 

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from preprocessing import schema
-from preprocessing.pipeline import PrepareConfig, keyed_hash, prepare
+from preprocessing.config import PrepareConfig
+from preprocessing.pipeline import prepare
+from preprocessing.records import keyed_hash
 from launch.runtime import CxrError
 from preprocessing.sample import generate_sample
 from preprocessing.transform import TransformParams, transform

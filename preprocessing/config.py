@@ -1,0 +1,64 @@
+"""`PrepareConfig`: every option of `python -m preprocessing`, checked, and which of them define the output."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from launch.runtime import CxrError
+from preprocessing import audit, split as splitting
+from preprocessing.transform import TransformParams
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Every option of `python -m preprocessing`, one field per flag."""
+
+    input: str
+    output: str
+    size: int = 224
+    contrast: str = "clahe"
+    resize: str = "letterbox"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    resplit: bool = False
+    given_overlap: str = "exclude"
+    workers: int | None = None
+    address: str | None = None
+    seed: int = 0
+    min_side: int = 64
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    near_duplicate_distance: int = audit.DEFAULT_NEAR_DISTANCE
+    shards: int | None = None
+    salt_file: str | None = None
+    redact_paths: bool = False
+    overwrite: bool = False
+
+    def transform_params(self) -> TransformParams:
+        try:
+            return TransformParams(size=self.size, resize=self.resize, contrast=self.contrast,
+                                   clahe_clip_limit=self.clahe_clip_limit, clahe_tile_grid=self.clahe_tile_grid,
+                                   min_side=self.min_side)
+        except ValueError as err:
+            raise CxrError(str(err)) from None
+
+    def validate(self) -> None:
+        for name, value in (("--val-fraction", self.val_fraction), ("--test-fraction", self.test_fraction)):
+            if not 0 <= value < 1:
+                raise CxrError(f"{name} must be in [0, 1), got {value}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise CxrError("--val-fraction + --test-fraction must leave something to train on (sum < 1)")
+        if self.workers is not None and self.workers < 1:
+            raise CxrError(f"--workers must be at least 1, got {self.workers}")
+        if self.given_overlap not in splitting.OVERLAP_POLICIES:
+            raise CxrError(f"--given-overlap must be one of {', '.join(splitting.OVERLAP_POLICIES)}, "
+                           f"got {self.given_overlap!r}")
+        if self.shards is not None and self.shards < 1:
+            raise CxrError(f"--shards must be at least 1, got {self.shards}")
+        self.transform_params()
+
+    def output_defining(self) -> dict[str, Any]:
+        """The options that decide the output's content (not how fast or where it runs)."""
+        skip = {"input", "output", "workers", "address", "overwrite", "salt_file"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
