@@ -101,20 +101,22 @@ def int_at_least(minimum: int):
     return parse
 
 
-# TensorFlow's native start-up lines. They are logged before absl::InitializeLog(), where abseil ignores
-# TF_CPP_MIN_LOG_LEVEL (abseil/abseil-cpp#1718), so the only way to keep them off the console is to catch
-# the process's native stderr while TensorFlow loads and probes for devices, and to pass on everything else.
+# TensorFlow's native chatter: its start-up lines, logged before absl::InitializeLog(), where abseil ignores
+# TF_CPP_MIN_LOG_LEVEL (abseil/abseil-cpp#1718), and the TFLite calibrator's printf per quantized model. The
+# only way to keep them off the console is to catch the process's native stderr while TensorFlow loads,
+# probes for devices or quantizes, and to pass on everything else.
 _START_UP_NOISE = re.compile(
     r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     r"|[IWE]\d{4} [\d:. ]+\d+ (port|cudart_stub|cpu_feature_guard|cuda_platform|cuda_executor|cuda_dnn|cuda_fft"
     r"|cuda_blas|gpu_device)\.cc:\d+\] .*"
-    r"|To enable the following instructions: .* in other operations, rebuild TensorFlow .*)$")
+    r"|To enable the following instructions: .* in other operations, rebuild TensorFlow .*"
+    r"|fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, output_inference_type: \w+)$")
 
 
 @contextlib.contextmanager
-def quiet_start_up() -> Iterator[None]:
-    """Hold back TensorFlow's native start-up lines written to file descriptor 2 inside the block (unless
-    CXR_VERBOSE=1); every other line is written to stderr afterwards, in order."""
+def quiet_tensorflow() -> Iterator[None]:
+    """Hold back TensorFlow's native chatter (`is_start_up_noise`) written to file descriptor 2 inside the
+    block (unless CXR_VERBOSE=1); every other line is written to stderr afterwards, in order."""
     if verbose():
         yield
         return

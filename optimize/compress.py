@@ -25,7 +25,7 @@ from tensorflow_model_optimization.python.core.sparsity.keras import prune_regis
 
 from distributed.model.calibration import is_calibration_layer
 from distributed.model.builders import LOGITS_NAME, OUTPUT_NAME, PREPROCESSING_LAYER_NAMES
-from launch.runtime import CxrError
+from launch.runtime import CxrError, quiet_tensorflow
 
 PRUNABLE_TYPES = (keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv2D,
                   keras.layers.SeparableConv2D)
@@ -203,7 +203,8 @@ def to_tflite(model: keras.Model, kind: str, representative: Callable[[], Iterat
 
 def _convert(convert: Callable[[], bytes], kind: str) -> bytes:
     try:
-        return convert()
+        with quiet_tensorflow():  # the calibrator prints a line per quantized model to native stderr
+            return convert()
     except Exception as err:  # the converter raises ConverterError and assorted others
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise VariantSkipped(f"the TFLite converter failed ({kind}): {first}") from None

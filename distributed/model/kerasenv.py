@@ -22,10 +22,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if VERBOSE else "2")
 if not VERBOSE:
     # tf.lite.Interpreter announces its move to ai-edge-litert on every construction; the toolkit knows.
     warnings.filterwarnings("ignore", message=r".*tf\.lite\.Interpreter is deprecated", category=UserWarning)
+    # the converter's note when a float-input model gets int8 internals, which is what the toolkit asks for
+    warnings.filterwarnings("ignore", message=r"Statistics for quantized inputs were expected", category=UserWarning)
 
-from launch.runtime import quiet_start_up  # noqa: E402  (no TensorFlow in it)
+from launch.runtime import quiet_tensorflow  # noqa: E402  (no TensorFlow in it)
 
-with quiet_start_up():
+with quiet_tensorflow():
     import tensorflow as _tf  # noqa: E402
     import tf_keras as keras  # noqa: E402
 

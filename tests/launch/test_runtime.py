@@ -85,7 +85,8 @@ def test_an_entry_point_that_loads_tensorflow_prints_one_error_line(tmp_path):
 def test_run_quietly_passes_on_everything_but_tensorflows_start_up_lines():
     child = ("import sys; sys.stderr.write('WARNING: All log messages before absl::InitializeLog() is called are "
              "written to STDERR\\nI0000 00:00:1796130190.945559   12384 port.cc:153] oneDNN custom operations are "
-             "on.\\nreal problem\\n')")
+             "on.\\nfully_quantize: 0, inference_type: 6, input_inference_type: FLOAT32, output_inference_type: "
+             "FLOAT32\\nreal problem\\n')")
     result = _run(f"""
         import sys
         from launch.runtime import run_quietly
