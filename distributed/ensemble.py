@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from distributed.model.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
 
 from distributed.model.calibration import METHODS, calibrated_model, fit_on_validation, logits_model
-from distributed.model.builders import LOGITS_NAME
+from distributed.model.builders import LOGIT_DIFFERENCE_NAME, LOGITS_NAME, MEAN_LOGITS_NAME, MEMBER_PREFIX
 from distributed.model.scoring import read_run_config, run_model_path
 from preprocessing import schema
 from launch.runtime import (CxrError, atomic_dir, check_writable_dir, git_commit, library_versions, run_cli,
@@ -27,8 +27,6 @@ from launch.runtime import (CxrError, atomic_dir, check_writable_dir, git_commit
 
 log = logging.getLogger("cxrscale.ensemble")
 
-MEMBER_PREFIX = "m{}_"
-MEAN_LOGITS_NAME = "ensemble_mean_logits"
 
 
 def join_members(models: Sequence[keras.Model]) -> keras.Model:
@@ -63,7 +61,7 @@ def join_members(models: Sequence[keras.Model]) -> keras.Model:
         z = clone.outputs[0]
         if binary and len(units) > 1 and int(z.shape[-1]) == 2:
             difference = keras.layers.Dense(1, use_bias=False, trainable=False, dtype="float32",
-                                            name=f"{prefix}logit_difference",
+                                            name=f"{prefix}{LOGIT_DIFFERENCE_NAME}",
                                             kernel_initializer=keras.initializers.Constant([[-1.0], [1.0]]))
             z = difference(z)
         member_logits.append(z)

@@ -24,7 +24,8 @@ from tensorflow_model_optimization.python.core.quantization.keras.default_8bit i
 from tensorflow_model_optimization.python.core.sparsity.keras import prune_registry
 
 from distributed.model.calibration import is_calibration_layer
-from distributed.model.builders import LOGITS_NAME, OUTPUT_NAME, PREPROCESSING_LAYER_NAMES
+from distributed.model.builders import (LOGITS_NAME, OUTPUT_NAME, PREPROCESSING_LAYER_NAMES, is_ensemble_combination,
+                                       member_layer_name)
 from launch.runtime import CxrError, quiet_tensorflow
 
 PRUNABLE_TYPES = (keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv2D,
@@ -58,8 +59,9 @@ def prune_targets(model: keras.Model) -> list[str]:
                 layer, tfmot.sparsity.keras.PrunableLayer):
             raise VariantSkipped(f"{_describe(layer)} is not supported by tfmot pruning (a custom layer must "
                                  "implement tfmot.sparsity.keras.PrunableLayer)")
-        if isinstance(layer, PRUNABLE_TYPES) and layer.name != LOGITS_NAME and not is_calibration_layer(layer) and \
-                int(np.prod(layer.kernel.shape)) >= MIN_PRUNED_WEIGHTS:
+        fixed_map = is_calibration_layer(layer) or is_ensemble_combination(layer)
+        if isinstance(layer, PRUNABLE_TYPES) and member_layer_name(layer.name) != LOGITS_NAME and not fixed_map \
+                and int(np.prod(layer.kernel.shape)) >= MIN_PRUNED_WEIGHTS:
             targets.append(layer.name)
     if not targets:
         raise VariantSkipped(f"model {model.name!r} has no convolution or dense layer to prune")
@@ -102,9 +104,10 @@ def quantize_wrap(model: keras.Model, *, preserve_sparsity: bool = False) -> ker
     tfmot supports; the weight-free preprocessing layers stay float. preserve_sparsity: the
     prune-preserving scheme of tfmot's collaborative optimisation (the pruned zeros stay zero)."""
     registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
-    def stays_float(layer) -> bool:  # weight-free preprocessing, and the calibration (a float map of the logits)
-        return layer.name in PREPROCESSING_LAYER_NAMES or is_calibration_layer(layer) or (
-            layer.name == OUTPUT_NAME and any(is_calibration_layer(other) for other in model.layers))
+    def stays_float(layer) -> bool:  # weight-free preprocessing, an ensemble's mean of logits, the calibration
+        return member_layer_name(layer.name) in PREPROCESSING_LAYER_NAMES or is_calibration_layer(layer) or \
+            is_ensemble_combination(layer) or (
+                layer.name == OUTPUT_NAME and any(is_calibration_layer(other) for other in model.layers))
 
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer) or stays_float(layer):

@@ -24,6 +24,7 @@ or the CNN's conv blocks).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +40,24 @@ HEAD_PREFIX = "head_"
 LOGITS_NAME = "logits"
 OUTPUT_NAME = "predictions"
 PREPROCESSING_LAYER_NAMES = frozenset({"pixels_to_float", "grey_to_rgb", "imagenet_caffe_norm", "pixels_to_unit"})
+MEMBER_PREFIX = "m{}_"  # an ensemble member's layers are renamed m0_..., m1_... (distributed.ensemble)
+_MEMBER = re.compile(r"^m\d+_")
+
+
+MEAN_LOGITS_NAME = "ensemble_mean_logits"  # the mean of the members' logits
+LOGIT_DIFFERENCE_NAME = "logit_difference"  # a member's 2-unit softmax logits as one binary logit
+
+
+def member_layer_name(name: str) -> str:
+    """A layer's name in the model it came from: an ensemble member's layer without its m<k>_ prefix."""
+    return _MEMBER.sub("", name, count=1)
+
+
+def is_ensemble_combination(layer) -> bool:
+    """Whether `layer` is part of how an ensemble combines its members' logits (a fixed float map, like a
+    calibration: nothing to prune or quantize)."""
+    return layer.name == MEAN_LOGITS_NAME or (
+        layer.name != member_layer_name(layer.name) and member_layer_name(layer.name) == LOGIT_DIFFERENCE_NAME)
 
 # keras.applications.{vgg16,resnet50}.preprocess_input use "caffe" mode: RGB -> BGR, then subtract the
 # ImageNet per-channel mean in BGR order, no scaling. Grey replicated to three channels is the same in RGB and

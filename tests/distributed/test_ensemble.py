@@ -66,7 +66,10 @@ def test_evaluate_predict_and_optimize_take_the_ensemble_as_a_run(ensemble_run, 
                  "--fine-tune-epochs", "1", "--bootstrap", "50", "--latency-runs", "2", "-q")
     assert result.returncode == 0, quiet(result.stderr)
     comparison = json.loads((run / "optimized" / "comparison.json").read_text())
-    assert {v["name"] for v in comparison["variants"]} >= {"ptq-dynamic", "qat"}
+    variants = {v["name"]: v for v in comparison["variants"]}
+    assert set(variants) >= {"ptq-dynamic", "qat"}
+    # the members' preprocessing layers (m0_pixels_to_unit, ...) stay float, so QAT applies to an ensemble too
+    assert "skipped" not in variants["qat"], variants["qat"]["skipped"]
 
 
 def test_ensemble_refuses_bad_members(sample_run, tmp_path):
