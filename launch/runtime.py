@@ -102,7 +102,8 @@ def int_at_least(minimum: int):
 
 
 # TensorFlow's native chatter: its start-up lines, logged before absl::InitializeLog(), where abseil ignores
-# TF_CPP_MIN_LOG_LEVEL (abseil/abseil-cpp#1718), and the TFLite calibrator's printf per quantized model. The
+# TF_CPP_MIN_LOG_LEVEL (abseil/abseil-cpp#1718), the TFLite calibrator's printf per quantized model and the
+# interpreter's note on its first allocation. The
 # only way to keep them off the console is to catch the process's native stderr while TensorFlow loads,
 # probes for devices or quantizes, and to pass on everything else.
 _START_UP_NOISE = re.compile(
@@ -110,7 +111,8 @@ _START_UP_NOISE = re.compile(
     r"|[IWE]\d{4} [\d:. ]+\d+ (port|cudart_stub|cpu_feature_guard|cuda_platform|cuda_executor|cuda_dnn|cuda_fft"
     r"|cuda_blas|gpu_device)\.cc:\d+\] .*"
     r"|To enable the following instructions: .* in other operations, rebuild TensorFlow .*"
-    r"|fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, output_inference_type: \w+)$")
+    r"|fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, output_inference_type: \w+"
+    r"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.)$")
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 from launch.figures import plt, save_figure, styled  # noqa: E402
 from distributed.model.scoring import quantize_input  # noqa: E402
-from launch.runtime import CxrError  # noqa: E402
+from launch.runtime import CxrError, quiet_tensorflow  # noqa: E402
 
 _CHUNK = 1 << 20
 _TYPE_NAMES = {v: k.lower() for k, v in vars(schema_fb.TensorType).items() if not k.startswith("_")}
@@ -178,7 +178,8 @@ thread counts as string keys (as JSON stores them, so fresh and reloaded results
         shape = [1, *(int(d) for d in (input_shape or inp["shape"][1:]))]
         if list(inp["shape"]) != shape:
             interpreter.resize_tensor_input(inp["index"], shape)
-        interpreter.allocate_tensors()
+        with quiet_tensorflow():  # the interpreter announces its XNNPACK delegate here
+            interpreter.allocate_tensors()
         high = max(high, proc.memory_info().rss)
         if images is None:
             images = rng.integers(0, 256, size=(min(runs, 8), *shape), dtype=np.uint8)

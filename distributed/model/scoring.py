@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from distributed.model.builders import output_probabilities
-from launch.runtime import CxrError, read_json
+from launch.runtime import CxrError, quiet_tensorflow, read_json
 from preprocessing.transform import gamma_table
 from distributed.model.calibration import is_calibration_layer, logits_model, uncalibrated_probabilities
 
@@ -170,7 +170,8 @@ def _tflite_scorer(path: Path, num_threads: int | None) -> Scorer:
     def predict(batch: np.ndarray) -> np.ndarray:
         if len(batch) != batch_size[0]:  # the converter fixes batch 1; resize to this batch once
             interpreter.resize_tensor_input(inp["index"], [len(batch), *shape])
-            interpreter.allocate_tensors()
+            with quiet_tensorflow():  # the interpreter announces its XNNPACK delegate here
+                interpreter.allocate_tensors()
             batch_size[0] = len(batch)
         interpreter.set_tensor(inp["index"], quantize_input(batch, inp))
         interpreter.invoke()

@@ -86,7 +86,7 @@ def test_run_quietly_passes_on_everything_but_tensorflows_start_up_lines():
     child = ("import sys; sys.stderr.write('WARNING: All log messages before absl::InitializeLog() is called are "
              "written to STDERR\\nI0000 00:00:1796130190.945559   12384 port.cc:153] oneDNN custom operations are "
              "on.\\nfully_quantize: 0, inference_type: 6, input_inference_type: FLOAT32, output_inference_type: "
-             "FLOAT32\\nreal problem\\n')")
+             "FLOAT32\\nINFO: Created TensorFlow Lite XNNPACK delegate for CPU.\\nreal problem\\n')")
     result = _run(f"""
         import sys
         from launch.runtime import run_quietly
