@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.common import (BENCH_PACKAGES, DEFAULT_RESULTS, checks_table, machine, markdown_table, stamp)
-from launch.runtime import (git_commit, library_versions, run_cli, setup_logging, write_json_atomic,
+from launch.runtime import (OneLineParser, git_commit, library_versions, run_cli, setup_logging, write_json_atomic,
                             write_text_atomic)
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
@@ -169,7 +169,7 @@ def to_html(markdown_text: str, folder: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="examples:\n  python -m benchmarks --suite all --quick\n"
                                        "  python -m benchmarks --suite scaling --full")

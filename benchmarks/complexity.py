@@ -30,7 +30,7 @@ from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, chec
                                report, require_dir, run_child)
 from benchmarks.preprocess import image_files, repeated_input, run_thesis
 from benchmarks.train import child_plain, make_dataset, run_distributed
-from launch.runtime import atomic_path, run_cli, setup_logging
+from launch.runtime import OneLineParser, atomic_path, run_cli, setup_logging
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
@@ -281,7 +281,7 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.complexity", description=__doc__,
+    p = OneLineParser(prog="python -m benchmarks.complexity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="examples:\n  python -m benchmarks.complexity --quick\n"
                                        "  python -m benchmarks.complexity --data /work/shared/data --out results/")

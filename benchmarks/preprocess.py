@@ -20,7 +20,7 @@ from typing import Sequence
 
 from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, comma_list, markdown_table,
                                peak_rss_mb, report, require_dir, run_child)
-from launch.runtime import run_cli, setup_logging
+from launch.runtime import OneLineParser, run_cli, setup_logging
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
@@ -112,7 +112,7 @@ def child_main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.preprocess", description=__doc__,
+    p = OneLineParser(prog="python -m benchmarks.preprocess", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example:\n  python -m benchmarks.preprocess --repeat 4")
     p.add_argument("--data", type=Path, default=DEFAULT_SHARED_DATA / "kermany-fullres",

@@ -38,7 +38,7 @@ import numpy as np
 from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, markdown_table, report,
                                require_dir, run_command)
 from preprocessing import schema
-from launch.runtime import CxrError, run_cli, setup_logging
+from launch.runtime import OneLineParser, CxrError, run_cli, setup_logging
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
@@ -258,7 +258,7 @@ def run_suite(quick: bool, work: Path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m benchmarks.robustness", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1] + "\nexamples:\n"
                                        "  python -m benchmarks.robustness --run OUT/final --input chest_xray "

@@ -55,7 +55,7 @@ from typing import Sequence
 import numpy as np
 
 from benchmarks.common import DEFAULT_RESULTS, checks_table, machine, markdown_table, report
-from launch.runtime import CxrError, read_json, run_cli, setup_logging
+from launch.runtime import OneLineParser, CxrError, read_json, run_cli, setup_logging
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
@@ -421,7 +421,7 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__,
+    p = OneLineParser(prog="python -m benchmarks.scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="examples:\n  python -m benchmarks.scaling --quick\n"
                                        "  python -m benchmarks.scaling --profiles my-cluster.json --out /tmp/scaling")

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, comma_list, markdown_table,
                                report, require_dir, run_child, run_command)
-from launch.runtime import read_numeric_csv, run_cli, setup_logging
+from launch.runtime import OneLineParser, read_numeric_csv, run_cli, setup_logging
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
@@ -142,7 +142,7 @@ def child_flops(args: argparse.Namespace) -> dict:
 # --- the driver -----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
+    p = OneLineParser(prog="python -m benchmarks.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="examples:\n  python -m benchmarks.train\n"
                                        "  python -m benchmarks.train --quick --models cnn,vgg16")

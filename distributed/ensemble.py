@@ -22,7 +22,7 @@ from distributed.model.calibration import METHODS, calibrated_model, fit_on_vali
 from distributed.model.builders import LOGIT_DIFFERENCE_NAME, LOGITS_NAME, MEAN_LOGITS_NAME, MEMBER_PREFIX
 from distributed.model.scoring import read_run_config, run_model_path
 from preprocessing import schema
-from launch.runtime import (CxrError, atomic_dir, check_writable_dir, git_commit, library_versions, run_cli,
+from launch.runtime import (OneLineParser, CxrError, atomic_dir, check_writable_dir, git_commit, library_versions, run_cli,
                             setup_logging, write_json_atomic)
 
 log = logging.getLogger("cxrscale.ensemble")
@@ -111,7 +111,7 @@ def build_ensemble(run_dirs: Sequence[Path], output: Path, method: str) -> dict[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m distributed.ensemble", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog="python -m distributed.ensemble", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Example:\n  python -m distributed.ensemble --runs runs/cnn-s0 runs/cnn-s1 "
                                             "runs/cnn-s2 --output runs/cnn-ensemble\n"

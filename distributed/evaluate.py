@@ -23,7 +23,7 @@ from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, Thres
                                            gallery_picks, load_records, parse_threshold, score_split)
 from distributed.model.scoring import load_scorer, read_run_config, run_model_path
 from preprocessing import schema
-from launch.runtime import CxrError, check_writable_dir, read_json, run_cli, setup_logging, sha256_file
+from launch.runtime import OneLineParser, CxrError, check_writable_dir, read_json, run_cli, setup_logging, sha256_file
 from distributed.evaluation import report
 from distributed.model.calibration import probability_quality
 
@@ -143,7 +143,7 @@ def _size(path: Path) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m distributed.evaluate", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Writes OUTPUT/metrics.json (every number), report.md, report.html (self-contained), scores.csv, "

@@ -25,7 +25,7 @@ import numpy as np
 
 from distributed.evaluation.scores import predicted_classes
 from distributed.model.scoring import load_scorer, run_model_path
-from launch.runtime import CxrError, read_json, run_cli, setup_logging, write_text_atomic
+from launch.runtime import OneLineParser, CxrError, read_json, run_cli, setup_logging, write_text_atomic
 from preprocessing.transform import ImageRejected, TransformParams, transform
 from distributed.evaluation.gradcam import gradcam, overlay
 from distributed.evaluation.report import write_png
@@ -164,7 +164,7 @@ def write_rows(rows: list[dict[str, Any]], fmt: str, out) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m distributed.predict", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog="python -m distributed.predict", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Example:\n  python -m distributed.predict --run runs/sample "
                                             "data/sample/test/PNEUMONIA")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence, TextIO
 
 from preprocessing import schema
-from launch.runtime import CxrError, read_json
+from launch.runtime import OneLineParser, CxrError, read_json
 from distributed.training.config import parse_config
 from launch.runtime import write_text_atomic
 
@@ -124,7 +124,7 @@ def loose_data_target(entry: EntryPoint) -> DataTarget | None:
 
 
 def _loose_args(entry: EntryPoint) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = OneLineParser(add_help=False)
     parser.add_argument("--run")
     parser.add_argument("--data")
     # both entry points' default per-worker batch

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from launch.runtime import CxrError, run_cli
+from launch.runtime import OneLineParser, CxrError, run_cli
 from launch.common import write_generated
 
 Host = tuple[str, int]  # (host name or address, slots)
@@ -135,7 +135,7 @@ def slurm_hostnames(env: Mapping[str, str] | None = None) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m launch.hostfile", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write a Horovod host file (one 'HOST slots=N' line per host) for horovodrun --hostfile, "
                     "or print it when --output is not given.",

@@ -22,7 +22,7 @@ import yaml
 
 from launch.common import (WARNING, EntryPoint, data_checks, data_target, parse_entry_point, print_checks,
                            processes_per_node, split_tail, stop_if_fatal, tail_usage, write_generated)
-from launch.runtime import CxrError, run_cli
+from launch.runtime import OneLineParser, CxrError, run_cli
 
 PROG = "python -m launch.kubernetes"
 API_VERSION = "kubeflow.org/v2beta1"
@@ -105,7 +105,7 @@ def check_name(value: str, option: str, max_length: int = 63) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG, usage=tail_usage(f"{PROG} --image IMAGE --workers N --gpus-per-worker G"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write a Kubeflow MPI-operator MPIJob (kubeflow.org/v2beta1) that runs distributed.train or "

@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 from launch.common import (ERROR, INFO, OK, WARNING, Check, EntryPoint, data_checks, data_target, loose_data_target,
                            parse_entry_point, print_checks, split_tail, stop_if_fatal, tail_usage)
 from launch.hostfile import Host, horovod_hosts_arg, parse_nodes, read_hostfile, total_slots
-from launch.runtime import CxrError, run_cli, run_quietly
+from launch.runtime import OneLineParser, CxrError, run_cli, run_quietly
 
 PROG = "python -m launch.local"
 INSTALL_FIX = "bash launch/install_horovod.sh (or make install)"
@@ -185,7 +185,7 @@ def _all_local(hosts: Sequence[Host]) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG, usage=tail_usage(f"{PROG} --np N"), formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Check Horovod, GPUs and the prepared dataset, listing every problem, then run a toolkit "
                     "entry point (distributed.train or optimize.prune_quantize) under horovodrun.",

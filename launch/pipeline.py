@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from launch.runtime import (CxrError, atomic_dir, read_json, read_options_file, run_cli, setup_logging,
+from launch.runtime import (OneLineParser, CxrError, atomic_dir, read_json, read_options_file, run_cli, setup_logging,
                             write_bytes_atomic, write_json_atomic)
 from launch.common import EntryPoint
 from launch.local import horovodrun_command, horovodrun_path
@@ -243,7 +243,7 @@ def run_pipeline(recipe: Recipe, p: Plan, *, command: Sequence[str], settings: d
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m launch.pipeline", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 2)[2] + f"\nshipped recipes: {', '.join(recipe_names())}\n\nexamples:\n"

@@ -82,10 +82,11 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
 
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose mistakes are one `error: ...` line and exit status 2, like every other user
-    mistake in the toolkit (argparse's own adds its usage lines)."""
+    mistake in the toolkit (argparse's own adds its usage lines), printed by rank 0 only under a launcher.
+    Every entry point's parser is one."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"error: {message} (see --help)\n" if launcher_rank() == 0 else None)
 
 
 def int_at_least(minimum: int):

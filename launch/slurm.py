@@ -22,7 +22,7 @@ from typing import Sequence
 
 from launch.common import (WARNING, EntryPoint, data_checks, data_target, parse_entry_point, print_checks,
                            processes_per_node, split_tail, stop_if_fatal, tail_usage, write_generated)
-from launch.runtime import CxrError, run_cli
+from launch.runtime import OneLineParser, CxrError, run_cli
 
 PROG = "python -m launch.slurm"
 LAUNCHERS = ("horovodrun", "srun")
@@ -120,7 +120,7 @@ def sbatch_script(job: SlurmJob, entry: EntryPoint) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG, usage=tail_usage(f"{PROG} --nodes N --gpus-per-node G"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write an sbatch script that runs distributed.train or optimize.prune_quantize on Slurm "

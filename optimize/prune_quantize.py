@@ -35,7 +35,7 @@ from distributed.model.scoring import load_scorer, read_run_config, run_model_pa
 from distributed.training.hvd_utils import agree, configure_devices
 from optimize import compress, measure
 from preprocessing import schema
-from launch.runtime import (CxrError, check_writable_dir, read_json, run_cli, setup_logging, sha256_file,
+from launch.runtime import (OneLineParser, CxrError, check_writable_dir, read_json, run_cli, setup_logging, sha256_file,
                             write_bytes_atomic, write_json_atomic, write_text_atomic)
 
 log = logging.getLogger("cxrscale.optimize")
@@ -371,7 +371,7 @@ def variant_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m optimize.prune_quantize", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog="python -m optimize.prune_quantize", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Writes OUTPUT/<variant>.tflite, variants/*.json, keras/<variant>/, "
                                             "comparison.json, report.md, auc_vs_size.png, auc_vs_latency.png. "

@@ -9,7 +9,7 @@ from typing import Sequence
 from preprocessing import audit, transform
 from preprocessing.pipeline import PrepareConfig, prepare
 from preprocessing.split import OVERLAP_POLICIES
-from launch.runtime import run_cli, setup_logging
+from launch.runtime import OneLineParser, run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.preprocessing")
 
@@ -26,7 +26,7 @@ Re-running the same command resumes an interrupted run; other arguments need --o
 
 def build_parser() -> argparse.ArgumentParser:
     d = PrepareConfig("", "")
-    p = argparse.ArgumentParser(prog="python -m preprocessing", description=__doc__, epilog=EXAMPLES,
+    p = OneLineParser(prog="python -m preprocessing", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="folder of class folders, Kermany split folders, or a CSV file")
     p.add_argument("--output", required=True, help="folder to write, e.g. prepared/NAME")

@@ -7,9 +7,7 @@ returns the path; bad inputs raise ValueError.
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +17,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from distributed.evaluation.metrics import calibration_bins, expected_calibration_error  # noqa: F401 (re-exported)
 from distributed.evaluation.metrics import confusion as _counts
-from launch.figures import DPI, STYLE, plt, save_figure, styled  # noqa: F401 (STYLE, DPI: used by callers' tests)
+from launch.figures import plt, save_figure, styled
 
 RIGHT, WRONG = "#1a7f37", "#c62828"
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from launch.runtime import CxrError, read_options_file
+from launch.runtime import OneLineParser, CxrError, read_options_file
 
 MODELS = ("cnn", "vgg16", "resnet50")
 PRECISIONS = ("auto", "fp32", "mixed_float16", "mixed_bfloat16")
@@ -112,7 +112,7 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 def build_parser(prog: str = "python -m distributed.train") -> argparse.ArgumentParser:
     d = TrainConfig(data="")
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Data-parallel training of a chest X-ray classifier with Horovod (one worker without "
                     "horovodrun).",

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from distributed.training.config import MODELS, load_config_file
 from preprocessing import schema
-from launch.runtime import CxrError, read_json, setup_logging, start_ray, write_json_atomic
+from launch.runtime import OneLineParser, CxrError, read_json, setup_logging, start_ray, write_json_atomic
 
 from optimize.tune.results import (best_config, collect, plot_auc_vs_params, results_table, write_report,
                                    write_results_csv)
@@ -25,7 +25,7 @@ log = logging.getLogger("cxrscale.tune")
 # ---------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m optimize.tune", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Hyper-parameter search with Ray Tune: grid, random, or random with ASHA early stopping. "
                     "Each trial is a distributed.train run (Horovod data-parallel with --workers-per-trial > 1). "

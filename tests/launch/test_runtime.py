@@ -93,3 +93,25 @@ def test_run_quietly_passes_on_everything_but_tensorflows_start_up_lines():
         sys.exit(run_quietly([sys.executable, "-c", {child!r}]))
     """)
     assert result.returncode == 0 and result.stderr.splitlines() == ["real problem"]
+
+
+ENTRY_POINTS = ["preprocessing", "preprocessing.sample", "distributed.train", "distributed.evaluate",
+                "distributed.predict", "distributed.ensemble", "optimize.prune_quantize", "optimize.tune",
+                "launch.local", "launch.slurm", "launch.kubernetes", "launch.hostfile", "launch.pipeline",
+                "benchmarks", "benchmarks.preprocess", "benchmarks.train", "benchmarks.optimize",
+                "benchmarks.complexity", "benchmarks.scaling", "benchmarks.robustness"]
+
+
+def test_every_entry_point_reports_a_bad_flag_in_one_line():
+    """Every entry point, each in its own process: a wrong command line (a flag that does not exist, or a
+    required one missing) is one `error:` line naming an option, exit status 2, and under a launcher only
+    rank 0 prints it."""
+    for module in ENTRY_POINTS:
+        result = subprocess.run([PYTHON, "-m", module, "--no-such-flag"], cwd=REPO, capture_output=True,
+                                text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "CXR_VERBOSE"})
+        assert result.returncode == 2, (module, result.stderr)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and "--" in lines[0], (module, lines)
+    silent = _run("from distributed.training.config import build_parser; build_parser().parse_args(['--no-such-flag'])",
+                  HOROVOD_RANK="1")
+    assert silent.returncode == 2 and silent.stderr == ""
