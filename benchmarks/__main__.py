@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.common import (BENCH_PACKAGES, DEFAULT_RESULTS, checks_table, machine, markdown_table, stamp)
+from benchmarks.common import BENCH_PACKAGES, DEFAULT_RESULTS, checks_table, machine, markdown_table, stamp
 from launch.runtime import (OneLineParser, git_commit, library_versions, run_cli, setup_logging, write_json_atomic,
                             write_text_atomic)
 

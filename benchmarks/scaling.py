@@ -55,7 +55,7 @@ from typing import Sequence
 import numpy as np
 
 from benchmarks.common import DEFAULT_RESULTS, checks_table, machine, markdown_table, report
-from launch.runtime import OneLineParser, CxrError, read_json, run_cli, setup_logging
+from launch.runtime import CxrError, OneLineParser, read_json, run_cli, setup_logging
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.

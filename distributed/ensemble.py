@@ -18,12 +18,12 @@ from typing import Any, Sequence
 
 from distributed.model.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
 
+from distributed.model.builders import LOGITS_NAME, LOGIT_DIFFERENCE_NAME, MEAN_LOGITS_NAME, MEMBER_PREFIX
 from distributed.model.calibration import METHODS, calibrated_model, fit_on_validation, logits_model
-from distributed.model.builders import LOGIT_DIFFERENCE_NAME, LOGITS_NAME, MEAN_LOGITS_NAME, MEMBER_PREFIX
 from distributed.model.scoring import read_run_config, run_model_path
+from launch.runtime import (CxrError, OneLineParser, atomic_dir, check_writable_dir, git_commit, library_versions,
+                            run_cli, setup_logging, write_json_atomic)
 from preprocessing import schema
-from launch.runtime import (OneLineParser, CxrError, atomic_dir, check_writable_dir, git_commit, library_versions, run_cli,
-                            setup_logging, write_json_atomic)
 
 log = logging.getLogger("cxrscale.ensemble")
 

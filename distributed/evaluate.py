@@ -19,13 +19,13 @@ from typing import Any, Sequence
 
 from distributed.model.kerasenv import keras  # noqa: F401  first: chooses tf_keras before TensorFlow loads
 
+from distributed.evaluation import report
 from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, ThresholdRule, compute_metrics,
                                            gallery_picks, load_records, parse_threshold, score_split)
-from distributed.model.scoring import load_scorer, read_run_config, run_model_path
-from preprocessing import schema
-from launch.runtime import OneLineParser, CxrError, check_writable_dir, read_json, run_cli, setup_logging, sha256_file
-from distributed.evaluation import report
 from distributed.model.calibration import probability_quality
+from distributed.model.scoring import load_scorer, read_run_config, run_model_path
+from launch.runtime import CxrError, OneLineParser, check_writable_dir, read_json, run_cli, setup_logging, sha256_file
+from preprocessing import schema
 
 log = logging.getLogger("cxrscale.evaluate")
 

@@ -23,12 +23,12 @@ from distributed.model.kerasenv import keras  # noqa: F401  first: chooses tf_ke
 
 import numpy as np
 
-from distributed.evaluation.scores import predicted_classes
-from distributed.model.scoring import load_scorer, run_model_path
-from launch.runtime import OneLineParser, CxrError, read_json, run_cli, setup_logging, write_text_atomic
-from preprocessing.transform import ImageRejected, TransformParams, transform
 from distributed.evaluation.gradcam import gradcam, overlay
 from distributed.evaluation.report import write_png
+from distributed.evaluation.scores import predicted_classes
+from distributed.model.scoring import load_scorer, run_model_path
+from launch.runtime import CxrError, OneLineParser, read_json, run_cli, setup_logging, write_text_atomic
+from preprocessing.transform import ImageRejected, TransformParams, transform
 
 log = logging.getLogger("cxrscale.predict")
 

@@ -22,13 +22,12 @@ import numpy as np
 import tensorflow as tf
 
 from distributed.model.builders import build_model, loss_for
-from distributed.training import callbacks as cb
-from distributed.training import hvd_utils, run_record
+from distributed.training import callbacks as cb, hvd_utils, run_record
 from distributed.training.config import TrainConfig, parse_config
-from distributed.training.data import (DataPlan, balanced_class_weights, ordered_dataset, plan_data,
-                                       sample_images, train_dataset, val_dataset)
-from launch.runtime import CxrError, read_numeric_csv, run_cli, setup_logging
+from distributed.training.data import (DataPlan, balanced_class_weights, ordered_dataset, plan_data, sample_images,
+                                       train_dataset, val_dataset)
 from distributed.training.features import cached_train_dataset, compute_features, split_at_head
+from launch.runtime import CxrError, read_numeric_csv, run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.train")
 

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from preprocessing import schema
-from launch.runtime import OneLineParser, CxrError, read_json
 from distributed.training.config import parse_config
-from launch.runtime import write_text_atomic
+from launch.runtime import CxrError, OneLineParser, read_json, write_text_atomic
+from preprocessing import schema
 
 # The entry points that run one process per worker under horovodrun / mpirun / srun.
 ENTRY_POINTS = {

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from launch.runtime import OneLineParser, CxrError, run_cli
 from launch.common import write_generated
+from launch.runtime import CxrError, OneLineParser, run_cli
 
 Host = tuple[str, int]  # (host name or address, slots)
 

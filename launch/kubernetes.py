@@ -20,9 +20,9 @@ from typing import Any, Sequence
 
 import yaml
 
-from launch.common import (WARNING, EntryPoint, data_checks, data_target, parse_entry_point, print_checks,
+from launch.common import (EntryPoint, WARNING, data_checks, data_target, parse_entry_point, print_checks,
                            processes_per_node, split_tail, stop_if_fatal, tail_usage, write_generated)
-from launch.runtime import OneLineParser, CxrError, run_cli
+from launch.runtime import CxrError, OneLineParser, run_cli
 
 PROG = "python -m launch.kubernetes"
 API_VERSION = "kubeflow.org/v2beta1"

@@ -22,10 +22,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from launch.common import (ERROR, INFO, OK, WARNING, Check, EntryPoint, data_checks, data_target, loose_data_target,
+from launch.common import (Check, ERROR, EntryPoint, INFO, OK, WARNING, data_checks, data_target, loose_data_target,
                            parse_entry_point, print_checks, split_tail, stop_if_fatal, tail_usage)
 from launch.hostfile import Host, horovod_hosts_arg, parse_nodes, read_hostfile, total_slots
-from launch.runtime import OneLineParser, CxrError, run_cli, run_quietly
+from launch.runtime import CxrError, OneLineParser, run_cli, run_quietly
 
 PROG = "python -m launch.local"
 INSTALL_FIX = "bash launch/install_horovod.sh (or make install)"

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from launch.runtime import (OneLineParser, CxrError, atomic_dir, read_json, read_options_file, run_cli, setup_logging,
-                            write_bytes_atomic, write_json_atomic)
 from launch.common import EntryPoint
 from launch.local import horovodrun_command, horovodrun_path
+from launch.runtime import (CxrError, OneLineParser, atomic_dir, read_json, read_options_file, run_cli, setup_logging,
+                            write_bytes_atomic, write_json_atomic)
 
 log = logging.getLogger("cxrscale.pipeline")
 

@@ -23,9 +23,9 @@ from tensorflow_model_optimization.python.core.quantization.keras.default_8bit i
     default_8bit_quantize_registry
 from tensorflow_model_optimization.python.core.sparsity.keras import prune_registry
 
-from distributed.model.calibration import is_calibration_layer
 from distributed.model.builders import (LOGITS_NAME, OUTPUT_NAME, PREPROCESSING_LAYER_NAMES, is_ensemble_combination,
-                                       member_layer_name)
+                                        member_layer_name)
+from distributed.model.calibration import is_calibration_layer
 from launch.runtime import CxrError, quiet_tensorflow
 
 PRUNABLE_TYPES = (keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv2D,
@@ -133,7 +133,6 @@ def quantize_wrap(model: keras.Model, *, preserve_sparsity: bool = False) -> ker
     except (ValueError, RuntimeError, TypeError) as err:  # tfmot names the unsupported layer
         raise VariantSkipped(f"tfmot's 8-bit quantization cannot take this model: {str(err).splitlines()[0]}") \
             from None
-
 
 class _PrunePreserveRegistry(prune_preserve_quantize_registry.Default8bitPrunePreserveQuantizeRegistry):
     """tfmot's prune-preserving registry claims every weight-free layer, then cannot configure one the

@@ -28,15 +28,15 @@ from distributed.model.kerasenv import hvd_keras, keras  # first: chooses tf_ker
 
 import numpy as np
 
-from distributed.training.data import balanced_class_weights, plan_data, train_dataset
 from distributed.evaluation.scores import ThresholdRule, compute_metrics, parse_threshold, score_split
 from distributed.model.builders import loss_for, recalibrate_batchnorm
 from distributed.model.scoring import load_scorer, read_run_config, run_model_path
+from distributed.training.data import balanced_class_weights, plan_data, train_dataset
 from distributed.training.hvd_utils import agree, configure_devices
+from launch.runtime import (CxrError, OneLineParser, check_writable_dir, read_json, run_cli, setup_logging,
+                            sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic)
 from optimize import compress, measure
 from preprocessing import schema
-from launch.runtime import (OneLineParser, CxrError, check_writable_dir, read_json, run_cli, setup_logging, sha256_file,
-                            write_bytes_atomic, write_json_atomic, write_text_atomic)
 
 log = logging.getLogger("cxrscale.optimize")
 

@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from launch.runtime import OneLineParser, run_cli, setup_logging
 from preprocessing import audit, transform
 from preprocessing.pipeline import PrepareConfig, prepare
 from preprocessing.split import OVERLAP_POLICIES
-from launch.runtime import OneLineParser, run_cli, setup_logging
 
 log = logging.getLogger("cxrscale.preprocessing")
 

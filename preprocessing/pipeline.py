@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from preprocessing import audit, schema, split as splitting
 from launch.runtime import (CxrError, atomic_path, check_writable_dir, read_json, start_ray, write_bytes_atomic,
                             write_json_atomic)
+from preprocessing import audit, schema, split as splitting
 from preprocessing.config import PrepareConfig
 from preprocessing.describe import write_description
 from preprocessing.records import Record, RecordHashes, SplitPlan, keyed_hash, utc_now

@@ -17,12 +17,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from launch.figures import png_data_uri
-from launch.runtime import read_numeric_csv, write_bytes_atomic, write_json_atomic, write_text_atomic
 from distributed.evaluation import plots
 from distributed.evaluation.gradcam import gradcam as grad_cam, overlay
 from distributed.evaluation.scores import predicted_classes
 from distributed.model.builders import last_conv_layer_name
+from launch.figures import png_data_uri
+from launch.runtime import read_numeric_csv, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("cxrscale.evaluate")
 

@@ -550,6 +550,6 @@ def _first_line(err: BaseException) -> str:
 
 __all__ = [
     "MODEL_NAMES", "ModelError", "build_model", "build_vgg16_classifier", "build_resnet50_classifier",
-    "build_thesis_cnn", "check_image_size", "last_conv_layer_name", "output_probabilities", "loss_for", "min_image_size",
-    "backbone_layers", "set_backbone_trainable", "recalibrate_batchnorm",
+    "build_thesis_cnn", "check_image_size", "last_conv_layer_name", "output_probabilities", "loss_for",
+    "min_image_size", "backbone_layers", "set_backbone_trainable", "recalibrate_batchnorm",
 ]

@@ -33,10 +33,10 @@ from distributed.model.kerasenv import keras  # first: chooses tf_keras before T
 
 import numpy as np
 
-from distributed.model.builders import LOGITS_NAME, OUTPUT_NAME, ModelError
 from distributed.evaluation import metrics as m
-from preprocessing import schema
+from distributed.model.builders import LOGITS_NAME, ModelError, OUTPUT_NAME
 from launch.runtime import write_json_atomic
+from preprocessing import schema
 
 log = logging.getLogger("cxrscale.calibration")
 
@@ -136,7 +136,6 @@ def probability_quality(labels: np.ndarray, probs: np.ndarray) -> dict[str, floa
     """ECE (10 equal-width bins), Brier score and log loss of class probabilities (n, K)."""
     from sklearn.metrics import log_loss
 
-
     y = np.asarray(labels).astype(int).ravel()
     p = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
     if p.shape[1] == 2:
@@ -153,7 +152,6 @@ def fit_on_validation(model: keras.Model, data_dir, method: str, record_dir) -> 
     `data_dir`, and write record_dir/calibration.json: the map, and the validation ECE, Brier and log loss
     before and after it. What training and distributed.ensemble both do at their end."""
     from pathlib import Path
-
 
     labels, logits = [], []
     for images, y in schema.dataset(data_dir, "val").batch(256).as_numpy_iterator():

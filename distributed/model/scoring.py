@@ -15,9 +15,9 @@ import numpy as np
 import tensorflow as tf
 
 from distributed.model.builders import output_probabilities
+from distributed.model.calibration import is_calibration_layer, logits_model, uncalibrated_probabilities
 from launch.runtime import CxrError, quiet_tensorflow, read_json
 from preprocessing.transform import gamma_table
-from distributed.model.calibration import is_calibration_layer, logits_model, uncalibrated_probabilities
 
 KERAS_FILE_SUFFIXES = (".keras", ".h5", ".hdf5")
 
@@ -88,7 +88,6 @@ def tta_views(images: np.ndarray) -> list[np.ndarray]:
     """uint8 (n, H, W, C) -> [the images, a centre crop of TTA_ZOOM of the side resized back, and each of
     TTA_GAMMAS applied], all uint8 (n, H, W, C)."""
     import cv2
-
 
     n, h, w, c = images.shape
     ch, cw = int(round(h * TTA_ZOOM)), int(round(w * TTA_ZOOM))

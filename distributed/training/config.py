@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from launch.runtime import OneLineParser, CxrError, read_options_file
+from launch.runtime import CxrError, OneLineParser, read_options_file
 
 MODELS = ("cnn", "vgg16", "resnet50")
 PRECISIONS = ("auto", "fp32", "mixed_float16", "mixed_bfloat16")

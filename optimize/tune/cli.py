@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from distributed.training.config import MODELS, load_config_file
+from launch.runtime import CxrError, OneLineParser, read_json, setup_logging, start_ray, write_json_atomic
 from preprocessing import schema
-from launch.runtime import OneLineParser, CxrError, read_json, setup_logging, start_ray, write_json_atomic
 
 from optimize.tune.results import (best_config, collect, plot_auc_vs_params, results_table, write_report,
                                    write_results_csv)
-from optimize.tune.space import METRIC, SEARCHES, Param, check_space, load_points, load_space, param_space
+from optimize.tune.space import METRIC, Param, SEARCHES, check_space, load_points, load_space, param_space
 
 log = logging.getLogger("cxrscale.tune")
 

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launch.runtime import (read_numeric_csv, write_json_atomic)
 from launch.common import EntryPoint
 from launch.local import horovodrun_command, horovodrun_path
+from launch.runtime import read_numeric_csv, write_json_atomic
 
 log = logging.getLogger("cxrscale.tune")
 

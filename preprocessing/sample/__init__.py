@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from preprocessing.sample.cli import build_parser, main
 from preprocessing.sample.folder import (MARKER_NAME, MIN_SIZE, README_NAME, README_SIGNATURE, SampleError,
-                                        generate_sample)
+                                         generate_sample)
 from preprocessing.sample.plan import CLASSES, PlannedImage, image_rng, plan_sample, render_planned, split_counts
 from preprocessing.sample.render import encode_jpeg, render_radiograph
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from launch.runtime import CxrError, write_text_atomic
 from preprocessing.sample.plan import (CLASSES, KNOWN_SPLITS, PlannedImage, ordered_splits, plan_sample,
-                                      render_planned, split_counts)
+                                       render_planned, split_counts)
 
 GENERATOR = "cxrscale.preprocessing.sample"
 FORMAT_VERSION = 1

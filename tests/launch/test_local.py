@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from launch.common import ERROR, INFO, OK, WARNING, EntryPoint, data_checks, data_target, parse_entry_point
+from launch.common import ERROR, EntryPoint, INFO, OK, WARNING, data_checks, data_target, parse_entry_point
 from launch.local import build_checks, gpu_checks, horovod_build, main, visible_gpus
 from launch.runtime import CxrError
 from tests.launch.cli import run_main, run_module

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.slurm import check_time, main
 from launch.runtime import CxrError
+from launch.slurm import check_time, main
 from tests.launch.cli import run_main, run_module
 
 

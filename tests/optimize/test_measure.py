@@ -13,8 +13,8 @@ import pytest
 import tensorflow as tf
 
 from distributed.model.builders import build_model
-from optimize.measure import latency, pareto_front, recommend, sizes, tradeoff_plot, weight_report
 from launch.runtime import CxrError
+from optimize.measure import latency, pareto_front, recommend, sizes, tradeoff_plot, weight_report
 
 SIZE = 32
 pytestmark = pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")  # int8 converter

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from optimize import tune as cxr_tune
 from launch.runtime import CxrError, read_numeric_csv
+from optimize import tune as cxr_tune
 from tests.conftest import PYTHON, REPO, radiograph_like, write_image
 from tests.training_fixtures import prepare, quiet, run_train
 

@@ -14,11 +14,11 @@ import cv2
 import numpy as np
 import pytest
 
+from launch.runtime import CxrError
 from preprocessing import schema
 from preprocessing.config import PrepareConfig
 from preprocessing.pipeline import prepare
 from preprocessing.records import keyed_hash
-from launch.runtime import CxrError
 from preprocessing.sample import generate_sample
 from preprocessing.transform import TransformParams, transform
 from tests.conftest import PYTHON, REPO, radiograph_like, write_image

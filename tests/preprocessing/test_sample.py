@@ -18,15 +18,8 @@ import cv2
 import numpy as np
 import pytest
 
-from preprocessing.sample import (
-                                  MARKER_NAME,
-                                  README_NAME,
-                                  generate_sample,
-                                  image_rng,
-                                  main,
-                                  plan_sample,
-                                  render_radiograph,
-                                  )
+from preprocessing.sample import (MARKER_NAME, README_NAME, generate_sample, image_rng, main, plan_sample,
+                                  render_radiograph)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PNEUMONIA_RE = re.compile(r"person(\d+)_(bacteria|virus)_\d+\.jpeg")

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from preprocessing import schema
 from launch.runtime import CxrError
+from preprocessing import schema
 
 
 def test_example_and_record_bytes_match_tensorflow(tmp_path):

@@ -1,4 +1,5 @@
-"""distributed.model.builders: the thesis's parameter counts, flat self-contained graphs, heads, weights, freezing, errors.
+"""distributed.model.builders: the thesis's parameter counts, flat self-contained graphs, heads, weights,
+freezing, errors.
 
 Real TensorFlow on CPU. The 224 px models are built once each (weights=None); everything else is built
 small (16-64 px) so the file stays fast.
