@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from distributed.model.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
@@ -134,8 +135,6 @@ def calibration_summary(labels: np.ndarray, logits: np.ndarray, calibration: Cal
 
 def probability_quality(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """ECE (10 equal-width bins), Brier score and log loss of class probabilities (n, K)."""
-    from sklearn.metrics import log_loss
-
     y = np.asarray(labels).astype(int).ravel()
     p = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
     if p.shape[1] == 2:
@@ -144,15 +143,13 @@ def probability_quality(labels: np.ndarray, probs: np.ndarray) -> dict[str, floa
     onehot = np.eye(p.shape[1])[y]
     return {"ece": m.expected_calibration_error(p.argmax(axis=1) == y, p.max(axis=1)),
             "brier": float(np.mean(np.sum((p - onehot) ** 2, axis=1))),
-            "log_loss": float(log_loss(y, p, labels=list(range(p.shape[1]))))}
+            "log_loss": m.cross_entropy(y, p)}
 
 
 def fit_on_validation(model: keras.Model, data_dir, method: str, record_dir) -> Calibration:
     """Fit `method` on the logits of `model` over the whole validation split of the prepared dataset
     `data_dir`, and write record_dir/calibration.json: the map, and the validation ECE, Brier and log loss
     before and after it. What training and distributed.ensemble both do at their end."""
-    from pathlib import Path
-
     labels, logits = [], []
     for images, y in schema.dataset(data_dir, "val").batch(256).as_numpy_iterator():
         logits.append(logits_of(model, images))
