@@ -22,12 +22,13 @@ import numpy as np
 import tensorflow as tf
 
 from distributed.model.builders import build_model, loss_for
-from distributed.training import callbacks as cb, hvd_utils, run_record
+from distributed.training import callbacks as cb, elastic, hvd_utils, run_record
 from distributed.training.config import TrainConfig, parse_config
 from distributed.training.data import (DataPlan, balanced_class_weights, ordered_dataset, plan_data, sample_images,
                                        train_dataset, val_dataset)
 from distributed.training.features import cached_train_dataset, compute_features, split_at_head
 from launch.runtime import CxrError, read_numeric_csv, run_cli, setup_logging
+from preprocessing import schema
 
 log = logging.getLogger("cxrscale.train")
 
@@ -41,61 +42,32 @@ def train(config: TrainConfig) -> dict[str, Any]:
     gpus = hvd_utils.configure_devices(hvd.local_rank(), hvd.local_size())  # Horovod: pin one GPU per process
     policy = hvd_utils.resolve_precision(config.precision, gpus)
     keras.mixed_precision.set_global_policy(policy)
+    if config.elastic:
+        return train_elastic(config, hvd, gpus, policy)
 
-    data_dir, run_dir = Path(config.data), config.resolved_output()
-    plan = plan_data(data_dir, rank, size, config.batch_size, config.model)
-    check_plan(config, plan, hvd)
+    run_dir = config.resolved_output()
+    plan = checked_plan(config, rank, size, hvd)
     state = hvd_utils.agree(hvd, lambda: run_record.check_run_dir(run_dir, config.resume))
     initial_epoch = int(state["epoch"]) if state else 0
-    if rank == 0:
-        log.info("%d worker(s) on %s, %s, %s at %dx%d px, %d train / %d val images, %d steps per epoch of %d x %d",
-                 size, "GPU" if gpus else "CPU", policy, config.model, *plan.image_shape[:2], plan.train_count,
-                 plan.val_count, plan.steps_per_epoch, size, config.batch_size)
-
-    keras.utils.set_random_seed(config.seed)  # identical initial weights on every rank
-    model = build_model(config.model, plan.image_shape[0], len(plan.classes), weights=config.resolved_weights(),
-                        seed=config.seed, **config.model_options())
-    binary = model.output_shape[-1] == 1
-    # Horovod: the rate scales with the workers (their batches add up), reached by a warm-up from one's rate
-    scaled_lr = config.lr * size
-    warm = config.warmup_epochs > 0 and (size > 1 or config.schedule == "cosine")
-    optimizer = keras.optimizers.Adam(learning_rate=config.lr if warm else scaled_lr)
-    if size > 1:  # Horovod: average the gradients (on one worker it would only copy them through its buffers)
-        optimizer = hvd.DistributedOptimizer(optimizer)
-    if policy == "mixed_float16":
-        # Outside the Horovod optimizer: gradients are allreduced while still scaled, then unscaled and
-        # checked for inf/NaN identically on every rank, so all ranks skip or apply the same steps.
-        optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
-
+    log_start(config, plan, size, gpus, policy)
+    model, optimizer, scaled_lr = build_for_training(config, plan, hvd, policy)
     fit_model, ds_train, ds_val = datasets(config, plan, model, seed=config.seed + 1000 * initial_epoch + rank,
                                            rank=rank, size=size)
-    loss = loss_for(model, config.label_smoothing)
-    accuracy = keras.metrics.BinaryAccuracy(name="accuracy") if binary else \
-        keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-    fit_model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy], jit_compile=config.xla)
-
+    loss = compile_model(fit_model, model, optimizer, config)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
     restored = resume(checkpoint, model, state, run_dir, config.seed, hvd) if state else None
-    # Killed after its last epoch but before the summary: only calibration and export are left to do.
-    finishing = initial_epoch >= config.epochs and not (state or {}).get("finished")
-    if initial_epoch >= config.epochs and not finishing:
-        raise CxrError(f"{run_dir} has already trained {initial_epoch} epochs; raise --epochs to train more")
+    finishing = check_epochs(config, state, run_dir)
     if rank == 0:
         run_record.write_run_record(run_dir, config, plan, model, policy=policy, workers=size, gpus=gpus,
                                     scaled_lr=scaled_lr, loss=loss, state=state, restored=restored)
 
-    callbacks = training_callbacks(config, plan, model, ds_val, run_dir, checkpoint, state, hvd)
+    averaging = cb.WeightAverage(config.ema) if config.ema else None
+    callbacks = training_callbacks(config, plan, model, ds_val, run_dir, checkpoint, hvd, initial_epoch=initial_epoch,
+                                   best=float(state["best"]) if state else -float("inf"), averaging=averaging)
     started, epochs_run = time.perf_counter(), 0
-    if finishing:
-        if rank == 0:
-            log.info("%s trained all %d epochs before it stopped; finishing its calibration and export",
-                     run_dir, initial_epoch)
-    else:
-        history = fit_model.fit(
-            ds_train, steps_per_epoch=plan.steps_per_epoch, epochs=config.epochs, initial_epoch=initial_epoch,
-            callbacks=callbacks, verbose=(1 if sys.stderr.isatty() else 2) if rank == 0 else 0,
-            class_weight=balanced_class_weights(plan.class_counts) if config.class_weights == "auto" else None)
-        epochs_run = len(history.epoch)
+    if not finishing:
+        epochs_run = len(fit_model.fit(ds_train, initial_epoch=initial_epoch, callbacks=callbacks,
+                                       **fit_options(config, plan, rank)).epoch)
     seconds = time.perf_counter() - started
 
     checksums = hvd_utils.gather(hvd, cb.weight_checksum(model), name="weight_checksums")
@@ -103,6 +75,114 @@ def train(config: TrainConfig) -> dict[str, Any]:
         return {}
     return run_record.finish_run(run_dir, config, plan, model, epochs_run=epochs_run, seconds=seconds,
                                  checksums=checksums)
+
+
+def train_elastic(config: TrainConfig, hvd, gpus: list, policy: str) -> dict[str, Any]:
+    """`train` under Horovod elastic (distributed.training.elastic). A worker that joins a running job
+    starts here too, so nothing before `elastic.run` may call a collective: the checks and the resume that
+    need one run in the first session, which only the workers the job started with go through."""
+    run_dir = config.resolved_output()
+    plan = plan_data(Path(config.data), hvd.rank(), hvd.size(), config.batch_size, config.model)
+    model, optimizer, scaled_lr = build_for_training(config, plan, hvd, policy)
+    loss = compile_model(model, model, optimizer, config)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    averaging = cb.WeightAverage(config.ema) if config.ema else None
+
+    def open_run(session_plan: DataPlan) -> tuple[int, float, bool]:
+        """The first session, on every starting worker: (epoch to start from, best value so far, only the
+        export left)."""
+        hvd_utils.agree(hvd, lambda: schema.verify_shards(config.data))
+        state = hvd_utils.agree(hvd, lambda: run_record.check_run_dir(run_dir, config.resume))
+        restored = resume(checkpoint, model, state, run_dir, config.seed, hvd) if state else None
+        finishing = check_epochs(config, state, run_dir)
+        log_start(config, session_plan, hvd.size(), gpus, policy)
+        if hvd.rank() == 0:
+            run_record.write_run_record(run_dir, config, session_plan, model, policy=policy, workers=hvd.size(),
+                                        gpus=gpus, scaled_lr=scaled_lr, loss=loss, state=state, restored=restored)
+        epoch = int(state["epoch"]) if state else 0
+        return epoch, float(state["best"]) if state else -float("inf"), finishing
+
+    session = elastic.Session(
+        open_run=open_run,
+        plan=lambda rank, size: checked_plan(config, rank, size, hvd, verify=False),
+        datasets=lambda p, seed, rank, size: datasets(config, p, model, seed=seed, rank=rank, size=size)[1:],
+        callbacks=lambda p, ds, epoch, best: training_callbacks(config, p, model, ds, run_dir, checkpoint, hvd,
+                                                                initial_epoch=epoch, best=best, averaging=averaging,
+                                                                broadcast=False),
+        fit=lambda ds, p, callbacks, epoch: model.fit(ds, initial_epoch=epoch, callbacks=callbacks,
+                                                      **fit_options(config, p, hvd.rank())))
+    started = time.perf_counter()
+    record = elastic.run(hvd, model, optimizer, session, averaging=averaging, epochs=config.epochs,
+                         base_lr=config.lr, warmup_epochs=config.warmup_epochs, seed=config.seed,
+                         batch_size=config.batch_size, commit_every=config.commit_every)
+    seconds = time.perf_counter() - started
+    if hvd.rank() != 0:  # the ranks after the last reset
+        return {}
+    plan = plan_data(Path(config.data), 0, len(record["checksums"]), config.batch_size, config.model)
+    return run_record.finish_run(run_dir, config, plan, model, epochs_run=record["epochs"], seconds=seconds,
+                                 checksums=record["checksums"], elastic=record)
+
+
+def log_start(config: TrainConfig, plan: DataPlan, size: int, gpus: list, policy: str) -> None:
+    log.info("%d worker(s) on %s, %s, %s at %dx%d px, %d train / %d val images, %d steps per epoch of %d x %d%s",
+             size, "GPU" if gpus else "CPU", policy, config.model, *plan.image_shape[:2], plan.train_count,
+             plan.val_count, plan.steps_per_epoch, size, config.batch_size, ", elastic" if config.elastic else "")
+
+
+def build_for_training(config: TrainConfig, plan: DataPlan, hvd, policy: str):
+    """(the model with identical initial weights on every rank, its optimizer, the scaled learning rate)."""
+    size = hvd.size()
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config.model, plan.image_shape[0], len(plan.classes), weights=config.resolved_weights(),
+                        seed=config.seed, **config.model_options())
+    # Horovod: the rate scales with the workers (their batches add up), reached by a warm-up from one's rate
+    scaled_lr = config.lr * size
+    warm = config.warmup_epochs > 0 and (size > 1 or config.schedule == "cosine")
+    optimizer = keras.optimizers.Adam(learning_rate=config.lr if warm else scaled_lr)
+    if size > 1 or config.elastic:  # Horovod: average the gradients (one fixed worker has nothing to average)
+        optimizer = hvd.DistributedOptimizer(optimizer)
+    if policy == "mixed_float16":
+        # Outside the Horovod optimizer: gradients are allreduced while still scaled, then unscaled and
+        # checked for inf/NaN identically on every rank, so all ranks skip or apply the same steps.
+        optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+    return model, optimizer, scaled_lr
+
+
+def compile_model(fit_model, model, optimizer, config: TrainConfig):
+    """Compile what is fitted (the model, or its head on cached features); returns the loss."""
+    loss = loss_for(model, config.label_smoothing)
+    accuracy = keras.metrics.BinaryAccuracy(name="accuracy") if model.output_shape[-1] == 1 else \
+        keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    fit_model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy], jit_compile=config.xla)
+    return loss
+
+
+def check_epochs(config: TrainConfig, state: dict | None, run_dir: Path) -> bool:
+    """Whether only the calibration and export are left (killed after its last epoch, before the summary);
+    refuses a finished run that --epochs does not extend."""
+    epoch = int(state["epoch"]) if state else 0
+    finishing = epoch >= config.epochs and not (state or {}).get("finished")
+    if epoch >= config.epochs and not finishing:
+        raise CxrError(f"{run_dir} has already trained {epoch} epochs; raise --epochs to train more")
+    if finishing:
+        log.info("%s trained all %d epochs before it stopped; finishing its calibration and export", run_dir, epoch)
+    return finishing
+
+
+def checked_plan(config: TrainConfig, rank: int, size: int, hvd, verify: bool = True) -> DataPlan:
+    """This worker's share of the data for `size` workers, refused on every rank at once when the data make
+    the run impossible; `verify`: the shards checked against the manifest's sha256 first (rank 0)."""
+    if verify:
+        hvd_utils.agree(hvd, lambda: schema.verify_shards(config.data))
+    plan = plan_data(Path(config.data), rank, size, config.batch_size, config.model)
+    check_plan(config, plan, hvd)
+    return plan
+
+
+def fit_options(config: TrainConfig, plan: DataPlan, rank: int) -> dict[str, Any]:
+    return dict(steps_per_epoch=plan.steps_per_epoch, epochs=config.epochs,
+                verbose=(1 if sys.stderr.isatty() else 2) if rank == 0 else 0,
+                class_weight=balanced_class_weights(plan.class_counts) if config.class_weights == "auto" else None)
 
 
 def check_plan(config: TrainConfig, plan: DataPlan, hvd) -> None:
@@ -153,15 +233,15 @@ def resume(checkpoint: tf.train.Checkpoint, model, state: dict, run_dir: Path, s
     return restored
 
 
-def training_callbacks(config: TrainConfig, plan: DataPlan, model, ds_val, run_dir: Path, checkpoint,
-                       state: dict | None, hvd) -> list:
-    """Every rank's callbacks, in the order they must run at an epoch's end."""
+def training_callbacks(config: TrainConfig, plan: DataPlan, model, ds_val, run_dir: Path, checkpoint, hvd, *,
+                       initial_epoch: int, best: float, averaging: cb.WeightAverage | None,
+                       broadcast: bool = True) -> list:
+    """Every rank's callbacks, in the order they must run at an epoch's end (`broadcast`: rank 0's initial
+    weights; an elastic state broadcasts them itself)."""
     rank, size = hvd.rank(), hvd.size()
-    initial_epoch = int(state["epoch"]) if state else 0
     scaled_lr = config.lr * size
-    callbacks: list = [hvd.callbacks.BroadcastGlobalVariablesCallback(0),  # Horovod: rank 0's initial weights
-                       hvd.callbacks.MetricAverageCallback()]  # Horovod: train metrics averaged over ranks
-    averaging = cb.WeightAverage(config.ema) if config.ema else None
+    callbacks: list = [hvd.callbacks.BroadcastGlobalVariablesCallback(0)] if broadcast else []
+    callbacks.append(hvd.callbacks.MetricAverageCallback())  # Horovod: train metrics averaged over ranks
     if averaging:
         callbacks.append(averaging)  # before the BN statistics, validation and checkpoints: they see the average
     bn_images = None
@@ -189,10 +269,9 @@ def training_callbacks(config: TrainConfig, plan: DataPlan, model, ds_val, run_d
                                                    patience=config.early_stopping_patience))
     if rank == 0:  # Horovod: one writer. The history row before the checkpoint: a run killed between
         # the two redoes the epoch and rewrites its row, instead of resuming past an epoch with no row
-        callbacks += [cb.HistoryWriter(run_dir / "history.csv", plan.steps_per_epoch * config.batch_size * size,
+        callbacks += [cb.HistoryWriter(run_dir / "history.csv", config.batch_size * size, size,
                                        read_numeric_csv(run_dir / "history.csv")),
-                      cb.Checkpointer(run_dir, checkpoint, model, config.seed,
-                                      best_value=float(state["best"]) if state else -float("inf")),
+                      cb.Checkpointer(run_dir, checkpoint, model, config.seed, best_value=best),
                       keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs"), update_freq="epoch",
                                                   profile_batch=0)]
     if averaging:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -134,6 +135,42 @@ def slurm_hostnames(env: Mapping[str, str] | None = None) -> list[str]:
     return expand_nodelist(nodelist)
 
 
+# Horovod elastic asks its --host-discovery-script every second for the hosts usable now, one HOST:SLOTS per
+# line; a host that disappears from the output is removed from the job, one that appears is added.
+_AWK_HOSTFILE = ("awk '{ sub(/#.*/, \"\"); n = split($0, fields, /[ \\t,]+/); for (i = 1; i <= n; i++) { "
+                 "entry = fields[i]; if (entry == \"\") continue; if (entry ~ /^slots=/) { slots[last] = substr(entry, 7); "
+                 "continue } split(entry, part, \":\"); last = part[1]; order[++count] = last; "
+                 "slots[last] = (part[2] != \"\") ? part[2] : DEFAULT } } "
+                 "END { for (i = 1; i <= count; i++) print order[i] \":\" slots[order[i]] }' DEFAULT=%d %s")
+
+
+def discovery_script(*, hosts: Sequence[Host] | None = None, hostfile: str | Path | None = None,
+                     slurm: bool = False, slots: int = 1) -> str:
+    """A shell script for horovodrun --host-discovery-script (no Python: it runs every second):
+    - hosts: a fixed list;
+    - hostfile: the file read at every call, so editing it (a node added, a failed one removed) changes the job
+      (HOST, HOST:SLOTS or 'HOST slots=N' lines, as this module writes and the MPI operator's /etc/mpi/hostfile);
+    - slurm: the nodes of this Slurm job that respond now (sinfo --responding), `slots` each."""
+    head = "#!/bin/sh\n# written by python -m launch.hostfile: the hosts Horovod elastic may use now, HOST:SLOTS per line\n"
+    if hosts:
+        return head + "".join(f"echo {shlex.quote(f'{host}:{n}')}\n" for host, n in hosts)
+    if hostfile is not None:
+        path = shlex.quote(str(Path(hostfile).resolve()))
+        return head + f"[ -r {path} ] || exit 0  # no file: no hosts for now\n" + _AWK_HOSTFILE % (slots, path) + "\n"
+    if slurm:
+        return head + ('nodes=${SLURM_JOB_NODELIST:?run inside the Slurm job}\n'
+                       f'for host in $(sinfo --noheader --Node --responding --nodes="$nodes" --format=%n '
+                       f'--states=alloc,mix,idle,comp 2>/dev/null | sort -u); do echo "$host:{slots}"; done\n')
+    raise CxrError("a discovery script needs hosts, a hosts file or a Slurm job")
+
+
+def write_discovery_script(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    write_generated(path, text, overwrite=True, option="--discovery-script")
+    path.chmod(0o755)
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m launch.hostfile", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -145,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m launch.hostfile --nodes-file nodes.txt --output hostfile   # lines: node1:4 or "
                "'node1 slots=4'\n"
                "  python -m launch.hostfile --from-slurm --slots 4 --output hostfile   # inside an sbatch job\n"
+               "  python -m launch.hostfile --nodes-file nodes.txt --discovery-script discover.sh   # elastic\n"
                "  horovodrun -np 8 --hostfile hostfile python -m distributed.train --data prepared/kermany")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--nodes", help="comma-separated HOST or HOST:SLOTS, e.g. node1:4,node2:4")
@@ -154,11 +192,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slots", type=int, default=1,
                         help="slots (worker processes, usually GPUs) of hosts given without :SLOTS (default 1)")
     parser.add_argument("--output", help="host file to write (default: print to stdout)")
+    parser.add_argument("--discovery-script", metavar="PATH",
+                        help="write instead an executable host discovery script for Horovod elastic "
+                             "(horovodrun --host-discovery-script): --nodes fixed, --nodes-file re-read at every "
+                             "call, --from-slurm the job's responding nodes at every call")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.discovery_script:
+        if args.nodes_file:
+            read_hostfile(args.nodes_file, args.slots, option="--nodes-file")  # refuse a bad file now
+        text = discovery_script(hosts=parse_nodes(args.nodes, args.slots) if args.nodes else None,
+                                hostfile=args.nodes_file, slurm=args.from_slurm, slots=args.slots)
+        write_discovery_script(args.discovery_script, text)
+        print(f"wrote {args.discovery_script}; use it with\n  horovodrun -np N --min-np A --max-np B "
+              f"--host-discovery-script {args.discovery_script} python -m distributed.train --elastic --data ...")
+        return 0
     if args.from_slurm:
         hosts = parse_nodes(",".join(slurm_hostnames()), args.slots, source="--from-slurm")
     elif args.nodes_file:

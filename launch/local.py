@@ -12,19 +12,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from launch.common import (Check, ERROR, EntryPoint, INFO, OK, WARNING, data_checks, data_target, loose_data_target,
                            parse_entry_point, print_checks, split_tail, stop_if_fatal, tail_usage)
-from launch.hostfile import Host, horovod_hosts_arg, parse_nodes, read_hostfile, total_slots
+from launch.hostfile import (Host, discovery_script, horovod_hosts_arg, parse_nodes, read_hostfile, total_slots,
+                             write_discovery_script)
 from launch.runtime import CxrError, OneLineParser, run_cli, run_quietly
 
 PROG = "python -m launch.local"
@@ -167,16 +172,115 @@ def preflight(np: int, hosts: Sequence[Host] | None, entry: EntryPoint, python: 
         return build_checks(build.result(), gpus) + checks
 
 
+@dataclass(frozen=True)
+class Elastic:
+    """horovodrun's elastic options: the worker range, the discovery script, how long to wait below min_np
+    and how long a failed host is left out before it may rejoin (a cooldown range in seconds)."""
+
+    min_np: int
+    max_np: int
+    discovery: str
+    timeout: int = 600
+    cooldown: tuple[int, int] | None = (10, 120)
+    local: bool = False  # every host is this machine: no network-interface probe between hosts
+
+    def args(self) -> list[str]:
+        args = ["--min-np", str(self.min_np), "--max-np", str(self.max_np), "--host-discovery-script",
+                self.discovery, "--elastic-timeout", str(self.timeout)]
+        if self.cooldown:
+            args += ["--blacklist-cooldown-range", str(self.cooldown[0]), str(self.cooldown[1])]
+        if self.local:
+            args += ["--network-interface", "lo"]
+        return args
+
+
 def horovodrun_command(np: int, hosts: Sequence[Host] | None, entry: EntryPoint, *, runner: str = "horovodrun",
-                       python: str = sys.executable, gloo: bool = False) -> list[str]:
-    """horovodrun -np N [--gloo] [-H a:4,b:4] PYTHON -m MODULE ARGS. The host list is passed with -H even when
-    it came from a file: horovodrun's own host-file reader cannot take comments or blank lines."""
+                       python: str = sys.executable, gloo: bool = False, elastic: Elastic | None = None) -> list[str]:
+    """horovodrun -np N [--gloo] [-H a:4,b:4 | elastic options] PYTHON -m MODULE ARGS [--elastic]. The host
+    list is passed with -H even when it came from a file: horovodrun's own host-file reader cannot take
+    comments or blank lines. Elastic jobs find their hosts through the discovery script instead."""
     cmd = [runner, "-np", str(np)]
     if gloo:
         cmd.append("--gloo")
-    if hosts:
+    if elastic:
+        cmd += elastic.args()
+    elif hosts:
         cmd += ["-H", horovod_hosts_arg(hosts)]
-    return cmd + entry.argv(python)
+    argv = entry.argv(python)
+    if elastic and "--elastic" not in argv:
+        argv.append("--elastic")
+    return cmd + argv
+
+
+_LOST = re.compile(r"^Process (?P<rank>\d+) exit with status code (?P<code>-?\d+)\.")
+_ELASTIC_LOST = re.compile(r"^Process name: (?P<name>\S+)")
+_EXIT_CODE = re.compile(r"^Exit code: (?P<code>-?\d+)")
+_TIMED_OUT = "minimum number of slots to become available"
+
+
+class OutcomeWatcher:
+    """Reads horovodrun's stderr to say in one line why a job ended badly: which worker was lost (its rank
+    and signal) or that an elastic job stayed below --min-np past its timeout. Horovod's own tracebacks
+    from the launcher process are held back (CXR_VERBOSE=1 shows everything)."""
+
+    def __init__(self, elastic: Elastic | None):
+        self.elastic = elastic
+        self.lost: list[tuple[str, int]] = []
+        self.timed_out = False
+        self.in_traceback = False
+
+    def keep(self, line: str) -> bool:
+        """Whether to pass the line on."""
+        text = line.rstrip("\n")
+        lost = _LOST.match(text)
+        if lost:
+            self.lost.append((f"rank {lost['rank']}", int(lost["code"])))
+        named = _ELASTIC_LOST.match(text)  # horovodrun's closing error: a rank, or HOST[SLOT] when elastic
+        if named:
+            name = named["name"]
+            self.lost.append((f"rank {name}" if name.isdigit() else name, 0))
+        code = _EXIT_CODE.match(text)
+        if code and self.lost:
+            self.lost[-1] = (self.lost[-1][0], int(code["code"]))
+        if _TIMED_OUT in text:
+            self.timed_out = True
+        if text.startswith("[") and "]<" in text[:12]:  # a worker's own line
+            self.in_traceback = False
+            return True
+        if text.startswith("Traceback (most recent call last)") or text.startswith("Exception occurred during"):
+            self.in_traceback = True
+        if self.in_traceback:
+            if text and not text.startswith((" ", "Traceback", "Exception occurred", "During handling", "-----")) \
+                    and re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", text):
+                self.in_traceback = False  # the exception's own line ends it (also held back)
+            return False
+        return not text.startswith(("Process name:", "Exit code:"))
+
+    def summary(self, code: int) -> str | None:
+        if code == 0:
+            return None
+        if self.timed_out and self.elastic:
+            return (f"the elastic job stayed below --min-np {self.elastic.min_np} workers for longer than its "
+                    f"--elastic-timeout of {self.elastic.timeout} s and stopped; its run folder keeps the last "
+                    "epoch checkpoint: start it again with --resume when enough hosts are back")
+        if self.lost:
+            who, signal_code = self.lost[0]
+            how = _exit_text(signal_code)
+            return (f"worker {who} was lost ({how}) and the job stopped; the run keeps its last epoch checkpoint: "
+                    "re-run the same command with --resume to continue (or use --min-np/--max-np for a job "
+                    "that survives a lost worker)")
+        return None
+
+
+def _exit_text(code: int) -> str:
+    if code > 128:  # a shell's 128 + signal
+        code = -(code - 128)
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}" if code else "it exited"
 
 
 def _all_local(hosts: Sequence[Host]) -> bool:
@@ -198,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m launch.local --np 8 --hostfile hostfile -- distributed.train --config best.json "
                "--data prepared/kermany\n"
                "  python -m launch.local --np 2 -- optimize.prune_quantize --run runs/sample --fine-tune-epochs 1\n"
+               "  python -m launch.local --np 8 --min-np 4 --max-np 8 --hostfile hostfile -- distributed.train "
+               "--data /shared/prepared/kermany   # elastic: edit hostfile to add or remove hosts\n"
                "\n"
                "Exit status: horovodrun's; 2 when a check fails (nothing is started then).")
     parser.add_argument("--np", type=int, required=True, help="number of worker processes (one per GPU)")
@@ -205,7 +311,45 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("-H", "--hosts", help="hosts and slots, e.g. node1:4,node2:4 (default: this machine)")
     hosts.add_argument("--hostfile", help="host file, one 'HOST slots=N' line per host (python -m launch.hostfile)")
     parser.add_argument("--dry-run", action="store_true", help="print the checks and the command; start nothing")
+    elastic = parser.add_argument_group("elastic training (distributed.train survives lost workers and grows when "
+                                        "hosts join; docs/launching.md)")
+    elastic.add_argument("--min-np", type=int, help="fewest workers the job may run on (makes the job elastic)")
+    elastic.add_argument("--max-np", type=int, help="most workers it may grow to (default --np)")
+    elastic.add_argument("--host-discovery-script", metavar="PATH",
+                         help="your own discovery script (default: one made from -H or --hostfile, which is read "
+                              "again every second: edit it to add or remove hosts)")
+    elastic.add_argument("--elastic-timeout", type=int, default=600,
+                         help="seconds to wait for --min-np workers before the job stops (default 600)")
+    elastic.add_argument("--cooldown", type=int, nargs=2, metavar=("MIN", "MAX"), default=[10, 120],
+                         help="seconds a host whose worker failed is left out before it may rejoin (default 10 120)")
     return parser
+
+
+def elastic_from_args(args, hosts: Sequence[Host] | None, folder: Path) -> tuple[Elastic | None, str | None]:
+    """The elastic options and the discovery script's text (None when the user brought their own)."""
+    if args.min_np is None and args.max_np is None and not args.host_discovery_script:
+        return None, None
+    min_np = args.min_np if args.min_np is not None else 1
+    max_np = args.max_np if args.max_np is not None else args.np
+    if not 1 <= min_np <= args.np <= max_np:
+        raise CxrError(f"elastic workers must satisfy 1 <= --min-np <= --np <= --max-np; got --min-np {min_np}, "
+                       f"--np {args.np}, --max-np {max_np}")
+    if args.elastic_timeout < 1:
+        raise CxrError(f"--elastic-timeout must be at least 1 second, got {args.elastic_timeout}")
+    if not 0 <= args.cooldown[0] <= args.cooldown[1]:
+        raise CxrError(f"--cooldown MIN MAX must be 0 <= MIN <= MAX, got {args.cooldown[0]} {args.cooldown[1]}")
+    text = None
+    if args.host_discovery_script:
+        script = Path(args.host_discovery_script)
+        if not (script.is_file() and os.access(script, os.X_OK)):
+            raise CxrError(f"--host-discovery-script {script} is not an executable file")
+        discovery = str(script.resolve())
+    else:
+        text = discovery_script(hostfile=args.hostfile) if args.hostfile else \
+            discovery_script(hosts=hosts or [("localhost", max_np)])
+        discovery = str(folder / "discover_hosts.sh")
+    local = not args.host_discovery_script and _all_local(hosts or [("localhost", 1)])
+    return Elastic(min_np, max_np, discovery, args.elastic_timeout, tuple(args.cooldown), local=local), text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,23 +362,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.hostfile:
         hosts = read_hostfile(args.hostfile)
 
-    python = sys.executable
-    checks = preflight(args.np, hosts, entry, python)
-    print_checks(checks, f"checks before starting {args.np} workers of {entry.module}:")
-    build = horovod_build(python)
-    # horovodrun asks Horovod again (one more TensorFlow import) unless told; without MPI it uses Gloo anyway.
-    gloo = bool(build.get("gloo")) and not build.get("mpi")
-    command = horovodrun_command(args.np, hosts, entry, runner=horovodrun_path(python) or "horovodrun",
-                                 python=python, gloo=gloo)
-    if args.dry_run:
-        print(shlex.join(command))
-    stop_if_fatal(checks, "nothing was started")
-    if args.dry_run:
-        return 0
-    print(f"starting: {shlex.join(command)}", file=sys.stderr, flush=True)
-    env = dict(os.environ)
-    env.setdefault("TF_USE_LEGACY_KERAS", "1")
-    return run_quietly(command, env)
+    folder = Path(tempfile.mkdtemp(prefix="cxrscale-launch-"))  # the discovery script lives as long as the job
+    try:
+        elastic, script = elastic_from_args(args, hosts, folder)
+        if elastic and entry.module != "distributed.train":
+            raise CxrError(f"--min-np/--max-np make an elastic job, which distributed.train supports; "
+                           f"{entry.module} does not: leave them out")
+        python = sys.executable
+        checks = preflight(max(args.np, elastic.max_np if elastic else 0), hosts, entry, python)
+        print_checks(checks, f"checks before starting {args.np} workers of {entry.module}"
+                             f"{f' (elastic, {elastic.min_np} to {elastic.max_np})' if elastic else ''}:")
+        build = horovod_build(python)
+        # horovodrun asks Horovod again (one more TensorFlow import) unless told; without MPI it uses Gloo anyway.
+        gloo = bool(build.get("gloo")) and not build.get("mpi")
+        command = horovodrun_command(args.np, hosts, entry, runner=horovodrun_path(python) or "horovodrun",
+                                     python=python, gloo=gloo, elastic=elastic)
+        if args.dry_run:
+            if script is not None:
+                print(f"# {elastic.discovery} (host discovery, asked every second):")
+                print("\n".join(f"#   {line}" for line in script.splitlines()))
+            print(shlex.join(command))
+        stop_if_fatal(checks, "nothing was started")
+        if args.dry_run:
+            return 0
+        if script is not None:
+            write_discovery_script(elastic.discovery, script)
+        print(f"starting: {shlex.join(command)}", file=sys.stderr, flush=True)
+        env = dict(os.environ)
+        env.setdefault("TF_USE_LEGACY_KERAS", "1")
+        watcher = OutcomeWatcher(elastic)
+        code = run_quietly(command, env, keep=watcher.keep)
+        summary = watcher.summary(code)
+        if summary:
+            print(f"error: {summary}", file=sys.stderr)
+        return code
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import errno
 import hashlib
 import json
 import logging
@@ -77,7 +78,50 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         if speak:
             print("interrupted: what was finished is kept; re-run the same command to resume", file=sys.stderr)
         raise SystemExit(130) from None
+    except Exception as err:
+        where = disk_full(err)
+        if where is None:
+            raise
+        print(f"error: no space left on the device{f' writing {where}' if where else ''}: free some space (or "
+              "write elsewhere) and re-run; what was complete is kept and what was being written was removed, so "
+              "the re-run continues from there (training: with --resume once a checkpoint exists)", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT) from None
     raise SystemExit(code or 0)
+
+
+_NO_SPACE = ("No space left on device", "Disk quota exceeded")
+
+
+def disk_full(err: BaseException) -> str | None:
+    """For an error that is a full disk or quota (an OSError, or TensorFlow's or Ray's error quoting one):
+    the folder it was writing ('' when it names none), else None. An atomic write's temporary name is cut
+    off, so the folder named is the user's."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and getattr(current, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return _user_folder(str(current.filename or ""))
+        text = str(current)
+        if any(marker in text for marker in _NO_SPACE) and not isinstance(getattr(current, "cause", None),
+                                                                         BaseException):
+            # the first path quoted whose top folder exists
+            paths = [p for p in re.findall(r"/[^\s;:'\"]+", text) if Path(*Path(p).parts[:2]).exists()]
+            return _user_folder(paths[0] if paths else "")
+        # Ray's RayTaskError keeps the task's own exception in .cause
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    return None
+
+
+def _user_folder(path: str) -> str:
+    """`path` up to its first hidden (temporary) component, e.g. RUN/checkpoints for RUN/checkpoints/.best.tmp/x."""
+    if not path:
+        return ""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        if part.startswith(".") and i > 0:
+            return str(Path(*parts[:i]))
+    return path
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -145,15 +189,15 @@ def is_start_up_noise(line: str) -> bool:
     return bool(_START_UP_NOISE.match(line.rstrip("\n")))
 
 
-def run_quietly(cmd: Sequence[str], env: dict | None = None) -> int:
+def run_quietly(cmd: Sequence[str], env: dict | None = None, keep: Callable[[str], bool] | None = None) -> int:
     """Run `cmd` with this process's stdin and stdout, passing its stderr on line by line without
-    TensorFlow's start-up lines (horovodrun's own process imports TensorFlow); returns its exit status."""
-    if verbose():
-        return subprocess.run(list(cmd), env=env).returncode
+    TensorFlow's start-up lines (horovodrun's own process imports TensorFlow) nor those `keep` refuses (it
+    sees every line); returns its exit status."""
     proc = subprocess.Popen(list(cmd), env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
     assert proc.stderr is not None
     for line in proc.stderr:
-        if not is_start_up_noise(line):
+        kept = keep(line) if keep else True
+        if verbose() or (kept and not is_start_up_noise(line)):
             sys.stderr.write(line)
             sys.stderr.flush()
     return proc.wait()
@@ -205,9 +249,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:
+        raise _naming(err, path) from err
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """`err` with the file it was writing named, when it names none (a failed write() does not)."""
+    if err.filename:
+        return err
+    return type(err)(err.errno, err.strerror or str(err), str(path)) if err.errno else err
 
 
 @contextlib.contextmanager
@@ -220,6 +273,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _naming(err, path) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

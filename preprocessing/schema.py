@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from launch.runtime import CxrError, read_json
+from launch.runtime import CxrError, read_json, sha256_file
 
 if TYPE_CHECKING:  # TensorFlow is imported lazily, only by readers
     import tensorflow as tf
@@ -135,6 +135,28 @@ def shard_paths(prepared_dir: str | Path, split: str, manifest: dict | None = No
         raise CxrError(f"{prepared_dir} is missing shard files {', '.join(missing[:3])}"
                        f"{' ...' if len(missing) > 3 else ''}: re-run python -m preprocessing")
     return paths
+
+
+def verify_shards(prepared_dir: str | Path, splits: tuple[str, ...] = ("train", "val")) -> int:
+    """Check the splits' shard files against the manifest's size and sha256 of each; raises `CxrError`
+    naming the first file that differs (a flipped byte, a truncated or replaced copy), so that a damaged
+    dataset stops a run before it starts rather than as a record error mid-epoch. Returns the files checked."""
+    prepared_dir = Path(prepared_dir)
+    manifest = read_manifest(prepared_dir)
+    entries = [s for s in manifest["shards"] if s["split"] in splits]
+    shard_paths(prepared_dir, splits[0], manifest)  # missing files first, with their own message
+    for entry in entries:
+        path = prepared_dir / entry["file"]
+        if not path.is_file():
+            raise CxrError(f"{path} is missing: re-run python -m preprocessing")
+        size = path.stat().st_size
+        if "bytes" in entry and size != entry["bytes"]:
+            raise CxrError(f"{path} is {size} bytes but the manifest lists {entry['bytes']}: the shard is damaged or "
+                           "was replaced; prepare the dataset again")
+        if "sha256" in entry and sha256_file(path) != entry["sha256"]:
+            raise CxrError(f"{path} does not match its sha256 in {prepared_dir / MANIFEST}: the shard is damaged "
+                           "(a changed byte); prepare the dataset again")
+    return len(entries)
 
 
 def worker_problems(prepared_dir: str | Path, manifest: dict, workers: int, batch_size: int,

@@ -106,13 +106,25 @@ class WeightAverage(keras.callbacks.Callback):
         super().__init__()
         self.decay = decay
         self.shadow: list[tf.Variable] = []
+        self.updates: tf.Variable | None = None
         self.raw: list[np.ndarray] | None = None
         self._update = None
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        weights = self.model.trainable_weights
+        self.attach(self.model)
+
+    def variables(self) -> list[tf.Variable]:
+        """The average's state: one shadow per trainable weight, then the update count."""
+        return [*self.shadow, self.updates]
+
+    def attach(self, model) -> None:
+        """Start the average from `model`'s current weights, once: a later `fit` (after an elastic reset)
+        carries on with the same average."""
+        if self._update is not None:
+            return
+        weights = model.trainable_weights
         self.shadow = [tf.Variable(w, trainable=False, name=f"ema_{i}") for i, w in enumerate(weights)]
-        updates = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="ema_updates")
+        self.updates = updates = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="ema_updates")
         decay = self.decay
 
         @tf.function
@@ -123,6 +135,12 @@ class WeightAverage(keras.callbacks.Callback):
                 s.assign(tf.cast(d, s.dtype) * s + tf.cast(1.0 - d, s.dtype) * tf.cast(w, s.dtype))
 
         self._update = update
+
+    def restart(self, model) -> None:
+        """Start the average again from `model`'s weights (after a resume)."""
+        for s, w in zip(self.shadow, model.trainable_weights):
+            s.assign(w)
+        self.updates.assign(0.0)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self._update()
@@ -265,21 +283,27 @@ def read_latest(run_dir: Path) -> dict | None:
 
 class HistoryWriter(keras.callbacks.Callback):
     """Rank 0: history.csv rewritten atomically after every epoch: epoch, lr, metrics, seconds (the whole
-    epoch, with validation) and images_per_second (training steps only, all workers). Put it before the
-    Checkpointer: a resumed run rewrites the rows of the epochs it redoes."""
+    epoch, with validation), images_per_second (training steps only, all workers) and workers (how many
+    finished the epoch). Put it before the Checkpointer: a resumed run rewrites the rows of the epochs it
+    redoes. An epoch resumed mid-way after an elastic reset counts the steps it ran since."""
 
-    def __init__(self, path: Path, images_per_epoch: int, previous: list[dict[str, Any]] | None = None):
+    def __init__(self, path: Path, images_per_step: int, workers: int, previous: list[dict[str, Any]] | None = None):
         super().__init__()
         self.path = path
-        self.images_per_epoch = images_per_epoch
-        self.rows = [{**r, "epoch": int(r["epoch"])} for r in previous or []]  # read back as floats
+        self.images_per_step = images_per_step
+        self.workers = workers
+        self.rows = [{**r, **{k: int(r[k]) for k in ("epoch", "workers") if k in r}}  # read back as floats
+                     for r in previous or []]
         self.started = self.last_step = time.perf_counter()
+        self.steps = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.started = self.last_step = time.perf_counter()
+        self.steps = 0
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.last_step = time.perf_counter()
+        self.steps += 1
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         now = time.perf_counter()
@@ -287,7 +311,8 @@ class HistoryWriter(keras.callbacks.Callback):
                "lr": float(keras.backend.get_value(self.model.optimizer.learning_rate)),
                **{k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) and k != "lr"},
                "seconds": now - self.started, "train_seconds": self.last_step - self.started,
-               "images_per_second": self.images_per_epoch / max(self.last_step - self.started, 1e-9)}
+               "images_per_second": self.steps * self.images_per_step / max(self.last_step - self.started, 1e-9),
+               "workers": self.workers}
         self.rows = [r for r in self.rows if int(r["epoch"]) < epoch + 1] + [row]
         fields = list(dict.fromkeys(k for r in self.rows for k in r))
         buf = io.StringIO()

@@ -47,6 +47,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     schedule: str = "plateau"
     ema: float = 0.99
+    elastic: bool = False
+    commit_every: int = 20
 
     def resolved_output(self) -> Path:
         return Path(self.output) if self.output else Path("runs") / Path(self.data).resolve().name
@@ -82,6 +84,10 @@ class TrainConfig:
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (self.ema == 0 or 0.5 <= self.ema < 1, f"--ema must be 0 (off) or in [0.5, 1), got {self.ema}"),
             (self.bn_samples >= 0, f"--bn-samples must be >= 0, got {self.bn_samples}"),
+            (self.commit_every >= 1, f"--commit-every must be at least 1 batch, got {self.commit_every}"),
+            (not (self.elastic and self.cache_features),
+             "--elastic re-plans each worker's data at every change of size, which --cache-features (features "
+             "computed once per worker) cannot follow: leave one of them out"),
             (not (self.cache_features and self.augment),
              "--cache-features computes each image's features once, so it cannot be combined with --augment"),
             (not self.cache_features or self.model != "cnn",
@@ -123,6 +129,8 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
                "  horovodrun -np 2 python -m distributed.train --data prepared/kermany --model vgg16 "
                "--freeze-base --cache-features\n"
                "  python -m distributed.train --data prepared/kermany --output runs/kermany --resume\n"
+               "  horovodrun -np 2 --min-np 1 --max-np 4 --host-discovery-script ./discover_hosts.sh "
+               "python -m distributed.train --elastic --data prepared/kermany\n"
                "  python -m distributed.train --data prepared/kermany --config runs/tune-kermany/best_config.json")
     p.add_argument("--config", help="JSON/YAML file of options (e.g. a tuning result); flags override it")
     p.add_argument("--data", help="prepared dataset folder (from python -m preprocessing)")
@@ -150,6 +158,12 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
     p.add_argument("--cache-features", action="store_true", default=None,
                    help="frozen backbone: compute its features once and train the head on them")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
+    p.add_argument("--elastic", action="store_true", default=None,
+                   help="Horovod elastic training (run under horovodrun --min-np/--max-np --host-discovery-script): "
+                        "survives a lost worker or host and grows when one joins (docs/training.md)")
+    p.add_argument("--commit-every", type=int, default=None,
+                   help=f"--elastic: commit the training state every this many batches (and at every epoch end); "
+                        f"a lost worker costs at most that many (default {d.commit_every})")
     p.add_argument("--seed", type=int, default=None, help=f"random seed (default {d.seed})")
     p.add_argument("--dropout", type=float, default=None, help="dropout rate of the head (default: the model's)")
     p.add_argument("--l2", type=float, default=None, help=f"L2 factor on dense layers (default {d.l2})")

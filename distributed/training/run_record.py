@@ -96,9 +96,9 @@ def export_model(config: TrainConfig, plan: DataPlan, weights: list[np.ndarray],
 
 
 def finish_run(run_dir: Path, config: TrainConfig, plan: DataPlan, model, *, epochs_run: int, seconds: float,
-               checksums: list[str]) -> dict[str, Any]:
+               checksums: list[str], elastic: dict | None = None) -> dict[str, Any]:
     """After the last epoch: load the best checkpoint, fit the calibration on validation, export the model
-    and write RUN/train_summary.json, which it returns."""
+    and write RUN/train_summary.json, which it returns (with `elastic`: its resets and sizes)."""
     best_dir = run_dir / "checkpoints" / "best"
     if (best_dir / "state.json").exists():
         model.load_weights(str(best_dir / "weights")).expect_partial()
@@ -112,6 +112,8 @@ def finish_run(run_dir: Path, config: TrainConfig, plan: DataPlan, model, *, epo
                "train_images_per_second": epochs_run * plan.steps_per_epoch * config.batch_size * workers
                / max(seconds, 1e-9),
                "weight_checksums_by_rank": checksums, "ranks_in_sync": len(set(checksums)) == 1}
+    if elastic is not None:
+        summary["elastic"] = {k: elastic[k] for k in ("resets", "workers_per_session")}
     write_json_atomic(run_dir / "train_summary.json", summary)
     log.info("best val AUC %.4f at epoch %d; model exported to %s", summary["best_val_auc"], summary["best_epoch"],
              run_dir / "model")

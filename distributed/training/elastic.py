@@ -1,0 +1,212 @@
+"""Elastic training (`distributed.train --elastic`): Horovod's elastic Keras API, so that a job survives a
+worker that dies or a host that leaves or joins, without a person restarting it.
+
+    horovodrun -np 2 --min-np 1 --max-np 4 --host-discovery-script discover.sh \\
+        python -m distributed.train --elastic --data prepared/kermany ...
+
+How it follows Horovod's API (`horovod.tensorflow.keras.elastic`), and where it cannot:
+- `TrainingState` is a `hvd.elastic.KerasState` that also holds the weight average's variables and the
+  counters of the schedule callbacks. KerasState itself calls `optimizer.variables()`, but tf_keras 2.21's
+  optimizers have `variables` as a list property (calling it raises TypeError), and their slots do not exist
+  before the first step, so a worker that joins would broadcast fewer variables than the others and hang
+  (horovod/horovod#2652). Here the slots are built before the state is made and the list is read right.
+- `hvd.elastic.CommitStateCallback` commits every `--commit-every` batches and at every epoch end;
+  `hvd.elastic.run` restores the last commit after a lost worker, re-initialises Horovod and calls the
+  session again with the new size.
+- `UpdateBatchStateCallback` / `UpdateEpochStateCallback` are replaced by `ElasticProgress`: they count the
+  epoch from the start of each `fit` (so with `initial_epoch` every reset would add the epochs twice),
+  store the index of the last batch rather than how many ran, and shorten the resumed epoch through
+  `params["steps"]`, which tf_keras's `fit` ignores. `ElasticProgress` counts the images of the epoch
+  already trained, and `fit` resumes at the step that many images make at the new global batch (through
+  the same hook Keras's BackupAndRestore uses to resume mid-epoch).
+
+Every session (the first, and one after every reset) plans the data for the size it finds: each worker's
+train shard files, its share of the validation records and of the BatchNormalization images, the steps per
+epoch of the new global batch, and the learning rate scaled to the new worker count.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from distributed.model.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
+
+import tensorflow as tf
+
+from distributed.training import callbacks as cb, hvd_utils
+from distributed.training.data import DataPlan
+
+log = logging.getLogger("cxrscale.train")
+
+# what each schedule callback keeps between epochs; Keras resets it in on_train_begin, i.e. at every reset
+COUNTERS = {keras.callbacks.EarlyStopping: ("wait", "best", "best_epoch"),
+            keras.callbacks.ReduceLROnPlateau: ("wait", "best", "cooldown_counter")}
+
+
+def optimizer_variables(optimizer) -> list:
+    """The optimizer's variables (its step count and slots) in creation order, for tf_keras's optimizers
+    (a property) and for the legacy ones (a method)."""
+    variables = optimizer.variables
+    return list(variables() if callable(variables) else variables)
+
+
+def build_optimizer_slots(optimizer, variables) -> None:
+    """Create the optimizer's slots now, so every worker, old or just joined, has the same variables to
+    broadcast (a LossScaleOptimizer builds its inner optimizer's)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if hasattr(inner, "build"):
+        inner.build(variables)
+
+
+def _kerasstate_class():
+    from horovod.tensorflow.keras import elastic as hvd_elastic
+
+    class TrainingState(hvd_elastic.KerasState):
+        """KerasState over the model, the optimizer and `extra` variables (the weight average), plus the
+        Python attributes given as keyword arguments (epoch, images_done, counters ...)."""
+
+        def __init__(self, model, optimizer, extra: list, **kwargs):
+            self.extra = list(extra)
+            super().__init__(model, optimizer=optimizer, **kwargs)
+            self._bcast_model = self._broadcast
+
+        def variables(self) -> list:
+            return list(self.model.variables) + optimizer_variables(self.optimizer) + self.extra
+
+        def _broadcast(self) -> None:
+            from horovod.tensorflow import broadcast_variables
+
+            broadcast_variables(self.variables(), root_rank=0)
+
+        def _save_model(self) -> None:
+            self._saved_variables = [tf.identity(v) for v in self.variables()]
+
+        def _load_model(self) -> None:
+            for var, saved in zip(self.variables(), self._saved_variables):
+                var.assign(saved)
+
+    return TrainingState
+
+
+def make_state(model, optimizer, extra: list, *, lr_per_worker: float):
+    """The elastic state, committed in host memory and broadcast from rank 0 at every reset."""
+    return _kerasstate_class()(model, optimizer, extra, opened=False, finishing=False, epoch=0, start_epoch=0,
+                               images_done=0, best=-float("inf"), lr_per_worker=lr_per_worker, counters={},
+                               sizes=[])
+
+
+class ElasticProgress(keras.callbacks.Callback):
+    """Keeps the state's progress current before each commit: the epoch, the images of the current epoch
+    already trained (over all workers), the best monitored value, the per-worker learning rate and the
+    schedule callbacks' counters. At the start of a session it resumes `fit` at the step those images make
+    at the current global batch, and puts the counters back into the schedule callbacks."""
+
+    def __init__(self, state, global_batch: int, size: int, schedule_callbacks: list, checkpointer=None,
+                 warmup_epochs: float = 0.0):
+        super().__init__()
+        self.warmup_epochs = warmup_epochs
+        self.state = state
+        self.global_batch = global_batch
+        self.size = size
+        self.schedule_callbacks = schedule_callbacks
+        self.checkpointer = checkpointer
+
+    # the hook tf_keras's fit asks after on_train_begin (BackupAndRestore's WorkerTrainingState answers it)
+    def maybe_load_initial_counters_from_ckpt(self, steps_per_epoch: int, initial_epoch: int, mode=None):
+        return initial_epoch, min(self.state.images_done // self.global_batch, max(0, steps_per_epoch - 1))
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        for callback in self.schedule_callbacks:
+            for name, value in self.state.counters.get(type(callback).__name__, {}).items():
+                setattr(callback, name, value)
+        self.model._training_state = self
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.model._training_state = None
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.state.images_done = (batch + 1) * self.global_batch
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.state.epoch = epoch + 1
+        self.state.images_done = 0
+        if epoch + 1 >= self.warmup_epochs:  # past the ramp: the rate per worker, as plateaus have lowered it
+            self.state.lr_per_worker = float(keras.backend.get_value(self.model.optimizer.learning_rate)) / self.size
+        if self.checkpointer is not None:
+            self.state.best = self.checkpointer.best
+        self.state.counters = {type(c).__name__: {n: getattr(c, n) for n in _counter_names(c)}
+                               for c in self.schedule_callbacks}
+
+
+def _counter_names(callback) -> tuple[str, ...]:
+    for kind, names in COUNTERS.items():
+        if isinstance(callback, kind):
+            return names
+    return ()
+
+
+@dataclass
+class Session:
+    """What an elastic session needs from distributed.train: the first session's checks and resume (all
+    starting workers call collectives in it together), and how to plan the data, build the datasets and
+    callbacks for the current rank and size, and fit."""
+
+    open_run: Callable[[DataPlan], tuple[int, float, bool]]                # -> epoch, best, only export left
+    plan: Callable[[int, int], DataPlan]                                    # rank, size
+    datasets: Callable[[DataPlan, int, int, int], tuple[Any, Any]]          # plan, seed, rank, size
+    callbacks: Callable[[DataPlan, Any, int, float], list]                  # plan, ds_val, epoch, best
+    fit: Callable[[Any, DataPlan, list, int], Any]                          # ds_train, plan, callbacks, epoch
+
+
+def run(hvd, model, optimizer, session: Session, *, averaging, epochs: int, base_lr: float, warmup_epochs: float,
+        seed: int, batch_size: int, commit_every: int) -> dict[str, Any]:
+    """Train to `epochs` through resets. Returns {"epochs": epochs trained, "checksums": every rank's weight
+    checksum at the end, "resets": how many, "workers_per_session": the size of each session}."""
+    from horovod.tensorflow.keras import elastic as hvd_elastic
+
+    build_optimizer_slots(optimizer, model.trainable_variables)
+    if averaging is not None:
+        averaging.attach(model)
+    state = make_state(model, optimizer, averaging.variables() if averaging is not None else [],
+                       lr_per_worker=base_lr)
+
+    def on_reset() -> None:
+        if averaging is not None:
+            averaging.raw = None  # a reset between swapping the average in and out: the commit has the raw weights
+        log.warning("elastic reset: %d worker(s) now; training goes on in epoch %d after %d of its images",
+                    hvd.size(), state.epoch + 1, state.images_done)
+
+    state.register_reset_callbacks([on_reset])
+
+    @hvd_elastic.run
+    def train_session(state) -> list[str]:
+        rank, size = hvd.rank(), hvd.size()
+        plan = session.plan(rank, size)
+        if not state.opened:  # the job's first session: every worker it started with is here
+            state.epoch, state.best, state.finishing = session.open_run(plan)
+            state.start_epoch, state.opened = state.epoch, True
+            if averaging is not None:
+                averaging.restart(model)  # from the resumed weights
+        state.sizes = state.sizes + [size]  # after the sync: the same on every rank, joined ones too
+        state.save()
+        ds_train, ds_val = session.datasets(plan, seed + 1000 * state.epoch + 100 * len(state.sizes) + rank, rank,
+                                            size)
+        callbacks = session.callbacks(plan, ds_val, state.epoch, state.best)
+        # the rate for this many workers (a warm-up callback, if any, sets its own while it ramps)
+        cb.set_learning_rate(optimizer, state.lr_per_worker * size)
+        schedule = [c for c in callbacks if _counter_names(c)]
+        checkpointer = next((c for c in callbacks if isinstance(c, cb.Checkpointer)), None)
+        callbacks += [ElasticProgress(state, batch_size * size, size, schedule, checkpointer, warmup_epochs),
+                      hvd_elastic.CommitStateCallback(state, batches_per_commit=commit_every)]  # last: sees all
+        if rank == 0:
+            log.info("elastic session %d on %d worker(s): epoch %d of %d from step %d, %d steps per epoch",
+                     len(state.sizes), size, state.epoch + 1, epochs, state.images_done // (batch_size * size),
+                     plan.steps_per_epoch)
+        if state.epoch < epochs and not state.finishing:
+            session.fit(ds_train, plan, callbacks, state.epoch)
+        return hvd_utils.gather(hvd, cb.weight_checksum(model), name="weight_checksums")
+
+    checksums = train_session(state)
+    return {"epochs": state.epoch - state.start_epoch, "checksums": checksums, "resets": len(state.sizes) - 1,
+            "workers_per_session": state.sizes}
