@@ -215,3 +215,25 @@ def write_generated(path: str | Path, text: str, *, overwrite: bool, option: str
     except OSError as err:
         raise CxrError(f"{option} {path} cannot be written: {err.strerror or err}") from None
     return True
+
+
+def elastic_range(min_np: int | None, max_np: int | None, workers: int, launcher: str, module: str) -> tuple[int, int] | None:
+    """(min, max) workers of an elastic job, or None when neither --min-np nor --max-np is given; refuses a
+    range that does not hold `workers`, a launcher other than horovodrun, and an entry point that is not
+    distributed.train (the one with --elastic)."""
+    if min_np is None and max_np is None:
+        return None
+    low, high = (1 if min_np is None else min_np), (workers if max_np is None else max_np)
+    if not 1 <= low <= workers <= high:
+        raise CxrError(f"an elastic job needs 1 <= --min-np <= workers <= --max-np; got --min-np {low}, {workers} "
+                       f"workers, --max-np {high}")
+    if launcher != "horovodrun":
+        raise CxrError(f"--min-np/--max-np make a Horovod elastic job, which only horovodrun starts: add "
+                       f"--launcher horovodrun (not {launcher})")
+    if module != "distributed.train":
+        raise CxrError(f"--min-np/--max-np make an elastic job, which distributed.train supports; {module} does not")
+    return low, high
+
+
+ELASTIC_COOLDOWN = ("10", "120")  # seconds a host whose worker failed stays out before it may rejoin
+

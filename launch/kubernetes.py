@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from launch.common import (EntryPoint, WARNING, data_checks, data_target, parse_entry_point, print_checks,
+from launch.common import (ELASTIC_COOLDOWN, EntryPoint, WARNING, elastic_range, data_checks, data_target, parse_entry_point, print_checks,
                            processes_per_node, split_tail, stop_if_fatal, tail_usage, write_generated)
 from launch.runtime import CxrError, OneLineParser, run_cli
 
@@ -32,9 +33,21 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^\d+(\.\d+)?([EPTGMK]i|[EPTGMkm])?$")
 
 
-def launcher_command(workers: int, slots: int, entry: EntryPoint, launcher: str = "mpirun") -> list[str]:
-    """The launcher container's command: every worker process started from the launcher pod."""
+DISCOVERY = "/tmp/discover_hosts.sh"  # written in the launcher pod from HOSTFILE (elastic)
+
+
+def launcher_command(workers: int, slots: int, entry: EntryPoint, launcher: str = "mpirun",
+                     elastic: tuple[int, int] | None = None) -> list[str]:
+    """The launcher container's command: every worker process started from the launcher pod. Elastic
+    (horovodrun): a discovery script re-reading the operator's hostfile, which it rewrites as worker pods come
+    and go, and horovodrun --min-np/--max-np over it."""
     np = str(workers * slots)
+    if launcher == "horovodrun" and elastic:
+        argv = entry.argv("python") + ([] if "--elastic" in entry.args else ["--elastic"])
+        script = (f"python -m launch.hostfile --nodes-file {HOSTFILE} --discovery-script {DISCOVERY} >/dev/null && "
+                  f"exec horovodrun -np {np} --min-np {elastic[0]} --max-np {elastic[1]} --host-discovery-script "
+                  f"{DISCOVERY} --blacklist-cooldown-range {' '.join(ELASTIC_COOLDOWN)} {shlex.join(argv)}")
+        return ["sh", "-c", script]
     if launcher == "horovodrun":
         return ["horovodrun", "-np", np, "--hostfile", HOSTFILE, *entry.argv("python")]
     exports = [word for var in ("NCCL_DEBUG", "LD_LIBRARY_PATH", "PATH", "TF_USE_LEGACY_KERAS",
@@ -47,7 +60,8 @@ def launcher_command(workers: int, slots: int, entry: EntryPoint, launcher: str 
 
 def mpijob(*, name: str, image: str, workers: int, gpus_per_worker: int, slots_per_worker: int,
            entry: EntryPoint, namespace: str | None = None, pvc: str | None = None, mount: str = "/workspace",
-           cpu: str | None = None, memory: str | None = None, launcher: str = "mpirun") -> dict[str, Any]:
+           cpu: str | None = None, memory: str | None = None, launcher: str = "mpirun",
+           elastic: tuple[int, int] | None = None) -> dict[str, Any]:
     """The MPIJob manifest as a plain dict (yaml.safe_dump it)."""
     def env() -> list[dict[str, str]]:  # a fresh list per container, so the YAML has no anchors
         return [{"name": key, "value": value} for key, value in ENV.items()]
@@ -76,7 +90,7 @@ def mpijob(*, name: str, image: str, workers: int, gpus_per_worker: int, slots_p
     if limits:
         worker["resources"] = {"limits": limits}
     launcher_container = {"name": "launcher", "image": image, "command": launcher_command(
-        workers, slots_per_worker, entry, launcher), "env": env()}
+        workers, slots_per_worker, entry, launcher, elastic), "env": env()}
     metadata: dict[str, Any] = {"name": name, "labels": {"app.kubernetes.io/name": "cxrscale",
                                                          "app.kubernetes.io/component": entry.module}}
     if namespace:
@@ -139,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--launcher", choices=("mpirun", "horovodrun"), default="mpirun",
                         help="mpirun (Horovod built with MPI) or horovodrun over the operator's hostfile "
                              "(default mpirun)")
+    parser.add_argument("--min-np", type=int, help="elastic (--launcher horovodrun): fewest worker processes the job "
+                                                   "goes on with when pods are lost")
+    parser.add_argument("--max-np", type=int, help="elastic: most worker processes (default: all)")
     parser.add_argument("--output", default="mpijob.yaml", help="manifest to write (default mpijob.yaml)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing, different --output")
     return parser
@@ -167,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     entry = parse_entry_point(tail, f"{PROG} --image IMAGE --workers {args.workers} "
                                     f"--gpus-per-worker {args.gpus_per_worker}")
     workers = args.workers * slots
+    elastic = elastic_range(args.min_np, args.max_np, workers, args.launcher, entry.module)
     target = data_target(entry)
     checks = data_checks(target, workers, "use fewer --workers or --gpus-per-worker (at most {n} processes)",
                          local=False)
@@ -178,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     manifest = mpijob(name=args.name, image=args.image, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                       slots_per_worker=slots, entry=entry, namespace=args.namespace, pvc=args.pvc, mount=args.mount,
-                      cpu=args.cpu, memory=args.memory, launcher=args.launcher)
+                      cpu=args.cpu, memory=args.memory, launcher=args.launcher, elastic=elastic)
     text = (f"# Written by {PROG}: {args.workers} worker pods x {slots} processes of {entry.module}.\n"
             f"# Apply with: kubectl apply -f {Path(args.output).name}\n"
             + yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False))

@@ -11,6 +11,7 @@ with --launcher srun, which needs Horovod built with MPI (HOROVOD_WITH_MPI=1).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shlex
 import shutil
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from launch.common import (EntryPoint, WARNING, data_checks, data_target, parse_entry_point, print_checks,
+from launch.common import (ELASTIC_COOLDOWN, EntryPoint, WARNING, elastic_range, data_checks, data_target, parse_entry_point, print_checks,
                            processes_per_node, split_tail, stop_if_fatal, tail_usage, write_generated)
 from launch.runtime import CxrError, OneLineParser, run_cli
 
@@ -46,6 +47,7 @@ class SlurmJob:
     account: str | None = None
     mem: str | None = None
     nccl_socket_ifname: str | None = None
+    elastic: tuple[int, int] | None = None  # (min, max) workers: a Horovod elastic job
 
     @property
     def workers(self) -> int:
@@ -111,8 +113,21 @@ def sbatch_script(job: SlurmJob, entry: EntryPoint) -> str:
             '[[ -n $HOSTS ]] || { echo "error: scontrol listed no hosts for $SLURM_JOB_NODELIST" >&2; exit 1; }',
             f"NP=$((SLURM_NNODES * {job.tasks_per_node}))",
             'echo "$(date +%T) starting $NP workers on $HOSTS"',
-            f'horovodrun -np "$NP" -H "$HOSTS" {module_cmd}',
         ]
+        if job.elastic:
+            low, high = job.elastic
+            body += [
+                "# Elastic: Horovod asks this script every second for the job's nodes that respond now, so a",
+                "# node that fails is dropped and the survivors go on; one that recovers rejoins.",
+                'DISCOVER="${TMPDIR:-/tmp}/cxrscale-discover-$SLURM_JOB_ID.sh"',
+                f'python -m launch.hostfile --from-slurm --slots {job.tasks_per_node} --discovery-script "$DISCOVER" '
+                ">/dev/null",
+                f'horovodrun -np "$NP" --min-np {low} --max-np {high} --host-discovery-script "$DISCOVER" '
+                f"--blacklist-cooldown-range {' '.join(ELASTIC_COOLDOWN)} {module_cmd}"
+                + ("" if "--elastic" in entry.args else " --elastic"),
+            ]
+        else:
+            body.append(f'horovodrun -np "$NP" -H "$HOSTS" {module_cmd}')
     else:
         body += ["# One Slurm task per worker; Horovod (built with MPI) takes its ranks from PMIx.",
                  f"srun --mpi=pmix {module_cmd}"]
@@ -154,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(default .venv)")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="horovodrun", help="default horovodrun")
     parser.add_argument("--nccl-socket-ifname", help="network interface for NCCL, e.g. ib0 or eth0")
+    parser.add_argument("--min-np", type=int, help="elastic (horovodrun): fewest workers the job goes on with when "
+                                                   "nodes fail")
+    parser.add_argument("--max-np", type=int, help="elastic: most workers (default: all of the allocation's)")
     parser.add_argument("--output", help="script to write (default JOB_NAME.sbatch)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing, different --output")
     parser.add_argument("--submit", action="store_true", help="run sbatch on the script after writing it")
@@ -180,11 +198,17 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
                     mem=args.mem, nccl_socket_ifname=args.nccl_socket_ifname)
 
 
+def with_elastic(job: SlurmJob, args: argparse.Namespace, module: str) -> SlurmJob:
+    rng = elastic_range(args.min_np, args.max_np, job.workers, job.launcher, module)
+    return dataclasses.replace(job, elastic=rng) if rng else job
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     own, tail = split_tail(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own)
     job = job_from_args(args)
     entry = parse_entry_point(tail, f"{PROG} --nodes {args.nodes} --gpus-per-node {args.gpus_per_node}")
+    job = with_elastic(job, args, entry.module)
     # The data usually sits on a shared file system seen from here too; if not, it is only a warning.
     target = data_target(entry)
     per_node = "--gpus-per-node" if job.gpus_per_node else "--tasks-per-node"

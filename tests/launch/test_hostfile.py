@@ -1,6 +1,9 @@
 """launch.hostfile: Horovod host lists from --nodes, a file or a Slurm job."""
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 from horovod.runner.common.util.hosts import parse_host_files
 
@@ -73,3 +76,39 @@ def test_from_slurm_without_scontrol(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("SLURM_JOB_NODELIST")
     code, _, stderr = run_main(main, ["--from-slurm"], capsys)
     assert code == 2 and "SLURM_JOB_NODELIST is not set" in stderr
+
+
+def discovered(script) -> dict[str, int]:
+    """What Horovod elastic's own reader of a --host-discovery-script makes of the script's output."""
+    from horovod.runner.elastic.discovery import HostDiscoveryScript
+
+    return HostDiscoveryScript(str(script), 1).find_available_hosts_and_slots()
+
+
+def test_discovery_script_reads_its_hosts_file_again_at_every_call(tmp_path, capsys):
+    nodes, script = tmp_path / "nodes.txt", tmp_path / "discover.sh"
+    nodes.write_text("# the pool\nnode1:4\nnode2 slots=2\nnode3\n")
+    code, out, err = run_main(main, ["--nodes-file", str(nodes), "--slots", "8", "--discovery-script", str(script)],
+                              capsys)
+    assert code == 0, err
+    assert discovered(script) == {"node1": 4, "node2": 2, "node3": 8}
+    nodes.write_text("node2 slots=2\n")  # node1 and node3 lost
+    assert discovered(script) == {"node2": 2}
+    nodes.unlink()  # no file for now: no hosts, not an error
+    assert discovered(script) == {}
+
+
+def test_discovery_scripts_from_a_list_and_from_the_slurm_job(tmp_path, capsys):
+    fixed = tmp_path / "fixed.sh"
+    assert run_main(main, ["--nodes", "a:2,b", "--slots", "3", "--discovery-script", str(fixed)], capsys)[0] == 0
+    assert discovered(fixed) == {"a": 2, "b": 3}
+
+    slurm, bin_dir = tmp_path / "slurm.sh", tmp_path / "bin"
+    bin_dir.mkdir()
+    sinfo = bin_dir / "sinfo"  # Slurm's sinfo stand-in: n2 of the job's n[1-3] does not respond
+    sinfo.write_text("#!/bin/sh\ncase \"$*\" in *--responding*--nodes=n\\[1-3\\]*) printf 'n1\\nn3\\nn1\\n';; esac\n")
+    sinfo.chmod(0o755)
+    assert run_main(main, ["--from-slurm", "--slots", "4", "--discovery-script", str(slurm)], capsys)[0] == 0
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="n[1-3]")
+    result = subprocess.run([str(slurm)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout == "n1:4\nn3:4\n", result.stderr

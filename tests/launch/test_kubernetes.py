@@ -70,3 +70,23 @@ def test_local_dataset_with_too_few_shards_is_refused(prepared64, tmp_path, caps
     code, text, job = manifest(tmp_path, capsys, data=str(prepared64))  # 2 pods x 4 GPUs, 4 shards
     assert code == 2 and not job
     assert f"{prepared64} has 4 train shard files for 8 workers" in text
+
+
+def test_elastic_launcher_discovers_hosts_from_the_operators_hostfile(tmp_path, capsys):
+    out_file = tmp_path / "mpijob.yaml"
+    code, out, err = run_main(main, ["--image", "reg/cxrscale:1", "--workers", "3", "--gpus-per-worker", "2",
+                                     "--launcher", "horovodrun", "--min-np", "2", "--output", str(out_file), "--",
+                                     "distributed.train", "--data", "/workspace/prepared/kermany"], capsys)
+    assert code == 0, err
+    manifest = yaml.safe_load(out_file.read_text().split("\n", 2)[2])
+    launcher = manifest["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    shell, flag, script = launcher["command"]
+    assert (shell, flag) == ("sh", "-c")
+    assert script.startswith("python -m launch.hostfile --nodes-file /etc/mpi/hostfile --discovery-script "
+                             "/tmp/discover_hosts.sh >/dev/null && exec horovodrun -np 6 --min-np 2 --max-np 6 "
+                             "--host-discovery-script /tmp/discover_hosts.sh ")
+    assert script.endswith("python -m distributed.train --data /workspace/prepared/kermany --elastic")
+    code, _, err = run_main(main, ["--image", "reg/cxrscale:1", "--workers", "3", "--gpus-per-worker", "2",
+                                   "--min-np", "2", "--output", str(out_file), "--", "distributed.train", "--data",
+                                   "/workspace/prepared/kermany"], capsys)
+    assert code == 2 and "only horovodrun starts" in err

@@ -119,3 +119,20 @@ def test_train_data_and_batch_come_from_its_config_file(prepared64, tmp_path):
     assert (target.path, target.batch_size, target.source) == (prepared64, 8, "--config")
     target = data_target(parse_entry_point(["distributed.train", "--config", str(config), "--batch-size", "4"], "L"))
     assert target.batch_size == 4  # flags override the file, as in distributed.train
+
+
+def test_elastic_dry_run_shows_the_discovery_script_and_the_elastic_command(prepared64, tmp_path, capsys):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost:1\n127.0.0.1:1\n")
+    code, out, err = run_main(main, ["--np", "2", "--min-np", "1", "--max-np", "2", "--hostfile", str(hostfile),
+                                     "--dry-run", "--", "distributed.train", "--data", str(prepared64)], capsys)
+    assert code == 0, err
+    script_lines = [line[4:] for line in out.splitlines() if line.startswith("#   ")]
+    assert script_lines[0] == "#!/bin/sh" and str(hostfile) in "\n".join(script_lines)
+    command = out.strip().splitlines()[-1]
+    assert "--min-np 1 --max-np 2 --host-discovery-script " in command
+    assert "--blacklist-cooldown-range 10 120 --network-interface lo" in command
+    assert command.endswith(f"-m distributed.train --data {prepared64} --elastic")
+    code, _, err = run_main(main, ["--np", "2", "--min-np", "3", "--dry-run", "--", "distributed.train", "--data",
+                                   str(prepared64)], capsys)
+    assert code == 2 and "--min-np <= --np <= --max-np" in err

@@ -9,6 +9,7 @@ import pytest
 
 from launch.runtime import CxrError
 from launch.slurm import check_time, main
+from tests.conftest import PYTHON, REPO
 from tests.launch.cli import run_main, run_module
 
 
@@ -117,3 +118,35 @@ def test_cpu_nodes_need_tasks_per_node(prepared64, tmp_path, capsys):
     code, _, _, script = write_script(tmp_path, prepared64, capsys, "--gpus-per-node", "0", "--tasks-per-node", "2")
     assert code == 0
     assert "--gpus-per-node" not in script.read_text().split("set -euo")[0]
+
+
+def test_elastic_script_discovers_the_responding_nodes_and_runs_horovodrun_elastic(prepared64, tmp_path, capsys):
+    venv, fake = tmp_path / "venv", tmp_path / "slurm-bin"
+    (venv / "bin").mkdir(parents=True)
+    fake.mkdir()
+    (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:$PATH"\n')
+    (venv / "bin" / "horovodrun").write_text("#!/bin/bash\nprintf '%s\\n' \"$@\"\n")
+    (fake / "scontrol").write_text("#!/bin/bash\nprintf 'n1\\nn2\\n'\n")
+    (fake / "sinfo").write_text("#!/bin/bash\nprintf 'n2\\n'\n")  # n1 does not respond
+    for tool in (venv / "bin" / "horovodrun", fake / "scontrol", fake / "sinfo"):
+        tool.chmod(0o755)
+    code, out, _, script = write_script(tmp_path, prepared64, capsys, "--venv", str(venv), "--min-np", "2")
+    assert code == 0, out
+    env = dict(os.environ, PATH=f"{fake}:{venv}/bin:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path),
+               SLURM_JOB_NODELIST="n[1-2]", SLURM_NNODES="2", SLURM_JOB_ID="77", TMPDIR=str(tmp_path),
+               PYTHONPATH=str(REPO))
+    (venv / "bin" / "python").symlink_to(PYTHON)
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    argv = result.stdout.splitlines()[1:]
+    discover = str(tmp_path / "cxrscale-discover-77.sh")
+    assert argv[:10] == ["-np", "4", "--min-np", "2", "--max-np", "4", "--host-discovery-script", discover,
+                         "--blacklist-cooldown-range", "10"]
+    assert argv[-1] == "--elastic" and "distributed.train" in argv
+    found = subprocess.run([discover], capture_output=True, text=True, env=env)
+    assert found.stdout == "n2:2\n"
+
+
+def test_elastic_needs_horovodrun(prepared64, tmp_path, capsys):
+    code, out, err, _ = write_script(tmp_path, prepared64, capsys, "--launcher", "srun", "--min-np", "2")
+    assert code == 2 and "only horovodrun starts" in err
