@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "first, e.g. the thesis's settings; the remaining trials are drawn")
     p.add_argument("--max-concurrent", type=int, default=0,
                    help="trials running at once (default 0: as many as the reserved resources allow)")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="times a trial is retried when its training dies (a lost node, a killed process); it goes "
+                        "on from its own last checkpoint (default 2)")
     p.add_argument("--weights", default=None, help="as distributed.train --weights (e.g. none, imagenet, a file)")
     p.add_argument("--config", help="JSON/YAML of fixed distributed.train options every trial uses")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws and of every trial (default 0)")
@@ -89,7 +92,8 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
               (args.gpus_per_trial >= 0, "--gpus-per-trial must be >= 0"),
               (args.grace_period >= 1, "--grace-period must be at least 1"),
               (args.reduction_factor > 1, "--reduction-factor must be > 1"),
-              (args.max_concurrent >= 0, "--max-concurrent must be >= 0")]
+              (args.max_concurrent >= 0, "--max-concurrent must be >= 0"),
+              (args.max_failures >= 0, f"--max-failures must be >= 0, got {args.max_failures}")]
     for ok, message in checks:
         if not ok:
             raise CxrError(message)
@@ -124,6 +128,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
                 "cpus_per_trial": cpus, "gpus_per_trial": args.gpus_per_trial, "seed": args.seed,
                 "threads_per_worker": max(1, int(cpus // args.workers_per_trial)), "base": base,
                 "max_concurrent": args.max_concurrent, "points_to_evaluate": points,
+                "max_failures": args.max_failures,
                 "space": {n: dataclasses.asdict(p) for n, p in space.items()}, "space_source": source,
                 "output": str(output.resolve()), "trials_dir": str((output / "trials").resolve())}
     return settings, space
@@ -185,7 +190,7 @@ def run_search(settings: dict[str, Any], space: dict[str, Param], resume: bool, 
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(Path(settings["output"])), verbose=0 if quiet else 1,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=0)))
+                failure_config=tune.FailureConfig(max_failures=settings.get("max_failures", 0))))
     return tuner.fit()
 
 

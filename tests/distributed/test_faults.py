@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PYTHON, REPO
-from tests.faults import flip_byte, history_rows, kill_workers, wait_for
+from benchmarks.injection import flip_byte, history_rows, kill_workers, wait_for
 from tests.training_fixtures import quiet, run_train
 
 WORKER = "distributed.train"

@@ -16,6 +16,7 @@ from scipy import stats
 from launch.runtime import CxrError, read_numeric_csv
 from optimize import tune as cxr_tune
 from tests.conftest import PYTHON, REPO, radiograph_like, write_image
+from benchmarks.injection import kill_workers, wait_for
 from tests.training_fixtures import prepare, quiet, run_train
 
 
@@ -293,3 +294,30 @@ def test_a_failing_trial_is_reported_and_the_others_complete(planted32, tmp_path
     assert "missing.h5" in by_status["error"]["error"]
     assert "## Failed trials" in (out / "report.md").read_text()
     assert json.loads((out / "best_config.json").read_text())["weights"] == "none"
+
+
+@pytest.mark.slow
+def test_a_trial_whose_training_is_killed_is_retried_from_its_own_checkpoint(planted32, tmp_path):
+    space = write_space(tmp_path / "space.json", {"lr": {"grid": [1e-3]}, "batch_size": 16,
+                                                  "early_stopping_patience": 100})
+    out = tmp_path / "search"
+    proc = subprocess.Popen([PYTHON, "-m", "optimize.tune", "--data", str(planted32), "--search", "grid", "--space",
+                             str(space), "--max-epochs", "8", "--output", str(out), "-q"], cwd=REPO,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(len(read_numeric_csv(h)) >= 3 for h in out.glob("trials/*/history.csv")), 300,
+                 "three epochs of the trial", alive=lambda: proc.poll() is None)
+        killed = kill_workers(str(out / "trials"), {})  # the trial's training, as a lost node would end it
+        assert killed, "no training process to kill"
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, quiet(err)[-3000:]
+    [row] = results(out)  # one trial, shown once
+    assert row["status"] == "completed" and int(row["epochs"]) == 8
+    [trial] = list(out.glob("trials/*"))
+    log = (trial / "train.log").read_text()
+    assert "resuming after epoch" in log, "the retried trial started over instead of resuming"
+    assert [int(h["epoch"]) for h in read_numeric_csv(trial / "history.csv")] == list(range(1, 9))

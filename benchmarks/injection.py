@@ -1,5 +1,6 @@
-"""Helpers of the fault-injection tests and of `benchmarks.faults`: find a running worker by what its launcher
-told it (Horovod's environment), kill it, flip a byte, wait for a file to say something."""
+"""Fault injection on real processes, shared by the fault tests and `python -m benchmarks.faults`: find a
+running worker by what its launcher told it (Horovod's or Ray's environment), kill it, flip a byte in a
+file, wait for a file to say something."""
 from __future__ import annotations
 
 import csv
