@@ -27,6 +27,8 @@ epoch of the new global batch, and the learning rate scaled to the new worker co
 from __future__ import annotations
 
 import logging
+import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -92,25 +94,25 @@ def _kerasstate_class():
 def make_state(model, optimizer, extra: list, *, lr_per_worker: float):
     """The elastic state, committed in host memory and broadcast from rank 0 at every reset."""
     return _kerasstate_class()(model, optimizer, extra, opened=False, finishing=False, epoch=0, start_epoch=0,
-                               images_done=0, best=-float("inf"), lr_per_worker=lr_per_worker, counters={},
-                               sizes=[])
+                               images_done=0, progress_at=time.time(), best=-float("inf"),
+                               lr_per_worker=lr_per_worker, counters={}, sizes=[])
 
 
 class ElasticProgress(keras.callbacks.Callback):
     """Keeps the state's progress current before each commit: the epoch, the images of the current epoch
-    already trained (over all workers), the best monitored value, the per-worker learning rate and the
+    already trained (over all workers), the best validation AUC, the per-worker learning rate and the
     schedule callbacks' counters. At the start of a session it resumes `fit` at the step those images make
     at the current global batch, and puts the counters back into the schedule callbacks."""
 
-    def __init__(self, state, global_batch: int, size: int, schedule_callbacks: list, checkpointer=None,
-                 warmup_epochs: float = 0.0):
+    def __init__(self, state, global_batch: int, size: int, schedule_callbacks: list, warmup_epochs: float = 0.0,
+                 monitor: str = "val_auc"):
         super().__init__()
-        self.warmup_epochs = warmup_epochs
         self.state = state
         self.global_batch = global_batch
         self.size = size
         self.schedule_callbacks = schedule_callbacks
-        self.checkpointer = checkpointer
+        self.warmup_epochs = warmup_epochs
+        self.monitor = monitor
 
     # the hook tf_keras's fit asks after on_train_begin (BackupAndRestore's WorkerTrainingState answers it)
     def maybe_load_initial_counters_from_ckpt(self, steps_per_epoch: int, initial_epoch: int, mode=None):
@@ -127,14 +129,19 @@ class ElasticProgress(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.state.images_done = (batch + 1) * self.global_batch
+        self.state.progress_at = time.time()  # what a commit at this batch's end keeps
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.state.epoch = epoch + 1
         self.state.images_done = 0
+        self.state.progress_at = time.time()
         if epoch + 1 >= self.warmup_epochs:  # past the ramp: the rate per worker, as plateaus have lowered it
             self.state.lr_per_worker = float(keras.backend.get_value(self.model.optimizer.learning_rate)) / self.size
-        if self.checkpointer is not None:
-            self.state.best = self.checkpointer.best
+        # as the Checkpointer judges it, on every rank (the validation metrics are the same everywhere), so
+        # that whichever rank is rank 0 after a reset keeps the right best model
+        value = float((logs or {}).get(self.monitor, float("nan")))
+        if not math.isnan(value) and value > self.state.best:
+            self.state.best = value
         self.state.counters = {type(c).__name__: {n: getattr(c, n) for n in _counter_names(c)}
                                for c in self.schedule_callbacks}
 
@@ -162,7 +169,9 @@ class Session:
 def run(hvd, model, optimizer, session: Session, *, averaging, epochs: int, base_lr: float, warmup_epochs: float,
         seed: int, batch_size: int, commit_every: int) -> dict[str, Any]:
     """Train to `epochs` through resets. Returns {"epochs": epochs trained, "checksums": every rank's weight
-    checksum at the end, "resets": how many, "workers_per_session": the size of each session}."""
+    checksum at the end, "resets": how many, "workers_per_session": the size of each session,
+    "reset_times": this process's record of each reset (epoch seconds): when it came, when the state it went
+    back to was committed, when training resumed and on how many workers}."""
     from horovod.tensorflow.keras import elastic as hvd_elastic
 
     build_optimizer_slots(optimizer, model.trainable_variables)
@@ -171,11 +180,17 @@ def run(hvd, model, optimizer, session: Session, *, averaging, epochs: int, base
     state = make_state(model, optimizer, averaging.variables() if averaging is not None else [],
                        lr_per_worker=base_lr)
 
+    resets: list[dict[str, Any]] = []  # this process's view of each reset, for train_summary.json
+
     def on_reset() -> None:
         if averaging is not None:
             averaging.raw = None  # a reset between swapping the average in and out: the commit has the raw weights
-        log.warning("elastic reset: %d worker(s) now; training goes on in epoch %d after %d of its images",
-                    hvd.size(), state.epoch + 1, state.images_done)
+        now = time.time()
+        # after a lost worker the state is back at its last commit; after a host change it was just committed
+        resets.append({"reset_at": now, "last_commit_at": state.progress_at, "workers": hvd.size()})
+        log.warning("elastic reset: %d worker(s) now; training goes on in epoch %d after %d of its images "
+                    "(committed %.1f s before the reset)", hvd.size(), state.epoch + 1, state.images_done,
+                    now - state.progress_at)
 
     state.register_reset_callbacks([on_reset])
 
@@ -190,14 +205,15 @@ def run(hvd, model, optimizer, session: Session, *, averaging, epochs: int, base
                 averaging.restart(model)  # from the resumed weights
         state.sizes = state.sizes + [size]  # after the sync: the same on every rank, joined ones too
         state.save()
+        if resets and "resumed_at" not in resets[-1]:
+            resets[-1].update(resumed_at=time.time(), workers=size)
         ds_train, ds_val = session.datasets(plan, seed + 1000 * state.epoch + 100 * len(state.sizes) + rank, rank,
                                             size)
         callbacks = session.callbacks(plan, ds_val, state.epoch, state.best)
         # the rate for this many workers (a warm-up callback, if any, sets its own while it ramps)
         cb.set_learning_rate(optimizer, state.lr_per_worker * size)
         schedule = [c for c in callbacks if _counter_names(c)]
-        checkpointer = next((c for c in callbacks if isinstance(c, cb.Checkpointer)), None)
-        callbacks += [ElasticProgress(state, batch_size * size, size, schedule, checkpointer, warmup_epochs),
+        callbacks += [ElasticProgress(state, batch_size * size, size, schedule, warmup_epochs),
                       hvd_elastic.CommitStateCallback(state, batches_per_commit=commit_every)]  # last: sees all
         if rank == 0:
             log.info("elastic session %d on %d worker(s): epoch %d of %d from step %d, %d steps per epoch",
@@ -209,4 +225,4 @@ def run(hvd, model, optimizer, session: Session, *, averaging, epochs: int, base
 
     checksums = train_session(state)
     return {"epochs": state.epoch - state.start_epoch, "checksums": checksums, "resets": len(state.sizes) - 1,
-            "workers_per_session": state.sizes}
+            "workers_per_session": state.sizes, "reset_times": resets}

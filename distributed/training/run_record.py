@@ -113,7 +113,7 @@ def finish_run(run_dir: Path, config: TrainConfig, plan: DataPlan, model, *, epo
                / max(seconds, 1e-9),
                "weight_checksums_by_rank": checksums, "ranks_in_sync": len(set(checksums)) == 1}
     if elastic is not None:
-        summary["elastic"] = {k: elastic[k] for k in ("resets", "workers_per_session")}
+        summary["elastic"] = {k: elastic[k] for k in ("resets", "workers_per_session", "reset_times")}
     write_json_atomic(run_dir / "train_summary.json", summary)
     log.info("best val AUC %.4f at epoch %d; model exported to %s", summary["best_val_auc"], summary["best_epoch"],
              run_dir / "model")

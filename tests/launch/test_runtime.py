@@ -99,7 +99,7 @@ ENTRY_POINTS = ["preprocessing", "preprocessing.sample", "distributed.train", "d
                 "distributed.predict", "distributed.ensemble", "optimize.prune_quantize", "optimize.tune",
                 "launch.local", "launch.slurm", "launch.kubernetes", "launch.hostfile", "launch.pipeline",
                 "benchmarks", "benchmarks.preprocess", "benchmarks.train", "benchmarks.optimize",
-                "benchmarks.complexity", "benchmarks.scaling", "benchmarks.robustness"]
+                "benchmarks.complexity", "benchmarks.scaling", "benchmarks.robustness", "benchmarks.faults"]
 
 
 def test_every_entry_point_reports_a_bad_flag_in_one_line():
