@@ -17,12 +17,18 @@ Each fault runs against real processes (Ray, horovodrun, Ray Tune), as on a clus
   train       disk full             a 300 KB filesystem under --output, then room again
   tune        trial training killed the training process of a trial SIGKILLed mid-trial
 
-Per fault: survived (the run finished without a person: yes; stopped cleanly and a re-run finished: restart;
-refused before training: refused), seconds of work lost (training since the last commit or checkpoint at
-the moment of the fault; for preprocessing the extra wall time over an undisturbed run), records lost
-(records of the final output missing or different from an undisturbed run's, epochs missing or repeated
-in the history: must be 0), and time to recover (from the fault until the work is moving again: the next
-staged chunk, the first step after the elastic reset, the resumed run's first step).
+Per fault:
+- survived: yes (the run finished without a person), restart (it stopped cleanly with one error line and a
+  re-run finished), refused (stopped before training, naming the damage), or no;
+- seconds of work lost: training done since the last commit (elastic) or epoch checkpoint (fixed size,
+  tuning) when the fault came; for preprocessing, the wall time the fault added to an undisturbed run of the
+  same set-up;
+- records lost: records of the final shards missing or different from an undisturbed run's, or epochs
+  missing or repeated in the history; must be 0;
+- time to recover, from the fault: elastic, until training runs again on the survivors; fixed size, until
+  the resumed run has written a new epoch (the lost epoch redone); tuning, until the retried trial resumes
+  its checkpoint; a Ray worker, until as many tasks run as before; a Ray node, until Ray has declared it
+  dead and moved its tasks; a full disk, the re-run's wall time.
 """
 from __future__ import annotations
 
@@ -32,17 +38,15 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.common import DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, markdown_table, report
-from benchmarks.injection import flip_byte, history_rows, kill_workers, processes, wait_for
+from benchmarks.injection import flip_byte, history_rows, kill_workers, processes, ray_nodes, two_node_ray, wait_for
 from launch.runtime import CxrError, OneLineParser, run_cli, setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,15 +103,19 @@ def row(fault: str, stage: str, survived: str, lost_s: float | None, records: in
 # --- preprocessing --------------------------------------------------------------------------------------
 
 def preprocess_worker_killed(listing: Path, salt: Path, work: Path, reference: dict, ref_seconds: float) -> dict:
+    """Seconds lost: the wall time the fault added to an undisturbed run's; recovered: once as many tasks run
+    again as before the kill (Ray has retried the lost one, or moved on)."""
     out, token = work / "p-killed", uuid.uuid4().hex
     shutil.rmtree(out, ignore_errors=True)
+    marker = {"CXR_FAULT_TEST": token}
     started = time.time()
-    proc = popen(prep_cmd(listing, out, salt, "--workers", "2"), env=dict(ENV, CXR_FAULT_TEST=token))
-    wait_for(lambda: chunks_done(out) >= 2, 600, "two staged chunks", alive=lambda: proc.poll() is None)
-    killed_at = wait_for(lambda: bool(kill_workers("ray::process_chunk", {"CXR_FAULT_TEST": token})), 600,
-                         "a running task", poll=0.005, alive=lambda: proc.poll() is None)
-    before = chunks_done(out)
-    recovered = _when(lambda: chunks_done(out) > before, proc)
+    proc = popen(prep_cmd(listing, out, salt, "--workers", "2"), env=dict(ENV, **marker))
+    wait_for(lambda: chunks_done(out) >= 2 and len(processes("ray::process_chunk", marker)) >= 2, 600,
+             "two staged chunks and two running tasks", poll=0.005, alive=lambda: proc.poll() is None)
+    running = len(processes("ray::process_chunk", marker))
+    killed_at = time.time()
+    kill_workers("ray::process_chunk", marker)
+    recovered = _when(lambda: len(processes("ray::process_chunk", marker)) >= running, proc, poll=0.005)
     code, err = finish(proc)
     seconds = time.time() - started
     return row("Ray worker killed mid-task", "preprocess", "yes" if code == 0 else "no", seconds - ref_seconds,
@@ -115,42 +123,32 @@ def preprocess_worker_killed(listing: Path, salt: Path, work: Path, reference: d
                error=_last(err))
 
 
-def preprocess_node_stopped(listing: Path, salt: Path, work: Path, reference: dict, ref_seconds: float) -> dict:
+def preprocess_node_stopped(listing: Path, salt: Path, work: Path, reference: dict) -> dict:
+    """On a two-node cluster: seconds lost against an undisturbed run on the same cluster; recovered: once
+    Ray has declared the node dead, when its tasks are scheduled again on the head."""
     out, token = work / "p-node", uuid.uuid4().hex
-    shutil.rmtree(out, ignore_errors=True)
-    temp = Path(tempfile.mkdtemp(prefix="cxr-ray-", dir="/tmp"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(ENV, RAY_AUTH_MODE="disabled", RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="3")
-    base = [RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-    head = popen(base + ["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(temp)], env)
-    second = None
-    address = f"127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _ray_nodes(address, env) == 1, 120, "the head node", poll=0.5)
-        second = popen(base + ["--address", address], dict(env, CXR_FAULT_TEST=token))
-        wait_for(lambda: _ray_nodes(address, env) == 2, 120, "the second node", poll=0.5)
+    marker = {"CXR_FAULT_TEST": token}
+    env = dict(ENV, RAY_AUTH_MODE="disabled")
+    with two_node_ray(RAY, ENV, marker) as (address, second):
+        undisturbed = time.time()
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run(prep_cmd(listing, out, salt, "--address", address, "--workers", "2"), cwd=REPO, env=env,
+                       check=True, capture_output=True)
+        undisturbed = time.time() - undisturbed
+        shutil.rmtree(out, ignore_errors=True)
         started = time.time()
         proc = popen(prep_cmd(listing, out, salt, "--address", address, "--workers", "2"), env)
-        wait_for(lambda: chunks_done(out) >= 2 and bool(processes("ray::process_chunk", {"CXR_FAULT_TEST": token})),
-                 600, "a task on the second node", poll=0.005, alive=lambda: proc.poll() is None)
+        wait_for(lambda: chunks_done(out) >= 2 and bool(processes("ray::process_chunk", marker)), 600,
+                 "a task on the second node", poll=0.005, alive=lambda: proc.poll() is None)
         killed_at = time.time()
         os.killpg(second.pid, signal.SIGKILL)
-        kill_workers("ray::", {"CXR_FAULT_TEST": token})
-        before = chunks_done(out)
-        recovered = _when(lambda: chunks_done(out) > before, proc)
+        kill_workers("ray::", marker)  # its workers go down with it
+        recovered = _when(lambda: ray_nodes(RAY, address, env) == 1, proc, poll=0.2)
         code, err = finish(proc)
         seconds = time.time() - started
-    finally:
-        for node in (second, head):
-            if node is not None and node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
-                node.wait()
-        shutil.rmtree(temp, ignore_errors=True)
-    return row("Ray node stopped mid-run", "preprocess", "yes" if code == 0 else "no", seconds - ref_seconds,
+    return row("Ray node stopped mid-run", "preprocess", "yes" if code == 0 else "no", seconds - undisturbed,
                records_lost(reference, out), (recovered - killed_at) if recovered else None, exit=code,
-               error=_last(err))
+               undisturbed_seconds=undisturbed, error=_last(err))
 
 
 def disk_full(stage: str, first: str, second: str, size: str, check_out: str, reference: dict | None,
@@ -285,10 +283,10 @@ def tune_trial_killed(data: Path, work: Path, epochs: int) -> dict:
 
 # --- the suite ------------------------------------------------------------------------------------------
 
-def _when(condition, proc: subprocess.Popen, timeout: float = 1800) -> float | None:
+def _when(condition, proc: subprocess.Popen, timeout: float = 1800, poll: float = 0.02) -> float | None:
     """The time.time() at which `condition` first held while `proc` ran, or None."""
     try:
-        return wait_for(condition, timeout, "progress", poll=0.02, alive=lambda: proc.poll() is None)
+        return wait_for(condition, timeout, "progress", poll=poll, alive=lambda: proc.poll() is None)
     except AssertionError:
         return None
 
@@ -296,12 +294,6 @@ def _when(condition, proc: subprocess.Popen, timeout: float = 1800) -> float | N
 def _last(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
-
-
-def _ray_nodes(address: str, env: dict) -> int:
-    status = subprocess.run([RAY, "status", "--address", address], capture_output=True, text=True, env=env).stdout
-    active = status.split("Active:", 1)[-1].split("Pending:", 1)[0]
-    return sum(1 for line in active.splitlines() if "node_" in line)
 
 
 def measure(work: Path, images: int, epochs: int) -> dict:
@@ -321,7 +313,7 @@ def measure(work: Path, images: int, epochs: int) -> dict:
     ref_seconds = time.time() - started
     reference = shard_records(data)
     rows = [preprocess_worker_killed(listing, salt, work, reference, ref_seconds),
-            preprocess_node_stopped(listing, salt, work, reference, ref_seconds),
+            preprocess_node_stopped(listing, salt, work, reference),
             disk_full("preprocess", f'"$PY" -m preprocessing --input {listing} --output "$FS/p" --size 64 --shards 4 '
                                     f"--salt-file {salt} -q",
                       f'"$PY" -m preprocessing --input {listing} --output "$FS/p" --size 64 --shards 4 --salt-file {salt} -q',

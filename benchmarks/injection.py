@@ -3,12 +3,17 @@ running worker by what its launcher told it (Horovod's or Ray's environment), ki
 file, wait for a file to say something."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def processes(cmdline_part: str, env: dict[str, str]) -> list[int]:
@@ -71,3 +76,52 @@ def flip_byte(path: Path, offset: int | None = None) -> int:
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
     return offset
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_nodes(ray: str, address: str, env: dict) -> int:
+    """Active nodes of the Ray cluster at `address` (0 when it does not answer), by `ray status`."""
+    status = subprocess.run([ray, "status", "--address", address], capture_output=True, text=True, env=env).stdout
+    active = status.split("Active:", 1)[-1].split("Pending:", 1)[0]
+    return sum(1 for line in active.splitlines() if "node_" in line)
+
+
+@contextlib.contextmanager
+def two_node_ray(ray: str, env: dict, marker: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A Ray cluster of two nodes on 127.0.0.1, one CPU each, made as users make one (`ray start --head`,
+    then `ray start --address`), each `--block`ing in its own process group so that killing the group is
+    that node failing. Yields (address, the second node's process); the second node's processes (and so
+    its workers) carry `marker` in their environment. Token auth is off (a private test cluster), node
+    failure is noticed within about 1.5 s, and its state lives in a temporary folder, not /tmp/ray, so no
+    other Ray on the machine connects to it."""
+    temp = Path(tempfile.mkdtemp(prefix="cxr-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    env = dict(env, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_health_check_period_ms="500",
+               RAY_health_check_failure_threshold="3")
+    base = [ray, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    nodes: list[subprocess.Popen] = []
+
+    def start(args: list[str], node_env: dict) -> subprocess.Popen:
+        nodes.append(subprocess.Popen(base + args, env=node_env, cwd=temp, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True))
+        return nodes[-1]
+
+    try:
+        head = start(["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(temp)], env)
+        wait_for(lambda: ray_nodes(ray, address, env) == 1, 120, "the Ray head node", poll=0.5,
+                 alive=lambda: head.poll() is None)
+        second = start(["--address", address], dict(env, **marker))
+        wait_for(lambda: ray_nodes(ray, address, env) == 2, 120, "the second Ray node", poll=0.5)
+        yield address, second
+    finally:
+        for node in reversed(nodes):
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+        shutil.rmtree(temp, ignore_errors=True)
