@@ -1,6 +1,6 @@
 """python -m benchmarks: run the benchmark suites and write one report.
 
-    python -m benchmarks --suite all --quick          # what `make bench` runs, about 20 minutes on 2 cores
+    python -m benchmarks --suite all --quick          # what `make bench` runs, about 25 minutes on 2 cores
     python -m benchmarks --suite scaling,complexity --full --out /tmp/bench
 
 Writes OUT/results.json (every raw figure, the machine, library versions, the git commit), OUT/report.md and
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "  python -m benchmarks --suite scaling --full")
     p.add_argument("--suite", default="all", help=f"all, or a comma list of {', '.join(SUITES)}")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="small inputs, about 20 minutes for all (default)")
+    size.add_argument("--quick", action="store_true", help="small inputs, about 25 minutes for all (default)")
     size.add_argument("--full", action="store_true", help="the full measurements (hours on 2 cores)")
     p.add_argument("--out", type=Path, help="report folder (default benchmarks/results/<timestamp>/)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench",

@@ -312,12 +312,12 @@ def measure(work: Path, images: int, epochs: int) -> dict:
     subprocess.run(prep_cmd(listing, data, salt, "--workers", "2"), cwd=REPO, env=ENV, check=True, capture_output=True)
     ref_seconds = time.time() - started
     reference = shard_records(data)
+    prepare = (f'"$PY" -m preprocessing --input {listing} --output "$FS/p" --size 64 --shards 4 '
+               f"--salt-file {salt} -q")
     rows = [preprocess_worker_killed(listing, salt, work, reference, ref_seconds),
             preprocess_node_stopped(listing, salt, work, reference),
-            disk_full("preprocess", f'"$PY" -m preprocessing --input {listing} --output "$FS/p" --size 64 --shards 4 '
-                                    f"--salt-file {salt} -q",
-                      f'"$PY" -m preprocessing --input {listing} --output "$FS/p" --size 64 --shards 4 --salt-file {salt} -q',
-                      "200k", f'"$PY" -m benchmarks.faults --records-lost "$FS/p" {data}', reference, work),
+            disk_full("preprocess", prepare, prepare, "200k",
+                      f'"$PY" -m benchmarks.faults --records-lost "$FS/p" {data}', reference, work),
             train_elastic(data, work, epochs), train_fixed(data, work, epochs), train_damaged(data, work),
             disk_full("train", f'"$PY" -m distributed.train --data {data} --output "$FS/run" --epochs 2',
                       f'"$PY" -m distributed.train --data {data} --output "$FS/run" --epochs 2',
@@ -330,8 +330,8 @@ def measure(work: Path, images: int, epochs: int) -> dict:
 def summarise(results: dict) -> tuple[list[dict], str]:
     rows = results["faults"]
     fmt = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
-    table = markdown_table(["fault", "stage", "survived", "seconds of work lost", "records lost", "time to recover (s)"],
-                           [[r["fault"], r["stage"], r["survived"], fmt(r["seconds_lost"]), r["records_lost"],
+    header = ["fault", "stage", "survived", "seconds of work lost", "records lost", "time to recover (s)"]
+    table = markdown_table(header, [[r["fault"], r["stage"], r["survived"], fmt(r["seconds_lost"]), r["records_lost"],
                              fmt(r["recover_seconds"])] for r in rows])
     checks = [check("records lost, all faults", float(sum(r["records_lost"] for r in rows)), "<=", 0),
               check("faults survived, restarted or refused", float(sum(r["survived"] != "no" for r in rows)), ">=",

@@ -217,7 +217,8 @@ def write_generated(path: str | Path, text: str, *, overwrite: bool, option: str
     return True
 
 
-def elastic_range(min_np: int | None, max_np: int | None, workers: int, launcher: str, module: str) -> tuple[int, int] | None:
+def elastic_range(min_np: int | None, max_np: int | None, workers: int, launcher: str,
+                  module: str) -> tuple[int, int] | None:
     """(min, max) workers of an elastic job, or None when neither --min-np nor --max-np is given; refuses a
     range that does not hold `workers`, a launcher other than horovodrun, and an entry point that is not
     distributed.train (the one with --elastic)."""

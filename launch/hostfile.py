@@ -138,7 +138,8 @@ def slurm_hostnames(env: Mapping[str, str] | None = None) -> list[str]:
 # Horovod elastic asks its --host-discovery-script every second for the hosts usable now, one HOST:SLOTS per
 # line; a host that disappears from the output is removed from the job, one that appears is added.
 _AWK_HOSTFILE = ("awk '{ sub(/#.*/, \"\"); n = split($0, fields, /[ \\t,]+/); for (i = 1; i <= n; i++) { "
-                 "entry = fields[i]; if (entry == \"\") continue; if (entry ~ /^slots=/) { slots[last] = substr(entry, 7); "
+                 "entry = fields[i]; if (entry == \"\") continue; "
+                 "if (entry ~ /^slots=/) { slots[last] = substr(entry, 7); "
                  "continue } split(entry, part, \":\"); last = part[1]; order[++count] = last; "
                  "slots[last] = (part[2] != \"\") ? part[2] : DEFAULT } } "
                  "END { for (i = 1; i <= count; i++) print order[i] \":\" slots[order[i]] }' DEFAULT=%d %s")
@@ -151,7 +152,8 @@ def discovery_script(*, hosts: Sequence[Host] | None = None, hostfile: str | Pat
     - hostfile: the file read at every call, so editing it (a node added, a failed one removed) changes the job
       (HOST, HOST:SLOTS or 'HOST slots=N' lines, as this module writes and the MPI operator's /etc/mpi/hostfile);
     - slurm: the nodes of this Slurm job that respond now (sinfo --responding), `slots` each."""
-    head = "#!/bin/sh\n# written by python -m launch.hostfile: the hosts Horovod elastic may use now, HOST:SLOTS per line\n"
+    head = ("#!/bin/sh\n# written by python -m launch.hostfile: the hosts Horovod elastic may use now, HOST:SLOTS "
+            "per line\n")
     if hosts:
         return head + "".join(f"echo {shlex.quote(f'{host}:{n}')}\n" for host, n in hosts)
     if hostfile is not None:

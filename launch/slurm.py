@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from launch.common import (ELASTIC_COOLDOWN, EntryPoint, WARNING, elastic_range, data_checks, data_target, parse_entry_point, print_checks,
-                           processes_per_node, split_tail, stop_if_fatal, tail_usage, write_generated)
+from launch.common import (ELASTIC_COOLDOWN, EntryPoint, WARNING, data_checks, data_target, elastic_range,
+                           parse_entry_point, print_checks, processes_per_node, split_tail, stop_if_fatal, tail_usage,
+                           write_generated)
 from launch.runtime import CxrError, OneLineParser, run_cli
 
 PROG = "python -m launch.slurm"

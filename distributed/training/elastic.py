@@ -105,8 +105,9 @@ class ElasticProgress(keras.callbacks.Callback):
     at the current global batch, and puts the counters back into the schedule callbacks."""
 
     def __init__(self, state, global_batch: int, size: int, schedule_callbacks: list, warmup_epochs: float = 0.0,
-                 monitor: str = "val_auc"):
+                 monitor: str = "val_auc", on_first_step: Callable[[], None] | None = None):
         super().__init__()
+        self.on_first_step = on_first_step
         self.state = state
         self.global_batch = global_batch
         self.size = size
@@ -126,6 +127,11 @@ class ElasticProgress(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self.model._training_state = None
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if self.on_first_step is not None:
+            self.on_first_step()
+            self.on_first_step = None
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.state.images_done = (batch + 1) * self.global_batch
@@ -171,7 +177,7 @@ def run(hvd, model, optimizer, session: Session, *, averaging, epochs: int, base
     """Train to `epochs` through resets. Returns {"epochs": epochs trained, "checksums": every rank's weight
     checksum at the end, "resets": how many, "workers_per_session": the size of each session,
     "reset_times": this process's record of each reset (epoch seconds): when it came, when the state it went
-    back to was committed, when training resumed and on how many workers}."""
+    back to was committed, when the next session took its first step and on how many workers}."""
     from horovod.tensorflow.keras import elastic as hvd_elastic
 
     build_optimizer_slots(optimizer, model.trainable_variables)
@@ -206,14 +212,19 @@ def run(hvd, model, optimizer, session: Session, *, averaging, epochs: int, base
         state.sizes = state.sizes + [size]  # after the sync: the same on every rank, joined ones too
         state.save()
         if resets and "resumed_at" not in resets[-1]:
-            resets[-1].update(resumed_at=time.time(), workers=size)
+            resets[-1]["workers"] = size
+
+        def resumed() -> None:  # the session's first step: training runs again
+            if resets and "resumed_at" not in resets[-1]:
+                resets[-1]["resumed_at"] = time.time()
+
         ds_train, ds_val = session.datasets(plan, seed + 1000 * state.epoch + 100 * len(state.sizes) + rank, rank,
                                             size)
         callbacks = session.callbacks(plan, ds_val, state.epoch, state.best)
         # the rate for this many workers (a warm-up callback, if any, sets its own while it ramps)
         cb.set_learning_rate(optimizer, state.lr_per_worker * size)
         schedule = [c for c in callbacks if _counter_names(c)]
-        callbacks += [ElasticProgress(state, batch_size * size, size, schedule, warmup_epochs),
+        callbacks += [ElasticProgress(state, batch_size * size, size, schedule, warmup_epochs, on_first_step=resumed),
                       hvd_elastic.CommitStateCallback(state, batches_per_commit=commit_every)]  # last: sees all
         if rank == 0:
             log.info("elastic session %d on %d worker(s): epoch %d of %d from step %d, %d steps per epoch",
