@@ -163,7 +163,8 @@ def small_filesystem_runner(tmp_path: Path, size: str, script: str) -> subproces
 
 @pytest.mark.slow
 def test_a_full_disk_while_training_and_exporting_is_one_line_and_a_rerun_continues(prepared64, tmp_path):
-    # 300 KB holds the run's record but not a checkpoint (about 5 MB); then 40 MB holds everything
+    # 300 KB holds the run's record but not a checkpoint (about 5 MB); then 40 MB holds everything; then
+    # the export alone fails on a nearly full disk and succeeds with room
     script = f"""
 "$PY" -m distributed.train --data {prepared64} --output "$FS/run" --epochs 2 --batch-size 16 2> "$FS/../first.err"
 echo "first=$?"
@@ -173,6 +174,19 @@ mount -o remount,size=40m "$FS"
 "$PY" -m distributed.train --data {prepared64} --output "$FS/run" --epochs 2 --batch-size 16 2> "$FS/../second.err"
 echo "second=$?"
 [ -f "$FS/run/model/saved_model.pb" ] && echo "exported"
+# the export alone: a run killed after its last epoch, resumed on a disk with about 200 KB left
+rm -rf "$FS/run/model" "$FS/run/train_summary.json"
+dd if=/dev/zero of="$FS/filler" bs=1k count=$(( $(df -k --output=avail "$FS" | tail -1) - 200 )) 2>/dev/null
+"$PY" -m distributed.train --data {prepared64} --output "$FS/run" --epochs 2 --batch-size 16 --resume \
+    2> "$FS/../third.err"
+echo "third=$?"
+[ -e "$FS/run/model" ] && echo "model exists"
+find "$FS/run" -name '.*' | sed 's/^/left3: /'
+rm "$FS/filler"
+"$PY" -m distributed.train --data {prepared64} --output "$FS/run" --epochs 2 --batch-size 16 --resume \
+    2> "$FS/../fourth.err"
+echo "fourth=$?"
+[ -f "$FS/run/model/saved_model.pb" ] && echo "exported again"
 """
     result = small_filesystem_runner(tmp_path, "300k", script)
     first_err = (tmp_path / "first.err").read_text()
@@ -183,6 +197,13 @@ echo "second=$?"
     assert "latest exists" not in result.stdout, "a checkpoint that was never completed is pointed at"
     assert "second=0" in result.stdout and "exported" in result.stdout, \
         result.stdout + quiet((tmp_path / "second.err").read_text())[-3000:]
+    third_err = (tmp_path / "third.err").read_text()
+    assert "third=2" in result.stdout, result.stdout + quiet(third_err)[-3000:]
+    assert third_err.strip().splitlines()[-1].startswith(
+        f"error: no space left on the device writing {tmp_path / 'fs' / 'run'}")
+    assert "model exists" not in result.stdout and "left3:" not in result.stdout, result.stdout
+    assert "fourth=0" in result.stdout and "exported again" in result.stdout, \
+        result.stdout + quiet((tmp_path / "fourth.err").read_text())[-3000:]
 
 
 @pytest.mark.slow
