@@ -217,22 +217,24 @@ def write_generated(path: str | Path, text: str, *, overwrite: bool, option: str
     return True
 
 
-def elastic_range(min_np: int | None, max_np: int | None, workers: int, launcher: str,
-                  module: str) -> tuple[int, int] | None:
+def elastic_range(min_np: int | None, max_np: int | None, workers: int, launcher: str, module: str,
+                  workers_name: str = "workers") -> tuple[int, int] | None:
     """(min, max) workers of an elastic job, or None when neither --min-np nor --max-np is given; refuses a
-    range that does not hold `workers`, a launcher other than horovodrun, and an entry point that is not
-    distributed.train (the one with --elastic)."""
+    range that does not hold `workers` (named `workers_name` in the message, e.g. --np), a launcher other
+    than horovodrun, and an entry point that is not distributed.train (the one with --elastic)."""
     if min_np is None and max_np is None:
         return None
     low, high = (1 if min_np is None else min_np), (workers if max_np is None else max_np)
     if not 1 <= low <= workers <= high:
-        raise CxrError(f"an elastic job needs 1 <= --min-np <= workers <= --max-np; got --min-np {low}, {workers} "
-                       f"workers, --max-np {high}")
+        given = f"{workers_name} {workers}" if workers_name.startswith("--") else f"{workers} {workers_name}"
+        raise CxrError(f"an elastic job needs 1 <= --min-np <= {workers_name} <= --max-np; got --min-np {low}, "
+                       f"{given}, --max-np {high}")
     if launcher != "horovodrun":
         raise CxrError(f"--min-np/--max-np make a Horovod elastic job, which only horovodrun starts: add "
                        f"--launcher horovodrun (not {launcher})")
     if module != "distributed.train":
-        raise CxrError(f"--min-np/--max-np make an elastic job, which distributed.train supports; {module} does not")
+        raise CxrError(f"--min-np/--max-np make an elastic job, which distributed.train supports; {module} does not: "
+                       "leave them out")
     return low, high
 
 

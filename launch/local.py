@@ -26,8 +26,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from launch.common import (Check, ERROR, EntryPoint, INFO, OK, WARNING, data_checks, data_target, loose_data_target,
-                           parse_entry_point, print_checks, split_tail, stop_if_fatal, tail_usage)
+from launch.common import (Check, ERROR, EntryPoint, INFO, OK, WARNING, data_checks, data_target, elastic_range,
+                           loose_data_target, parse_entry_point, print_checks, split_tail, stop_if_fatal, tail_usage)
 from launch.hostfile import (Host, discovery_script, horovod_hosts_arg, parse_nodes, read_hostfile, total_slots,
                              write_discovery_script)
 from launch.runtime import CxrError, OneLineParser, run_cli, run_quietly
@@ -325,15 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def elastic_from_args(args, hosts: Sequence[Host] | None, folder: Path) -> tuple[Elastic | None, str | None]:
+def elastic_from_args(args, hosts: Sequence[Host] | None, folder: Path,
+                      module: str) -> tuple[Elastic | None, str | None]:
     """The elastic options and the discovery script's text (None when the user brought their own)."""
     if args.min_np is None and args.max_np is None and not args.host_discovery_script:
         return None, None
-    min_np = args.min_np if args.min_np is not None else 1
-    max_np = args.max_np if args.max_np is not None else args.np
-    if not 1 <= min_np <= args.np <= max_np:
-        raise CxrError(f"elastic workers must satisfy 1 <= --min-np <= --np <= --max-np; got --min-np {min_np}, "
-                       f"--np {args.np}, --max-np {max_np}")
+    min_np, max_np = elastic_range(1 if args.min_np is None else args.min_np, args.max_np, args.np, "horovodrun",
+                                   module, workers_name="--np")
     if args.elastic_timeout < 1:
         raise CxrError(f"--elastic-timeout must be at least 1 second, got {args.elastic_timeout}")
     if not 0 <= args.cooldown[0] <= args.cooldown[1]:
@@ -364,10 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     folder = Path(tempfile.mkdtemp(prefix="cxrscale-launch-"))  # the discovery script lives as long as the job
     try:
-        elastic, script = elastic_from_args(args, hosts, folder)
-        if elastic and entry.module != "distributed.train":
-            raise CxrError(f"--min-np/--max-np make an elastic job, which distributed.train supports; "
-                           f"{entry.module} does not: leave them out")
+        elastic, script = elastic_from_args(args, hosts, folder, entry.module)
         python = sys.executable
         checks = preflight(max(args.np, elastic.max_np if elastic else 0), hosts, entry, python)
         print_checks(checks, f"checks before starting {args.np} workers of {entry.module}"
