@@ -52,41 +52,47 @@ def chunks_done(out: Path) -> int:
     return len(list((out / ".cxrscale-staging" / "chunks").glob("*.json")))
 
 
-@pytest.mark.slow
-def test_a_ray_worker_killed_mid_task_is_retried_and_the_shards_are_identical(inputs, reference, tmp_path):
-    out, token = tmp_path / "prepared", uuid.uuid4().hex
-    env = dict(os.environ, CXR_FAULT_TEST=token)  # Ray's workers inherit it: ours are told apart
-    proc = subprocess.Popen(command(inputs, out, "--workers", "2"), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+def prepare_with_fault(cmd: list[str], env: dict, inject) -> tuple[int, str]:
+    """Run preprocessing `cmd`, call `inject(alive)` while it runs (alive() tells whether it still does), and
+    return (exit status, stderr); the run is killed on the way out if it is still there."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        wait_for(lambda: bool(kill_workers("ray::process_chunk", {"CXR_FAULT_TEST": token})), 180,
-                 "a Ray worker in the middle of a task", poll=0.005, alive=lambda: proc.poll() is None)
+        inject(lambda: proc.poll() is None)
         _, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err[-3000:]
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+def test_a_ray_worker_killed_mid_task_is_retried_and_the_shards_are_identical(inputs, reference, tmp_path):
+    out, token = tmp_path / "prepared", uuid.uuid4().hex
+    marker = {"CXR_FAULT_TEST": token}  # Ray's workers inherit it: ours are told apart
+
+    def kill_a_worker(alive) -> None:
+        wait_for(lambda: bool(kill_workers("ray::process_chunk", marker)), 180,
+                 "a Ray worker in the middle of a task", poll=0.005, alive=alive)
+
+    code, err = prepare_with_fault(command(inputs, out, "--workers", "2"), dict(os.environ, **marker), kill_a_worker)
+    assert code == 0, err[-3000:]
     assert shards(out) == reference
 
 
 @pytest.mark.slow
 def test_a_ray_node_stopped_mid_run_leaves_the_run_to_the_head_node(inputs, reference, tmp_path):
-    token = uuid.uuid4().hex
-    with two_node_ray(str(Path(PYTHON).parent / "ray"), dict(os.environ), {"CXR_FAULT_TEST": token}) as (address,
-                                                                                                       second):
-        out = tmp_path / "prepared"
-        proc = subprocess.Popen(command(inputs, out, "--address", address, "--workers", "2"), cwd=REPO,
-                                env=dict(os.environ, RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            # stop the second node while one of its workers runs a task and some chunks are done
-            wait_for(lambda: chunks_done(out) >= 2 and bool(processes("ray::process_chunk", {"CXR_FAULT_TEST": token})),
-                     300, "a task on the second node", poll=0.005, alive=lambda: proc.poll() is None)
+    out, marker = tmp_path / "prepared", {"CXR_FAULT_TEST": uuid.uuid4().hex}
+    with two_node_ray(str(Path(PYTHON).parent / "ray"), dict(os.environ), marker) as (address, second):
+
+        def stop_the_second_node(alive) -> None:
+            # while one of its workers runs a task and some chunks are done
+            wait_for(lambda: chunks_done(out) >= 2 and bool(processes("ray::process_chunk", marker)), 300,
+                     "a task on the second node", poll=0.005, alive=alive)
             os.killpg(second.pid, signal.SIGKILL)
-            kill_workers("ray::", {"CXR_FAULT_TEST": token})  # its workers go down with it
-            _, err = proc.communicate(timeout=600)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err[-3000:]
+            kill_workers("ray::", marker)  # its workers go down with it
+
+        code, err = prepare_with_fault(command(inputs, out, "--address", address, "--workers", "2"),
+                                       dict(os.environ, RAY_AUTH_MODE="disabled"), stop_the_second_node)
+    assert code == 0, err[-3000:]
     assert shards(out) == reference
