@@ -7,6 +7,9 @@ Each image gets exactly the transform its model's training data was prepared wit
 dataset manifest), so there is no train/serve skew. One row per image: file, predicted class, probability
 of the positive class (K classes: of the predicted class), the threshold used, and an error for a file that
 cannot be read; the others are still predicted, and the exit status is 1 if any file failed.
+
+A `.tflite` model runs on LiteRT (`ai_edge_litert`): such a prediction never imports TensorFlow, so it
+starts in a fraction of the time and memory (docs/serving.md).
 """
 from __future__ import annotations
 
@@ -19,14 +22,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from distributed.model.kerasenv import keras  # noqa: F401  first: chooses tf_keras before TensorFlow loads
-
 import numpy as np
 
-from distributed.evaluation.gradcam import gradcam, overlay
-from distributed.evaluation.report import write_png
-from distributed.evaluation.scores import predicted_classes
-from distributed.model.scoring import load_scorer, run_model_path
+from distributed.model.scoring import load_scorer, predicted_classes, run_model_path
 from launch.runtime import CxrError, OneLineParser, read_json, run_cli, setup_logging, write_text_atomic
 from preprocessing.transform import ImageRejected, TransformParams, transform
 
@@ -136,6 +134,9 @@ def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
 def write_gradcams(folder: Path, model, images: np.ndarray, pred: np.ndarray, rows: list[dict],
                    used: set[str]) -> None:
     """One Grad-CAM overlay of the predicted class per image: FOLDER/<file stem>-gradcam.png."""
+    from distributed.evaluation.gradcam import gradcam, overlay  # TensorFlow: a Keras model is loaded already
+    from distributed.evaluation.report import write_png
+
     folder.mkdir(parents=True, exist_ok=True)
     heat = gradcam(model, images, pred)
     for row, image, h in zip(rows, images, heat):

@@ -2,7 +2,8 @@
 sparsity), TFLite CPU latency and memory, and pick a variant from the accuracy-size trade-off.
 
 All functions take paths or plain dicts ("rows", one per variant, e.g. {"variant": "int8", "gzip_bytes": ...,
-"val_auc": ...}) and return JSON-ready values.
+"val_auc": ...}) and return JSON-ready values. TFLite files are read and run with LiteRT (`ai_edge_litert`),
+not TensorFlow.
 """
 from __future__ import annotations
 
@@ -10,23 +11,19 @@ import gc
 import os
 import tarfile
 import time
-import warnings
 import zlib
 from pathlib import Path
 from typing import Sequence
 
-from distributed.model.kerasenv import keras  # noqa: F401  (first: chooses tf_keras before TensorFlow loads)
+import numpy as np
+import psutil
+from ai_edge_litert import schema_py_generated as schema_fb
+from ai_edge_litert.tools import flatbuffer_utils
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from tensorflow.lite.python import schema_py_generated as schema_fb  # noqa: E402
-from tensorflow.lite.tools import flatbuffer_utils  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
-
-from launch.figures import plt, save_figure, styled  # noqa: E402
-from distributed.model.scoring import quantize_input  # noqa: E402
-from launch.runtime import CxrError, quiet_tensorflow  # noqa: E402
+from distributed.model.scoring import litert_interpreter, quantize_input
+from launch.figures import plt, save_figure, styled
+from launch.runtime import CxrError, quiet_tensorflow
 
 _CHUNK = 1 << 20
 _TYPE_NAMES = {v: k.lower() for k, v in vars(schema_fb.TensorType).items() if not k.startswith("_")}
@@ -142,17 +139,6 @@ def weight_report(tflite_path: str | os.PathLike) -> dict:
 
 # ------------------------------------------------------------------------------------------- latency ---
 
-def _interpreter(path: Path, num_threads: int | None = None) -> tf.lite.Interpreter:
-    """A `tf.lite.Interpreter`, without TF 2.21's "use ai_edge_litert" deprecation warning."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"\s*Warning: tf\.lite\.Interpreter is deprecated",
-                                category=UserWarning)
-        try:
-            return tf.lite.Interpreter(model_path=str(path), num_threads=num_threads)
-        except ValueError as err:
-            raise CxrError(f"cannot load the TFLite model {path}: {str(err).splitlines()[0]}") from None
-
-
 def latency(tflite_path: str | os.PathLike, input_shape: Sequence[int] | None = None, *,
             threads: Sequence[int] = (1, 2), warmup: int = 10, runs: int = 50, seed: int = 0) -> dict:
     """Batch-1 CPU latency of a TFLite model per thread count, and its peak memory.
@@ -173,7 +159,7 @@ thread counts as string keys (as JSON stores them, so fresh and reloaded results
     for t in threads:
         gc.collect()
         base = high = proc.memory_info().rss
-        interpreter = _interpreter(path, num_threads=int(t))
+        interpreter = litert_interpreter(path, num_threads=int(t))
         inp = interpreter.get_input_details()[0]
         shape = [1, *(int(d) for d in (input_shape or inp["shape"][1:]))]
         if list(inp["shape"]) != shape:

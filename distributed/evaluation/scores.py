@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from distributed.evaluation import metrics as m
-from distributed.model.scoring import Scorer
+from distributed.model.scoring import Scorer, predicted_classes
 from launch.runtime import CxrError
 from preprocessing import schema
 
@@ -152,13 +152,6 @@ def compute_metrics(val: SplitScores, test: SplitScores, classes: list[str], rul
         out["multiclass"]["intervals"] = m.bootstrap_intervals(m.multiclass_metric_functions(), test.labels,
                                                                test.probs, n_resamples=n_bootstrap, seed=seed)
     return out
-
-
-def predicted_classes(probs: np.ndarray, threshold: float | None) -> np.ndarray:
-    """Binary: positive where P(positive) >= threshold; K classes: the argmax."""
-    if probs.shape[1] == 2 and threshold is not None:
-        return (probs[:, 1] >= threshold).astype(int)
-    return probs.argmax(axis=1)
 
 
 def gallery_picks(scores: SplitScores, threshold: float | None, per_group: int) -> list[dict[str, Any]]:

@@ -242,24 +242,6 @@ def min_image_size(name: str) -> int:
     return _CNN_MIN_SIZE if key == "cnn" else _BACKBONE_MIN_SIZE
 
 
-def output_probabilities(outputs: np.ndarray) -> np.ndarray:
-    """Model output -> class probabilities of shape (n, K).
-
-    (n, 1) or (n,) sigmoid outputs P(class 1) become [1 - p, p]; (n, K) softmax outputs are returned as
-    floats unchanged.
-    """
-    out = np.asarray(outputs)
-    if not np.issubdtype(out.dtype, np.floating):
-        out = out.astype(np.float32)
-    if out.ndim == 1:
-        out = out[:, None]
-    if out.ndim != 2:
-        raise ValueError(f"expected model outputs of shape (n, 1) or (n, K), got {out.shape}")
-    if out.shape[1] == 1:
-        return np.concatenate([1.0 - out, out], axis=1)
-    return out
-
-
 def loss_for(model: keras.Model, label_smoothing: float = 0.0):
     """The loss matching the model's head, for integer class-index labels of shape (n,) or (n, 1).
 
@@ -550,6 +532,6 @@ def _first_line(err: BaseException) -> str:
 
 __all__ = [
     "MODEL_NAMES", "ModelError", "build_model", "build_vgg16_classifier", "build_resnet50_classifier",
-    "build_thesis_cnn", "check_image_size", "last_conv_layer_name", "output_probabilities", "loss_for",
+    "build_thesis_cnn", "check_image_size", "last_conv_layer_name", "loss_for",
     "min_image_size", "backbone_layers", "set_backbone_trainable", "recalibrate_batchnorm",
 ]

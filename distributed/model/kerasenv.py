@@ -20,7 +20,8 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if VERBOSE else "2")
 
 if not VERBOSE:
-    # tf.lite.Interpreter announces its move to ai-edge-litert on every construction; the toolkit knows.
+    # tf.lite.Interpreter announces its move to ai-edge-litert on every construction. The toolkit runs TFLite
+    # on LiteRT; only tf.lite's QuantizationDebugger (optimize.compress, selective int8) still makes one.
     warnings.filterwarnings("ignore", message=r".*tf\.lite\.Interpreter is deprecated", category=UserWarning)
     # the converter's note when a float-input model gets int8 internals, which is what the toolkit asks for
     warnings.filterwarnings("ignore", message=r"Statistics for quantized inputs were expected", category=UserWarning)

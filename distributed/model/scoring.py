@@ -2,6 +2,10 @@
 
 Every model of this toolkit takes uint8 images (n, H, W, C) and does its own scaling, so a `Scorer` is all
 evaluation, prediction and the optimize stage need: give it pixels, get class probabilities (n, K).
+
+No TensorFlow here: a `.tflite` model runs on LiteRT (`ai_edge_litert`), so a process that only serves one
+(`distributed.predict --model model.tflite`) never loads TensorFlow. Keras models are loaded by
+`distributed.model.keras_scoring`, imported only when one is asked for.
 """
 from __future__ import annotations
 
@@ -9,13 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from distributed.model.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
-
 import numpy as np
-import tensorflow as tf
 
-from distributed.model.builders import output_probabilities
-from distributed.model.calibration import is_calibration_layer, logits_model, uncalibrated_probabilities
 from launch.runtime import CxrError, quiet_tensorflow, read_json
 from preprocessing.transform import gamma_table
 
@@ -115,51 +114,36 @@ def read_run_config(run_dir: str | Path) -> dict:
 
 
 def load_scorer(path: str | Path, *, num_threads: int | None = None) -> Scorer:
-    """A SavedModel folder or `.keras`/`.h5` file (loaded with tf_keras), or a `.tflite` file."""
+    """A SavedModel folder or `.keras`/`.h5` file (loaded with tf_keras), or a `.tflite` file (LiteRT)."""
     path = Path(path)
     if not path.exists():
         raise CxrError(f"model not found: {path}")
     if path.suffix == ".tflite":
-        return _tflite_scorer(path, num_threads)
+        return tflite_scorer(path, num_threads)
     if path.is_dir() and not (path / "saved_model.pb").is_file():
         raise CxrError(f"{path} is a folder but not a SavedModel (no saved_model.pb); pass a run with --run, "
                        "a SavedModel folder, a .keras/.h5 file or a .tflite file")
     if path.is_file() and path.suffix not in KERAS_FILE_SUFFIXES:
         raise CxrError(f"{path}: unknown model format {path.suffix!r}; expected a SavedModel folder, "
                        f"{', '.join(KERAS_FILE_SUFFIXES)} or .tflite")
+    from distributed.model.keras_scoring import keras_scorer  # TensorFlow loads here, and only here
+
+    return keras_scorer(path)
+
+
+def litert_interpreter(path: str | Path, num_threads: int | None = None):
+    """A LiteRT interpreter of a `.tflite` file (`ai_edge_litert.interpreter.Interpreter`), or a clear error."""
+    from ai_edge_litert.interpreter import Interpreter
+
     try:
-        model = keras.models.load_model(str(path), compile=False)
-    except (OSError, ValueError, ImportError) as err:
-        raise CxrError(f"cannot load the Keras model {path}: {str(err).splitlines()[0]}") from None
-    shape = tuple(int(d) for d in model.input_shape[1:])
-    if len(shape) != 3 or None in shape:
-        raise CxrError(f"{path} takes inputs of shape {model.input_shape}, not images (H, W, C)")
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        return model(tf.convert_to_tensor(batch, dtype=model.inputs[0].dtype), training=False).numpy()
-
-    return Scorer(path, "keras", shape, predict, model, _predict_both=_two_output_predict(model))
-
-
-def _two_output_predict(model) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
-    """For a model with calibration layers: batch -> (its output as K columns, the probabilities of its
-    logits through the head's own sigmoid/softmax), from one forward pass of a two-output view of the model."""
-    if not any(is_calibration_layer(layer) for layer in model.layers):
-        return None
-    both = keras.Model(model.inputs, [model.output, logits_model(model).output])
-
-    def predict(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out, logits = both(tf.convert_to_tensor(batch, dtype=model.inputs[0].dtype), training=False)
-        return output_probabilities(out.numpy()), uncalibrated_probabilities(logits.numpy())
-
-    return predict
-
-
-def _tflite_scorer(path: Path, num_threads: int | None) -> Scorer:
-    try:
-        interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=num_threads)
-    except ValueError as err:
+        return Interpreter(model_path=str(path), num_threads=num_threads)
+    except (ValueError, RuntimeError) as err:
         raise CxrError(f"cannot load the TFLite model {path}: {str(err).splitlines()[0]}") from None
+
+
+def tflite_scorer(path: Path, num_threads: int | None = None) -> Scorer:
+    """A Scorer of a TFLite file on LiteRT (whatever the file's name)."""
+    interpreter = litert_interpreter(path, num_threads)
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     shape = tuple(int(d) for d in inp["shape"][1:])
     if len(shape) != 3:
@@ -196,3 +180,28 @@ def dequantize_output(values: np.ndarray, detail: dict) -> np.ndarray:
     if np.issubdtype(values.dtype, np.integer) and scale:
         return (values.astype(np.float32) - zero) * scale
     return values.astype(np.float32)
+
+
+def output_probabilities(outputs: np.ndarray) -> np.ndarray:
+    """Model output -> class probabilities of shape (n, K).
+
+    (n, 1) or (n,) sigmoid outputs P(class 1) become [1 - p, p]; (n, K) softmax outputs are returned as
+    floats unchanged.
+    """
+    out = np.asarray(outputs)
+    if not np.issubdtype(out.dtype, np.floating):
+        out = out.astype(np.float32)
+    if out.ndim == 1:
+        out = out[:, None]
+    if out.ndim != 2:
+        raise ValueError(f"expected model outputs of shape (n, 1) or (n, K), got {out.shape}")
+    if out.shape[1] == 1:
+        return np.concatenate([1.0 - out, out], axis=1)
+    return out
+
+
+def predicted_classes(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Binary: positive where P(positive) >= threshold; K classes: the argmax."""
+    if probs.shape[1] == 2 and threshold is not None:
+        return (probs[:, 1] >= threshold).astype(int)
+    return probs.argmax(axis=1)

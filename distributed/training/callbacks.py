@@ -23,7 +23,8 @@ import tensorflow as tf
 from distributed.model.kerasenv import keras
 
 from distributed.evaluation.metrics import validation_metrics
-from distributed.model.builders import output_probabilities, recalibrate_batchnorm
+from distributed.model.builders import recalibrate_batchnorm
+from distributed.model.scoring import output_probabilities
 from launch.runtime import atomic_dir, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("cxrscale.train")

@@ -12,6 +12,7 @@ import pytest
 from distributed.model.kerasenv import keras
 from distributed.model import builders as M
 from distributed.model.builders import ModelError
+from distributed.model.scoring import output_probabilities
 from launch.runtime import CxrError
 
 VGG16_TABLE1_TOTAL = 40_407_874
@@ -133,7 +134,7 @@ def test_outputs_are_class_probabilities(name, size, num_classes, units, loss):
     model = M.build_model(name, size, num_classes, seed=1)
     raw = model.predict(_uint8_images(4, size), verbose=0)
     assert raw.shape == (4, units) and raw.dtype == np.float32
-    probs = M.output_probabilities(raw)
+    probs = output_probabilities(raw)
     assert probs.shape == (4, num_classes)
     assert np.all((probs >= 0) & (probs <= 1))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
@@ -142,12 +143,12 @@ def test_outputs_are_class_probabilities(name, size, num_classes, units, loss):
 
 
 def test_output_probabilities_handles_sigmoid_and_softmax_shapes():
-    np.testing.assert_allclose(M.output_probabilities(np.array([[0.25], [1.0]])), [[0.75, 0.25], [0.0, 1.0]])
-    np.testing.assert_allclose(M.output_probabilities(np.array([0.1])), [[0.9, 0.1]])
+    np.testing.assert_allclose(output_probabilities(np.array([[0.25], [1.0]])), [[0.75, 0.25], [0.0, 1.0]])
+    np.testing.assert_allclose(output_probabilities(np.array([0.1])), [[0.9, 0.1]])
     softmax = np.array([[0.2, 0.3, 0.5]], dtype=np.float32)
-    np.testing.assert_array_equal(M.output_probabilities(softmax), softmax)
+    np.testing.assert_array_equal(output_probabilities(softmax), softmax)
     with pytest.raises(ValueError):
-        M.output_probabilities(np.zeros((2, 2, 2)))
+        output_probabilities(np.zeros((2, 2, 2)))
 
 
 def test_last_conv_layer_is_found_for_every_model(vgg224, resnet224, cnn64):

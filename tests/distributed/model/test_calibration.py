@@ -81,7 +81,9 @@ def test_the_calibrated_graph_computes_the_fitted_map_in_savedmodel_and_tflite(t
     assert not any(C.is_calibration_layer(layer) for layer in again.layers)
     check_scorer_gives_both_outputs_in_one_pass(tmp_path / "model", images, expected, atol)
 
-    lite = tf.lite.Interpreter(model_content=tf.lite.TFLiteConverter.from_keras_model(calibrated).convert())
+    from ai_edge_litert.interpreter import Interpreter  # the runtime the toolkit serves TFLite with
+
+    lite = Interpreter(model_content=tf.lite.TFLiteConverter.from_keras_model(calibrated).convert())
     inp, out = lite.get_input_details()[0], lite.get_output_details()[0]
     lite.resize_tensor_input(inp["index"], [len(images), 32, 32, 1])
     lite.allocate_tensors()
