@@ -35,8 +35,10 @@ class CxrError(Exception):
 
 
 # Libraries whose Python loggers narrate routine work (absl: "Sharding callback duration" every epoch;
-# tensorflow: "Assets written to", twice through its own handler): warnings only, unless CXR_VERBOSE=1.
-CHATTY_LOGGERS = {"absl": logging.WARNING, "tensorflow": logging.ERROR, "h5py": logging.WARNING}
+# tensorflow: "Assets written to", twice through its own handler; tf2onnx: every conversion step): warnings only,
+# unless CXR_VERBOSE=1.
+CHATTY_LOGGERS = {"absl": logging.WARNING, "tensorflow": logging.ERROR, "h5py": logging.WARNING,
+                  "tf2onnx": logging.WARNING}
 
 
 def verbose() -> bool:
@@ -127,10 +129,22 @@ def _user_folder(path: str) -> str:
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose mistakes are one `error: ...` line and exit status 2, like every other user
     mistake in the toolkit (argparse's own adds its usage lines), printed by rank 0 only under a launcher.
-    Every entry point's parser is one."""
+    Every entry point's parser is one, so every entry point answers `--version`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=version_line(),
+                          help="print the toolkit's version and exit")
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {message} (see --help)\n" if launcher_rank() == 0 else None)
+
+
+def version_line() -> str:
+    """`cxrscale X.Y.Z`: launch.__version__, the one place the version is set (setup.cfg reads it too)."""
+    from launch import __version__
+
+    return f"cxrscale {__version__}"
 
 
 def int_at_least(minimum: int):
@@ -364,15 +378,16 @@ def library_versions(packages: Sequence[str]) -> dict[str, str]:
 
 
 def git_commit() -> str:
-    """The toolkit's git commit, or "unknown" outside a checkout."""
-    import subprocess
-
+    """The toolkit's git commit: of the checkout, else CXR_GIT_COMMIT (the container image records the commit it
+    was built from there), else "unknown"."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+        out = None
+    if out is not None and out.returncode == 0 and out.stdout.strip():
+        return out.stdout.strip()
+    return os.environ.get("CXR_GIT_COMMIT", "").strip() or "unknown"
 
 
 def check_writable_dir(path: Path, option: str) -> None:

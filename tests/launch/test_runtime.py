@@ -96,10 +96,39 @@ def test_run_quietly_passes_on_everything_but_tensorflows_start_up_lines():
 
 
 ENTRY_POINTS = ["preprocessing", "preprocessing.sample", "distributed.train", "distributed.evaluate",
-                "distributed.predict", "distributed.ensemble", "optimize.prune_quantize", "optimize.tune",
+                "distributed.predict", "distributed.ensemble", "optimize.prune_quantize", "optimize.export",
+                "optimize.tune", "launch.cli",
                 "launch.local", "launch.slurm", "launch.kubernetes", "launch.hostfile", "launch.pipeline",
                 "benchmarks", "benchmarks.preprocess", "benchmarks.train", "benchmarks.optimize",
-                "benchmarks.complexity", "benchmarks.scaling", "benchmarks.robustness", "benchmarks.faults"]
+                "benchmarks.complexity", "benchmarks.scaling", "benchmarks.robustness", "benchmarks.serving",
+                "benchmarks.faults"]
+
+
+def test_every_entry_point_answers_version():
+    """`--version` on every entry point, all in one process (each as `python -m MODULE --version` runs it), and
+    on the installed `cxrscale` command."""
+    from launch import __version__
+
+    code = textwrap.dedent(f"""
+        import contextlib, io, runpy, sys
+        for module in {ENTRY_POINTS!r}:
+            sys.argv, out = [module, "--version"], io.StringIO()
+            try:
+                with contextlib.redirect_stdout(out):
+                    runpy.run_module(module, run_name="__main__", alter_sys=True)
+            except SystemExit as done:
+                assert done.code in (0, None), (module, done.code)
+            else:
+                raise AssertionError(module + " did not exit on --version")
+            print(module, out.getvalue().strip())
+        """)
+    result = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert lines == {module: f"cxrscale {__version__}" for module in ENTRY_POINTS}
+    command = subprocess.run([os.path.join(os.path.dirname(PYTHON), "cxrscale"), "--version"], capture_output=True,
+                             text=True)
+    assert command.returncode == 0 and command.stdout.strip() == f"cxrscale {__version__}"
 
 
 def test_every_entry_point_reports_a_bad_flag_in_one_line():
