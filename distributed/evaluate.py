@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from distributed.model.kerasenv import keras  # noqa: F401  first: chooses tf_keras before TensorFlow loads
 
 from distributed.evaluation import report
+from distributed.evaluation.model_card import write_model_card
 from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, ThresholdRule, compute_metrics,
                                            gallery_picks, load_records, parse_threshold, score_split)
 from distributed.model.calibration import probability_quality
@@ -119,7 +120,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     results["calibration"].pop("before_probs", None)  # plotted, not a number for metrics.json
     results["seconds"] = time.perf_counter() - started
     report.write_report(target.output, results)
-    log.info("report written to %s (%.0f s)", target.output / "report.html", results["seconds"])
+    card = write_model_card(target.output / "metrics.json", dataset_credit=args.dataset_credit)
+    log.info("report written to %s, model card to %s (%.0f s)", target.output / "report.html", card,
+             results["seconds"])
     return results
 
 
@@ -147,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m distributed.evaluate", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Writes OUTPUT/metrics.json (every number), report.md, report.html (self-contained), scores.csv, "
-               "the plots and gradcam/. Example:\n  python -m distributed.evaluate --run runs/sample")
+               "the plots and gradcam/, and the model card (RUN/model_card.md, or OUTPUT/model_card.md for "
+               "--model). Example:\n  python -m distributed.evaluate --run runs/sample")
     source = parser.add_argument_group("what to evaluate (--run, or --model with --data)")
     source.add_argument("--run", help="a training run folder (runs/NAME): its exported model, dataset and history")
     source.add_argument("--model", help="a model file instead: SavedModel folder, .keras/.h5 or .tflite")
@@ -167,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "zoom, gamma 0.8 and 1.25; never a flip); 4x the scoring time")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--output", help="report folder (default RUN/eval, or eval-MODEL beside a --model)")
+    parser.add_argument("--dataset-credit", help="how the training data must be credited, for the model card "
+                                                 "(default: the Kermany credit when the classes are its own)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
 

@@ -13,7 +13,8 @@ is partial, so re-running the same command after a crash or a lost node continue
   3. combine    python -m distributed.ensemble (two or more members; one member is copied) -> OUT/final,
                 calibrated on the validation split
   4. evaluate   python -m distributed.evaluate --run OUT/final   -> OUT/final/eval (the operating threshold
-                is chosen on validation; distributed.predict --run OUT/final uses it)
+                is chosen on validation; distributed.predict --run OUT/final uses it), OUT/final/model_card.md
+                (rewritten at the end of every invocation, with the recipe and command)
 
 Nothing in a recipe looks at the test split before the final evaluation: members, epochs (early stopping),
 calibration and the threshold are all chosen on validation.
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from distributed.evaluation.model_card import write_model_card
 from launch.common import EntryPoint
 from launch.local import horovodrun_command, horovodrun_path
 from launch.runtime import (CxrError, OneLineParser, atomic_dir, read_json, read_options_file, run_cli, setup_logging,
@@ -238,6 +240,8 @@ def run_pipeline(recipe: Recipe, p: Plan, *, command: Sequence[str], settings: d
     record["final"] = {"run": str(final), "threshold": metrics["threshold"]["value"],
                        "test": {k: at.get(k) for k in ("roc_auc", "accuracy", "sensitivity", "specificity", "ece")},
                        "calibration": metrics.get("calibration")}
+    # every invocation: the card then matches the last evaluation and says how the pipeline made the model
+    record["final"]["model_card"] = str(write_model_card(final / "eval" / "metrics.json", pipeline=record))
     write_json_atomic(record_path, record)
     return record
 

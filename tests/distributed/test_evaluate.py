@@ -98,6 +98,12 @@ def test_evaluate_cli_writes_a_complete_self_contained_report(sample_run, tmp_pa
     assert cal["method"] == "platt" and cal["fitted_on"] == "val"  # auto: Platt for two classes
     assert set(cal["before"]) == set(cal["after"]) == {"ece", "brier", "log_loss"}
     assert "## Calibration" in md and metrics["tta"] is False
+    card = (sample_run / "model_card.md").read_text()  # the run's card, from these very metrics
+    assert "Demonstration only" in card and "synthetic" in card
+    assert f"Operating threshold **{metrics['threshold']['value']:.4f}** (sensitivity:0.9" in card
+    auc = metrics["at_threshold"]["intervals"]["roc_auc"]
+    assert f"| ROC-AUC | {auc['value']:.3f} ({auc['low']:.3f}-{auc['high']:.3f}) |" in card
+    assert f"| as served | {cal['after']['ece']:.3f} | {cal['after']['brier']:.3f} |" in card
 
 
 def test_tta_views_are_mild_and_unflipped():
@@ -147,6 +153,13 @@ def test_real_data_predict_agrees_with_evaluate(real_run, tmp_path):
     auc = metrics["at_threshold"]["intervals"]["roc_auc"]
     print(f"real test AUC {auc['value']:.3f} ({auc['low']:.3f}-{auc['high']:.3f}), n={metrics['n']}")
     assert auc["value"] > 0.75
+    card = (real_run["run"] / "model_card.md").read_text()
+    for section in ("Intended use", "Not for", "Training data", "Preprocessing", "Model", "Performance",
+                    "Calibration", "Subgroups", "Known limitations", "Provenance"):
+        assert section in card, section
+    assert "doi:10.17632/rscbjbr9sj.2" in card and "Demonstration only" not in card  # real radiographs, credited
+    assert "carved from the training source" in card and "0.929" in card  # the measured external-test gap
+    assert f"{metrics['n']} images: {metrics['class_counts']['NORMAL']} NORMAL" in card
     evaluated = {r["id"]: float(r["p_PNEUMONIA"]) for r in
                  csv.DictReader(io.StringIO((real_run["run"] / "eval" / "scores.csv").read_text()))}
     paths = [row["path"] for row in csv.DictReader(open(real_run["csv"]))]
