@@ -72,6 +72,27 @@ def test_evaluate_predict_and_optimize_take_the_ensemble_as_a_run(ensemble_run, 
     assert "skipped" not in variants["qat"], variants["qat"]["skipped"]
 
 
+@pytest.mark.slow
+def test_exported_onnx_and_tflite_hold_the_whole_calibrated_ensemble(ensemble_run, tmp_path):
+    """What a server runs is the members' mean logit through the ensemble's calibration, computed here from
+    the members themselves."""
+    import onnxruntime
+
+    from distributed.model.scoring import load_scorer
+
+    run = ensemble_run["run"]
+    result = cli("optimize.export", "--run", str(run), "--format", "onnx", "tflite", "--output", str(tmp_path), "-q")
+    assert result.returncode == 0, quiet(result.stderr)
+    images = np.stack([x for x, _ in schema.dataset(ensemble_run["data"], "test").as_numpy_iterator()])
+    members = [keras.models.load_model(str(m / "model"), compile=False) for m in ensemble_run["members"]]
+    calibration = Calibration.from_dict(json.loads((run / "calibration.json").read_text()))
+    expected = calibration.apply(np.mean([logits_of(m, images) for m in members], axis=0))
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "ensemble" / "1" / "model.onnx"))
+    np.testing.assert_allclose(session.run(["probabilities"], {"images": images})[0], expected, atol=1e-4)
+    np.testing.assert_allclose(load_scorer(tmp_path / "tflite" / "ensemble.tflite").predict(images), expected,
+                               atol=1e-4)
+
+
 def test_ensemble_refuses_bad_members(sample_run, tmp_path):
     from distributed.ensemble import build_ensemble
 
