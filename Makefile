@@ -14,26 +14,37 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test bench clean help
+.PHONY: install lock demo test bench clean help
 
 help:
-	@echo "make install  create $(VENV), install the pinned stack, build Horovod (once)"
+	@echo "make install  create $(VENV), install the locked stack (requirements.txt, hash-checked), OpenMPI where it can, build Horovod (once)"
+	@echo "make lock     regenerate the lock file requirements.txt from requirements.in (pip-compile, hashes)"
 	@echo "make demo     generate the synthetic sample and run the pipeline on it (launch.pipeline --recipe sample)"
 	@echo "make test     run the test suite (set CXR_REQUIRE_SHARED_DATA=1 to require ../shared/data)"
 	@echo "make bench    run the benchmarks, results under benchmarks/results/"
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt setup.cfg pyproject.toml launch/install_horovod.sh
+$(STAMP): requirements.txt setup.cfg pyproject.toml launch/install_horovod.sh launch/install_mpi.sh
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "cxrscale needs Python 3.11 (TensorFlow 2.21 + Horovod 0.28.1); set PYTHON=/path/to/python3.11")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements.txt
+	$(PY) -m pip check
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	bash launch/install_mpi.sh
 	bash launch/install_horovod.sh $(VENV)
 	@$(PY) -c 'import importlib.metadata as m, sys; found = [d for d in ("dask", "distributed") if any(x.metadata["Name"].lower() == d for x in m.distributions())]; sys.exit("Dask (" + ", ".join(found) + ") is installed in $(VENV): its package `distributed` shadows cxrscale`s; pip uninstall " + " ".join(found)) if found else None'
 	@touch $@
 	@echo "cxrscale installed in $(VENV)"
+
+# The lock: every package pinned with its hashes, from the direct requirements. Run after editing requirements.in;
+# pip-tools runs in a venv of its own so that it never enters the locked one.
+LOCK_VENV ?= .venv-lock
+lock:
+	test -x $(LOCK_VENV)/bin/python || $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet pip-tools==7.6.2
+	$(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+		--no-emit-find-links --output-file=requirements.txt requirements.in
 
 demo: install
 	$(PY) -m preprocessing.sample --output $(SAMPLE)
@@ -49,4 +60,4 @@ bench: install
 	$(PY) -m benchmarks --suite all --quick
 
 clean:
-	rm -rf $(SAMPLE) $(RUN) $(TUNE) .pytest_cache
+	rm -rf $(SAMPLE) $(RUN) $(TUNE) .pytest_cache $(LOCK_VENV)
