@@ -22,7 +22,11 @@
 #   HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_HOME=/usr/local/nccl bash launch/install_horovod.sh
 # HOROVOD_GPU_*, HOROVOD_NCCL_*, HOROVOD_CUDA_HOME, HOROVOD_WITH[OUT]_* etc. are part of
 # the cache key, so the NCCL and CPU wheels never get mixed up. Other knobs:
-# HOROVOD_CMAKE=/path/to/cmake, MAKEFLAGS (default -j$(nproc)), HOROVOD_WITH_MPI=1.
+# HOROVOD_CMAKE=/path/to/cmake, MAKEFLAGS (default -j$(nproc)).
+#
+# MPI: when mpicxx is on PATH (launch/install_mpi.sh, which make install runs first, installs Debian's
+# OpenMPI as root), Horovod is built with MPI as well as Gloo, for mpirun (launch.kubernetes) and
+# srun --mpi (launch.slurm --launcher srun); HOROVOD_WITH_MPI=0 builds Gloo only, =1 insists on MPI.
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
@@ -37,8 +41,20 @@ PY=$VENV/bin/python
 TF_VERSION=$("$PY" -c 'import importlib.metadata as m; print(m.version("tensorflow"))' 2>/dev/null) ||
     die "tensorflow is not installed in $VENV; run make install"
 
-# Build options: TensorFlow + Gloo; no MPI, PyTorch or MXNet unless HOROVOD_WITH_<X>=1.
+# Build options: TensorFlow + Gloo, MPI when an MPI compiler is here; no PyTorch or MXNet unless
+# HOROVOD_WITH_<X>=1.
 export HOROVOD_WITH_TENSORFLOW=${HOROVOD_WITH_TENSORFLOW:-1} HOROVOD_WITH_GLOO=${HOROVOD_WITH_GLOO:-1}
+if [[ -z ${HOROVOD_WITH_MPI:-} ]] && command -v mpicxx >/dev/null; then
+    export HOROVOD_WITH_MPI=1
+elif [[ ${HOROVOD_WITH_MPI:-} == 1 ]]; then
+    command -v mpicxx >/dev/null || die "HOROVOD_WITH_MPI=1 but no mpicxx on PATH: install OpenMPI (bash launch/install_mpi.sh)"
+else
+    unset HOROVOD_WITH_MPI
+fi
+CONTROLLERS=Gloo
+[[ ${HOROVOD_WITH_MPI:-} == 1 ]] && CONTROLLERS="Gloo, MPI"
+NCCL=0
+[[ ${HOROVOD_GPU_OPERATIONS:-${HOROVOD_GPU_ALLREDUCE:-}} == NCCL ]] && NCCL=1 CONTROLLERS="$CONTROLLERS, NCCL"
 for fw in MPI PYTORCH MXNET; do
     with=HOROVOD_WITH_$fw
     [[ ${!with:-} == 1 ]] || export "HOROVOD_WITHOUT_$fw=1"
@@ -56,10 +72,12 @@ installed_ok() {
     [[ -f $MARKER && $(<"$MARKER") == "$KEY" && -x $VENV/bin/horovodrun ]] || return 1
     TF_CPP_MIN_LOG_LEVEL=3 "$PY" -c "import horovod, horovod.tensorflow as hvd
 assert horovod.__version__.split('+')[0] == '$HOROVOD_VERSION', horovod.__version__
-assert hvd.gloo_built()" >/dev/null 2>&1
+assert hvd.gloo_built()
+assert hvd.mpi_built() == ('MPI' in '$CONTROLLERS')
+assert bool(hvd.nccl_built()) == bool($NCCL)" >/dev/null 2>&1
 }
 if installed_ok; then
-    say "horovod $HOROVOD_VERSION (TensorFlow $TF_VERSION, Gloo) already installed in $VENV; nothing to do"
+    say "horovod $HOROVOD_VERSION (TensorFlow $TF_VERSION, $CONTROLLERS) already installed in $VENV; nothing to do"
     exit 0
 fi
 
@@ -116,9 +134,13 @@ fi
 "$PY" -m pip uninstall --quiet --yes horovod >/dev/null 2>&1 || true
 "$PY" -m pip install --quiet "${wheels[0]}"
 check=$(TF_CPP_MIN_LOG_LEVEL=3 "$VENV/bin/horovodrun" --check-build 2>/dev/null) || true
-grep -q '\[X\] TensorFlow' <<<"$check" && grep -q '\[X\] Gloo' <<<"$check" ||
-    die "horovod installed from ${wheels[0]}, but horovodrun --check-build does not list TensorFlow and Gloo:
+built_ok=1
+for part in MPI NCCL; do
+    [[ $CONTROLLERS == *$part* ]] && { grep -q "\[X\] $part" <<<"$check" || built_ok=0; }
+done
+grep -q '\[X\] TensorFlow' <<<"$check" && grep -q '\[X\] Gloo' <<<"$check" && ((built_ok)) ||
+    die "horovod installed from ${wheels[0]}, but horovodrun --check-build does not list TensorFlow and $CONTROLLERS:
 $check
 (delete $CACHE_DIR to force a rebuild)"
 echo "$KEY" >"$MARKER"
-say "horovod $HOROVOD_VERSION (TensorFlow $TF_VERSION, Gloo) installed in $VENV"
+say "horovod $HOROVOD_VERSION (TensorFlow $TF_VERSION, $CONTROLLERS) installed in $VENV"

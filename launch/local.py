@@ -368,8 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_checks(checks, f"checks before starting {args.np} workers of {entry.module}"
                              f"{f' (elastic, {elastic.min_np} to {elastic.max_np})' if elastic else ''}:")
         build = horovod_build(python)
-        # horovodrun asks Horovod again (one more TensorFlow import) unless told; without MPI it uses Gloo anyway.
-        gloo = bool(build.get("gloo")) and not build.get("mpi")
+        # Gloo whenever it is built, also beside MPI (horovodrun would pick MPI): the controller elastic runs need
+        # and the one the toolkit is tested on here; MPI is the route of mpirun (MPIJob) and srun. Saying so also
+        # spares horovodrun its own build probe (one more TensorFlow import).
+        gloo = bool(build.get("gloo"))
         command = horovodrun_command(args.np, hosts, entry, runner=horovodrun_path(python) or "horovodrun",
                                      python=python, gloo=gloo, elastic=elastic)
         if args.dry_run:

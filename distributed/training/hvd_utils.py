@@ -20,6 +20,16 @@ def cpu_threads_per_worker(local_size: int) -> int:
         return max(1, (os.cpu_count() or 1) // max(1, local_size))
 
 
+def controller() -> str:
+    """The Horovod controller this process runs on, after hvd.init(): "mpi" (mpirun, srun, or one process
+    of an MPI build), "gloo" (horovodrun --gloo, elastic runs), else "none"."""
+    import horovod.tensorflow as hvd
+
+    if hvd.mpi_enabled():
+        return "mpi"
+    return "gloo" if hvd.gloo_enabled() else "none"
+
+
 def configure_devices(local_rank: int, local_size: int) -> list:
     """Pin one GPU per local rank; on CPU give each local worker its share of the cores, so that
     `-np 2` on 2 cores does not run 2 x 2 threads. Must run before TensorFlow executes anything."""

@@ -19,6 +19,7 @@ import tensorflow as tf
 from distributed.model.builders import build_model
 from distributed.model.calibration import calibrated_model, fit_on_validation
 from distributed.training import callbacks as cb
+from distributed.training import hvd_utils
 from distributed.training.config import TrainConfig
 from distributed.training.data import DataPlan
 from launch.runtime import (CxrError, atomic_dir, git_commit, library_versions, read_numeric_csv, sha256_file,
@@ -60,7 +61,7 @@ def write_run_record(run_dir: Path, config: TrainConfig, plan: DataPlan, model, 
     meta: dict[str, Any] = {
         "config": config.to_dict(),
         "resolved": {"output": str(run_dir), "weights": config.resolved_weights(), "precision": policy,
-                     "workers": workers, "device": "GPU" if gpus else "CPU",
+                     "workers": workers, "device": "GPU" if gpus else "CPU", "controller": hvd_utils.controller(),
                      "global_batch": config.batch_size * workers, "scaled_lr": scaled_lr,
                      "steps_per_epoch": plan.steps_per_epoch, "classes": plan.classes,
                      "image_shape": list(plan.image_shape), "loss": getattr(loss, "name", None) or loss.__name__,

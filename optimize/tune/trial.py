@@ -32,7 +32,7 @@ def trial_command(config_file: Path, workers: int) -> list[str]:
     runner = horovodrun_path(sys.executable)
     if runner is None:
         raise RuntimeError("horovodrun was not found next to the Python interpreter or on PATH")
-    return horovodrun_command(workers, [("localhost", workers)], train, runner=runner, python=sys.executable)
+    return horovodrun_command(workers, [("localhost", workers)], train, runner=runner, python=sys.executable, gloo=True)
 
 
 def die_with_parent():
