@@ -7,6 +7,11 @@ The script allocates --nodes x --gpus-per-node tasks, activates the virtualenv, 
 builds Horovod's host list from the job's nodes (`scontrol show hostnames`) and runs
 `horovodrun -np N -H node1:4,node2:4 python -m MODULE ARGS` - or `srun --mpi=pmix python -m MODULE ARGS`
 with --launcher srun, which needs Horovod built with MPI (HOROVOD_WITH_MPI=1).
+
+With --container IMAGE (an Apptainer .sif, or docker://..., docs/containers.md) no virtualenv is used: every
+worker runs in the image through `apptainer exec --nv IMAGE`. Across nodes that is `srun --mpi=pmix apptainer
+exec ...` (Apptainer's hybrid MPI model; the image's Horovod is built with MPI); horovodrun, which would start
+other nodes' workers over ssh outside the image, runs inside it on one node only.
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ class SlurmJob:
     mem: str | None = None
     nccl_socket_ifname: str | None = None
     elastic: tuple[int, int] | None = None  # (min, max) workers: a Horovod elastic job
+    container: str | None = None  # an Apptainer image: every worker runs in it
 
     @property
     def workers(self) -> int:
@@ -86,6 +92,7 @@ def sbatch_script(job: SlurmJob, entry: EntryPoint) -> str:
         if value:
             head.append(f"#SBATCH --{option}={value}")
     head.append("#SBATCH --output=%x-%j.out")
+    run = '"${RUN[@]}" ' if job.container else ""  # in the image: apptainer exec [--nv] IMAGE
     module_cmd = " ".join(q(word) for word in entry.argv("python"))
     body = [
         "",
@@ -94,10 +101,7 @@ def sbatch_script(job: SlurmJob, entry: EntryPoint) -> str:
         "# Submit with: sbatch THIS_FILE (from the folder the paths below are relative to).",
         "set -euo pipefail",
         'cd "$SLURM_SUBMIT_DIR"',
-        f"VENV={q(job.venv)}",
-        '[[ -f $VENV/bin/activate ]] || { echo "error: no virtualenv at $VENV in $PWD (make install, or pass '
-        '--venv to launch.slurm)" >&2; exit 2; }',
-        'source "$VENV/bin/activate"',
+        *(container_lines(job) if job.container else venv_lines(job)),
         "",
         "export TF_USE_LEGACY_KERAS=1  # tf_keras: what Horovod and tfmot need",
         "export TF_CPP_MIN_LOG_LEVEL=2",
@@ -128,11 +132,30 @@ def sbatch_script(job: SlurmJob, entry: EntryPoint) -> str:
                 + ("" if "--elastic" in entry.args else " --elastic"),
             ]
         else:
-            body.append(f'horovodrun -np "$NP" -H "$HOSTS" {module_cmd}')
+            body.append(f'{run}horovodrun -np "$NP" -H "$HOSTS" {module_cmd}')
     else:
         body += ["# One Slurm task per worker; Horovod (built with MPI) takes its ranks from PMIx.",
-                 f"srun --mpi=pmix {module_cmd}"]
+                 f"srun --mpi=pmix {run}{module_cmd}"]
     return "\n".join(head + body) + "\n"
+
+
+def venv_lines(job: SlurmJob) -> list[str]:
+    return [f"VENV={shlex.quote(job.venv)}",
+            '[[ -f $VENV/bin/activate ]] || { echo "error: no virtualenv at $VENV in $PWD (make install, or pass '
+            '--venv to launch.slurm)" >&2; exit 2; }',
+            'source "$VENV/bin/activate"']
+
+
+def container_lines(job: SlurmJob) -> list[str]:
+    """The image check and RUN=(apptainer exec ...): the host's environment passes into the image (Apptainer's
+    default), the submit folder is bound at the same path, --nv gives the image the node's GPUs and driver."""
+    nv = " --nv" if job.gpus_per_node else ""
+    return [f"IMAGE={shlex.quote(job.container)}",
+            'command -v apptainer >/dev/null || { echo "error: apptainer is not on PATH on $(hostname) (module load '
+            'apptainer?)" >&2; exit 2; }',
+            '[[ $IMAGE == *://* || -f $IMAGE ]] || { echo "error: no container image $IMAGE in $PWD (build it: '
+            'docs/containers.md)" >&2; exit 2; }',
+            f'RUN=(apptainer exec{nv} --bind "$PWD" --pwd "$PWD" "$IMAGE")']
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m launch.slurm --nodes 2 --gpus-per-node 0 --tasks-per-node 16 "
                "-- distributed.train --data prepared/sample   # CPU nodes\n"
                "  python -m launch.slurm --nodes 1 --gpus-per-node 2 -- optimize.prune_quantize --run runs/kermany\n"
+               "  python -m launch.slurm --nodes 4 --gpus-per-node 4 --launcher srun --container cxrscale.sif "
+               "-- distributed.train --data prepared/kermany   # Apptainer\n"
                "\n"
                "--launcher horovodrun (default) starts the workers from the first node (Gloo, or MPI when Horovod "
                "has it; ssh between the job's nodes must work). --launcher srun lets Slurm start them; it needs "
@@ -169,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--venv", default=".venv", help="virtualenv to activate, relative to the submit folder "
                                                        "(default .venv)")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="horovodrun", help="default horovodrun")
+    parser.add_argument("--container", metavar="IMAGE",
+                        help="run every worker in this Apptainer image (a .sif file or docker://...; apptainer exec "
+                             "--nv) instead of --venv; across nodes it needs --launcher srun")
     parser.add_argument("--nccl-socket-ifname", help="network interface for NCCL, e.g. ib0 or eth0")
     parser.add_argument("--min-np", type=int, help="elastic (horovodrun): fewest workers the job goes on with when "
                                                    "nodes fail")
@@ -193,14 +221,24 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
         raise CxrError(f"--mem {args.mem!r} is not a Slurm memory size: use e.g. 64G or 128000M")
     if args.nccl_socket_ifname is not None and not re.match(r"^\^?=?[A-Za-z0-9_.,:-]+$", args.nccl_socket_ifname):
         raise CxrError(f"--nccl-socket-ifname {args.nccl_socket_ifname!r} is not an interface name such as ib0")
+    if args.container is not None:
+        if not args.container.strip() or re.search(r"\s", args.container):
+            raise CxrError(f"--container {args.container!r} is not an image: give a .sif file or docker://REF")
+        if args.launcher == "horovodrun" and args.nodes > 1:
+            raise CxrError(f"--container with --launcher horovodrun runs on one node only (horovodrun would start "
+                           f"the other nodes' workers over ssh, outside the image); use --launcher srun for "
+                           f"{args.nodes} nodes (the image's Horovod is built with MPI), or --nodes 1")
     return SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=tasks,
                     time=check_time(args.time), cpus_per_task=args.cpus_per_gpu, job_name=args.job_name,
                     venv=args.venv, launcher=args.launcher, partition=args.partition, account=args.account,
-                    mem=args.mem, nccl_socket_ifname=args.nccl_socket_ifname)
+                    mem=args.mem, nccl_socket_ifname=args.nccl_socket_ifname, container=args.container)
 
 
 def with_elastic(job: SlurmJob, args: argparse.Namespace, module: str) -> SlurmJob:
     rng = elastic_range(args.min_np, args.max_np, job.workers, job.launcher, module)
+    if rng and job.container:
+        raise CxrError("--min-np/--max-np with --container: an elastic job's horovodrun must reach every node and "
+                       "ask Slurm which respond, from outside the image; run it from a virtualenv (--venv)")
     return dataclasses.replace(job, elastic=rng) if rng else job
 
 
@@ -215,7 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_node = "--gpus-per-node" if job.gpus_per_node else "--tasks-per-node"
     checks = data_checks(target, job.workers, f"use fewer --nodes or {per_node} (at most {{n}} workers)",
                          local=False)
-    if not (Path(job.venv) / "bin" / "activate").is_file():
+    if job.container:
+        if "://" not in job.container and not Path(job.container).is_file():
+            checks.append((WARNING, f"no image {job.container} here: the job looks for it relative to the folder "
+                                      "you submit from"))
+    elif not (Path(job.venv) / "bin" / "activate").is_file():
         checks.append((WARNING, f"no virtualenv at {job.venv} here: the job activates {job.venv} relative to the "
                                   "folder you submit from"))
     print_checks(checks, f"checks for {job.workers} workers of {entry.module}:")
@@ -224,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = Path(args.output or f"{job.job_name}.sbatch")
     written = write_generated(output, sbatch_script(job, entry), overwrite=args.overwrite)
     print(f"{'wrote' if written else 'unchanged:'} {output} ({job.nodes} nodes x {job.tasks_per_node} workers, "
-          f"{job.launcher})")
+          f"{job.launcher}{f' in {job.container}' if job.container else ''})")
     if not args.submit:
         print(f"submit it with: sbatch {shlex.quote(str(output))}")
         return 0

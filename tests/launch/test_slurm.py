@@ -150,3 +150,55 @@ def test_elastic_script_discovers_the_responding_nodes_and_runs_horovodrun_elast
 def test_elastic_needs_horovodrun(prepared64, tmp_path, capsys):
     code, out, err, _ = write_script(tmp_path, prepared64, capsys, "--launcher", "srun", "--min-np", "2")
     assert code == 2 and "only horovodrun starts" in err
+
+
+def stand_in(path: Path, body: str) -> None:
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+
+
+def test_container_script_runs_every_worker_through_apptainer(prepared64, tmp_path, capsys):
+    """--container with --launcher srun: the script, run with stand-ins for srun (one task: it runs its
+    arguments) and apptainer (prints its arguments), hands the image and every argument over intact, and uses
+    no virtualenv."""
+    fake = tmp_path / "slurm-bin"
+    fake.mkdir()
+    stand_in(fake / "srun", 'echo "srun $1"; shift; exec "$@"\n')
+    stand_in(fake / "apptainer", "printf '%s\\n' \"$@\"\n")
+    (tmp_path / "cxrscale.sif").write_bytes(b"SIF image stand-in")
+    code, out, _, script = write_script(tmp_path, prepared64, capsys, "--launcher", "srun", "--container",
+                                        "cxrscale.sif")
+    assert code == 0, out
+    assert "in cxrscale.sif" in out and "no virtualenv" not in out
+    text = script.read_text()
+    assert "VENV=" not in text and "activate" not in text
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path))
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "srun --mpi=pmix"
+    assert lines[1:] == ["exec", "--nv", "--bind", str(tmp_path), "--pwd", str(tmp_path), "cxrscale.sif", "python",
+                         "-m", "distributed.train", "--data", str(prepared64), "--output", "runs/my run",
+                         "--batch-size", "8"]
+    (tmp_path / "cxrscale.sif").unlink()  # a missing image, or no apptainer on the node: one clear line, exit 2
+    missing = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: no container image cxrscale.sif")
+    bare = dict(env, PATH="/usr/bin:/bin")
+    no_tool = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=bare)
+    assert no_tool.returncode == 2 and "apptainer is not on PATH" in no_tool.stderr
+
+
+def test_container_with_horovodrun_runs_it_inside_the_image_on_one_node(prepared64, tmp_path, capsys):
+    script = tmp_path / "one.sbatch"
+    code, out, err = run_main(main, ["--nodes", "1", "--gpus-per-node", "2", "--container", "docker://reg/cxr:1",
+                                     "--output", str(script), "--", "distributed.train", "--data", str(prepared64)],
+                              capsys)
+    assert code == 0, err
+    text = script.read_text()
+    assert "IMAGE=docker://reg/cxr:1" in text
+    assert f'"${{RUN[@]}}" horovodrun -np "$NP" -H "$HOSTS" python -m distributed.train --data {prepared64}' in text
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    code, _, err, _ = write_script(tmp_path, prepared64, capsys, "--container", "cxrscale.sif")  # 2 nodes
+    assert code == 2 and "--launcher srun" in err and "outside the image" in err
+    code, _, err, _ = write_script(tmp_path, prepared64, capsys, "--launcher", "srun", "--container", "a b.sif")
+    assert code == 2 and "--container" in err
