@@ -50,8 +50,9 @@ demo: install
 	$(PY) -m preprocessing.sample --output $(SAMPLE)
 	$(PY) -m launch.pipeline --recipe sample --input $(SAMPLE) --output $(RUN) --np $(NP)
 	$(PY) -m optimize.prune_quantize --run $(RUN)/final --fine-tune-epochs 1 -q
+	$(PY) -m optimize.export --run $(RUN)/final -q
 	$(PY) -m optimize.tune --data $(RUN)/prepared --model cnn --search grid --max-epochs 2 --output $(TUNE) -q
-	@echo "demo: prepared dataset in $(RUN)/prepared; ensemble of two CNNs in $(RUN)/final (calibrated); evaluation report in $(RUN)/final/eval/report.html; compressed variants in $(RUN)/final/optimized/report.md; hyper-parameter search in $(TUNE)/report.md"
+	@echo "demo: prepared dataset in $(RUN)/prepared; ensemble of two CNNs in $(RUN)/final (calibrated); evaluation report in $(RUN)/final/eval/report.html and model card $(RUN)/final/model_card.md; serving exports (TF Serving, ONNX, TFLite) in $(RUN)/final/export; compressed variants in $(RUN)/final/optimized/report.md; hyper-parameter search in $(TUNE)/report.md"
 
 test: install
 	$(PY) -m pytest

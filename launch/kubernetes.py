@@ -7,8 +7,9 @@ entry point on Kubernetes, one worker pod per node and one process per GPU.
 The launcher pod runs `mpirun -np W*G -bind-to none -map-by slot -x ... python -m MODULE ARGS`, as in the
 MPI operator's and Horovod's Kubernetes examples; the worker pods run sshd and are reached by mpirun over the
 ssh keys the operator mounts. The image must hold OpenMPI, openssh-server, the toolkit and a Horovod built
-with MPI (HOROVOD_WITH_MPI=1 bash launch/install_horovod.sh). With --launcher horovodrun the launcher runs
-`horovodrun --hostfile /etc/mpi/hostfile` instead, which also works with the default Gloo-only build.
+with MPI: the repository's Dockerfile builds exactly that (docker build -t cxrscale:0.2.0 .; docs/containers.md).
+With --launcher horovodrun the launcher runs `horovodrun --hostfile /etc/mpi/hostfile` instead, which also
+works with a Gloo-only build.
 """
 from __future__ import annotations
 
@@ -136,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                "--slots-per-worker 4 --launcher horovodrun -- distributed.train --data /workspace/prepared/sample\n"
                "  kubectl apply -f mpijob.yaml && kubectl logs -f job/cxr-train-launcher\n"
                "\n"
-               "The image needs OpenMPI, openssh-server, this toolkit and Horovod; with the default --launcher "
-               "mpirun, Horovod must be built with MPI (HOROVOD_WITH_MPI=1 bash launch/install_horovod.sh). "
+               "The image needs OpenMPI, openssh-server, this toolkit and Horovod built with MPI (for the default "
+               "--launcher mpirun): the repository's Dockerfile builds it, see docs/containers.md. "
                "Paths after -- are paths inside the pods (e.g. under --mount).")
     parser.add_argument("--image", required=True, help="container image, e.g. registry.example.com/cxrscale:1.0")
     parser.add_argument("--workers", type=int, required=True, help="worker pods (one per node)")
