@@ -77,6 +77,11 @@ def check_images(data_dir: Path, split: str, count: int) -> np.ndarray:
     return np.stack(images)
 
 
+def batched(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, size: int = 32) -> np.ndarray:
+    """fn over `images` in batches of `size` (a large check split never goes through a model at once)."""
+    return np.concatenate([fn(images[i:i + size]) for i in range(0, len(images), size)])
+
+
 def parity(name: str, got: np.ndarray, want: np.ndarray, tolerance: float) -> dict[str, Any]:
     """{"max_abs_difference", "images"}, or a clear error when the format drifts from the Keras model."""
     diff = float(np.max(np.abs(np.asarray(got, np.float64) - want)))
@@ -96,7 +101,7 @@ def export_serving(serve, model: keras.Model, target: Path, images: np.ndarray, 
         with quiet_tensorflow():
             tf.saved_model.save(holder, str(tmp), signatures={"serving_default": serve})
         loaded = tf.saved_model.load(str(tmp)).signatures["serving_default"]
-        got = loaded(**{INPUT_NAME: tf.constant(images)})[OUTPUT_NAME].numpy()
+        got = batched(lambda b: loaded(**{INPUT_NAME: tf.constant(b)})[OUTPUT_NAME].numpy(), images)
         check = parity("serving", got, want, tolerance)
     return {"path": str(target), "sha256": sha256_file(target / "saved_model.pb"), "parity": check}
 
@@ -111,7 +116,7 @@ def export_onnx(serve, target: Path, images: np.ndarray, want: np.ndarray, toler
             tf2onnx.convert.from_function(serve, input_signature=spec, opset=ONNX_OPSET,
                                           output_path=str(tmp / target.name))
         session = onnxruntime.InferenceSession(str(tmp / target.name), providers=["CPUExecutionProvider"])
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+        got = batched(lambda b: session.run([OUTPUT_NAME], {INPUT_NAME: b})[0], images)
         check = parity("onnx", got, want, tolerance)
     versions = {"tf2onnx": tf2onnx.__version__, "onnxruntime": onnxruntime.__version__}
     return {"path": str(target), "sha256": sha256_file(target), "opset": ONNX_OPSET, "parity": check, **versions}
@@ -159,7 +164,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         raise CxrError(f"{model_path} takes {scorer.input_shape} images but {data_dir} holds "
                        f"{schema.image_shape(manifest)}: pass --data with the run's prepared dataset")
     images = check_images(data_dir, args.split, args.check_images)
-    want = scorer.predict(images, batch_size=len(images))
+    want = scorer.predict(images)
     serve = serving_function(model)
 
     record_path = output / "export.json"
