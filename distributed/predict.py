@@ -32,6 +32,7 @@ log = logging.getLogger("cxrscale.predict")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
 RUN_MANIFEST = "dataset_manifest.json"
+EXPORT_RECORD = "export.json"  # optimize.export's record: transform, classes, the evaluation's threshold
 CHUNK = 256  # images transformed and held at once
 
 
@@ -62,9 +63,17 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
     return files
 
 
-def default_threshold(run_dir: Path | None, tta: bool = False) -> tuple[float, str]:
-    """The operating threshold chosen on validation by the run's evaluation, else 0.5."""
-    metrics_file = run_dir / "eval" / "metrics.json" if run_dir else None
+def find_export_record(model_path: Path) -> Path | None:
+    """The export.json of the optimize.export folder a model file belongs to (TF Serving or TFLite layout)."""
+    for folder in [model_path, *model_path.parents][:5]:
+        if (folder / EXPORT_RECORD).is_file():
+            return folder / EXPORT_RECORD
+    return None
+
+
+def default_threshold(metrics_file: Path | None, tta: bool = False) -> tuple[float, str]:
+    """The operating threshold chosen on validation by the run's evaluation (its eval/metrics.json, or the
+    export.json that carries it), else 0.5."""
     if metrics_file and metrics_file.is_file():
         metrics = read_json(metrics_file, "evaluation metrics")
         chosen = metrics.get("threshold", {})
@@ -72,7 +81,7 @@ def default_threshold(run_dir: Path | None, tta: bool = False) -> tuple[float, s
             log.warning("the threshold was chosen by an evaluation %s test-time augmentation, and this prediction "
                         "runs %s it: pass the same --tta to both", "with" if metrics.get("tta") else "without",
                         "with" if tta else "without")
-        if chosen.get("value") is not None:
+        if chosen and chosen.get("value") is not None:
             return float(chosen["value"]), f"{chosen['rule']} on validation ({metrics_file})"
     return 0.5, "0.5 (no evaluation of this run found: run python -m distributed.evaluate to choose one)"
 
@@ -82,12 +91,14 @@ def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
     model_path = Path(args.model) if args.model else run_model_path(args.run)
     run_dir = Path(args.run) if args.run else find_run_dir(model_path.resolve())
     manifest_path = Path(args.manifest) if args.manifest else (run_dir / RUN_MANIFEST if run_dir else None)
-    if manifest_path is None:
+    exported = None if manifest_path else find_export_record(model_path.resolve())
+    if manifest_path is None and exported is None:
         raise CxrError(f"cannot tell how {model_path}'s training images were prepared: pass --manifest with the "
                        "prepared dataset's manifest.json (or the run's dataset_manifest.json)")
-    if manifest_path.is_dir():
+    if manifest_path is not None and manifest_path.is_dir():
         manifest_path = manifest_path / "manifest.json"
-    manifest = read_json(manifest_path, "dataset manifest")
+    manifest_path = manifest_path or exported  # an export folder's export.json has the transform and classes
+    manifest = read_json(manifest_path, "dataset manifest" if exported is None else "export record")
     params = TransformParams.from_dict(manifest["transform"])
     classes = list(manifest["classes"])
     scorer = load_scorer(model_path)
@@ -103,7 +114,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.threshold is not None:
         threshold, why = args.threshold, "--threshold"
     else:
-        threshold, why = default_threshold(run_dir, args.tta)
+        threshold, why = default_threshold(run_dir / "eval" / "metrics.json" if run_dir else exported, args.tta)
     if binary:
         log.info("threshold %.4f: %s", threshold, why)
 
@@ -173,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="a training run folder (runs/NAME): its exported model and transform")
     source.add_argument("--model", help="a model file: SavedModel folder, .keras/.h5 or .tflite")
-    parser.add_argument("--manifest", help="the dataset manifest giving the transform, when --model is not inside "
-                                           "a run folder")
+    parser.add_argument("--manifest", help="the dataset manifest giving the transform, when --model is neither inside "
+                                           "a run folder nor an optimize.export folder (export.json)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="probability threshold for the positive class (default: the one the run's evaluation "
                              "chose on validation, else 0.5)")

@@ -11,6 +11,7 @@ images (n, H, W, 1), prepared with the run's transform (in export.json), in; cal
     onnx/NAME/V/model.onnx          ONNX, opset 17, by tf2onnx; the folder is also a Triton model repository
     tflite/NAME.tflite              float32 TFLite for LiteRT (quantized variants: optimize.prune_quantize)
     export.json                     classes, input, transform, threshold, and each file's sha256 and parity
+                                    (distributed.predict --model reads its transform and threshold)
     model_card.md                   the run's model card (distributed.evaluate writes it)
 
 V is one more than the highest version already under serving/NAME and onnx/NAME (1 at first), so a new export
@@ -170,14 +171,15 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     record_path = output / "export.json"
     record = read_json(record_path, "export record") if record_path.is_file() else {}
     eval_metrics = run_dir / "eval" / "metrics.json"
-    threshold = read_json(eval_metrics, "evaluation metrics").get("threshold") if eval_metrics.is_file() else None
+    evaluation = read_json(eval_metrics, "evaluation metrics") if eval_metrics.is_file() else {}
     record.update({
         "name": name, "run": str(run_dir), "model": str(model_path),
         "model_sha256": sha256_file(model_path / "saved_model.pb"),
         "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [None, *scorer.input_shape]},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, len(manifest["classes"])],
                    "meaning": "calibrated class probabilities, columns in the order of classes"},
-        "classes": list(manifest["classes"]), "transform": manifest["transform"], "threshold": threshold,
+        "classes": list(manifest["classes"]), "transform": manifest["transform"],
+        "threshold": evaluation.get("threshold"), "tta": bool(evaluation.get("tta")),
         "checked_on": {"data": str(data_dir), "split": args.split, "images": int(len(images)),
                        "tolerance": args.tolerance},
     })

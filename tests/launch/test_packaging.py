@@ -6,6 +6,7 @@ import ast
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -89,9 +90,15 @@ def test_the_wheel_runs_in_a_fresh_venv_outside_the_checkout(tmp_path):
     """Build the wheel, install it (and the Horovod wheel make install built) into a new venv, and run an entry
     point that reads package data from a folder that is not the checkout. The third-party stack is lent from
     this venv (a .pth line, no download), so what is tested is the wheel itself."""
-    dist = tmp_path / "dist"
+    source, dist = tmp_path / "source", tmp_path / "dist"  # a copy: setuptools builds inside its source tree
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     subprocess.run([PYTHON, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(dist),
-                    str(REPO)], check=True, capture_output=True, cwd=tmp_path, timeout=300)
+                    str(source)], check=True, capture_output=True, cwd=tmp_path, timeout=300)
     (wheel,) = dist.glob("cxrscale-*.whl")
     assert wheel.name.startswith(f"cxrscale-{__version__}-")
     venv = tmp_path / "fresh"

@@ -71,7 +71,8 @@ def test_every_format_gives_the_runs_calibrated_probabilities_on_real_radiograph
                        "--model-version", "1")
     assert clash.returncode == 2 and clash.stderr.count("\n") == 1 and "exists" in clash.stderr, clash.stderr
 
-    # LiteRT serves the .tflite without TensorFlow, and agrees with the Keras model read from the same files.
+    # LiteRT serves the .tflite without TensorFlow (its transform and threshold from export.json), and agrees
+    # with the Keras model read from the same files.
     files = [row.split(",")[0] for row in (real_run["csv"]).read_text().splitlines()[1:9]]
     child = ("import json, sys\nfrom distributed import predict\n"
              f"code = predict.main(['--model', {str(tflite_file)!r}, '--format', 'json', '--output', "
