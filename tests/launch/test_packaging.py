@@ -46,7 +46,10 @@ def test_the_lock_pins_every_package_with_hashes_and_the_venv_holds_exactly_it()
     assert all(hashes >= 1 for _, hashes in pins.values()), [n for n, (_, h) in pins.items() if not h]
     for name, requirement in direct.items():  # generated from requirements.in, and not stale
         assert name in pins and requirement.specifier.contains(pins[name][0]), (name, pins.get(name))
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    # the venv's own site-packages only: an imported setuptools appends its _vendor folder (with its own
+    # packaging and wheel) to sys.path
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions(path=site)}
     wrong = {n: (v, installed.get(n)) for n, (v, _) in pins.items() if installed.get(n) != v}
     assert not wrong, f"the venv differs from requirements.txt (run make install): {wrong}"
     makefile = (REPO / "Makefile").read_text()
