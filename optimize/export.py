@@ -143,7 +143,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     model_path = run_model_path(run_dir)
     data_dir = Path(args.data) if args.data else Path(config["config"]["data"])
     if not data_dir.is_dir():
-        raise CxrError(f"the run's dataset {data_dir} is not here: pass --data with the prepared folder (the "
+        raise CxrError(f"--data {data_dir}: no such folder" if args.data else
+                       f"the run's dataset {data_dir} is not here: pass --data with the prepared folder (the "
                        "exported models are checked on its test split)")
     manifest = schema.read_manifest(data_dir)
     output = Path(args.output) if args.output else run_dir / "export"
@@ -223,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-version", type=int_at_least(1),
                         help="the version folder V (default: one more than the highest already exported)")
     parser.add_argument("--data", help="the prepared dataset to check on (default: the run's)")
-    parser.add_argument("--split", default="test", help="the split whose radiographs check every format "
-                                                        "(default test)")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"),
+                        help="the split whose radiographs check every format (default test)")
     parser.add_argument("--check-images", type=int_at_least(1), default=256,
                         help="how many of its radiographs (default 256)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
