@@ -22,7 +22,8 @@ from distributed.model.kerasenv import keras  # noqa: F401  first: chooses tf_ke
 from distributed.evaluation import report
 from distributed.evaluation.model_card import write_model_card
 from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, ThresholdRule, compute_metrics,
-                                           gallery_picks, load_records, parse_threshold, score_split)
+                                           gallery_picks, load_records, parse_threshold, per_view_metrics,
+                                           score_split, split_views)
 from distributed.model.calibration import probability_quality
 from distributed.model.scoring import load_scorer, read_run_config, run_model_path
 from launch.runtime import CxrError, OneLineParser, check_writable_dir, read_json, run_cli, setup_logging, sha256_file
@@ -96,6 +97,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.split == "val":
         log.warning("--split val: the threshold is chosen on the same cases it is measured on (optimistic)")
     results = compute_metrics(val, test, classes, args.threshold, n_bootstrap=args.bootstrap, seed=args.seed)
+    results["per_view"] = per_view_metrics(test, split_views(target.data_dir), classes, results["threshold"]["value"],
+                                           n_bootstrap=args.bootstrap, seed=args.seed)
     results["calibration"] = calibration_report(target, test, test.before_calibration())
     results["tta"] = bool(args.tta)
     results["model"] = {"path": str(target.model_path), "kind": scorer.kind, "input_shape": list(scorer.input_shape),

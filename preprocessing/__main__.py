@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from launch.runtime import OneLineParser, run_cli, setup_logging
-from preprocessing import audit, transform
+from preprocessing import audit, dicom, transform
 from preprocessing.pipeline import PrepareConfig, prepare
 from preprocessing.split import OVERLAP_POLICIES
 
@@ -20,8 +20,19 @@ EXAMPLES = """examples:
   python -m preprocessing --input /shared/cxr --output /shared/prepared/cxr --address auto
 
 inputs: a folder in the Kermany layout (train|val|test/CLASS/*), plain CLASS/* folders, or a CSV with
-columns path,label[,patient][,split]; JPEG, PNG (8/16-bit, grey/RGB/RGBA) and DICOM files.
+columns path,label[,patient][,split]; JPEG, PNG (8/16-bit, grey/RGB/RGBA) and DICOM files (native, RLE,
+JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000: docs/dicom.md).
+  python -m preprocessing --input pacs-export/ --output prepared/pacs --views PA,AP --modalities CR,DX
 Re-running the same command resumes an interrupted run; other arguments need --overwrite."""
+
+
+def _codes(option: str, vocabulary: frozenset[str]):
+    def parse(text: str) -> tuple[str, ...]:
+        try:
+            return dicom.parse_codes(text, option, vocabulary)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--near-duplicate-distance", type=int, default=d.near_duplicate_distance,
                    help=f"max Hamming distance of {audit.HASH_BITS}-bit perceptual hashes for near duplicates "
                         "(-1 turns the search off; default %(default)s)")
+    p.add_argument("--modalities", type=_codes("--modalities", dicom.MODALITY_TERMS), default=d.modalities,
+                   help="DICOM Modality codes accepted, comma-separated, or 'any' (default %(default)s: computed and "
+                        "digital radiography); other DICOMs are rejected with the reason")
+    p.add_argument("--views", type=_codes("--views", dicom.VIEW_TERMS | {dicom.UNKNOWN_VIEW}), default=d.views,
+                   help="DICOM ViewPosition codes accepted, e.g. PA,AP (UNKNOWN: none given); default: every view. "
+                        "Each image's view is recorded in split.csv and counted in audit.json either way")
+    p.add_argument("--allow-burned-in-annotation", action="store_true",
+                   help="accept DICOMs whose BurnedInAnnotation is YES (rejected by default: text burnt into the "
+                        "pixels can identify the patient)")
     p.add_argument("--shards", type=int, default=d.shards,
                    help="shards per split (default: 16 when each gets >= 32 records, more for huge splits)")
     p.add_argument("--salt-file", default=d.salt_file,

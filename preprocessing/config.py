@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from launch.runtime import CxrError
-from preprocessing import audit, split as splitting
+from preprocessing import audit, dicom, split as splitting
 from preprocessing.transform import TransformParams
 
 
@@ -30,6 +30,9 @@ class PrepareConfig:
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
     near_duplicate_distance: int = audit.DEFAULT_NEAR_DISTANCE
+    modalities: tuple[str, ...] = dicom.RADIOGRAPHY_MODALITIES
+    views: tuple[str, ...] = ()
+    allow_burned_in_annotation: bool = False
     shards: int | None = None
     salt_file: str | None = None
     redact_paths: bool = False
@@ -39,7 +42,8 @@ class PrepareConfig:
         try:
             return TransformParams(size=self.size, resize=self.resize, contrast=self.contrast,
                                    clahe_clip_limit=self.clahe_clip_limit, clahe_tile_grid=self.clahe_tile_grid,
-                                   min_side=self.min_side)
+                                   min_side=self.min_side, modalities=self.modalities, views=self.views,
+                                   allow_burned_in_annotation=self.allow_burned_in_annotation)
         except ValueError as err:
             raise CxrError(str(err)) from None
 

@@ -46,16 +46,18 @@ def _class_counts(plan: SplitPlan, classes: list[str]) -> dict[str, dict[str, in
 
 def _write_split_csv(output: Path, plan: SplitPlan, hashes: RecordHashes, shard_files: list[str],
                      classes: list[str]) -> None:
-    """split.csv: one row per written record (id and patient hashes, split, label, shard), by split."""
+    """split.csv: one row per written record (id and patient hashes, split, label, shard, DICOM view position;
+    the view is empty for JPEG and PNG files), by split."""
     records = plan.records
     lines = io.StringIO()
     writer = csv.writer(lines, lineterminator="\n")
-    writer.writerow(["id", "patient", "split", "label", "class", "shard"])
+    writer.writerow(["id", "patient", "split", "label", "class", "shard", "view"])
     written = [k for k in range(len(records)) if plan.splits[k] in schema.SPLITS]
     order = sorted(written, key=lambda k: (schema.SPLITS.index(plan.splits[k]), records[k].item.rel))
     for k in order:
         label = records[k].item.label
-        writer.writerow([hashes.ids[k], hashes.patients[k], plan.splits[k], label, classes[label], shard_files[k]])
+        writer.writerow([hashes.ids[k], hashes.patients[k], plan.splits[k], label, classes[label], shard_files[k],
+                         records[k].view or ""])
     write_text_atomic(output / schema.SPLIT_CSV, lines.getvalue())
 
 
@@ -94,11 +96,29 @@ def _write_audit(output: Path, plan: SplitPlan, hashes: RecordHashes, config: Pr
                                 "kept_in_train": plan.kept_overlap},
         "given_split_leaks": [describe(np.flatnonzero(plan.groups == g).tolist()) for g in plan.leaks],
         "input_formats": dict(Counter(r.fmt for r in records)),
+        "dicom": _dicom_counts(plan),
         "input_sizes_px": {dim: {"min": int(shapes[:, k].min()), "median": float(np.median(shapes[:, k])),
                                  "max": int(shapes[:, k].max())} for k, dim in enumerate(("height", "width"))},
     }
     write_json_atomic(output / schema.AUDIT, audit_doc)
     return near_components
+
+
+def _dicom_counts(plan: SplitPlan) -> dict:
+    """What the accepted DICOMs' headers say, counted: modality, view position (per split too), burnt-in
+    annotation and transfer syntax. Codes only (preprocessing.dicom never passes on free text)."""
+    dicoms = [(r, str(s)) for r, s in zip(plan.records, plan.splits) if r.fmt == "dicom"]
+    views_per_split: dict[str, dict[str, int]] = {}
+    for split in schema.SPLITS:
+        counts = Counter(r.view for r, s in dicoms if s == split)
+        if counts:
+            views_per_split[split] = dict(sorted(counts.items()))
+    return {"images": len(dicoms),
+            "modalities": dict(sorted(Counter(r.modality for r, _ in dicoms).items())),
+            "views": dict(sorted(Counter(r.view for r, _ in dicoms).items())),
+            "views_per_split": views_per_split,
+            "burned_in_annotation": dict(sorted(Counter(r.burned_in for r, _ in dicoms).items())),
+            "transfer_syntaxes": dict(sorted(Counter(r.transfer_syntax for r, _ in dicoms).items()))}
 
 
 def _write_manifest(output: Path, discovery: Discovery, config: PrepareConfig, params: TransformParams,

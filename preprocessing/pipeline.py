@@ -83,11 +83,12 @@ def process_chunk(index: int, files: list[tuple[int, str, str]], params: dict, s
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
-            decoded = decode(data, tp.size, tp.resize, name=path)
+            decoded = decode(data, tp.size, tp.resize, name=path, params=tp)
             image = transform_decoded(decoded, tp)
             row.update(ok=True, row=len(images), digest=audit.pixel_digest(decoded.pixels),
                        phash=[int(w) for w in audit.perceptual_hash(decoded.pixels)],
-                       shape=list(decoded.original_shape), fmt=decoded.fmt,
+                       shape=list(decoded.original_shape), fmt=decoded.fmt, modality=decoded.modality,
+                       view=decoded.view, burned_in=decoded.burned_in, transfer_syntax=decoded.transfer_syntax,
                        dicom_patient=keyed_hash(salt, "dicom", decoded.patient_id) if decoded.patient_id else None)
             images.append(image)
         except ImageRejected as err:
@@ -349,7 +350,8 @@ def _stage_transform(items: list[InputItem], params: TransformParams, salt: byte
                 continue
             key, source = _patient_key(item, row.get("dicom_patient"))
             records.append(Record(item, index, row["row"], row["digest"], row["phash"], tuple(row["shape"]),
-                                  row["fmt"], key, source))
+                                  row["fmt"], key, source, row.get("modality"), row.get("view"),
+                                  row.get("burned_in"), row.get("transfer_syntax")))
     return records, rejected
 
 

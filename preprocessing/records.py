@@ -32,6 +32,10 @@ class Record:
     fmt: str
     patient_key: str
     patient_source: str
+    modality: str | None = None   # DICOM codes (preprocessing.dicom); None for JPEG/PNG
+    view: str | None = None
+    burned_in: str | None = None
+    transfer_syntax: str | None = None
 
 
 @dataclass

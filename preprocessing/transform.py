@@ -18,6 +18,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from preprocessing import dicom
+
 RESIZE_MODES = ("letterbox", "stretch")
 CONTRAST_MODES = ("clahe", "equalize", "none")
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -39,6 +41,9 @@ class TransformParams:
         or "none". Applied to the image content before padding, so padding does not skew the histogram.
     clahe_clip_limit, clahe_tile_grid: OpenCV CLAHE parameters.
     min_side: inputs whose shorter side is below this many pixels are rejected.
+    modalities, views: DICOM Modality and ViewPosition codes accepted (empty: any); JPEG and PNG files carry
+        neither and are not checked.
+    allow_burned_in_annotation: accept DICOMs whose BurnedInAnnotation is YES (text in the pixels is PHI).
     """
 
     size: int = 224
@@ -47,8 +52,13 @@ class TransformParams:
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
     min_side: int = 64
+    modalities: tuple[str, ...] = dicom.RADIOGRAPHY_MODALITIES
+    views: tuple[str, ...] = ()
+    allow_burned_in_annotation: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "modalities", tuple(str(m).upper() for m in self.modalities))
+        object.__setattr__(self, "views", tuple(str(v).upper() for v in self.views))
         if self.size < 32:
             raise ValueError(f"size must be at least 32 px, got {self.size}")
         if self.resize not in RESIZE_MODES:
@@ -61,24 +71,34 @@ class TransformParams:
             raise ValueError(f"min side must be at least 1 px, got {self.min_side}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TransformParams":
+        """From a manifest's record. One written before the DICOM checks existed (no `modalities` key)
+        accepted any modality and view, and so does its transform now."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if "modalities" not in data:
+            values["modalities"] = ()
+        return cls(**values)
 
 
 @dataclass(frozen=True)
 class Decoded:
     """A decoded greyscale image. pixels: uint8 (H, W); original_shape: (H, W) of the file before any
     reduced-size decoding; fmt: "jpeg", "png", "dicom", ...; patient_id: DICOM PatientID (raw, never
-    written anywhere; callers hash it) or None."""
+    written anywhere; callers hash it) or None; modality, view, burned_in, transfer_syntax: the DICOM
+    header's codes (`preprocessing.dicom`), None for other formats."""
 
     pixels: np.ndarray
     original_shape: tuple[int, int]
     fmt: str
     patient_id: str | None = None
+    modality: str | None = None
+    view: str | None = None
+    burned_in: str | None = None
+    transfer_syntax: str | None = None
 
 
 def is_dicom(data: bytes, name: str = "") -> bool:
@@ -209,41 +229,26 @@ def decode_raster(data: bytes, size: int, resize: str) -> Decoded:
     return Decoded(grey, grey.shape[:2], fmt)
 
 
-def decode_dicom(data: bytes) -> Decoded:
-    """Decode a single-frame greyscale DICOM: rescale slope/intercept and the VOI window applied,
-    MONOCHROME1 inverted so that bone is bright, then stretched to uint8."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
+def decode_dicom(data: bytes, params: TransformParams | None = None) -> Decoded:
+    """Decode a single-frame greyscale DICOM that passes the header checks of `params` (default: radiography
+    modalities, any view, no burnt-in text): rescale slope/intercept and the VOI window applied, MONOCHROME1
+    inverted so that bone is bright, then stretched to uint8."""
+    params = params or TransformParams()
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except Exception as err:  # noqa: BLE001 - pydicom raises many types for broken files
-        raise ImageRejected(f"unreadable DICOM ({type(err).__name__}: {err})") from None
-    if "PixelData" not in ds:
-        raise ImageRejected("DICOM without pixel data")
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ImageRejected(f"unsupported DICOM photometric interpretation {photometric or 'missing'!r}")
-    try:
-        pixels = ds.pixel_array
-    except Exception as err:  # noqa: BLE001 - e.g. a compressed transfer syntax with no decoder installed
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise ImageRejected(f"unsupported DICOM pixel data (transfer syntax {syntax}: {err})") from None
-    if pixels.ndim != 2:
-        raise ImageRejected(f"multi-frame DICOM ({pixels.shape[0]} frames) is not supported")
-    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
-    if photometric == "MONOCHROME1":
-        values = values.max() + values.min() - values
-    patient = ds.get("PatientID")
-    return Decoded(to_uint8(values), pixels.shape, "dicom", str(patient) if patient else None)
+        image = dicom.decode_dicom(data, params.modalities, params.views, params.allow_burned_in_annotation)
+    except dicom.DicomRejected as err:
+        raise ImageRejected(str(err)) from None
+    return Decoded(to_uint8(image.values), image.shape, "dicom", image.patient_id, image.modality, image.view,
+                   image.burned_in, image.transfer_syntax)
 
 
-def decode(data: bytes, size: int = 224, resize: str = "letterbox", name: str = "") -> Decoded:
-    """Decode any supported file's bytes to a grey uint8 image; raises `ImageRejected` with the reason."""
+def decode(data: bytes, size: int = 224, resize: str = "letterbox", name: str = "",
+           params: TransformParams | None = None) -> Decoded:
+    """Decode any supported file's bytes to a grey uint8 image; raises `ImageRejected` with the reason.
+    `params` gives the DICOM header checks (their defaults when None)."""
     if not data:
         raise ImageRejected("empty file (0 bytes)")
-    decoded = decode_dicom(data) if is_dicom(data, name) else decode_raster(data, size, resize)
-    return decoded
+    return decode_dicom(data, params) if is_dicom(data, name) else decode_raster(data, size, resize)
 
 
 @functools.lru_cache(maxsize=8)
@@ -304,4 +309,4 @@ def transform(data: bytes, params: TransformParams, name: str = "") -> np.ndarra
     `name` is only used to recognise DICOM files without the standard preamble by their extension.
     Raises `ImageRejected` with a human-readable reason for inputs that cannot be used.
     """
-    return transform_decoded(decode(data, params.size, params.resize, name), params)
+    return transform_decoded(decode(data, params.size, params.resize, name, params), params)

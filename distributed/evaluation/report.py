@@ -183,6 +183,7 @@ def report_blocks(r: dict) -> list[tuple]:
                            else f", {t['description']}.")))
     blocks += _uncertainty_blocks(r)
     blocks += _metric_blocks(r)
+    blocks += _view_blocks(r)
     blocks += _calibration_blocks(r)
     blocks += _figure_blocks(r)
     blocks += _provenance_blocks(r)
@@ -230,6 +231,22 @@ def _metric_blocks(r: dict) -> list[tuple]:
                         f"{_fmt(r['validation_at_threshold']['sensitivity'])}, specificity "
                         f"{_fmt(r['validation_at_threshold']['specificity'])}."))
     return blocks
+
+
+def _view_blocks(r: dict) -> list[tuple]:
+    views = r.get("per_view")
+    if not views:
+        return []
+    keys = [k for k in next(iter(views.values())) if k not in ("n", "class_counts")]
+    where = (f"at threshold {fmt_threshold(r['threshold']['value'])}" if r["threshold"]["value"] is not None
+             else "by the most probable class")
+    rows = [[view, str(v["n"]), ", ".join(f"{c} {n}" for c, n in v["class_counts"].items()),
+             *[f"{_fmt(v[k]['value'])} ({_ci(v[k])})" if v[k]["value"] is not None else "undefined" for k in keys]]
+            for view, v in views.items()]
+    return [("h2", "Per view position"),
+            ("p", f"The {r['split']} split mixes DICOM view positions (ViewPosition); a model can be good on PA "
+                  f"and poor on AP. Metrics {where}, with 95 % bootstrap intervals:"),
+            ("table", ["view", "images", "classes", *[METRIC_LABELS.get(k, k) for k in keys]], rows)]
 
 
 def _calibration_blocks(r: dict) -> list[tuple]:

@@ -4,6 +4,7 @@ the benchmarks; no files written here."""
 from __future__ import annotations
 
 import argparse
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -151,6 +152,43 @@ def compute_metrics(val: SplitScores, test: SplitScores, classes: list[str], rul
         out["multiclass"] = m.multiclass_summary(test.labels, test.probs, classes)
         out["multiclass"]["intervals"] = m.bootstrap_intervals(m.multiclass_metric_functions(), test.labels,
                                                                test.probs, n_resamples=n_bootstrap, seed=seed)
+    return out
+
+
+NO_VIEW = "not DICOM"
+
+
+def split_views(data_dir: Path) -> dict[str, str]:
+    """Record id -> DICOM view position from a prepared dataset's split.csv ('' for JPEG and PNG; an empty map
+    for datasets prepared before views were recorded)."""
+    path = Path(data_dir) / schema.SPLIT_CSV
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        return {row["id"]: row.get("view") or "" for row in csv.DictReader(fh)}
+
+
+def per_view_metrics(scores: SplitScores, views: dict[str, str], classes: list[str], threshold: float | None, *,
+                     n_bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict[str, Any] | None:
+    """{view: {"n", "class_counts", metric: {"value", "low", "high"} ...}} for a split holding more than one view
+    (None otherwise): accuracy, sensitivity, specificity and ROC-AUC at the operating threshold (binary), or
+    accuracy and balanced accuracy (K classes), each with its bootstrap interval, or why it is undefined."""
+    groups = np.array([views.get(i, "") or NO_VIEW for i in scores.ids])
+    names = sorted(set(groups.tolist()))
+    if len(names) < 2:
+        return None
+    if len(classes) == 2:
+        fns = m.binary_metric_functions(0.5 if threshold is None else threshold)
+        fns = {k: fns[k] for k in m.INTERVAL_METRICS}
+    else:
+        fns = {k: v for k, v in m.multiclass_metric_functions().items() if k in ("accuracy", "balanced_accuracy")}
+    out: dict[str, Any] = {}
+    for name in names:
+        idx = np.flatnonzero(groups == name)
+        y = scores.labels[idx]
+        p = scores.probs[idx, 1] if len(classes) == 2 else scores.probs[idx]
+        out[name] = {"n": int(len(idx)), "class_counts": {c: int(np.sum(y == k)) for k, c in enumerate(classes)},
+                     **m.bootstrap_intervals(fns, y, p, n_resamples=n_bootstrap, seed=seed)}
     return out
 
 

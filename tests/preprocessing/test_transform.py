@@ -108,7 +108,10 @@ def test_rejections_name_the_reason(data, reason):
 
 
 def write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME1", patient: str = "PAT-001",
-                slope: float = 1.0, intercept: float = 0.0, window: tuple[float, float] | None = None):
+                slope: float = 1.0, intercept: float = 0.0, window: tuple[float, float] | None = None,
+                **elements):
+    """An uncompressed 12-bit CR DICOM of `pixels`; `elements` sets (or, with None, removes) more header
+    elements by keyword, e.g. Modality="CT", ViewPosition="PA"."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -127,6 +130,12 @@ def write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME1", pati
     if window:
         ds.WindowCenter, ds.WindowWidth = window
     ds.PixelData = pixels.astype(np.uint16).tobytes()
+    for keyword, value in elements.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
 
