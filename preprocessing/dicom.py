@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from preprocessing.jpeg import jpeg_structure_error
+
 # Radiography modalities (DICOM PS3.3 C.7.3.1.1.1): computed and digital radiography.
 RADIOGRAPHY_MODALITIES = ("CR", "DX")
 ANY = "any"
@@ -39,6 +41,13 @@ MISSING_DECODERS = {
     "1.2.840.10008.1.2.4.202": "HTJ2K needs pylibjpeg-openjpeg",
     "1.2.840.10008.1.2.4.203": "HTJ2K needs pylibjpeg-openjpeg",
 }
+
+
+# Encapsulated JPEG with byte-stuffed Huffman scans (baseline, extended, lossless): libjpeg decodes a damaged
+# frame "successfully", so its structure is walked first. JPEG-LS and JPEG 2000 codecs report damage themselves.
+_JPEG_SYNTAXES = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                  "1.2.840.10008.1.2.4.70")
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 
 
 class DicomRejected(ValueError):
@@ -109,6 +118,20 @@ def _syntax_name(uid) -> str:
     return f"{name} ({uid})" if name and name != str(uid) else str(uid or "unknown")
 
 
+def _check_jpeg_frames(ds, syntax) -> None:
+    from pydicom.encaps import generate_frames
+
+    try:
+        frames = list(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception as err:  # noqa: BLE001 - a broken encapsulation
+        raise DicomRejected(f"corrupt encapsulated pixel data ({type(err).__name__})") from None
+    for frame in frames:
+        problem = jpeg_structure_error(bytes(frame).rstrip(b"\x00"))  # fragments are padded to even lengths
+        if problem:
+            raise DicomRejected(f"corrupt or truncated JPEG in the DICOM pixel data (transfer syntax "
+                                f"{_syntax_name(syntax)}): {problem}")
+
+
 def decode_dicom(data: bytes, modalities: tuple[str, ...] = RADIOGRAPHY_MODALITIES, views: tuple[str, ...] = (),
                  allow_burned_in: bool = False) -> DicomImage:
     """Read, check and decode one DICOM file's bytes; raises `DicomRejected` with the reason.
@@ -124,6 +147,8 @@ def decode_dicom(data: bytes, modalities: tuple[str, ...] = RADIOGRAPHY_MODALITI
         first = str(err).splitlines()[0][:200] if str(err) else ""
         raise DicomRejected(f"unreadable DICOM ({type(err).__name__}: {first})") from None
     if "PixelData" not in ds:
+        if _PIXEL_DATA_TAG in data[132:]:
+            raise DicomRejected("truncated DICOM: the file ends inside its pixel data")
         raise DicomRejected("DICOM without pixel data")
     modality, view, burned = header_facts(ds)
     check_header(modality, view, burned, modalities, views, allow_burned_in)
@@ -138,6 +163,8 @@ def decode_dicom(data: bytes, modalities: tuple[str, ...] = RADIOGRAPHY_MODALITI
     if frames > 1:
         raise DicomRejected(f"multi-frame DICOM ({frames} frames) is not supported")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if str(syntax) in _JPEG_SYNTAXES:
+        _check_jpeg_frames(ds, syntax)
     try:
         pixels = ds.pixel_array
     except Exception as err:  # noqa: BLE001 - e.g. a transfer syntax no installed plugin decodes

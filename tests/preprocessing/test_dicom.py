@@ -162,7 +162,7 @@ def test_modality_view_and_burned_in_rules(tmp_path):
     assert TransformParams.from_dict({"size": 64}).modalities == ()  # a manifest from before these rules
 
 
-def test_multiframe_colour_and_unreadable_keep_their_reasons(tmp_path):
+def test_multiframe_colour_truncated_and_unreadable_keep_their_reasons(tmp_path):
     frames = np.stack([stored_12bit(5), stored_12bit(6)])
     path = write_dicom(tmp_path / "multi.dcm", frames.reshape(-1, frames.shape[2]), "MONOCHROME2")
     ds = pydicom.dcmread(path)
@@ -176,8 +176,21 @@ def test_multiframe_colour_and_unreadable_keep_their_reasons(tmp_path):
     good = write_dicom(tmp_path / "good.dcm", stored_12bit(8), "MONOCHROME2").read_bytes()
     with pytest.raises(ImageRejected, match=r"DICOM"):
         decode(good[: len(good) // 2], name="cut.dcm")
+    with pytest.raises(ImageRejected, match=r"pixel data is less than expected"):
+        decode(good[: len(good) - 100], name="cut.dcm")
     with pytest.raises(ImageRejected, match=r"^DICOM without pixel data$"):
         decode(good[:400], name="header-only.dcm")
+    jpeg = compress(tmp_path / "good.dcm", tmp_path / "jpeg.dcm", "JPEGBaseline8Bit")
+    with pytest.raises(ImageRejected, match=r"^truncated DICOM: the file ends inside its pixel data$"):
+        decode(jpeg.read_bytes()[:-300], name="cut.dcm")
+    # A JPEG frame cut short inside an intact encapsulation: libjpeg would decode it, grey-filled, without error.
+    ds = pydicom.dcmread(jpeg)
+    frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[: len(frame) // 2]])
+    ds.save_as(tmp_path / "cut-frame.dcm")
+    with pytest.raises(ImageRejected, match=r"^corrupt or truncated JPEG in the DICOM pixel data \(transfer syntax "
+                                            r"JPEG Baseline"):
+        decode((tmp_path / "cut-frame.dcm").read_bytes())
 
 
 def test_cli_codes_are_checked(capsys):
