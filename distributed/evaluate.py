@@ -24,8 +24,10 @@ from distributed.evaluation.model_card import write_model_card
 from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, ThresholdRule, compute_metrics,
                                            gallery_picks, load_records, parse_threshold, per_view_metrics,
                                            score_split, split_views)
+from distributed.evaluation.metrics import THRESHOLD_METRICS
 from distributed.model.calibration import probability_quality
 from distributed.model.scoring import load_scorer, read_run_config, run_model_path
+from launch import tracking
 from launch.runtime import CxrError, OneLineParser, check_writable_dir, read_json, run_cli, setup_logging, sha256_file
 from preprocessing import schema
 
@@ -126,7 +128,62 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     card = write_model_card(target.output / "metrics.json", dataset_credit=args.dataset_credit)
     log.info("report written to %s, model card to %s (%.0f s)", target.output / "report.html", card,
              results["seconds"])
+    track_evaluation(args, target, results, card)
     return results
+
+
+def evaluation_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The evaluation's numbers as flat MLflow metric names: SPLIT_METRIC at the chosen threshold with
+    SPLIT_METRIC_ci_low/_ci_high, SPLIT_METRIC_at_0.5, the threshold, calibration before/after, and
+    SPLIT_VIEW_METRIC per DICOM view."""
+    split, out = results["split"], {}
+
+    def add(prefix: str, summary: dict[str, Any], suffix: str = "", only: Sequence[str] | None = None) -> None:
+        for key, value in summary.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("n", "threshold") \
+                    and (only is None or key in only):
+                out[f"{prefix}_{key}{suffix}"] = value
+        for key, interval in (summary.get("intervals") or {}).items():
+            if interval.get("value") is not None and (only is None or key in only):
+                out[f"{prefix}_{key}_ci_low{suffix}"], out[f"{prefix}_{key}_ci_high{suffix}"] = \
+                    interval["low"], interval["high"]
+
+    if "multiclass" in results:
+        add(split, results["multiclass"])
+    else:
+        add(split, results["at_threshold"])
+        add(split, results["at_0.5"], "_at_0.5", only=tuple(THRESHOLD_METRICS))  # AUC etc. do not depend on it
+        out["threshold"] = results["threshold"]["value"]
+    for stage in ("before", "after"):
+        for key, value in (results["calibration"].get(stage) or {}).items():
+            out[f"{split}_{key}_{stage}_calibration"] = value
+    for view, entry in (results.get("per_view") or {}).items():
+        name = view.replace(" ", "_")
+        for key, interval in entry.items():
+            if isinstance(interval, dict) and interval.get("value") is not None:
+                out[f"{split}_{name}_{key}"] = interval["value"]
+                out[f"{split}_{name}_{key}_ci_low"], out[f"{split}_{name}_{key}_ci_high"] = \
+                    interval["low"], interval["high"]
+    out[f"{split}_images"] = results["n"]
+    return tracking.numeric(out)
+
+
+def track_evaluation(args: argparse.Namespace, target: Target, results: dict[str, Any], card: Path) -> None:
+    """With --tracking-uri: the metrics and reports into the training run's MLflow run (RUN/tracking.json on the
+    same store), else into a new run named after the model."""
+    if not args.tracking_uri:
+        return
+    run_id = tracking.recorded_run(target.run_dir, args.tracking_uri)
+    name = f"evaluate {target.run_dir.name if target.run_dir else target.model_path.name}"
+    tracker = tracking.Tracker.start(args.tracking_uri, args.experiment, name, run_id=run_id,
+                                     tags=tracking.common_tags("evaluate", target.data_dir / schema.MANIFEST))
+    if run_id is None:
+        tracker.log_params({"model": str(target.model_path), "data": str(target.data_dir), "split": args.split,
+                            "threshold_rule": str(args.threshold), "tta": args.tta, "kind": results["model"]["kind"]})
+    tracker.log_metrics(evaluation_metrics(results))
+    files = sorted(target.output.iterdir())
+    tracker.log_artifacts(files + ([card] if card not in files else []), "eval")
+    tracker.end("FINISHED")
 
 
 def calibration_report(target: Target, after: SplitScores, before: SplitScores | None) -> dict[str, Any]:
@@ -176,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="report folder (default RUN/eval, or eval-MODEL beside a --model)")
     parser.add_argument("--dataset-credit", help="how the training data must be credited, for the model card "
                                                  "(default: the Kermany credit when the classes are its own)")
+    tracking.add_arguments(parser, "the evaluation (into the training run's MLflow run when it has one)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
 

@@ -27,7 +27,8 @@ from distributed.training.config import TrainConfig, parse_config
 from distributed.training.data import (DataPlan, balanced_class_weights, ordered_dataset, plan_data, sample_images,
                                        train_dataset, val_dataset)
 from distributed.training.features import cached_train_dataset, compute_features, split_at_head
-from launch.runtime import CxrError, read_numeric_csv, run_cli, setup_logging
+from launch import tracking
+from launch.runtime import CxrError, read_json, read_numeric_csv, run_cli, setup_logging
 from preprocessing import schema
 
 log = logging.getLogger("cxrscale.train")
@@ -73,8 +74,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     checksums = hvd_utils.gather(hvd, cb.weight_checksum(model), name="weight_checksums")
     if rank != 0:
         return {}
-    return run_record.finish_run(run_dir, config, plan, model, epochs_run=epochs_run, seconds=seconds,
-                                 checksums=checksums)
+    summary = run_record.finish_run(run_dir, config, plan, model, epochs_run=epochs_run, seconds=seconds,
+                                    checksums=checksums)
+    finish_tracking(config, run_dir, summary)
+    return summary
 
 
 def train_elastic(config: TrainConfig, hvd, gpus: list, policy: str) -> dict[str, Any]:
@@ -119,8 +122,33 @@ def train_elastic(config: TrainConfig, hvd, gpus: list, policy: str) -> dict[str
     if hvd.rank() != 0:  # the ranks after the last reset
         return {}
     plan = plan_data(Path(config.data), 0, len(record["checksums"]), config.batch_size, config.model)
-    return run_record.finish_run(run_dir, config, plan, model, epochs_run=record["epochs"], seconds=seconds,
-                                 checksums=record["checksums"], elastic=record)
+    summary = run_record.finish_run(run_dir, config, plan, model, epochs_run=record["epochs"], seconds=seconds,
+                                    checksums=record["checksums"], elastic=record)
+    finish_tracking(config, run_dir, summary)
+    return summary
+
+
+def run_tracker(config: TrainConfig, run_dir: Path) -> tracking.Tracker:
+    """Rank 0's MLflow run for this training run (disabled without --tracking-uri): created with the resolved
+    config of RUN/config.json as params, or reopened from RUN/tracking.json on resume."""
+    def params() -> dict[str, Any]:
+        record = read_json(run_dir / "config.json", "run record")
+        return {"config": record["config"], "resolved": record["resolved"]}
+    return tracking.run_tracker(config.tracking_uri, config.experiment, run_dir,
+                                manifest=Path(config.data) / schema.MANIFEST, params=params)
+
+
+def finish_tracking(config: TrainConfig, run_dir: Path, summary: dict[str, Any]) -> None:
+    """The summary's numbers, and the exported model and run records as artifacts; the MLflow run ends."""
+    tracker = run_tracker(config, run_dir)
+    totals = {"best_val_auc": summary["best_val_auc"], "best_epoch": summary["best_epoch"],
+              "epochs_completed": summary["epochs_completed"], "total_seconds": summary["seconds"],
+              "train_images_per_second": summary["train_images_per_second"]}
+    tracker.log_metrics(totals, step=int(summary["epochs_completed"]))
+    tracker.log_artifacts([run_dir / "model"])
+    tracker.log_artifacts([run_dir / name for name in ("config.json", "history.csv", "calibration.json",
+                                                       "train_summary.json", "dataset_manifest.json")], "run")
+    tracker.end("FINISHED")
 
 
 def log_start(config: TrainConfig, plan: DataPlan, size: int, gpus: list, policy: str) -> None:
@@ -269,9 +297,12 @@ def training_callbacks(config: TrainConfig, plan: DataPlan, model, ds_val, run_d
                                                    patience=config.early_stopping_patience))
     if rank == 0:  # Horovod: one writer. The history row before the checkpoint: a run killed between
         # the two redoes the epoch and rewrites its row, instead of resuming past an epoch with no row
-        callbacks += [cb.HistoryWriter(run_dir / "history.csv", config.batch_size * size, size,
-                                       read_numeric_csv(run_dir / "history.csv")),
-                      cb.Checkpointer(run_dir, checkpoint, model, config.seed, best_value=best),
+        history = cb.HistoryWriter(run_dir / "history.csv", config.batch_size * size, size,
+                                   read_numeric_csv(run_dir / "history.csv"))
+        callbacks.append(history)
+        if config.tracking_uri:
+            callbacks.append(cb.EpochTracker(history, run_tracker(config, run_dir)))
+        callbacks += [cb.Checkpointer(run_dir, checkpoint, model, config.seed, best_value=best),
                       keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs"), update_freq="epoch",
                                                   profile_batch=0)]
     if averaging:
@@ -280,7 +311,11 @@ def training_callbacks(config: TrainConfig, plan: DataPlan, model, ds_val, run_d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    train(parse_config(argv))
+    try:
+        train(parse_config(argv))
+    except BaseException:
+        tracking.end_open("FAILED")  # a resumed run sets its MLflow run running again
+        raise
     return 0
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from distributed.evaluation.model_card import write_model_card
+from launch import tracking
 from launch.common import EntryPoint
 from launch.local import horovodrun_command, horovodrun_path
 from launch.runtime import (CxrError, OneLineParser, atomic_dir, read_json, read_options_file, run_cli, setup_logging,
@@ -138,7 +139,11 @@ class Plan:
 
 
 def plan(recipe: Recipe, input_path: Path, output: Path, np_: int, weights: str | None,
-         python: str = sys.executable) -> Plan:
+         python: str = sys.executable, tracking_uri: str | None = None,
+         experiment: str = tracking.DEFAULT_EXPERIMENT) -> Plan:
+    """Every stage's command; with `tracking_uri`, training and evaluation log to MLflow (each member is an
+    MLflow run; the evaluation goes into the final run's, a single member's own)."""
+    tracked = ["--tracking-uri", tracking_uri, "--experiment", experiment] if tracking_uri else []
     prepared, salt = output / "prepared", output / "salt"
     prepare_cmd = [python, "-m", "preprocessing", "--input", str(input_path), "--output", str(prepared),
                    "--salt-file", str(salt), *flags(recipe.prepare, skip=("input", "output", "salt_file"))]
@@ -148,7 +153,7 @@ def plan(recipe: Recipe, input_path: Path, output: Path, np_: int, weights: str 
         if weights is not None:
             options["weights"] = weights
         args = ["--data", str(prepared), "--output", str(output / "members" / name),
-                *flags(options, skip=("data", "output", "resume"))]
+                *flags(options, skip=("data", "output", "resume", "tracking_uri", "experiment")), *tracked]
         entry = EntryPoint("distributed.train", tuple(args))
         members[name] = (horovodrun_command(np_, [("localhost", np_)], entry, runner=horovodrun_path(python)
                                             or "horovodrun", python=python, gloo=True)
@@ -159,7 +164,7 @@ def plan(recipe: Recipe, input_path: Path, output: Path, np_: int, weights: str 
                    *[str(output / "members" / n) for n in members], "--output", str(output / FINAL),
                    *flags(recipe.ensemble, skip=("runs", "output"))]
     evaluate = [python, "-m", "distributed.evaluate", "--run", str(output / FINAL),
-                *flags(recipe.evaluate, skip=("run", "model", "output"))]
+                *flags(recipe.evaluate, skip=("run", "model", "output", "tracking_uri", "experiment")), *tracked]
     return Plan(output, prepare_cmd, members, combine, evaluate)
 
 
@@ -253,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[2] + f"\nshipped recipes: {', '.join(recipe_names())}\n\nexamples:\n"
                "  python -m launch.pipeline --recipe sample --input data/sample --output runs/demo --np 2\n"
                "  python -m launch.pipeline --recipe kermany-cpu --input ~/chest_xray --output runs/kermany --np 2\n"
-               "  python -m launch.pipeline --recipe kermany-gpu --input /shared/chest_xray --output /shared/runs/k --np 8")
+               "  python -m launch.pipeline --recipe kermany-gpu --input /shared/chest_xray --output /shared/runs/k "
+               "--np 8 --tracking-uri http://mlflow.example.org:5000")
     parser.add_argument("--recipe", required=True, help=f"a shipped recipe ({', '.join(recipe_names())}) or a YAML file")
     parser.add_argument("--input", required=True, help="radiographs: Kermany layout, class folders or a CSV")
     parser.add_argument("--output", required=True, help="the pipeline's folder (prepared/, members/, final/)")
@@ -262,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "cannot be downloaded)")
     parser.add_argument("--set", action="append", default=[], metavar="STAGE.OPTION=VALUE",
                         help="override a recipe option, e.g. --set train.epochs=3 (repeatable)")
+    tracking.add_arguments(parser, "every training and the final evaluation")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
@@ -275,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.input).exists():
         raise CxrError(f"--input {args.input} does not exist")
     recipe = with_overrides(load_recipe(args.recipe), args.set)
-    p = plan(recipe, Path(args.input), Path(args.output), args.np, args.weights)
+    p = plan(recipe, Path(args.input), Path(args.output), args.np, args.weights, tracking_uri=args.tracking_uri,
+             experiment=args.experiment)
     if args.dry_run:
         for cmd in [p.prepare, *p.members.values(), *([p.combine] if p.combine else []), p.evaluate]:
             print(" ".join(cmd))

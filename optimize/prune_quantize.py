@@ -33,6 +33,7 @@ from distributed.model.builders import loss_for, recalibrate_batchnorm
 from distributed.model.scoring import load_scorer, read_run_config, run_model_path
 from distributed.training.data import balanced_class_weights, plan_data, train_dataset
 from distributed.training.hvd_utils import agree, configure_devices
+from launch import tracking
 from launch.runtime import (CxrError, OneLineParser, check_writable_dir, read_json, run_cli, setup_logging,
                             sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic)
 from optimize import compress, measure
@@ -370,6 +371,37 @@ def variant_list(text: str) -> list[str]:
     return names
 
 
+def track_variants(args: argparse.Namespace, comparison: dict) -> None:
+    """With --tracking-uri: one child run per variant (its settings as params; size, latency, AUC with interval
+    and the drops vs fp32 as metrics; the .tflite as artifact) under the training run's MLflow run, or under an
+    "optimize RUN" run when the training was not tracked; the report and comparison on the parent."""
+    if not args.tracking_uri:
+        return
+    out, run_dir = Path(args.output), Path(args.run)
+    tags = tracking.common_tags("optimize", Path(args.data) / schema.MANIFEST)
+    parent_id = tracking.recorded_run(run_dir, args.tracking_uri)
+    parent = tracking.Tracker.start(args.tracking_uri, args.experiment, f"optimize {run_dir.name}", tags=tags,
+                                    run_id=parent_id)
+    if parent_id is None:
+        parent.log_params({"run": str(run_dir), "data": str(args.data)})
+    parent.set_tags({"optimize.recommended": comparison["recommended"],
+                     "optimize.variants": len(comparison["variants"])})
+    parent.log_artifacts([out / n for n in ("report.md", "comparison.json", "auc_vs_size.png", "auc_vs_latency.png")],
+                         "optimized")
+    for row in comparison["variants"] if parent.enabled else []:
+        child = tracking.Tracker.start(args.tracking_uri, args.experiment, f"{run_dir.name}/{row['name']}",
+                                       tags={**tags, "optimize.variant": row["name"]}, parent_run_id=parent.run_id)
+        child.log_params({"variant": row["name"], **{k: row[k] for k in ("family", "target_sparsity", "tflite_kind",
+                                                                          "file", "skipped") if k in row},
+                          "threshold_rule": str(args.threshold), "latency_runs": args.latency_runs})
+        ci = row.get("test_auc_ci") or [None, None]
+        child.log_metrics({**{k: v for k, v in row.items() if k != "test_auc_ci"},
+                           "test_auc_ci_low": ci[0], "test_auc_ci_high": ci[1]})
+        child.log_artifacts([out / row["file"]] if row.get("file") else [], "model")
+        child.end("FINISHED" if "test_auc" in row else "KILLED")
+    parent.end("FINISHED")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m optimize.prune_quantize", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -401,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="output folder (default RUN/optimized)")
     parser.add_argument("--overwrite", action="store_true", help="discard variants already in --output")
     parser.add_argument("--seed", type=int, default=0)
+    tracking.add_arguments(parser, "every variant (child runs of the training run's MLflow run when it has one)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
 
@@ -416,6 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.data = args.data or read_run_config(args.run)["config"]["data"]
     comparison = run(args)
     if comparison:
+        track_variants(args, comparison)
         print(render_report(comparison, None).split("\n\n![")[0])
         print(f"\nrecommended: {comparison['recommended']}; report: {Path(args.output) / 'report.md'}")
     return 0

@@ -115,3 +115,47 @@ def kermany_run(shared_data, tmp_path_factory) -> dict:
                        "--early-stopping-patience", "8", "--output", str(run), np_=2, timeout=1500)
     assert result.returncode == 0, quiet(result.stderr + result.stdout)
     return {"data": data, "run": run}
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, local artifact root), for the session: its URI."""
+    import socket
+    import time
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    log_file = open(folder / "server.log", "w")
+    server = subprocess.Popen([str(Path(PYTHON).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                               str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                               "--default-artifact-root", (folder / "artifacts").as_uri()],
+                              stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield uri
+    os.killpg(server.pid, 15)
+    server.wait(timeout=30)
+    log_file.close()
+
+
+def closed_port_uri() -> str:
+    """An http:// URI on 127.0.0.1 where nothing listens (a tracking server that is down)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"

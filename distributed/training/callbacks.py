@@ -322,3 +322,16 @@ class HistoryWriter(keras.callbacks.Callback):
         writer.writerows(self.rows)
         write_text_atomic(self.path, buf.getvalue())
 
+
+
+class EpochTracker(keras.callbacks.Callback):
+    """Rank 0, after the HistoryWriter: the epoch's history row (metrics, lr, seconds, images/s, workers) to
+    MLflow at step = epoch (launch.tracking; a no-op once tracking is off or has failed)."""
+
+    def __init__(self, history: HistoryWriter, tracker):
+        super().__init__()
+        self.history, self.tracker = history, tracker
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        row = self.history.rows[-1]
+        self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))

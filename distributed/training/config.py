@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from launch import tracking
 from launch.runtime import CxrError, OneLineParser, read_options_file
 
 MODELS = ("cnn", "vgg16", "resnet50")
@@ -49,6 +50,8 @@ class TrainConfig:
     ema: float = 0.99
     elastic: bool = False
     commit_every: int = 20
+    tracking_uri: str | None = None
+    experiment: str = tracking.DEFAULT_EXPERIMENT
 
     def resolved_output(self) -> Path:
         return Path(self.output) if self.output else Path("runs") / Path(self.data).resolve().name
@@ -131,7 +134,9 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
                "  python -m distributed.train --data prepared/kermany --output runs/kermany --resume\n"
                "  horovodrun -np 2 --min-np 1 --max-np 4 --host-discovery-script ./discover_hosts.sh "
                "python -m distributed.train --elastic --data prepared/kermany\n"
-               "  python -m distributed.train --data prepared/kermany --config runs/tune-kermany/best_config.json")
+               "  python -m distributed.train --data prepared/kermany --config runs/tune-kermany/best_config.json\n"
+               "  horovodrun -np 2 python -m distributed.train --data prepared/kermany --tracking-uri "
+               "http://127.0.0.1:5000")
     p.add_argument("--config", help="JSON/YAML file of options (e.g. a tuning result); flags override it")
     p.add_argument("--data", help="prepared dataset folder (from python -m preprocessing)")
     p.add_argument("--output", default=None, help="run folder to write (default runs/<data folder name>)")
@@ -184,6 +189,7 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
     p.add_argument("--bn-samples", type=int, default=None,
                    help="train images over which BatchNormalization statistics are re-estimated after every epoch, "
                         f"dropout off, across all workers (0 keeps Keras's moving averages; default {d.bn_samples})")
+    tracking.add_arguments(p, "the run (rank 0 alone)", experiment_default=None)
     return p
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from distributed.training.config import MODELS, load_config_file
+from launch import tracking
 from launch.runtime import CxrError, OneLineParser, read_json, setup_logging, start_ray, write_json_atomic
 from preprocessing import schema
 
@@ -36,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                "--max-epochs 10\n"
                "  python -m optimize.tune --data prepared/kermany --model resnet50 --weights imagenet --search random "
                "--trials 8 --space space.yaml --workers-per-trial 4 --gpus-per-trial 4 --address auto\n"
-               "  python -m distributed.train --config runs/tune-kermany/best_config.json --output runs/best\n\n"
+               "  python -m distributed.train --config runs/tune-kermany/best_config.json --output runs/best\n"
+               "  python -m optimize.tune --data prepared/sample --search grid --max-epochs 2 --tracking-uri "
+               "http://127.0.0.1:5000\n\n"
                "a space file (JSON or YAML) maps distributed.train options (field names) to a distribution\n"
                "and/or grid values, or to a constant:\n"
                '  {"lr": {"loguniform": [1e-4, 1e-2], "grid": [3e-4, 1e-3]}, "batch_size": {"choice": [16, 32]},\n'
@@ -78,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="search folder (default runs/tune-<data folder name>)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over when OUTPUT holds a search with other settings")
+    tracking.add_arguments(p, "every trial (Ray Tune's MLflow integration, one run per trial)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the results")
     return p
 
@@ -160,7 +164,8 @@ def prepare_output(output: Path, settings: dict[str, Any], overwrite: bool) -> b
     return resumable
 
 
-def run_search(settings: dict[str, Any], space: dict[str, Param], resume: bool, quiet: bool):
+def run_search(settings: dict[str, Any], space: dict[str, Param], resume: bool, quiet: bool,
+               callbacks: list | None = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -189,7 +194,7 @@ def run_search(settings: dict[str, Any], space: dict[str, Param], resume: bool, 
                 trial_dirname_creator=lambda trial: trial.trial_id, reuse_actors=False),
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(Path(settings["output"])), verbose=0 if quiet else 1,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=callbacks or None,
                 failure_config=tune.FailureConfig(max_failures=settings.get("max_failures", 0))))
     return tuner.fit()
 
@@ -205,7 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         import ray
 
         address = ray.get_runtime_context().gcs_address
-        results = run_search(settings, space, resume, args.quiet)
+        tracked = []
+        if args.tracking_uri:
+            from optimize.tune.tracking import callbacks as tracking_callbacks
+
+            tracked = tracking_callbacks(args.tracking_uri, args.experiment, settings,
+                                         Path(settings["data"]) / schema.MANIFEST)
+        results = run_search(settings, space, resume, args.quiet, tracked)
     rows = collect(results, space, Path(settings["trials_dir"]), settings["max_epochs"], settings["search"])
     write_results_csv(output / "results.csv", rows)
     plot = plot_auc_vs_params(rows, space, output / "auc_vs_params.png")

@@ -92,7 +92,8 @@ def run_trial(params: dict[str, Any], settings: dict[str, Any]) -> None:
     try:
         while True:
             code = None if proc is None else proc.poll()
-            for row in read_numeric_csv(run_dir / "history.csv"):
+            history = read_numeric_csv(run_dir / "history.csv")
+            for row in history:
                 epoch = int(row["epoch"])
                 if epoch <= reported or (epoch >= settings["max_epochs"] and code is None and proc is not None):
                     # The last epoch is reported once the run has exported its model: ASHA stops a trial
@@ -101,7 +102,11 @@ def run_trial(params: dict[str, Any], settings: dict[str, Any]) -> None:
                 with tempfile.TemporaryDirectory() as folder:
                     write_json_atomic(Path(folder) / "progress.json", {"epoch": epoch})
                     metrics = {k: v for k, v in row.items() if k != "epoch"}
-                    tune.report({**metrics, "epoch": epoch}, checkpoint=tune.Checkpoint.from_directory(folder))
+                    seen = [r["val_auc"] for r in history
+                            if int(r["epoch"]) <= epoch and r.get("val_auc") == r.get("val_auc")]
+                    best = {"best_val_auc": max(seen)} if seen else {}  # what results.csv ranks by, and MLflow
+                    tune.report({**metrics, **best, "epoch": epoch},
+                                checkpoint=tune.Checkpoint.from_directory(folder))
                 reported = epoch
             if proc is None or code is not None:
                 break

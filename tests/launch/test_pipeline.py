@@ -45,6 +45,16 @@ def test_gpu_recipe_is_the_thesis_setting_with_mixed_precision(tmp_path):
     assert "--weights imagenet" in " ".join(resnet) and p.combine and "distributed.ensemble" in p.combine
 
 
+def test_tracking_reaches_every_training_and_the_evaluation(tmp_path):
+    uri = "http://127.0.0.1:5000"
+    p = plan(load_recipe("kermany-gpu"), tmp_path / "in", tmp_path / "out", 2, None, tracking_uri=uri,
+             experiment="kermany")
+    for cmd in [*p.members.values(), p.evaluate]:
+        assert " ".join(cmd).endswith(f"--tracking-uri {uri} --experiment kermany"), cmd
+    assert "--tracking-uri" not in " ".join(p.prepare + (p.combine or []))
+    assert "--tracking-uri" not in " ".join(plan(load_recipe("sample"), tmp_path, tmp_path / "o", 1, None).evaluate)
+
+
 def small_recipe(path, members: int = 2):
     lines = ["description: a small test recipe", "prepare: {size: 64, shards: 4}",
              "train: {model: cnn, epochs: 2, batch_size: 16, augment: true, schedule: cosine}", "members:"]

@@ -126,15 +126,37 @@ def run_optimize(*args: str, np_: int = 1, timeout: float = 900) -> subprocess.C
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
 
-def test_cli_builds_measures_and_resumes_under_horovodrun(sample_run, tmp_path):
+def check_tracked_variants(uri: str, rows: dict[str, dict], recommended: str) -> None:
+    """One child run per variant (size, latency, AUC with interval) under one "optimize RUN" parent run (the
+    sample run was trained without tracking), read back through the MLflow client."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("optimize").experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.run_name == "optimize sample-cnn" and parent.data.tags["optimize.recommended"] == recommended
+    assert "optimized/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "optimized")}
+    children = {r.data.params["variant"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == set(rows)
+    for name, child in children.items():
+        logged, row = child.data.metrics, rows[name]
+        assert logged["bytes"] == row["bytes"] and logged["test_auc"] == pytest.approx(row["test_auc"])
+        assert logged["latency.1.median_ms"] == pytest.approx(row["latency"]["1"]["median_ms"])
+        assert logged["test_auc_ci_low"] <= logged["test_auc_ci_high"]
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "model")] == [f"model/{row['file']}"]
+
+
+def test_cli_builds_measures_and_resumes_under_horovodrun(sample_run, tmp_path, mlflow_server):
     out = tmp_path / "opt"
     args = ["--run", str(sample_run), "--output", str(out), "--variants", "ptq-int8,prune,prune-qat",
             "--sparsity", "0.8", "--fine-tune-epochs", "1", "--batch-size", "16", "--latency-runs", "5",
             "--bootstrap", "20"]
-    result = run_optimize(*args, np_=2)
+    result = run_optimize(*args, "--tracking-uri", mlflow_server, "--experiment", "optimize", np_=2)
     assert result.returncode == 0, quiet(result.stderr + result.stdout)
     comparison = json.loads((out / "comparison.json").read_text())
     rows = {r["name"]: r for r in comparison["variants"]}
+    check_tracked_variants(mlflow_server, rows, comparison["recommended"])
     assert list(rows) == ["fp32", "ptq-int8", "prune-80", "prune-qat-80"]
     for row in rows.values():  # every number is read back from a file that exists
         data = (out / row["file"]).read_bytes()

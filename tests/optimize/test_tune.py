@@ -50,6 +50,25 @@ def results(output: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def check_tracked_trials(uri: str, experiment: str, rows: list[dict], data: Path) -> None:
+    """Every trial is one MLflow run of the experiment (Ray Tune's MLflow integration), and the comparison read
+    back through the client ranks them as results.csv does."""
+    from mlflow.tracking import MlflowClient
+
+    from launch.runtime import sha256_file
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], order_by=["metrics.best_val_auc DESC"])
+    assert len(runs) == len(rows) and all(r.info.status == "FINISHED" for r in runs)
+    assert [float(r.data.params["lr"]) for r in runs] == [float(row["lr"]) for row in rows]
+    assert [r.data.metrics["best_val_auc"] for r in runs] == pytest.approx([float(row["best_val_auc"]) for row in rows])
+    for run in runs:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [1, 2]
+        assert run.data.tags["dataset_manifest_sha256"] == sha256_file(data / "manifest.json")
+        assert run.data.tags["tune.search"] == "grid" and run.data.tags["git_commit"]
+
+
 def trained_config(row: dict) -> dict:
     """The options the trial's distributed.train run actually used (its run folder's config.json)."""
     return json.loads((Path(row["run_dir"]) / "config.json").read_text())["config"]
@@ -127,14 +146,16 @@ def test_random_draws_follow_the_declared_distributions():
 # --- real searches ------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_grid_search_on_two_horovod_workers_and_its_best_config_trains(planted32, tmp_path):
+def test_grid_search_on_two_horovod_workers_and_its_best_config_trains(planted32, tmp_path, mlflow_server):
     space = write_space(tmp_path / "space.json", {"lr": {"grid": [1e-3, 3e-3]}, "batch_size": 16,
                                                   "augment": False})
     out = tmp_path / "grid"
     result = run_tune("--data", str(planted32), "--search", "grid", "--space", str(space), "--max-epochs", "2",
-                      "--workers-per-trial", "2", "--cpus-per-trial", "2", "--output", str(out), "-q")
+                      "--workers-per-trial", "2", "--cpus-per-trial", "2", "--output", str(out), "-q",
+                      "--tracking-uri", mlflow_server, "--experiment", "grid-search")
     assert result.returncode == 0, quiet(result.stderr)[-3000:]
     rows = results(out)
+    check_tracked_trials(mlflow_server, "grid-search", rows, planted32)
     assert sorted(float(r["lr"]) for r in rows) == [1e-3, 3e-3]
     aucs = [float(r["best_val_auc"]) for r in rows]
     assert aucs == sorted(aucs, reverse=True) and all(0 <= a <= 1 for a in aucs)
