@@ -133,7 +133,18 @@ def _preprocessing(t: dict) -> list[str]:
             f"Every image, in training and at prediction alike (the transform is read from the dataset manifest), "
             f"is decoded (JPEG, PNG or DICOM) to 8-bit greyscale, rejected if its shorter side is below "
             f"{t.get('min_side')} px, resized to {t.get('size')}x{t.get('size')} px by {t.get('resize')} and "
-            f"given {contrast} contrast. The model takes the uint8 pixels and scales them itself.", ""]
+            f"given {contrast} contrast. The model takes the uint8 pixels and scales them itself."
+            + _dicom_rules(t), ""]
+
+
+def _dicom_rules(t: dict) -> str:
+    if "modalities" not in t:
+        return ""
+    modalities = ", ".join(t["modalities"]) or "any modality"
+    views = ", ".join(t.get("views") or []) or "every view"
+    burned = "accepted" if t.get("allow_burned_in_annotation") else "refused"
+    return (f" DICOM files are accepted from {modalities} and {views}; burnt-in annotations are {burned}, at "
+            "preparation and at prediction alike.")
 
 
 def _model(metrics: dict, run: dict, run_dir: Path | None, pipeline: dict | None) -> list[str]:
@@ -219,9 +230,20 @@ def _subgroups(metrics: dict, classes: list[str]) -> list[str]:
     if at:
         out.append(f"- By true class: {classes[1]} found in {_interval(at, 'sensitivity')} of cases "
                    f"(sensitivity), {classes[0]} left alone in {_interval(at, 'specificity')} (specificity).")
-    out.append("- The prepared dataset records no other group (site, sex, age, device, view) for its images, so "
-               "no figures by group can be given here; measure them before use where such groups matter.")
+    for view, entry in (metrics.get("per_view") or {}).items():
+        keys = ("roc_auc", "sensitivity", "specificity", "accuracy", "balanced_accuracy")
+        figures = [f"{METRIC_NAMES.get(k, k)} {_view_value(entry[k])}" for k in keys if k in entry]
+        out.append(f"- View {view} ({entry['n']} images): " + ", ".join(figures) + ".")
+    grouped = "site, sex, age, device" + ("" if metrics.get("per_view") else ", view")
+    out.append(f"- The prepared dataset records no other group ({grouped}) for its images, so no figures by "
+               "group can be given here; measure them before use where such groups matter.")
     return out + [""]
+
+
+def _view_value(interval: dict) -> str:
+    if interval.get("value") is None:
+        return "undefined"
+    return f"{interval['value']:.3f} ({interval['low']:.3f}-{interval['high']:.3f})"
 
 
 def _limitations(metrics: dict, data: dict, synthetic: bool) -> list[str]:
