@@ -108,16 +108,31 @@ def two_node_ray(ray: str, env: dict, marker: dict[str, str]) -> Iterator[tuple[
     nodes: list[subprocess.Popen] = []
 
     def start(args: list[str], node_env: dict) -> subprocess.Popen:
-        nodes.append(subprocess.Popen(base + args, env=node_env, cwd=temp, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True))
+        with open(temp / f"node-{len(nodes)}.log", "wb") as log:  # `ray start`'s own output, for the failure
+            nodes.append(subprocess.Popen(base + args, env=node_env, cwd=temp, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
         return nodes[-1]
 
+    def join(args: list[str], node_env: dict, count: int, what: str, attempts: int = 1) -> subprocess.Popen:
+        """Start a node and wait until the cluster has `count` active nodes. A `ray start` that exits first (a
+        port it chose was taken meanwhile, on a busy machine) is started again, up to `attempts` times; the
+        failure quotes what `ray start` said."""
+        for attempt in range(attempts):
+            node = start(args, node_env)
+            try:
+                wait_for(lambda: ray_nodes(ray, address, env) == count, 120, what, poll=0.5,
+                         alive=lambda: node.poll() is None)
+                return node
+            except AssertionError as err:
+                if node.poll() is None or attempt == attempts - 1:
+                    said = (temp / f"node-{len(nodes) - 1}.log").read_text(errors="replace").strip()[-1500:]
+                    raise AssertionError(f"{err}; `ray start` said:\n{said}") from None
+        raise AssertionError("unreachable")
+
     try:
-        head = start(["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(temp)], env)
-        wait_for(lambda: ray_nodes(ray, address, env) == 1, 120, "the Ray head node", poll=0.5,
-                 alive=lambda: head.poll() is None)
-        second = start(["--address", address], dict(env, **marker))
-        wait_for(lambda: ray_nodes(ray, address, env) == 2, 120, "the second Ray node", poll=0.5)
+        join(["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(temp)], env, 1,
+             "the Ray head node")
+        second = join(["--address", address], dict(env, **marker), 2, "the second Ray node", attempts=3)
         yield address, second
     finally:
         for node in reversed(nodes):

@@ -133,7 +133,9 @@ def mlflow_server(tmp_path_factory) -> str:
     server = subprocess.Popen([str(Path(PYTHON).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
                                str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
                                "--default-artifact-root", (folder / "artifacts").as_uri()],
-                              stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+                              stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                              # no server-side job runner: its ~8 huey consumers hold 2 GB and are not needed
+                              env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
     deadline = time.monotonic() + 120
     while True:
         try:
