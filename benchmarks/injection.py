@@ -102,6 +102,7 @@ def two_node_ray(ray: str, env: dict, marker: dict[str, str]) -> Iterator[tuple[
     temp = Path(tempfile.mkdtemp(prefix="cxr-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = dict(env, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_health_check_period_ms="500",
                RAY_health_check_failure_threshold="3")
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # a cluster of two nodes, whatever the caller ran before
     base = [ray, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -113,26 +114,21 @@ def two_node_ray(ray: str, env: dict, marker: dict[str, str]) -> Iterator[tuple[
                                           start_new_session=True))
         return nodes[-1]
 
-    def join(args: list[str], node_env: dict, count: int, what: str, attempts: int = 1) -> subprocess.Popen:
-        """Start a node and wait until the cluster has `count` active nodes. A `ray start` that exits first (a
-        port it chose was taken meanwhile, on a busy machine) is started again, up to `attempts` times; the
-        failure quotes what `ray start` said."""
-        for attempt in range(attempts):
-            node = start(args, node_env)
-            try:
-                wait_for(lambda: ray_nodes(ray, address, env) == count, 120, what, poll=0.5,
-                         alive=lambda: node.poll() is None)
-                return node
-            except AssertionError as err:
-                if node.poll() is None or attempt == attempts - 1:
-                    said = (temp / f"node-{len(nodes) - 1}.log").read_text(errors="replace").strip()[-1500:]
-                    raise AssertionError(f"{err}; `ray start` said:\n{said}") from None
-        raise AssertionError("unreachable")
+    def join(args: list[str], node_env: dict, count: int, what: str) -> subprocess.Popen:
+        """Start a node and wait until the cluster has `count` active nodes; a failure quotes `ray start`."""
+        node = start(args, node_env)
+        try:
+            wait_for(lambda: ray_nodes(ray, address, env) == count, 120, what, poll=0.5,
+                     alive=lambda: node.poll() is None)
+        except AssertionError as err:
+            said = (temp / f"node-{len(nodes) - 1}.log").read_text(errors="replace").strip()[-1500:]
+            raise AssertionError(f"{err}; `ray start` said:\n{said}") from None
+        return node
 
     try:
         join(["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(temp)], env, 1,
              "the Ray head node")
-        second = join(["--address", address], dict(env, **marker), 2, "the second Ray node", attempts=3)
+        second = join(["--address", address], dict(env, **marker), 2, "the second Ray node")
         yield address, second
     finally:
         for node in reversed(nodes):

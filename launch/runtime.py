@@ -223,8 +223,10 @@ def start_ray(address: str | None, num_cpus: int | None, *, py_modules: Sequence
     """Join the Ray cluster at `address`, or start a private one on this machine with `num_cpus` CPUs (all
     by default) whose every server listens on 127.0.0.1; shut it down on exit if this call started it.
     `py_modules` are shipped to a cluster's workers (they may not have this checkout)."""
+    single = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    previous = os.environ.get(single)
     if not address:
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single-machine mode; read when Ray is imported
+        os.environ[single] = "0"  # single-machine mode, for Ray and the servers it starts; read when Ray is imported
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -246,6 +248,10 @@ def start_ray(address: str | None, num_cpus: int | None, *, py_modules: Sequence
     finally:
         if started:
             ray.shutdown()
+        if not address and previous is None:  # not left behind: a `ray start --address` run from this
+            os.environ.pop(single, None)       # process afterwards would refuse to join a cluster
+        elif not address:
+            os.environ[single] = previous
 
 
 @contextlib.contextmanager

@@ -81,7 +81,10 @@ def test_a_ray_worker_killed_mid_task_is_retried_and_the_shards_are_identical(in
 
 
 @pytest.mark.slow
-def test_a_ray_node_stopped_mid_run_leaves_the_run_to_the_head_node(inputs, reference, tmp_path):
+def test_a_ray_node_stopped_mid_run_leaves_the_run_to_the_head_node(inputs, reference, tmp_path, ray_session):
+    # ray_session: an in-process `prepare` ran before, as in a notebook; its single-machine setting must not
+    # keep the `ray start` nodes started from this process from forming a cluster
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
     out, marker = tmp_path / "prepared", {"CXR_FAULT_TEST": uuid.uuid4().hex}
     with two_node_ray(str(Path(PYTHON).parent / "ray"), dict(os.environ), marker) as (address, second):
 
