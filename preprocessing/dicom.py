@@ -113,6 +113,14 @@ def check_header(modality: str, view: str, burned: str, modalities: tuple[str, .
                             "(--allow-burned-in-annotation accepts such images)")
 
 
+def _count(ds, keyword: str, default: int = 1) -> int:
+    """An integer element (NumberOfFrames, BitsStored); a malformed value is rejected without being echoed."""
+    try:
+        return int(ds.get(keyword, default) or default)
+    except (TypeError, ValueError):
+        raise DicomRejected(f"malformed DICOM element {keyword}") from None
+
+
 def _syntax_name(uid) -> str:
     name = getattr(uid, "name", "") or ""
     return f"{name} ({uid})" if name and name != str(uid) else str(uid or "unknown")
@@ -159,7 +167,7 @@ def decode_dicom(data: bytes, modalities: tuple[str, ...] = RADIOGRAPHY_MODALITI
                                                                                    else "unrecognised")
         raise DicomRejected(f"unsupported DICOM photometric interpretation {shown}: only greyscale "
                             "(MONOCHROME1/2) radiographs are used")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _count(ds, "NumberOfFrames")
     if frames > 1:
         raise DicomRejected(f"multi-frame DICOM ({frames} frames) is not supported")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -169,7 +177,7 @@ def decode_dicom(data: bytes, modalities: tuple[str, ...] = RADIOGRAPHY_MODALITI
         pixels = ds.pixel_array
     except Exception as err:  # noqa: BLE001 - e.g. a transfer syntax no installed plugin decodes
         why = MISSING_DECODERS.get(str(syntax))
-        if str(syntax) == "1.2.840.10008.1.2.4.51" and int(ds.get("BitsStored", 8) or 8) <= 8:
+        if str(syntax) == "1.2.840.10008.1.2.4.51" and _count(ds, "BitsStored", 8) <= 8:
             why = None  # 8-bit JPEG Extended is decoded by GDCM or Pillow: this is another failure
         why = why or f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         raise DicomRejected(f"undecodable DICOM pixel data (transfer syntax {_syntax_name(syntax)}: {why})") from None

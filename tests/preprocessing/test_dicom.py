@@ -180,6 +180,13 @@ def test_multiframe_colour_truncated_and_unreadable_keep_their_reasons(tmp_path)
         decode(good[: len(good) - 100], name="cut.dcm")
     with pytest.raises(ImageRejected, match=r"^DICOM without pixel data$"):
         decode(good[:400], name="header-only.dcm")
+    odd = write_dicom(tmp_path / "odd.dcm", stored_12bit(9), "MONOCHROME2")
+    ds = pydicom.dcmread(odd)
+    ds.add_new(0x00280008, "IS", "1")
+    ds["NumberOfFrames"]._value = "SMITH"  # not an integer, and a name: refused, never echoed
+    ds.save_as(odd)
+    with pytest.raises(ImageRejected, match=r"^malformed DICOM element NumberOfFrames$"):
+        decode(odd.read_bytes())
     jpeg = compress(tmp_path / "good.dcm", tmp_path / "jpeg.dcm", "JPEGBaseline8Bit")
     with pytest.raises(ImageRejected, match=r"^truncated DICOM: the file ends inside its pixel data$"):
         decode(jpeg.read_bytes()[:-300], name="cut.dcm")
