@@ -81,6 +81,11 @@ def experiment_id(client, uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def first_line(err: BaseException) -> str:
+    """A tracking failure in one line for the one warning: its message's first line, or its type."""
+    return str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+
+
 def fail_fast() -> None:
     """MLflow's HTTP client set to give up within seconds (the user's own MLFLOW_HTTP_* settings win)."""
     for key, value in _CLIENT_ENV.items():
@@ -194,7 +199,7 @@ class Tracker:
     def _fail(self, what: str, err: Any) -> None:
         if self.enabled:
             log.warning("MLflow tracking at %s failed while %s (%s); the work goes on without tracking",
-                        self.uri, what, str(err).splitlines()[0][:300] if str(err) else type(err).__name__)
+                        self.uri, what, first_line(err))
         self.enabled = False
 
     def _guard(self, what: str, fn: Callable[[], Any]) -> Any:

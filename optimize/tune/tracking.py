@@ -27,7 +27,7 @@ class TrialTracker(MLflowLoggerCallback):
         except Exception as err:  # noqa: BLE001 - tracking must never stop the search
             self.enabled = False
             log.warning("MLflow tracking at %s failed while %s (%s); the search goes on without tracking",
-                        self.uri, what, str(err).splitlines()[0][:300] if str(err) else type(err).__name__)
+                        self.uri, what, tracking.first_line(err))
 
     def setup(self, *args, **kwargs) -> None:
         self._guarded("opening the experiment", super().setup, *args, **kwargs)
@@ -54,7 +54,7 @@ def callbacks(uri: str | None, experiment: str, settings: dict[str, Any], manife
         tracking.experiment_id(MlflowClient(tracking_uri=uri), uri, experiment)
     except Exception as err:  # noqa: BLE001 - tracking must never stop the search
         log.warning("MLflow tracking at %s failed while opening experiment %r (%s); the search goes on without "
-                    "tracking", uri, experiment, str(err).splitlines()[0][:300] if str(err) else type(err).__name__)
+                    "tracking", uri, experiment, tracking.first_line(err))
         return []
     tags = {**tracking.common_tags("tune", manifest), "tune.search": settings["search"],
             "tune.output": settings["output"], "tune.model": settings["model"]}
