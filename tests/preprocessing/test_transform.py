@@ -152,13 +152,20 @@ def test_dicom_monochrome1_is_inverted(tmp_path):
 def test_dicom_rescale_and_window_are_applied(tmp_path):
     grey = radiograph_like(11).astype(np.uint16)
     stored = grey * 10  # 0..2550
-    plain = decode(write_dicom(tmp_path / "p.dcm", stored, "MONOCHROME2").read_bytes()).pixels
-    # A window over the lower half of the stored range saturates the upper half to white.
     windowed = decode(write_dicom(tmp_path / "w.dcm", stored, "MONOCHROME2", slope=2.0, intercept=-100,
                                   window=(1000, 1000)).read_bytes()).pixels
-    bright = grey > 150
-    assert windowed[bright].min() == 255 and plain[bright].min() < 255
-    assert (windowed == 255).mean() > (plain == 255).mean() + 0.1
+
+    def expected(slope: float, intercept: float) -> np.ndarray:
+        """DICOM PS3.3 C.11.2.1.2: modality value = slope x stored + intercept, then the linear VOI window
+        (centre c, width w) maps it to [0, 1]; the decoder stretches the result to 0..255."""
+        value = slope * stored.astype(np.float64) + intercept
+        out = np.clip((value - (1000 - 0.5)) / (1000 - 1) + 0.5, 0.0, 1.0)
+        return (out - out.min()) * (255.0 / (out.max() - out.min()))
+
+    assert np.abs(windowed - expected(2.0, -100)).max() <= 1.0
+    # the check can fail: a decoder ignoring the slope or the intercept is off by far more than one grey level
+    for wrong in (expected(1.0, -100), expected(2.0, 0), expected(1.0, 0)):
+        assert np.abs(windowed - wrong).max() > 20
 
 
 def test_unsupported_dicom_is_rejected(tmp_path):
