@@ -77,40 +77,66 @@ class AugmentPolicy:
 
 
 def augment_batch(images: tf.Tensor, rng: tf.random.Generator, policy: AugmentPolicy = AugmentPolicy()) -> tf.Tensor:
-    """uint8 (n, H, W, 1) -> augmented uint8 (n, H, W, 1) (see `AugmentPolicy`)."""
+    """uint8 (n, H, W, 1) -> augmented uint8 (n, H, W, 1) (see `AugmentPolicy`).
+
+    Built for a CPU feeding a GPU: the intensity changes (gamma, brightness, contrast) are one 256-entry lookup
+    table per image applied to the uint8 pixels, the crop and the rotation are one projective resampling, and
+    blur and noise are computed only for the images drawn for them. Every other image stays uint8 throughout.
+    """
     n, h, w = tf.shape(images)[0], images.shape[1], images.shape[2]
-    x = tf.cast(images, tf.float32) / 255.0
-    # random resized crop, centred anywhere the crop fits, resized back to (H, W)
+    # intensity, as a per-image table over the 256 grey levels: x -> x ** gamma + brightness, then contrast
+    # around the image's mean (from its histogram, so no float image is made)
+    levels = tf.range(256, dtype=tf.float32)[None, :] / 255.0
+    gamma = tf.exp(rng.uniform([n, 1], np.log(policy.gamma[0]), np.log(policy.gamma[1])))
+    table = tf.pow(levels, gamma) + rng.uniform([n, 1], -policy.brightness, policy.brightness)
+    # the mean from every 4th row and column: a 1/16 sample of a radiograph gives its mean grey within a level
+    sample = tf.reshape(tf.cast(images[:, ::4, ::4], tf.int32), [n, -1])
+    histogram = tf.cast(tf.math.bincount(sample, minlength=256, maxlength=256, axis=-1), tf.float32)
+    mean = tf.reduce_sum(histogram * table, axis=1, keepdims=True) / tf.cast(tf.shape(sample)[1], tf.float32)
+    table = (table - mean) * rng.uniform([n, 1], 1.0 - policy.contrast, 1.0 + policy.contrast) + mean
+    table = tf.cast(tf.round(tf.clip_by_value(table, 0.0, 1.0) * 255.0), tf.uint8)
+    # one flat gather (image i's table starts at 256 i): faster than a batched gather
+    index = tf.reshape(tf.cast(images, tf.int32), [n, -1]) + 256 * tf.range(n)[:, None]
+    x = tf.reshape(tf.gather(tf.reshape(table, [-1]), index), tf.shape(images))
+    # random resized crop (centred anywhere it fits) and a small rotation about the centre, as one projective
+    # transform from output to input pixels; black outside, like the letterbox padding
     scale = rng.uniform([n], *policy.crop_scale)
     aspect = rng.uniform([n], *policy.crop_aspect)
     ch, cw = tf.minimum(scale * tf.sqrt(aspect), 1.0), tf.minimum(scale / tf.sqrt(aspect), 1.0)
-    y0, x0 = rng.uniform([n]) * (1.0 - ch), rng.uniform([n]) * (1.0 - cw)
-    boxes = tf.stack([y0, x0, y0 + ch, x0 + cw], axis=1)
-    x = tf.image.crop_and_resize(x, boxes, tf.range(n), (h, w))
-    # small rotation about the centre (projective transform), black outside like the letterbox padding
+    y0, x0 = rng.uniform([n]) * (1.0 - ch) * (h - 1), rng.uniform([n]) * (1.0 - cw) * (w - 1)
     angle = rng.uniform([n], -1.0, 1.0) * policy.rotation_degrees * np.pi / 180.0
     cos, sin = tf.cos(angle), tf.sin(angle)
     cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
-    transforms = tf.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy,
+    # rotate the output pixel about the centre, then place it in the crop box
+    tx, ty = cx - cos * cx + sin * cy, cy - sin * cx - cos * cy
+    transforms = tf.stack([cw * cos, -cw * sin, x0 + cw * tx, ch * sin, ch * cos, y0 + ch * ty,
                            tf.zeros([n]), tf.zeros([n])], axis=1)
     x = tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=transforms, output_shape=[h, w],
                                               fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
-    # intensity: gamma, brightness, contrast
-    gamma = tf.exp(rng.uniform([n, 1, 1, 1], np.log(policy.gamma[0]), np.log(policy.gamma[1])))
-    x = tf.pow(tf.clip_by_value(x, 0.0, 1.0), gamma)
-    x = x + rng.uniform([n, 1, 1, 1], -policy.brightness, policy.brightness)
-    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
-    x = (x - mean) * rng.uniform([n, 1, 1, 1], 1.0 - policy.contrast, 1.0 + policy.contrast) + mean
-    # blur: a separable 5-tap Gaussian with a random sigma, applied to a random share of the images
+    # blur: a separable 5-tap Gaussian with a random sigma, on a random share of the images only
     sigma = rng.uniform([], 0.5, 1.2)
     taps = tf.exp(-tf.square(tf.range(-2.0, 3.0)) / (2.0 * sigma * sigma))
     taps = taps / tf.reduce_sum(taps)
-    blurred = tf.nn.conv2d(tf.nn.conv2d(x, tf.reshape(taps, [5, 1, 1, 1]), 1, "SAME"),
-                           tf.reshape(taps, [1, 5, 1, 1]), 1, "SAME")
-    x = tf.where(rng.uniform([n, 1, 1, 1]) < policy.blur_probability, blurred, x)
-    noise = rng.normal(tf.shape(x)) * rng.uniform([n, 1, 1, 1], 0.0, policy.noise_sigma)
-    x = tf.where(rng.uniform([n, 1, 1, 1]) < policy.noise_probability, x + noise, x)
-    return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)
+
+    def blur(sub: tf.Tensor) -> tf.Tensor:
+        return tf.nn.conv2d(tf.nn.conv2d(sub, tf.reshape(taps, [5, 1, 1, 1]), 1, "SAME"),
+                            tf.reshape(taps, [1, 5, 1, 1]), 1, "SAME")
+
+    x = _on_some(x, rng.uniform([n]) < policy.blur_probability, blur)
+
+    def noise(sub: tf.Tensor) -> tf.Tensor:
+        k = tf.shape(sub)[0]
+        return sub + rng.normal(tf.shape(sub)) * rng.uniform([k, 1, 1, 1], 0.0, policy.noise_sigma * 255.0)
+
+    return _on_some(x, rng.uniform([n]) < policy.noise_probability, noise)
+
+
+def _on_some(images: tf.Tensor, chosen: tf.Tensor, change) -> tf.Tensor:
+    """`images` with `change` (float32 in, float32 out, on 0..255) applied to the chosen ones only; uint8."""
+    index = tf.where(chosen)
+    changed = change(tf.cast(tf.gather_nd(images, index), tf.float32))
+    changed = tf.cast(tf.round(tf.clip_by_value(changed, 0.0, 255.0)), tf.uint8)
+    return tf.tensor_scatter_nd_update(images, index, changed)
 
 
 def augmenter(seed: int, policy: AugmentPolicy = AugmentPolicy()):

@@ -54,3 +54,25 @@ def test_intensity_changes_stay_within_the_policy():
     means = y.mean(axis=(1, 2, 3))
     assert np.all(means >= low - 0.01) and np.all(means <= high + 0.01)
     assert means.std() > 0.03  # and they do vary
+
+
+def test_the_fused_crop_and_rotation_magnify_and_turn_about_the_centre():
+    still = dict(gamma=(1.0, 1.0), brightness=0.0, contrast=0.0, blur_probability=0.0, noise_probability=0.0)
+    ramp = np.tile(np.arange(64, dtype=np.uint8) * 2, (64, 1))  # grey = 2 x column
+    batch = tf.constant(np.repeat(ramp[None, :, :, None], 8, axis=0))
+    # a crop of half the side, resized back, doubles every distance: the ramp rises 1 grey level per column
+    half = augment_batch(batch, tf.random.Generator.from_seed(0),
+                         AugmentPolicy(crop_scale=(0.5, 0.5), crop_aspect=(1.0, 1.0), rotation_degrees=0.0, **still))
+    slopes = np.diff(half.numpy()[:, 32, 8:56, 0].astype(float), axis=1).mean(axis=1)
+    assert np.allclose(slopes, 1.0, atol=0.05)
+    # a rotation alone keeps the centre pixel where it was and turns the ramp: rows no longer all agree
+    dot = np.zeros((8, 63, 63, 1), np.uint8)
+    dot[:, 30:33, 30:33] = 255
+    turned = augment_batch(tf.constant(dot), tf.random.Generator.from_seed(1),
+                           AugmentPolicy(crop_scale=(1.0, 1.0), crop_aspect=(1.0, 1.0), rotation_degrees=5.0, **still))
+    assert np.all(turned.numpy()[:, 31, 31, 0] == 255)
+    rotated = augment_batch(batch, tf.random.Generator.from_seed(2),
+                            AugmentPolicy(crop_scale=(1.0, 1.0), crop_aspect=(1.0, 1.0), rotation_degrees=5.0, **still))
+    column = rotated.numpy()[:, 8:56, 32, 0].astype(float)
+    spread = column.max(axis=1) - column.min(axis=1)  # 48 rows x tan(angle) x 2 levels per column: up to 8
+    assert spread.max() >= 5 and spread.mean() >= 2 and spread.max() <= 10
