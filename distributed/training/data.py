@@ -76,7 +76,7 @@ class AugmentPolicy:
     noise_sigma: float = 0.03
 
 
-def augment_batch(images: tf.Tensor, rng: tf.random.Generator, policy: AugmentPolicy = AugmentPolicy()) -> tf.Tensor:
+def augment_batch(images: tf.Tensor, rng: "tf.random.Generator | StatelessDraws", policy: AugmentPolicy = AugmentPolicy()) -> tf.Tensor:
     """uint8 (n, H, W, 1) -> augmented uint8 (n, H, W, 1) (see `AugmentPolicy`).
 
     Built for a CPU feeding a GPU: the intensity changes (gamma, brightness, contrast) are one 256-entry lookup
@@ -139,12 +139,34 @@ def _on_some(images: tf.Tensor, chosen: tf.Tensor, change) -> tf.Tensor:
     return tf.tensor_scatter_nd_update(images, index, changed)
 
 
-def augmenter(seed: int, policy: AugmentPolicy = AugmentPolicy()):
-    """A tf.data map function applying `augment_batch` to (uint8 images, labels) batches, seeded."""
-    rng = tf.random.Generator.from_seed(seed)
+class StatelessDraws:
+    """The part of `tf.random.Generator`'s interface `augment_batch` uses (uniform, normal), drawn statelessly
+    from one seed: the k-th draw uses the seed folded with k. Batches augmented in parallel from seeds
+    folded with their batch number give the same stream for the same seed, whatever the parallelism."""
 
-    def apply(images: tf.Tensor, labels: tf.Tensor):
-        return augment_batch(images, rng, policy), labels
+    def __init__(self, seed: tf.Tensor):
+        self.seed, self.count = seed, 0
+
+    def _next(self) -> tf.Tensor:
+        self.count += 1
+        return tf.random.experimental.stateless_fold_in(self.seed, self.count)
+
+    def uniform(self, shape, minval=0.0, maxval=1.0) -> tf.Tensor:
+        return tf.random.stateless_uniform(shape, self._next(), minval=minval, maxval=maxval)
+
+    def normal(self, shape) -> tf.Tensor:
+        return tf.random.stateless_normal(shape, self._next())
+
+
+def augmenter(seed: int, policy: AugmentPolicy = AugmentPolicy()):
+    """A tf.data map function over (batch number, (uint8 images, labels)) applying `augment_batch`, each
+    batch with its own stateless seed: safe to run in parallel and the same for the same seed."""
+    base = tf.constant([seed, 0], tf.int64)
+
+    def apply(index: tf.Tensor, batch):
+        images, labels = batch
+        return augment_batch(images, StatelessDraws(tf.random.experimental.stateless_fold_in(base, index)),
+                             policy), labels
 
     return apply
 
@@ -159,8 +181,8 @@ def train_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, *, 
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.map(lambda s: _pair(s, plan.image_shape, binary_labels), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
-    if augment:
-        ds = ds.map(augmenter(seed))  # sequential: a shared generator, so a seed gives the same stream
+    if augment:  # in parallel, in order: each batch draws from its own seed
+        ds = ds.enumerate().map(augmenter(seed), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from distributed.training.data import AugmentPolicy, augment_batch
+from distributed.training.data import AugmentPolicy, augment_batch, augmenter
 from tests.conftest import radiograph_like
+from tests.training_fixtures import prepared64, sample_images  # noqa: F401 (fixtures)
 
 
 def chest_like_batch(n: int = 32, side: int = 64) -> np.ndarray:
@@ -76,3 +77,24 @@ def test_the_fused_crop_and_rotation_magnify_and_turn_about_the_centre():
     column = rotated.numpy()[:, 8:56, 32, 0].astype(float)
     spread = column.max(axis=1) - column.min(axis=1)  # 48 rows x tan(angle) x 2 levels per column: up to 8
     assert spread.max() >= 5 and spread.mean() >= 2 and spread.max() <= 10
+
+
+def test_the_augmented_training_stream_is_parallel_yet_the_same_for_the_same_seed(prepared64):
+    from distributed.training.data import plan_data, train_dataset
+
+    plan = plan_data(prepared64, 0, 1, 8, "cnn")
+
+    def first_batches(seed: int, augment: bool = True) -> list[np.ndarray]:
+        ds = train_dataset(prepared64, plan, 8, seed=seed, shuffle_buffer=64, augment=augment, binary_labels=True)
+        return [x.numpy() for x, _ in ds.take(4)]
+
+    a, b, c, plain = first_batches(5), first_batches(5), first_batches(6), first_batches(5, augment=False)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not any(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(x.shape == p.shape and x.dtype == np.uint8 and not np.array_equal(x, p) for x, p in zip(a, plain))
+    # each batch draws from its own seed: the same images as batch 0 and as batch 1 are augmented differently
+    apply = augmenter(5)
+    x, y = tf.constant(plain[0]), tf.zeros([8, 1])
+    first, again, second = apply(tf.constant(0, tf.int64), (x, y))[0], apply(tf.constant(0, tf.int64), (x, y))[0], \
+        apply(tf.constant(1, tf.int64), (x, y))[0]
+    assert np.array_equal(first.numpy(), again.numpy()) and not np.array_equal(first.numpy(), second.numpy())
