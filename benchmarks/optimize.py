@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -61,8 +62,10 @@ def optimize_run(run_dir: Path, args: argparse.Namespace) -> dict:
            "--latency-runs", str(args.latency_runs), "-q"] + (["--variants", args.variants] if args.variants else [])
     if args.workers > 1:
         cmd = [HOROVODRUN, "-np", str(args.workers), "--gloo", *cmd]
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     run(cmd)
     comparison = json.loads((out / "comparison.json").read_text())
+    comparison["benchmark_started"] = started
     config = json.loads((run_dir / "config.json").read_text())
     comparison["model"] = config["config"]["model"]
     comparison["image_size"] = config["resolved"]["image_shape"][0]
@@ -79,18 +82,30 @@ def checks_for(comparison: dict) -> list[dict]:
             for name, goals in TARGETS.items() for key, goal in goals.items()]
 
 
+def measured_when(row: dict, started: str) -> str:
+    """"in this run", or "REUSED from <time>, commit <c>" for a figure `optimize.prune_quantize` kept from an
+    earlier invocation (same latency settings and code; ISO timestamps compare as strings)."""
+    measured = row.get("measured") or {}
+    if not measured:
+        return "unknown (a record from before measurements were stamped)"
+    if measured["at"] >= started:
+        return "in this run"
+    return f"REUSED from {measured['at']}, code {measured['code'][:12]}"
+
+
 def summarise(results: dict) -> tuple[list[dict], str]:
     checks, parts = [], []
     for comparison in results["comparisons"]:
         checks += checks_for(comparison)
         rows = [[r["name"], r["bytes"] / 1e6, r["gzip_bytes"] / 1e6, f"{r['sparsity']:.2f}", f"{r['int8_fraction']:.2f}",
                  f"{r['test_auc']:.4f}", f"{r['test_auc_drop']:+.4f}", f"{r['latency']['1']['median_ms']:.2f}",
-                 f"{r['latency'].get('2', {}).get('median_ms', float('nan')):.2f}", f"{r['peak_rss_delta_mb']:.1f}"]
-                if "test_auc" in r else [r["name"], f"skipped: {r.get('skipped', '')}"] + [""] * 8
+                 f"{r['latency'].get('2', {}).get('median_ms', float('nan')):.2f}", f"{r['peak_rss_delta_mb']:.1f}",
+                measured_when(r, comparison.get("benchmark_started", ""))]
+                if "test_auc" in r else [r["name"], f"skipped: {r.get('skipped', '')}"] + [""] * 9
                 for r in comparison["variants"]]
         parts.append(f"## {comparison['model']} at {comparison['image_size']} px\n\n" + markdown_table(
             ["variant", "MB", "gzip MB", "sparsity", "int8 share", "test AUC", "AUC drop", "ms 1T", "ms 2T",
-             "memory MB"], rows) + f"\n\nrecommended: {comparison['recommended']}; report: "
+             "memory MB", "AUC and latency measured"], rows) + f"\n\nrecommended: {comparison['recommended']}; report: "
                                    f"{comparison['output']}/report.md")
     parts.append("## Targets\n\n" + checks_table(checks))
     return checks, "\n\n".join(parts)

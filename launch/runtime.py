@@ -396,6 +396,19 @@ def git_commit() -> str:
     return os.environ.get("CXR_GIT_COMMIT", "").strip() or "unknown"
 
 
+def code_version() -> str:
+    """`git_commit()`, with "+edited" when tracked files differ from it: what a cached measurement names its
+    code by, so that a figure made by other code is never reported as this code's."""
+    commit = git_commit()
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                             cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+        edited = out.returncode == 0 and bool(out.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        edited = False
+    return commit + ("+edited" if edited else "")
+
+
 def check_writable_dir(path: Path, option: str) -> None:
     """Create `path` if needed and prove it is writable, else raise a `CxrError` naming `option`."""
     try:

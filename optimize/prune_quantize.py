@@ -34,8 +34,8 @@ from distributed.model.scoring import load_scorer, read_run_config, run_model_pa
 from distributed.training.data import balanced_class_weights, plan_data, train_dataset
 from distributed.training.hvd_utils import agree, configure_devices
 from launch import tracking
-from launch.runtime import (CxrError, OneLineParser, check_writable_dir, read_json, run_cli, setup_logging,
-                            sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic)
+from launch.runtime import (CxrError, OneLineParser, check_writable_dir, code_version, read_json, run_cli,
+                            setup_logging, sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic)
 from optimize import compress, measure
 from preprocessing import schema
 
@@ -156,6 +156,13 @@ def measure_variant(path: Path, args: argparse.Namespace) -> dict:
     return {**measure.sizes(path), "weight_dtypes": report["weight_dtypes"], "int8_fraction": report["int8_fraction"],
             "sparsity": report["sparsity"], "latency": timing["threads"],
             "peak_rss_delta_mb": timing["peak_rss_delta_mb"]}
+
+
+def measurement_key(args: argparse.Namespace) -> dict:
+    """What a variant's evaluation and latency depend on beyond its .tflite file: a recorded measurement made
+    with anything else is made again. The code is named by its commit (and whether the tree was edited)."""
+    return {"latency_runs": args.latency_runs, "threads": list(args.threads), "bootstrap": args.bootstrap,
+            "threshold_rule": str(args.threshold), "code": code_version()}
 
 
 # --- the command ----------------------------------------------------------------------------------------
@@ -279,11 +286,17 @@ def compare(out: Path, variants: list[Variant], skipped: dict[str, dict], args: 
         record = done_record(out, variant)
         if record is None:
             continue
-        if "test_auc" not in record:
+        stamp = measurement_key(args)
+        if "test_auc" not in record or {k: record.get("measured", {}).get(k) for k in stamp} != stamp:
+            # never report a figure measured with other latency settings or by other code than this run's
             log.info("evaluating and measuring %s", variant.name)
             quality = evaluate_variant(out / record["file"], args, classes, baseline_probs)
-            record.update(quality, **measure_variant(out / record["file"], args))
+            record.update(quality, **measure_variant(out / record["file"], args),
+                          measured={**stamp, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
             write_json_atomic(out / "variants" / f"{variant.name}.json", record)
+        else:
+            log.info("%s: reusing the evaluation and latency measured at %s (same settings and code)",
+                     variant.name, record["measured"]["at"])
         rows.append(record)
     base = next((r for r in rows if r["name"] == BASELINE and "test_auc" in r), None)
     for row in rows:
@@ -326,7 +339,7 @@ def _f(value, fmt: str) -> str:
 def render_report(c: dict, best: dict | None) -> str:
     head = ["variant", "size MB", "gzip MB", "gzip x smaller", "sparsity", "int8 share", "val AUC", "test AUC (95 % CI)",
             "test AUC drop", "accuracy", "sensitivity", "specificity", "latency 1T ms (p90)", "latency 2T ms (p90)",
-            "memory MB"]
+            "memory MB", "measured"]
     lines = ["# Optimized variants", "", f"Run `{c['run']}`, data `{c['data']}`. Metrics at the threshold chosen on "
              f"validation ({c['threshold_rule']}); int8 calibration on {c['representative']['count']} train images.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -343,7 +356,8 @@ def render_report(c: dict, best: dict | None) -> str:
             f"{r['sparsity']:.2f}", f"{r['int8_fraction']:.2f}", _f(r["val_auc"], ".4f"),
             f"{r['test_auc']:.4f} ({_f(ci[0], '.3f')}-{_f(ci[1], '.3f')})", _f(r.get("test_auc_drop"), "+.4f"),
             _f(r["test_accuracy"], ".3f"), _f(r["test_sensitivity"], ".3f"), _f(r["test_specificity"], ".3f"),
-            lat.get("1", ""), lat.get("2", ""), f"{r['peak_rss_delta_mb']:.1f}"]) + " |")
+            lat.get("1", ""), lat.get("2", ""), f"{r['peak_rss_delta_mb']:.1f}",
+            f"{r['measured']['at']}, {r['measured']['code'][:12]}" if "measured" in r else ""]) + " |")
     lines += ["", "![AUC vs size](auc_vs_size.png)", "", "![AUC vs latency](auc_vs_latency.png)", ""]
     if best:
         lines.append(f"**Recommendation:** `{best['name']}`, the smallest variant (gzip {best['gzip_bytes'] / 1e6:.2f} MB, "
