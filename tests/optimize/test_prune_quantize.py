@@ -175,6 +175,15 @@ def test_cli_builds_measures_and_resumes_under_horovodrun(sample_run, tmp_path, 
     again = run_optimize(*args)  # a re-run resumes: nothing is rebuilt, the comparison is rewritten
     assert again.returncode == 0, quiet(again.stderr)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "variants").iterdir()} == stamps
+    assert "reusing the evaluation and latency measured at" in again.stderr
+    # other latency settings: the same files, measured again (a figure is never reported under other settings)
+    built = {name: (out / row["file"]).stat().st_mtime_ns for name, row in rows.items()}
+    remeasured = run_optimize(*["7" if a == "5" else a for a in args])
+    assert remeasured.returncode == 0, quiet(remeasured.stderr)
+    assert {name: (out / row["file"]).stat().st_mtime_ns for name, row in rows.items()} == built
+    records = [json.loads(p.read_text()) for p in (out / "variants").glob("*.json")]
+    assert len(records) == 4 and all(r["measured"]["latency_runs"] == 7 for r in records)
+    assert all(r["measured"]["at"] >= rows[r["name"]]["measured"]["at"] for r in records)
     other = run_optimize(*args[:-2], "--fine-tune-epochs", "2")
     assert other.returncode == 2 and "--overwrite" in other.stderr
 
