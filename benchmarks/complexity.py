@@ -208,13 +208,12 @@ def summarise(results: dict) -> tuple[list[dict], str]:
                               f"{min(fits[k]['x']):,}–{max(fits[k]['x']):,}"]
                              for k, (panel, what, claim, expected, *_) in CLAIMS.items()])
     slope = {k: f["slope"] for k, f in fits.items()}
+    # Targets are properties of cxrscale's code that a change could break (a driver that keeps images, a
+    # quadratic audit or epoch). The thesis loop's O(N) memory, memory against batch size and against the
+    # parameter count hold by construction: they are in the exponent table above, not checked.
     checks = [check("our driver memory exponent", slope["prep_memory_ours"], "<", 0.2),
-              check("thesis memory exponent", slope["prep_memory_thesis"], ">", 0.7),
               check("epoch time exponent: distance from 1", abs(slope["epoch_time"] - 1), "<=", 0.3),
-              check("preprocessing time exponents: largest distance from 1",
-                    max(abs(slope["prep_time_thesis"] - 1), abs(slope["prep_time_ours"] - 1)), "<=", 0.3),
-              check("training memory exponent (marginal)", slope["train_memory"], ">", 0.7),
-              check("model memory exponent", slope["model_memory"], ">", 0.7)]
+              check("our preprocessing time exponent: distance from 1", abs(slope["prep_time_ours"] - 1), "<=", 0.3)]
     prep = markdown_table(["variant", "images", "seconds", "images/s", "peak RSS MiB", "marginal MiB"],
                           [[r["variant"], r["images"], f"{r['seconds']:.2f}", r["images"] / r["seconds"],
                             r["peak_rss_mb"], "" if r["marginal_rss_mb"] is None else r["marginal_rss_mb"]]

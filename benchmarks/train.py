@@ -3,8 +3,10 @@
 For each model (the CNN at 150 px, ResNet50 fully trainable and VGG16 with its base frozen, as in the
 thesis, both at 224 px) and each precision (fp32, mixed_bfloat16):
   plain  - a single-process `model.fit` of the same model on the same shards (the thesis's way);
-  np1    - `python -m distributed.train` on one Horovod worker;
-  np2    - `horovodrun -np 2 python -m distributed.train` (two workers sharing this machine's cores).
+  np1    - `python -m distributed.train` on one Horovod worker: hvd.init, the toolkit's callbacks and input
+           pipeline, but no DistributedOptimizer (one worker has nothing to average): the toolkit's overhead;
+  np2    - `horovodrun -np 2 python -m distributed.train` (two workers sharing this machine's cores): np2 / np1
+           is the two-worker efficiency users pay for (allreduce included).
 Throughput is images/s of the training steps, from the epochs after the first (which traces the graph).
 Achieved FLOP/s is images/s x training FLOPs per image (forward x 3 where everything trains; forward +
 2 x head forward with a frozen base), as a fraction of this machine's measured float32 matmul FLOP/s.
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import statistics
 import sys
 import tempfile
@@ -64,8 +68,12 @@ def run_distributed(data: Path, model: str, precision: str, workers: int, batch:
            "--early-stopping-patience", "100", "--reduce-lr-patience", "100", *extra]
     if workers > 1:
         cmd = [HOROVODRUN, "-np", str(workers), "--gloo", *cmd]
-    run_command(cmd, timeout=3600)
-    return read_numeric_csv(out / "history.csv")
+    started = time.perf_counter()
+    proc = run_command(cmd, timeout=3600)
+    wall = time.perf_counter() - started
+    found = re.search(r"cached backbone features .* in ([0-9.]+) s", proc.stderr + proc.stdout)
+    return {"history": read_numeric_csv(out / "history.csv"), "wall_seconds": wall,
+            "feature_pass_seconds": float(found.group(1)) if found else None}
 
 
 # --- child processes ------------------------------------------------------------------------------------
@@ -190,9 +198,9 @@ def measure(args: argparse.Namespace) -> dict:
                 rate = result["images_per_second"]
             else:
                 workers = int(mode[-1])
-                history = run_distributed(data, model, precision, workers, args.batch_size, epochs, extra,
-                                          tmp / f"run-{model}-{precision}-{mode}")
-                rate = steady_rate(history)
+                run = run_distributed(data, model, precision, workers, args.batch_size, epochs, extra,
+                                      tmp / f"run-{model}-{precision}-{mode}")
+                rate = steady_rate(run["history"])
             f = flops[model]
             train_flops = f["forward_flops"] + 2 * f["head_forward_flops"] if extra else 3 * f["forward_flops"]
             rows.append({"model": model, "image_size": size, "precision": precision, "mode": mode,
@@ -202,12 +210,14 @@ def measure(args: argparse.Namespace) -> dict:
         if "vgg16" in models:
             size, extra = SETUPS["vgg16"]
             for cached in (False, True):
-                history = run_distributed(datasets[size], "vgg16", "fp32", 1, args.batch_size, epochs,
-                                          extra + (["--cache-features"] if cached else []),
-                                          tmp / f"run-cache-{cached}")
-                cache["cached" if cached else "uncached"] = statistics.median(
-                    float(r["train_seconds"]) for r in history[1:] or history)
-    return {"models": models, "precisions": precisions, "images": images, "epochs": epochs,
+                run = run_distributed(datasets[size], "vgg16", "fp32", 1, args.batch_size, epochs,
+                                      extra + (["--cache-features"] if cached else []), tmp / f"run-cache-{cached}")
+                key = "cached" if cached else "uncached"
+                cache[key] = statistics.median(float(r["train_seconds"]) for r in run["history"][1:] or run["history"])
+                cache[f"{key}_all_epochs"] = sum(float(r["train_seconds"]) for r in run["history"])
+                if cached:
+                    cache["feature_pass"] = run["feature_pass_seconds"]
+    return {"models": models, "precisions": precisions, "images": images, "epochs": epochs, "cores": os.cpu_count(),
             "batch_size_per_worker": args.batch_size, "flops": flops, "runs": rows,
             "cache_features_epoch_seconds": cache}
 
@@ -219,19 +229,32 @@ def summarise(results: dict) -> tuple[list[dict], str]:
         ["model", "px", "precision", "mode", "images/s", "achieved GFLOP/s", "of matmul peak"],
         [[r["model"], r["image_size"], r["precision"], r["mode"], round(r["images_per_second"], 2),
           round(r["achieved_gflops"], 1), f"{100 * r['fraction_of_matmul']:.0f} %"] for r in rows])
-    checks = [check(f"np1_vs_plain_{model}_{precision}",
-                    r["images_per_second"] / at[(model, precision, "plain")]["images_per_second"], ">=", 0.95)
+    # np1 is one Horovod worker: hvd.init, the toolkit's callbacks and input pipeline, but no DistributedOptimizer
+    # (one worker has nothing to average), so this is the toolkit's own overhead over a plain fit
+    checks = [check(f"np1 (toolkit, no allreduce) / plain fit, {model} {precision}",
+                    r["images_per_second"] / at[(model, precision, "plain")]["images_per_second"], ">=", 0.97)
               for (model, precision, mode), r in at.items() if mode == "np1" and (model, precision, "plain") in at]
+    # what users pay for: two workers with DistributedOptimizer and Gloo allreduce against one, on the same cores
+    checks += [check(f"np2 / np1 on the same {results.get('cores', 2)} cores, {model} {precision}",
+                     r["images_per_second"] / at[(model, precision, "np1")]["images_per_second"], ">=", 0.9)
+               for (model, precision, mode), r in at.items() if mode == "np2" and (model, precision, "np1") in at]
     cache = results["cache_features_epoch_seconds"]
     if cache:
-        checks.append(check("cache_features_speedup", cache["uncached"] / cache["cached"], ">=", 10))
+        # the whole run's train time: the uncached epochs against the one-time feature pass plus the cached epochs
+        total = cache["uncached_all_epochs"] / ((cache.get("feature_pass") or 0) + cache["cached_all_epochs"])
+        checks.append(check(f"--cache-features, {results['epochs']} epochs incl. the feature pass: speed-up", total,
+                            ">=", 2))
     peak = next(iter(results["flops"].values()))["matmul_flops_per_second"] / 1e9 if results["flops"] else 0
     md = (f"Per-worker batch {results['batch_size_per_worker']}, {results['images']} real radiographs, "
           f"{results['epochs']} epochs (the first not counted). Machine float32 matmul: {peak:.0f} GFLOP/s.\n\n"
           + table + "\n\n" + checks_table(checks))
     if cache:
         md += (f"\n\nFrozen-VGG16 epoch (train steps only): {cache['uncached']:.2f} s uncached, "
-               f"{cache['cached']:.3f} s on cached features.")
+               f"{cache['cached']:.3f} s on cached features (epoch speed-up {cache['uncached'] / cache['cached']:.0f}x, "
+               "leaving out the feature pass); the one-time feature pass took "
+               + (f"{cache['feature_pass']:.1f} s" if cache.get("feature_pass") is not None else "an unknown time")
+               + f"; all {results['epochs']} epochs: {cache['uncached_all_epochs']:.1f} s uncached against "
+               f"{(cache.get('feature_pass') or 0) + cache['cached_all_epochs']:.1f} s cached.")
     return checks, md
 
 
