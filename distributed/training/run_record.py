@@ -21,7 +21,7 @@ from distributed.model.calibration import calibrated_model, fit_on_validation
 from distributed.training import callbacks as cb
 from distributed.training import hvd_utils
 from distributed.training.config import TrainConfig
-from distributed.training.data import DataPlan
+from distributed.training.data import DataPlan, balanced_class_weights
 from launch.runtime import (CxrError, atomic_dir, git_commit, library_versions, read_numeric_csv, sha256_file,
                             write_json_atomic)
 from preprocessing import schema
@@ -65,7 +65,11 @@ def write_run_record(run_dir: Path, config: TrainConfig, plan: DataPlan, model, 
                      "global_batch": config.batch_size * workers, "scaled_lr": scaled_lr,
                      "steps_per_epoch": plan.steps_per_epoch, "classes": plan.classes,
                      "image_shape": list(plan.image_shape), "loss": getattr(loss, "name", None) or loss.__name__,
-                     "label_smoothing": config.label_smoothing, "output_units": int(model.output_shape[-1])},
+                     "label_smoothing": config.label_smoothing, "output_units": int(model.output_shape[-1]),
+                     "train_class_counts": dict(zip(plan.classes, plan.class_counts)),
+                     # the loss weight of each class index, as fit() gets them (None: unweighted)
+                     "class_weights": balanced_class_weights(plan.class_counts)
+                     if config.class_weights == "auto" else None},
         "libraries": library_versions(("tensorflow", "tf-keras", "horovod", "numpy", "cxrscale")),
         "git_commit": git_commit(), "manifest_sha256": sha256_file(data_dir / schema.MANIFEST)}
     if state:
