@@ -243,6 +243,10 @@ def start_ray(address: str | None, num_cpus: int | None, *, py_modules: Sequence
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise CxrError(f"could not start or reach Ray{f' at --address {address}' if address else ''}: "
                            f"{err}") from None
+        if address:
+            logging.getLogger("cxrscale").info(
+                "joined the Ray cluster at %s (--address %s): %d nodes, %g CPUs", ray.get_runtime_context().gcs_address,
+                address, len([n for n in ray.nodes() if n.get("Alive")]), ray.cluster_resources().get("CPU", 0))
     try:
         yield
     finally:
