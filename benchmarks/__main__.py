@@ -29,7 +29,8 @@ from launch.runtime import (OneLineParser, git_commit, library_versions, run_cli
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
 log = logging.getLogger("cxrscale.benchmarks")
 REPO = Path(__file__).resolve().parents[1]
-SUITES = ("preprocess", "input", "train", "optimize", "complexity", "scaling", "robustness", "serving", "faults")
+SUITES = ("preprocess", "input", "train", "optimize", "complexity", "scaling", "robustness", "serving", "trust",
+          "faults")
 
 
 def run_suites(names: Sequence[str], quick: bool, out: Path, work: Path) -> dict[str, dict]:
