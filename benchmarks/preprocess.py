@@ -4,7 +4,9 @@
     every image kept in a Python list;
 (b) tf.data: parallel read + decode + resize (AUTOTUNE), iterated to the end;
 (c) cxrscale's `python -m preprocessing` stage with 1 and 2 Ray workers, end to end including the audit
-    and shard writing, with Ray already started (its start-up is reported separately).
+    and shard writing, with Ray already started (its start-up is reported separately);
+(d) decode: only the JPEG decode cxrscale does, serially on one thread: 2 x its rate is the decode-bound
+    ceiling of 2 workers, against which cxrscale-2 is reported, with its per-image work beyond the decode.
 Every variant runs in its own process, so each peak RSS is its own (for (c): the driver's). The input is
 the shared full-resolution Kermany subset, its file list repeated --repeat times (symlinks), at N and 4N.
 """
@@ -25,7 +27,7 @@ from launch.runtime import OneLineParser, run_cli, setup_logging
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
 log = logging.getLogger("cxrscale.benchmarks")
-VARIANTS = ("thesis", "tfdata", "cxrscale-1", "cxrscale-2")
+VARIANTS = ("thesis", "decode", "tfdata", "cxrscale-1", "cxrscale-2")
 
 
 def repeated_input(source: Path, repeat: int, dest: Path) -> int:
@@ -57,6 +59,27 @@ def run_thesis(folder: Path, size: int) -> dict:
         kept.append(img.astype(np.float32) / 255.0)
     seconds = time.perf_counter() - start
     return {"images": len(kept), "seconds": seconds}
+
+
+def run_decode(folder: Path, size: int) -> dict:
+    """The decode-bound floor: only the JPEG decode cxrscale's stage does (libjpeg at the reduced size it
+    picks), serially on one OpenCV thread. 2 workers can at best go twice as fast as this."""
+    import cv2
+    import numpy as np
+
+    from preprocessing.jpeg import jpeg_frame_size
+    from preprocessing.transform import _REDUCED_GREY, reduction_factor
+
+    cv2.setNumThreads(1)
+    files = image_files(folder)
+    start = time.perf_counter()
+    for path in files:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        shape = jpeg_frame_size(data)
+        flag = _REDUCED_GREY.get(reduction_factor(shape, size, "letterbox") if shape else 1, cv2.IMREAD_GRAYSCALE)
+        cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    return {"images": len(files), "seconds": time.perf_counter() - start}
 
 
 def run_tfdata(folder: Path, size: int) -> dict:
@@ -102,6 +125,8 @@ def child_main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as scratch:
         if args.child == "thesis":
             result = run_thesis(folder, args.size)
+        elif args.child == "decode":
+            result = run_decode(folder, args.size)
         elif args.child == "tfdata":
             result = run_tfdata(folder, args.size)
         else:
@@ -157,16 +182,28 @@ def summarise(results: dict) -> tuple[list[dict], str]:
     rows = [[r["variant"], f"{r['n_factor']}N = {r['inputs']}", r["images_per_second"], r["seconds"],
              r["peak_rss_mb"]] for r in runs]
     table = markdown_table(["variant", "images", "images/s", "seconds", "peak RSS MiB"], rows)
-    ours, thesis, tfdata, small = (at.get((v, f)) for v, f in (("cxrscale-2", big), ("thesis", big), ("tfdata", big),
-                                                                 ("cxrscale-2", 1)))
+    ours, thesis, tfdata, small, decode = (at.get((v, f)) for v, f in (
+        ("cxrscale-2", big), ("thesis", big), ("tfdata", big), ("cxrscale-2", 1), ("decode", big)))
     rate = lambda r: r["images_per_second"] if r else None  # noqa: E731
+    # the decode-bound ceiling of 2 workers: twice the serial decode rate; what cxrscale does beyond the
+    # decode, per image and worker, is 2 / its rate minus the decode time
+    ceiling = 2 * rate(decode) if decode else None
+    beyond_ms = 1e3 * (2 / rate(ours) - 1 / rate(decode)) if ours and decode else None
     checks = [
         check("speedup_vs_thesis", ours and thesis and rate(ours) / rate(thesis), ">=", 2.5),
+        check("cxrscale-2 / decode-bound ceiling (2 x serial decode)", ours and ceiling and rate(ours) / ceiling,
+              ">=", 0.85),
+        check("per-image work beyond the decode, ms per worker (cxrscale-2)", beyond_ms, "<=", 0.8),
         check("speedup_vs_tfdata", ours and tfdata and rate(ours) / rate(tfdata), ">=", 1.5),
         check(f"driver_rss_mb_at_{big}N", ours and ours["peak_rss_mb"], "<", 1024),
         check(f"driver_rss_growth_{big}N_vs_N", ours and small and ours["peak_rss_mb"] / small["peak_rss_mb"] - 1,
               "<=", 0.10)]
-    md = ("(a) thesis = serial cv2 colour read, resize, equalizeHist, float32 list; (b) tf.data parallel "
+    ceiling_text = (f"The decode alone (libjpeg at the reduced size cxrscale picks, one thread) runs at "
+                    f"{rate(decode):.1f} images/s, so 2 workers are bound by {ceiling:.1f} images/s: "
+                    + (f"{rate(thesis) and ceiling / rate(thesis):.2f}x the thesis loop at best; " if thesis else "")
+                    + (f"cxrscale-2 reaches {rate(ours) / ceiling:.0%} of it, doing {beyond_ms:.2f} ms per image "
+                       "beyond the decode.\n\n" if ours else "\n\n")) if decode else ""
+    md = (ceiling_text + "(a) thesis = serial cv2 colour read, resize, equalizeHist, float32 list; (b) tf.data parallel "
           "decode+resize; (c) cxrscale-W = `python -m preprocessing` with W Ray workers, end to end incl. audit "
           "and shard writing, Ray already started.\n\n" + table + "\n\n"
           + checks_table(checks))

@@ -10,6 +10,36 @@ import numpy as np
 _BETWEEN_SCANS = {0xC4, 0xCC, 0xDB, 0xDD, 0xFE} | set(range(0xE0, 0xF0))
 
 
+# Start-of-frame markers (baseline, extended, progressive, lossless, arithmetic): they carry the image size.
+_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's start-of-frame segment, reading only the header segments before it;
+    None when there is none or the header is malformed (then the caller decodes at full size). A few
+    microseconds, against about 0.4 ms for a header parse through Pillow."""
+    pos, n = 2, len(data)
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        code = data[pos + 1]
+        if code == 0xFF:
+            pos += 1
+            continue
+        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        if code in _SOF:
+            if length < 7 or pos + 9 > n:
+                return None
+            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            return (height, width) if height and width else None
+        if code in (0xD9, 0xDA):  # end of image or a scan before any frame header
+            return None
+        pos += 2 + length
+    return None
+
+
 def jpeg_structure_error(data: bytes) -> str | None:
     """Walk a JPEG's marker segments and entropy-coded scans; return what is broken, or None.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ import cv2
 import numpy as np
 
 from preprocessing import dicom
-from preprocessing.jpeg import jpeg_structure_error
+from preprocessing.jpeg import jpeg_frame_size, jpeg_structure_error
 
 RESIZE_MODES = ("letterbox", "stretch")
 CONTRAST_MODES = ("clahe", "equalize", "none")
@@ -132,18 +131,6 @@ def _grey(pixels: np.ndarray) -> np.ndarray:
     raise ImageRejected(f"unsupported pixel layout {pixels.shape}")
 
 
-def _probe_size(data: bytes) -> tuple[int, int] | None:
-    """(H, W) from the file header without decoding pixels, or None when the header is unreadable."""
-    from PIL import Image  # header-only parse; Pillow comes with matplotlib
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-        return height, width
-    except Exception:  # noqa: BLE001 - any header failure just means "decode normally"
-        return None
-
-
 def reduction_factor(shape: tuple[int, int], size: int, resize: str) -> int:
     """Largest JPEG DCT-domain reduction (1, 2, 4 or 8) that still leaves at least `size` pixels where the
     resize needs them: the long side for letterbox, both sides for stretch. Never upsamples after it."""
@@ -162,7 +149,7 @@ def decode_raster(data: bytes, size: int, resize: str) -> Decoded:
         problem = jpeg_structure_error(data)
         if problem:
             raise ImageRejected(f"corrupt or truncated JPEG: {problem}")
-        shape = _probe_size(data)
+        shape = jpeg_frame_size(data)
         factor = reduction_factor(shape, size, resize) if shape else 1
         flag = _REDUCED_GREY.get(factor, cv2.IMREAD_GRAYSCALE)
         pixels = cv2.imdecode(buf, flag)
