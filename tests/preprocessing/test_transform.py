@@ -95,6 +95,19 @@ def test_large_jpeg_reduced_decode_matches_full_decode():
     assert np.abs(fast - slow).mean() < 2.0
 
 
+def test_jpeg_frame_size_reads_the_start_of_frame_segment():
+    from preprocessing.jpeg import jpeg_frame_size
+
+    image = radiograph_like(9, (120, 200))
+    for flags in ([], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]):  # baseline (SOF0) and progressive (SOF2)
+        assert jpeg_frame_size(encode(image, ".jpg", flags)) == (120, 200)
+    data = encode(image, ".jpg")
+    sof = data.index(b"\xff\xc0")
+    assert jpeg_frame_size(data[:sof]) is None  # the header ends before any frame
+    assert jpeg_frame_size(data[:sof + 6]) is None  # inside the frame header
+    assert jpeg_frame_size(b"\x89PNG" + data[4:]) is None and jpeg_frame_size(data[:2] + b"garbage") is None
+
+
 @pytest.mark.parametrize("data, reason", [
     (b"", "empty file"),
     (b"this is text, not an image\n" * 10, "not a decodable image"),
