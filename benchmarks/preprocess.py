@@ -203,7 +203,8 @@ def summarise(results: dict) -> tuple[list[dict], str]:
                     + (f"{rate(thesis) and ceiling / rate(thesis):.2f}x the thesis loop at best; " if thesis else "")
                     + (f"cxrscale-2 reaches {rate(ours) / ceiling:.0%} of it, doing {beyond_ms:.2f} ms per image "
                        "beyond the decode.\n\n" if ours else "\n\n")) if decode else ""
-    md = (ceiling_text + "(a) thesis = serial cv2 colour read, resize, equalizeHist, float32 list; (b) tf.data parallel "
+    md = (ceiling_text
+          + "(a) thesis = serial cv2 colour read, resize, equalizeHist, float32 list; (b) tf.data parallel "
           "decode+resize; (c) cxrscale-W = `python -m preprocessing` with W Ray workers, end to end incl. audit "
           "and shard writing, Ray already started.\n\n" + table + "\n\n"
           + checks_table(checks))

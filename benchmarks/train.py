@@ -250,7 +250,8 @@ def summarise(results: dict) -> tuple[list[dict], str]:
           + table + "\n\n" + checks_table(checks))
     if cache:
         md += (f"\n\nFrozen-VGG16 epoch (train steps only): {cache['uncached']:.2f} s uncached, "
-               f"{cache['cached']:.3f} s on cached features (epoch speed-up {cache['uncached'] / cache['cached']:.0f}x, "
+               f"{cache['cached']:.3f} s on cached features (epoch speed-up "
+               f"{cache['uncached'] / cache['cached']:.0f}x, "
                "leaving out the feature pass); the one-time feature pass took "
                + (f"{cache['feature_pass']:.1f} s" if cache.get("feature_pass") is not None else "an unknown time")
                + f"; all {results['epochs']} epochs: {cache['uncached_all_epochs']:.1f} s uncached against "

@@ -279,6 +279,7 @@ def compare(out: Path, variants: list[Variant], skipped: dict[str, dict], args: 
     base_record = done_record(out, Variant(BASELINE))
     baseline_probs = score_split(load_scorer(out / base_record["file"]), args.data, "test", args.batch_size).probs \
         if base_record else None
+    stamp = measurement_key(args)
     for variant in variants:
         if variant.name in skipped:
             rows.append(skipped[variant.name])
@@ -286,7 +287,6 @@ def compare(out: Path, variants: list[Variant], skipped: dict[str, dict], args: 
         record = done_record(out, variant)
         if record is None:
             continue
-        stamp = measurement_key(args)
         if "test_auc" not in record or {k: record.get("measured", {}).get(k) for k in stamp} != stamp:
             # never report a figure measured with other latency settings or by other code than this run's
             log.info("evaluating and measuring %s", variant.name)

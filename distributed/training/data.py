@@ -76,7 +76,8 @@ class AugmentPolicy:
     noise_sigma: float = 0.03
 
 
-def augment_batch(images: tf.Tensor, rng: "tf.random.Generator | StatelessDraws", policy: AugmentPolicy = AugmentPolicy()) -> tf.Tensor:
+def augment_batch(images: tf.Tensor, rng: "tf.random.Generator | StatelessDraws",
+                  policy: AugmentPolicy = AugmentPolicy()) -> tf.Tensor:
     """uint8 (n, H, W, 1) -> augmented uint8 (n, H, W, 1) (see `AugmentPolicy`).
 
     Built for a CPU feeding a GPU: the intensity changes (gamma, brightness, contrast) are one 256-entry lookup

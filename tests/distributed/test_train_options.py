@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import PYTHON, REPO
-from tests.training_fixtures import prepare, prepared32_fullbatch, prepared64, quiet, run_train, sample_images  # noqa: F401
+from tests.training_fixtures import (prepare, prepared32_fullbatch, prepared64, quiet, run_train,  # noqa: F401
+                                     sample_images)
 
 
 def history(run: Path) -> list[dict]:
@@ -89,7 +90,8 @@ def test_three_classes_with_class_weights_and_warm_up_train_and_evaluate(three_c
                                cwd=REPO, capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 0, quiet(evaluated.stderr)
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    assert metrics["classes"] == manifest["classes"] and metrics["n"] == manifest["counts"]["per_split"]["test"]["total"]
+    assert metrics["classes"] == manifest["classes"]
+    assert metrics["n"] == manifest["counts"]["per_split"]["test"]["total"]
 
 
 @pytest.mark.slow
