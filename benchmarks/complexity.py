@@ -153,7 +153,7 @@ def measure_epochs(source: Path, sizes: Sequence[int], epochs: int, work: Path) 
     runs = []
     for n in sizes:  # make_dataset keeps ~10 % for validation: ask for n / 0.9 to train on about n
         data = make_dataset(source, round(n / 0.9), 64, work / f"epoch-{n}")
-        rows = run_distributed(data, "cnn", "fp32", 1, 16, epochs, [], work / f"epoch-run-{n}")
+        rows = run_distributed(data, "cnn", "fp32", 1, 16, epochs, [], work / f"epoch-run-{n}")["history"]
         steady = rows[1:] or rows
         runs.append({"images": round(float(rows[0]["images_per_second"]) * float(rows[0]["train_seconds"])),
                      "epoch_seconds": statistics.median(float(r["train_seconds"]) for r in steady),

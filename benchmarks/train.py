@@ -62,7 +62,9 @@ def steady_rate(rows: list[dict]) -> float:
 
 
 def run_distributed(data: Path, model: str, precision: str, workers: int, batch: int, epochs: int, extra: list[str],
-                    out: Path) -> list[dict]:
+                    out: Path) -> dict:
+    """One `distributed.train` run: {history (history.csv's rows), wall_seconds, feature_pass_seconds (with
+    --cache-features, from its log; else None)}."""
     cmd = [sys.executable, "-m", "distributed.train", "--data", str(data), "--model", model, "--weights", "none",
            "--precision", precision, "--epochs", str(epochs), "--batch-size", str(batch), "--output", str(out),
            "--early-stopping-patience", "100", "--reduce-lr-patience", "100", *extra]
