@@ -19,8 +19,17 @@ DEFAULT_SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", REPO.parent / "shar
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size in MiB: Linux's VmHWM. Not getrusage's ru_maxrss, which Linux
+    keeps across execve: a child started by a large process would report its parent's size (a child of a
+    600 MiB driver reads 614 MiB there against 13 MiB here)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs (macOS: bytes, 1024 x too big)
 
 
 def machine() -> dict[str, Any]:

@@ -31,7 +31,8 @@ from launch.runtime import CxrError, OneLineParser, read_json, run_cli, setup_lo
 WAYS = ("litert", "tensorflow", "savedmodel")
 # The child: times its own imports and work, prints one JSON line. TensorFlow first for the "tensorflow" way.
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
+from benchmarks.common import peak_rss_mb  # before the clock starts: plain Python, no TensorFlow
 start = time.perf_counter()
 if sys.argv[1] == "tensorflow":
     import distributed.model.kerasenv  # what distributed.predict imported first before LiteRT
@@ -46,7 +47,7 @@ setup_logging(40)
 rows = predict.predict(args)
 done = time.perf_counter()
 print(json.dumps({"import_s": imported - start, "load_s": loaded - imported, "predict_s": done - loaded,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": len(rows),
+                  "peak_rss_mb": peak_rss_mb(), "rows": len(rows),
                   "errors": sum("error" in r for r in rows), "tensorflow_loaded": "tensorflow" in sys.modules}))
 """
 
