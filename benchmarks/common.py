@@ -32,6 +32,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs (macOS: bytes, 1024 x too big)
 
 
+class StolenCpu:
+    """`with StolenCpu() as stolen: ...`, then `stolen.share`: the share of this machine's CPU time its
+    hypervisor gave to other guests while the block ran (Linux's steal time; 0 where it is not reported). A
+    virtual machine's speed drifts with it, so a timing is read beside it."""
+
+    share = 0.0
+
+    @staticmethod
+    def _times() -> tuple[float, float]:
+        import psutil
+
+        times = psutil.cpu_times()
+        return getattr(times, "steal", 0.0), sum(times)
+
+    def __enter__(self) -> "StolenCpu":
+        self._start = self._times()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        (steal0, total0), (steal1, total1) = self._start, self._times()
+        self.share = (steal1 - steal0) / (total1 - total0) if total1 > total0 else 0.0
+
+
 def machine() -> dict[str, Any]:
     import psutil
 

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, comma_list, markdown_table,
-                               report, require_dir, run_child, run_command)
+from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, StolenCpu, check, checks_table, comma_list,
+                               markdown_table, report, require_dir, run_child, run_command)
 from launch.runtime import OneLineParser, read_numeric_csv, run_cli, setup_logging
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
@@ -196,32 +196,38 @@ def measure(args: argparse.Namespace) -> dict:
         jobs = [(m, p, modes[(i + rep) % 3], rep) for m in models for p in precisions for rep in range(args.repeats)
                 for i in range(3)]
         rates: dict[tuple, list[float]] = {}
+        steal: dict[tuple, list[float]] = {}  # the share of the CPU the hypervisor took during each run
         for model in models:
             size, extra = SETUPS[model]
             flops[model] = run_child("benchmarks.train", ["--child", "flops", "--model", model, "--size", str(size)])
         for model, precision, mode, rep in tqdm(jobs, desc="train benchmark", disable=None):
             size, extra = SETUPS[model]
             data = datasets[size]
-            if mode == "plain":
-                result = run_child("benchmarks.train", ["--child", "plain", "--child-data", str(data), "--model", model,
-                                                        "--precision", precision, f"--extra={' '.join(extra)}",
-                                                        "--batch-size", str(args.batch_size), "--epochs", str(epochs)],
-                                   timeout=3600)
-                rate = result["images_per_second"]
-            else:
-                workers = int(mode[-1])
-                run = run_distributed(data, model, precision, workers, args.batch_size, epochs, extra,
-                                      tmp / f"run-{model}-{precision}-{mode}-{rep}")
-                rate = steady_rate(run["history"])
+            with StolenCpu() as stolen:
+                if mode == "plain":
+                    result = run_child("benchmarks.train",
+                                       ["--child", "plain", "--child-data", str(data), "--model", model,
+                                        "--precision", precision, f"--extra={' '.join(extra)}",
+                                        "--batch-size", str(args.batch_size), "--epochs", str(epochs)], timeout=3600)
+                    rate = result["images_per_second"]
+                else:
+                    workers = int(mode[-1])
+                    run = run_distributed(data, model, precision, workers, args.batch_size, epochs, extra,
+                                          tmp / f"run-{model}-{precision}-{mode}-{rep}")
+                    rate = steady_rate(run["history"])
             rates.setdefault((model, precision, mode), []).append(rate)
-            log.info("%s %s %s (repeat %d): %.2f img/s", model, precision, mode, rep + 1, rate)
+            steal.setdefault((model, precision, mode), []).append(stolen.share)
+            log.info("%s %s %s (repeat %d): %.2f img/s, %.1f %% of the CPU stolen", model, precision, mode, rep + 1,
+                     rate, 100 * stolen.share)
         for (model, precision, mode), found in rates.items():
             size, extra = SETUPS[model]
             f = flops[model]
             train_flops = f["forward_flops"] + 2 * f["head_forward_flops"] if extra else 3 * f["forward_flops"]
             rate = statistics.median(found)
             rows.append({"model": model, "image_size": size, "precision": precision, "mode": mode,
-                         "images_per_second": rate, "repeat_rates": found, "achieved_gflops": rate * train_flops / 1e9,
+                         "images_per_second": rate, "repeat_rates": found,
+                         "repeat_cpu_stolen": steal[(model, precision, mode)],
+                         "achieved_gflops": rate * train_flops / 1e9,
                          "fraction_of_matmul": rate * train_flops / f["matmul_flops_per_second"]})
         if "vgg16" in models:
             size, extra = SETUPS["vgg16"]
@@ -243,9 +249,11 @@ def summarise(results: dict) -> tuple[list[dict], str]:
     rows = results["runs"]
     at = {(r["model"], r["precision"], r["mode"]): r for r in rows}
     table = markdown_table(
-        ["model", "px", "precision", "mode", "images/s (median)", "runs", "achieved GFLOP/s", "of matmul peak"],
+        ["model", "px", "precision", "mode", "images/s (median)", "runs", "CPU stolen in each run", "achieved GFLOP/s",
+         "of matmul peak"],
         [[r["model"], r["image_size"], r["precision"], r["mode"], round(r["images_per_second"], 2),
           ", ".join(f"{x:.1f}" for x in r.get("repeat_rates", [r["images_per_second"]])),
+          ", ".join(f"{100 * x:.1f} %" for x in r.get("repeat_cpu_stolen", [])),
           round(r["achieved_gflops"], 1), f"{100 * r['fraction_of_matmul']:.0f} %"] for r in rows])
 
     def ratio_check(label: str, model: str, precision: str, top: str, bottom: str, goal: float) -> dict:
