@@ -32,7 +32,7 @@ from typing import Sequence
 
 from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, StolenCpu, check, checks_table, comma_list,
                                markdown_table, report, require_dir, run_child, run_command)
-from launch.runtime import OneLineParser, read_numeric_csv, run_cli, setup_logging
+from launch.runtime import CxrError, OneLineParser, read_numeric_csv, run_cli, setup_logging
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
@@ -184,6 +184,8 @@ def measure(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     models = comma_list(args.models, "--models", SETUPS)
+    if args.repeats < 1:
+        raise CxrError(f"--repeats must be at least 1, got {args.repeats}")
     precisions = ["fp32"] if args.quick else comma_list(args.precisions, "--precisions", ("fp32", "mixed_bfloat16"))
     epochs, images = (3, 192) if args.quick else (args.epochs, args.images)
     rows, flops, cache = [], {}, {}

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.train import summarise
+from benchmarks.train import main, summarise
+from launch.runtime import CxrError
 
 
 def results(plain: float, np1: float, np2: float, cache: dict | None = None) -> dict:
@@ -48,3 +49,8 @@ def test_ratios_are_the_median_of_side_by_side_runs_not_the_ratio_of_medians():
     assert checks[0]["name"].endswith("3 side-by-side runs, 0.929-0.990")
     assert checks[1]["measured"] == pytest.approx(12.0 / 13.0) and "run 3 times side by side" in md
     assert "9.9, 19.8, 13.0" in md
+
+
+def test_fewer_than_one_repeat_is_refused_by_name(tmp_path):
+    with pytest.raises(CxrError, match="--repeats must be at least 1, got 0"):
+        main(["--repeats", "0", "--data", str(tmp_path), "--out", str(tmp_path / "out")])
