@@ -110,8 +110,8 @@ def preprocess_worker_killed(listing: Path, salt: Path, work: Path, reference: d
     marker = {"CXR_FAULT_TEST": token}
     started = time.time()
     proc = popen(prep_cmd(listing, out, salt, "--workers", "2"), env=dict(ENV, **marker))
-    wait_for(lambda: chunks_done(out) >= 2 and len(processes("ray::process_chunk", marker)) >= 2, 600,
-             "two staged chunks and two running tasks", poll=0.005, alive=lambda: proc.poll() is None)
+    _wait_during(proc, lambda: chunks_done(out) >= 2 and len(processes("ray::process_chunk", marker)) >= 2,
+                 "two staged chunks and two running tasks", started)
     running = len(processes("ray::process_chunk", marker))
     killed_at = time.time()
     kill_workers("ray::process_chunk", marker)
@@ -138,8 +138,8 @@ def preprocess_node_stopped(listing: Path, salt: Path, work: Path, reference: di
         shutil.rmtree(out, ignore_errors=True)
         started = time.time()
         proc = popen(prep_cmd(listing, out, salt, "--address", address, "--workers", "2"), env)
-        wait_for(lambda: chunks_done(out) >= 2 and bool(processes("ray::process_chunk", marker)), 600,
-                 "a task on the second node", poll=0.005, alive=lambda: proc.poll() is None)
+        _wait_during(proc, lambda: chunks_done(out) >= 2 and bool(processes("ray::process_chunk", marker)),
+                     "a task on the second node", started)
         killed_at = time.time()
         os.killpg(second.pid, signal.SIGKILL)
         kill_workers("ray::", marker)  # its workers go down with it
@@ -282,6 +282,16 @@ def tune_trial_killed(data: Path, work: Path, epochs: int) -> dict:
 
 
 # --- the suite ------------------------------------------------------------------------------------------
+
+def _wait_during(proc: subprocess.Popen, condition, what: str, started: float, timeout: float = 600) -> float:
+    """wait_for `condition` while `proc` runs; if `proc` ends first, the error says how and when it ended."""
+    try:
+        return wait_for(condition, timeout, what, poll=0.005, alive=lambda: proc.poll() is None)
+    except AssertionError as err:
+        code, out = finish(proc, timeout=60)
+        raise AssertionError(f"{err}: it exited with {code} after {time.time() - started:.1f} s"
+                             + (f" ({_last(out)})" if _last(out) else "")) from None
+
 
 def _when(condition, proc: subprocess.Popen, timeout: float = 1800, poll: float = 0.02) -> float | None:
     """The time.time() at which `condition` first held while `proc` ran, or None."""

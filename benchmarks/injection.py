@@ -20,14 +20,17 @@ def processes(cmdline_part: str, env: dict[str, str]) -> list[int]:
     """PIDs of this machine's processes whose command line holds `cmdline_part` and whose environment has
     every `env` entry (e.g. {"HOROVOD_HOSTNAME": "127.0.0.1"}: the workers horovodrun placed on that host)."""
     wanted = [f"{k}={v}".encode() for k, v in env.items()]
+    part = cmdline_part.encode()
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
+        try:  # the environment only of the processes whose command line matches: a poll of a few ms counts
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if part not in cmdline or b"horovodrun" in cmdline:
+                continue
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if cmdline_part.encode() in cmdline and all(w in environ for w in wanted) and b"horovodrun" not in cmdline:
+        if all(w in environ for w in wanted):
             found.append(int(pid))
     return found
 
