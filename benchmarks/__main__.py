@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.common import BENCH_PACKAGES, DEFAULT_RESULTS, checks_table, machine, markdown_table, stamp
-from launch.runtime import (OneLineParser, git_commit, library_versions, run_cli, setup_logging, write_json_atomic,
-                            write_text_atomic)
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import setup_logging
+from cxrscale.files import write_json_atomic, write_text_atomic
+from cxrscale.provenance import git_commit, library_versions
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
@@ -159,7 +161,7 @@ def to_html(markdown_text: str, folder: Path) -> str:
     """The Markdown report as one HTML file, images embedded as data URIs."""
     import markdown
 
-    from launch.figures import png_data_uri
+    from cxrscale.figures import png_data_uri
 
     body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code"])
     body = re.sub(r'src="([^":]+\.png)"', lambda m: f'src="{png_data_uri(folder / m.group(1))}"', body)

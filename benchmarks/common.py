@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from launch.runtime import CxrError, git_commit, library_versions, write_json_atomic, write_text_atomic
+from cxrscale.errors import CxrError
+from cxrscale.files import write_json_atomic, write_text_atomic
+from cxrscale.provenance import git_commit, library_versions
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / "benchmarks" / "results"

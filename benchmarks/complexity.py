@@ -30,7 +30,9 @@ from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, chec
                                report, require_dir, run_child)
 from benchmarks.preprocess import image_files, repeated_input, run_thesis
 from benchmarks.train import child_plain, make_dataset, run_distributed
-from launch.runtime import OneLineParser, atomic_path, run_cli, setup_logging
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import setup_logging
+from cxrscale.files import atomic_path
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.

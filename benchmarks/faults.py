@@ -47,7 +47,9 @@ from typing import Any, Sequence
 
 from benchmarks.common import DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, markdown_table, report
 from benchmarks.injection import flip_byte, history_rows, kill_workers, processes, ray_nodes, two_node_ray, wait_for
-from launch.runtime import CxrError, OneLineParser, run_cli, setup_logging
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -19,7 +19,9 @@ from typing import Sequence
 
 from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, markdown_table, report,
                                require_dir, run_command)
-from launch.runtime import CxrError, OneLineParser, run_cli, setup_logging
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import setup_logging
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.

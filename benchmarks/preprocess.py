@@ -22,7 +22,8 @@ from typing import Sequence
 
 from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, comma_list, markdown_table,
                                peak_rss_mb, report, require_dir, run_child)
-from launch.runtime import OneLineParser, run_cli, setup_logging
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import setup_logging
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.

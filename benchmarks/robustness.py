@@ -37,7 +37,9 @@ import numpy as np
 
 from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, markdown_table, report,
                                require_dir, run_command)
-from launch.runtime import CxrError, OneLineParser, run_cli, setup_logging
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import setup_logging
 from preprocessing import schema
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
@@ -226,7 +228,7 @@ def summarise(results: dict) -> tuple[list[dict], str]:
 
 
 def plots(results: dict, out: Path) -> list[Path]:
-    from launch.figures import save_figure, styled
+    from cxrscale.figures import save_figure, styled
 
     @styled
     def draw(path: Path) -> Path:

@@ -71,7 +71,10 @@ from scipy import optimize as sciopt
 from scipy import stats
 
 from benchmarks.common import DEFAULT_RESULTS, checks_table, machine, markdown_table, report
-from launch.runtime import CxrError, OneLineParser, read_json, run_cli, setup_logging
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import setup_logging
+from cxrscale.files import read_json
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
@@ -504,7 +507,7 @@ def _size(n: float) -> str:
 def plots(results: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    from launch.figures import STYLE, save_figure
+    from cxrscale.figures import STYLE, save_figure
 
     out_dir = Path(out_dir)
     paths = []

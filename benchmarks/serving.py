@@ -26,7 +26,10 @@ from typing import Any, Sequence
 
 from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, REPO, check, checks_table, markdown_table, report,
                                require_dir, run_command)
-from launch.runtime import CxrError, OneLineParser, read_json, run_cli, setup_logging
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import setup_logging
+from cxrscale.files import read_json
 
 WAYS = ("litert", "tensorflow", "savedmodel")
 # The child: times its own imports and work, prints one JSON line. TensorFlow first for the "tensorflow" way.
@@ -39,7 +42,7 @@ if sys.argv[1] == "tensorflow":
 from distributed import predict
 imported = time.perf_counter()
 from distributed.model.scoring import load_scorer
-from launch.runtime import setup_logging
+from cxrscale.console import setup_logging
 scorer = load_scorer(sys.argv[2])
 loaded = time.perf_counter()
 args = predict.build_parser().parse_args(sys.argv[3:])

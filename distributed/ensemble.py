@@ -21,8 +21,11 @@ from distributed.model.kerasenv import keras  # first: chooses tf_keras before T
 from distributed.model.builders import LOGITS_NAME, LOGIT_DIFFERENCE_NAME, MEAN_LOGITS_NAME, MEMBER_PREFIX
 from distributed.model.calibration import METHODS, calibrated_model, fit_on_validation, logits_model
 from distributed.model.scoring import read_run_config, run_model_path
-from launch.runtime import (CxrError, OneLineParser, atomic_dir, check_writable_dir, git_commit, library_versions,
-                            run_cli, setup_logging, write_json_atomic)
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import setup_logging
+from cxrscale.files import atomic_dir, check_writable_dir, write_json_atomic
+from cxrscale.provenance import git_commit, library_versions
 from preprocessing import schema
 
 log = logging.getLogger("cxrscale.ensemble")

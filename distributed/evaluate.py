@@ -27,8 +27,11 @@ from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, Thres
 from distributed.evaluation.metrics import THRESHOLD_METRICS
 from distributed.model.calibration import probability_quality
 from distributed.model.scoring import load_scorer, read_run_config, run_model_path
-from launch import tracking
-from launch.runtime import CxrError, OneLineParser, check_writable_dir, read_json, run_cli, setup_logging, sha256_file
+from cxrscale import tracking
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import setup_logging
+from cxrscale.files import check_writable_dir, read_json, sha256_file
 from preprocessing import schema
 
 log = logging.getLogger("cxrscale.evaluate")

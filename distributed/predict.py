@@ -25,7 +25,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from distributed.model.scoring import load_scorer, predicted_classes, run_model_path
-from launch.runtime import CxrError, OneLineParser, read_json, run_cli, setup_logging, write_text_atomic
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import setup_logging
+from cxrscale.files import read_json, write_text_atomic
 from preprocessing.transform import ImageRejected, TransformParams, transform
 
 log = logging.getLogger("cxrscale.predict")

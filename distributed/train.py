@@ -27,8 +27,11 @@ from distributed.training.config import TrainConfig, parse_config
 from distributed.training.data import (DataPlan, balanced_class_weights, ordered_dataset, plan_data, sample_images,
                                        train_dataset, val_dataset)
 from distributed.training.features import cached_train_dataset, compute_features, split_at_head
-from launch import tracking
-from launch.runtime import CxrError, read_json, read_numeric_csv, run_cli, setup_logging
+from cxrscale import tracking
+from cxrscale.errors import CxrError
+from cxrscale.cli import run_cli
+from cxrscale.console import setup_logging
+from cxrscale.files import read_json, read_numeric_csv
 from preprocessing import schema
 
 log = logging.getLogger("cxrscale.train")

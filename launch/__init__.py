@@ -1,3 +1,2 @@
-"""cxrscale launch stage. `__version__` is the toolkit's version, the one place it is set (setup.cfg reads it)."""
-
-__version__ = "0.2.0"
+"""cxrscale launchers: starting the stages on this machine (horovodrun), Slurm and Kubernetes, and in order
+from a recipe (`launch.pipeline`). The version and the shared runtime are in `cxrscale`."""

@@ -13,7 +13,7 @@ import runpy
 import sys
 from typing import Sequence
 
-from launch.runtime import version_line
+from cxrscale.cli import version_line
 
 # command -> (module run as `python -m MODULE`, what it does)
 COMMANDS = {

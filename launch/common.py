@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Sequence, TextIO
 
 from distributed.training.config import parse_config
-from launch.runtime import CxrError, OneLineParser, read_json, write_text_atomic
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser
+from cxrscale.files import read_json, write_text_atomic
 from preprocessing import schema
 
 # The entry points that run one process per worker under horovodrun / mpirun / srun.

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from launch.common import write_generated
-from launch.runtime import CxrError, OneLineParser, run_cli
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser, run_cli
 
 Host = tuple[str, int]  # (host name or address, slots)
 

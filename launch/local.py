@@ -30,7 +30,9 @@ from launch.common import (Check, ERROR, EntryPoint, INFO, OK, WARNING, data_che
                            loose_data_target, parse_entry_point, print_checks, split_tail, stop_if_fatal, tail_usage)
 from launch.hostfile import (Host, discovery_script, horovod_hosts_arg, parse_nodes, read_hostfile, total_slots,
                              write_discovery_script)
-from launch.runtime import CxrError, OneLineParser, run_cli, run_quietly
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import run_quietly
 
 PROG = "python -m launch.local"
 INSTALL_FIX = "bash launch/install_horovod.sh (or make install)"

@@ -35,11 +35,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from distributed.evaluation.model_card import write_model_card
-from launch import tracking
+from cxrscale import tracking
 from launch.common import EntryPoint
 from launch.local import horovodrun_command, horovodrun_path
-from launch.runtime import (CxrError, OneLineParser, atomic_dir, read_json, read_options_file, run_cli, setup_logging,
-                            write_bytes_atomic, write_json_atomic)
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import setup_logging
+from cxrscale.files import atomic_dir, read_json, read_options_file, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger("cxrscale.pipeline")
 

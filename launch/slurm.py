@@ -29,7 +29,8 @@ from typing import Sequence
 from launch.common import (ELASTIC_COOLDOWN, EntryPoint, WARNING, data_checks, data_target, elastic_range,
                            parse_entry_point, print_checks, processes_per_node, split_tail, stop_if_fatal, tail_usage,
                            write_generated)
-from launch.runtime import CxrError, OneLineParser, run_cli
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser, run_cli
 
 PROG = "python -m launch.slurm"
 LAUNCHERS = ("horovodrun", "srun")

@@ -26,7 +26,8 @@ from tensorflow_model_optimization.python.core.sparsity.keras import prune_regis
 from distributed.model.builders import (LOGITS_NAME, OUTPUT_NAME, PREPROCESSING_LAYER_NAMES, is_ensemble_combination,
                                         member_layer_name)
 from distributed.model.calibration import is_calibration_layer
-from launch.runtime import CxrError, quiet_tensorflow
+from cxrscale.errors import CxrError
+from cxrscale.console import quiet_tensorflow
 
 PRUNABLE_TYPES = (keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv2D,
                   keras.layers.SeparableConv2D)

@@ -35,8 +35,10 @@ import tensorflow as tf
 
 from distributed.evaluation.model_card import CARD_NAME
 from distributed.model.scoring import load_scorer, read_run_config, run_model_path, tflite_scorer
-from launch.runtime import (CxrError, OneLineParser, atomic_dir, atomic_path, check_writable_dir, int_at_least,
-                            quiet_tensorflow, read_json, run_cli, setup_logging, sha256_file, write_bytes_atomic,
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser, int_at_least, run_cli
+from cxrscale.console import quiet_tensorflow, setup_logging
+from cxrscale.files import (atomic_dir, atomic_path, check_writable_dir, read_json, sha256_file, write_bytes_atomic,
                             write_json_atomic)
 from preprocessing import schema
 

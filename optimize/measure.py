@@ -22,8 +22,9 @@ from ai_edge_litert.tools import flatbuffer_utils
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from distributed.model.scoring import litert_interpreter, quantize_input
-from launch.figures import plt, save_figure, styled
-from launch.runtime import CxrError, quiet_tensorflow
+from cxrscale.figures import plt, save_figure, styled
+from cxrscale.errors import CxrError
+from cxrscale.console import quiet_tensorflow
 
 _CHUNK = 1 << 20
 _TYPE_NAMES = {v: k.lower() for k, v in vars(schema_fb.TensorType).items() if not k.startswith("_")}

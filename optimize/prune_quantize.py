@@ -33,9 +33,13 @@ from distributed.model.builders import loss_for, recalibrate_batchnorm
 from distributed.model.scoring import load_scorer, read_run_config, run_model_path
 from distributed.training.data import balanced_class_weights, plan_data, train_dataset
 from distributed.training.hvd_utils import agree, configure_devices
-from launch import tracking
-from launch.runtime import (CxrError, OneLineParser, check_writable_dir, code_version, read_json, run_cli,
-                            setup_logging, sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic)
+from cxrscale import tracking
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import setup_logging
+from cxrscale.files import (check_writable_dir, read_json, sha256_file, write_bytes_atomic, write_json_atomic,
+                            write_text_atomic)
+from cxrscale.provenance import code_version
 from optimize import compress, measure
 from preprocessing import schema
 

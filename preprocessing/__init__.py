@@ -4,6 +4,6 @@
 `schema.dataset(prepared_dir, split)` to read the shards; `transform.transform` for the pixel transform
 shared by preparation and prediction.
 """
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 
 __all__ = ["CxrError"]

@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from launch.runtime import OneLineParser, run_cli, setup_logging
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import setup_logging
 from preprocessing import audit, dicom, transform
 from preprocessing.pipeline import PrepareConfig, prepare
 from preprocessing.split import OVERLAP_POLICIES

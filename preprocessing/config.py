@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 from preprocessing import audit, dicom, split as splitting
 from preprocessing.transform import TransformParams
 

@@ -10,7 +10,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from launch.runtime import library_versions, write_json_atomic, write_text_atomic
+from cxrscale.files import write_json_atomic, write_text_atomic
+from cxrscale.provenance import library_versions
 from preprocessing import schema
 from preprocessing.config import PrepareConfig
 from preprocessing.records import RecordHashes, SplitPlan, keyed_hash, utc_now

@@ -24,8 +24,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from launch.runtime import (CxrError, atomic_path, check_writable_dir, read_json, start_ray, write_bytes_atomic,
-                            write_json_atomic)
+from cxrscale.errors import CxrError
+from cxrscale.files import atomic_path, check_writable_dir, read_json, write_bytes_atomic, write_json_atomic
+from cxrscale.ray_cluster import start_ray
 from preprocessing import audit, schema, split as splitting
 from preprocessing.config import PrepareConfig
 from preprocessing.describe import write_description

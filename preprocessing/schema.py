@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from launch.runtime import CxrError, read_json, sha256_file
+from cxrscale.errors import CxrError
+from cxrscale.files import read_json, sha256_file
 
 if TYPE_CHECKING:  # TensorFlow is imported lazily, only by readers
     import tensorflow as tf

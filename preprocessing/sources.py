@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 from preprocessing.schema import SPLITS
 
 # Kermany file names carry the patient: person1372_bacteria_3501.jpeg, IM-0115-0001.jpeg,

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from sklearn import metrics as skm
 
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 
 
 class MetricError(CxrError):

@@ -15,7 +15,9 @@ import datetime
 from pathlib import Path
 from typing import Any
 
-from launch.runtime import git_commit, read_json, version_line, write_text_atomic
+from cxrscale.cli import version_line
+from cxrscale.files import read_json, write_text_atomic
+from cxrscale.provenance import git_commit
 
 CARD_NAME = "model_card.md"
 KERMANY_CREDIT = ('D. Kermany, K. Zhang, M. Goldbaum, "Labeled Optical Coherence Tomography (OCT) and Chest X-Ray '

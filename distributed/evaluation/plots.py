@@ -17,7 +17,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from distributed.evaluation.metrics import calibration_bins, expected_calibration_error  # noqa: F401 (re-exported)
 from distributed.evaluation.metrics import confusion as _counts
-from launch.figures import plt, save_figure, styled
+from cxrscale.figures import plt, save_figure, styled
 
 RIGHT, WRONG = "#1a7f37", "#c62828"
 

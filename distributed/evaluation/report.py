@@ -21,8 +21,8 @@ from distributed.evaluation import plots
 from distributed.evaluation.gradcam import gradcam as grad_cam, overlay
 from distributed.model.builders import last_conv_layer_name
 from distributed.model.scoring import predicted_classes
-from launch.figures import png_data_uri
-from launch.runtime import read_numeric_csv, write_bytes_atomic, write_json_atomic, write_text_atomic
+from cxrscale.figures import png_data_uri
+from cxrscale.files import read_numeric_csv, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("cxrscale.evaluate")
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from distributed.evaluation import metrics as m
 from distributed.model.scoring import Scorer, predicted_classes
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 from preprocessing import schema
 
 DEFAULT_BOOTSTRAP = 1000

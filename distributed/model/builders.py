@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from distributed.model.kerasenv import keras
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 
 MODEL_NAMES = ("vgg16", "resnet50", "cnn")
 

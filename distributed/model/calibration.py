@@ -36,7 +36,7 @@ import numpy as np
 
 from distributed.evaluation import metrics as m
 from distributed.model.builders import LOGITS_NAME, ModelError, OUTPUT_NAME
-from launch.runtime import write_json_atomic
+from cxrscale.files import write_json_atomic
 from preprocessing import schema
 
 log = logging.getLogger("cxrscale.calibration")

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from distributed.model.calibration import is_calibration_layer, logits_model, uncalibrated_probabilities
 from distributed.model.scoring import Scorer, output_probabilities
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 
 
 def keras_scorer(path: Path) -> Scorer:

@@ -13,7 +13,7 @@ import sys
 import warnings
 
 # CXR_VERBOSE=1 shows what TensorFlow prints as it starts (CPU features, CUDA probing, oneDNN), hidden otherwise.
-VERBOSE = os.environ.get("CXR_VERBOSE", "") not in ("", "0")  # = launch.runtime.verbose(), before any import
+VERBOSE = os.environ.get("CXR_VERBOSE", "") not in ("", "0")  # = cxrscale.console.verbose(), before any import
 
 # Must be set before TensorFlow is first imported, so that tf.keras resolves to tf_keras too.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -26,7 +26,7 @@ if not VERBOSE:
     # the converter's note when a float-input model gets int8 internals, which is what the toolkit asks for
     warnings.filterwarnings("ignore", message=r"Statistics for quantized inputs were expected", category=UserWarning)
 
-from launch.runtime import quiet_tensorflow  # noqa: E402  (no TensorFlow in it)
+from cxrscale.console import quiet_tensorflow  # noqa: E402  (no TensorFlow in it)
 
 with quiet_tensorflow():
     import tensorflow as _tf  # noqa: E402

@@ -15,7 +15,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from launch.runtime import CxrError, quiet_tensorflow, read_json
+from cxrscale.errors import CxrError
+from cxrscale.console import quiet_tensorflow
+from cxrscale.files import read_json
 from preprocessing.transform import gamma_table
 
 KERAS_FILE_SUFFIXES = (".keras", ".h5", ".hdf5")

@@ -25,7 +25,7 @@ from distributed.model.kerasenv import keras
 from distributed.evaluation.metrics import validation_metrics
 from distributed.model.builders import recalibrate_batchnorm
 from distributed.model.scoring import output_probabilities
-from launch.runtime import atomic_dir, write_json_atomic, write_text_atomic
+from cxrscale.files import atomic_dir, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("cxrscale.train")
 
@@ -331,7 +331,7 @@ class HistoryWriter(keras.callbacks.Callback):
 
 class EpochTracker(keras.callbacks.Callback):
     """Rank 0, after the HistoryWriter: the epoch's history row (metrics, lr, seconds, images/s, workers) to
-    MLflow at step = epoch (launch.tracking; a no-op once tracking is off or has failed)."""
+    MLflow at step = epoch (cxrscale.tracking; a no-op once tracking is off or has failed)."""
 
     def __init__(self, history: HistoryWriter, tracker):
         super().__init__()

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from launch import tracking
-from launch.runtime import CxrError, OneLineParser, read_options_file
+from cxrscale import tracking
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser
+from cxrscale.files import read_options_file
 
 MODELS = ("cnn", "vgg16", "resnet50")
 PRECISIONS = ("auto", "fp32", "mixed_float16", "mixed_bfloat16")

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from distributed.model.builders import check_image_size
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 from preprocessing import schema
 
 

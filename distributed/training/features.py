@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from distributed.model.kerasenv import keras
 from distributed.model.builders import HEAD_PREFIX, LOGITS_NAME, OUTPUT_NAME
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 
 
 def split_at_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:

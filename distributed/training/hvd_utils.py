@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 
 
 def cpu_threads_per_worker(local_size: int) -> int:

@@ -22,8 +22,9 @@ from distributed.training import callbacks as cb
 from distributed.training import hvd_utils
 from distributed.training.config import TrainConfig
 from distributed.training.data import DataPlan, balanced_class_weights
-from launch.runtime import (CxrError, atomic_dir, git_commit, library_versions, read_numeric_csv, sha256_file,
-                            write_json_atomic)
+from cxrscale.errors import CxrError
+from cxrscale.files import atomic_dir, read_numeric_csv, sha256_file, write_json_atomic
+from cxrscale.provenance import git_commit, library_versions
 from preprocessing import schema
 
 log = logging.getLogger("cxrscale.train")

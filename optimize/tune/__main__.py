@@ -1,5 +1,5 @@
 """python -m optimize.tune: hyper-parameter search with Ray Tune over `distributed.train`."""
-from launch.runtime import run_cli
+from cxrscale.cli import run_cli
 from optimize.tune.cli import main
 
 run_cli(main)

@@ -11,8 +11,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from distributed.training.config import MODELS, load_config_file
-from launch import tracking
-from launch.runtime import CxrError, OneLineParser, read_json, setup_logging, start_ray, write_json_atomic
+from cxrscale import tracking
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser
+from cxrscale.console import setup_logging
+from cxrscale.files import read_json, write_json_atomic
+from cxrscale.ray_cluster import start_ray
 from preprocessing import schema
 
 from optimize.tune.results import (best_config, collect, plot_auc_vs_params, results_table, write_report,

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from distributed.training.config import TrainConfig
-from launch.runtime import read_numeric_csv, write_text_atomic
+from cxrscale.files import read_numeric_csv, write_text_atomic
 
-from launch.figures import plt, save_figure, styled
+from cxrscale.figures import plt, save_figure, styled
 from optimize.tune.space import METRIC, Param
 
 log = logging.getLogger("cxrscale.tune")

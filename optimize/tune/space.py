@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from distributed.training.config import TrainConfig
-from launch.runtime import CxrError, read_options_file
+from cxrscale.errors import CxrError
+from cxrscale.files import read_options_file
 
 log = logging.getLogger("cxrscale.tune")
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-from launch import tracking
+from cxrscale import tracking
 
 log = logging.getLogger("cxrscale.tune")
 

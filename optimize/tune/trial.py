@@ -15,7 +15,7 @@ from typing import Any
 
 from launch.common import EntryPoint
 from launch.local import horovodrun_command, horovodrun_path
-from launch.runtime import read_numeric_csv, write_json_atomic
+from cxrscale.files import read_numeric_csv, write_json_atomic
 
 log = logging.getLogger("cxrscale.tune")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from launch.runtime import CxrError, OneLineParser, int_at_least
+from cxrscale.errors import CxrError
+from cxrscale.cli import OneLineParser, int_at_least
 from preprocessing.sample.folder import MIN_SIZE, SampleError, generate_sample
 
 

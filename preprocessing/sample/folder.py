@@ -10,7 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from launch.runtime import CxrError, write_text_atomic
+from cxrscale.errors import CxrError
+from cxrscale.files import write_text_atomic
 from preprocessing.sample.plan import (CLASSES, KNOWN_SPLITS, PlannedImage, ordered_splits, plan_sample,
                                        render_planned, split_counts)
 
@@ -90,7 +91,7 @@ def _tree(out: Path) -> tuple[set[str], set[str]]:
 
 
 def _marker_leftover(rel: str) -> bool:
-    """A temporary marker file a crash mid-write left behind (launch.runtime.atomic_path's naming)."""
+    """A temporary marker file a crash mid-write left behind (cxrscale.files.atomic_path's naming)."""
     return rel.startswith(f".{MARKER_NAME}.") and rel.endswith(".tmp") and "/" not in rel
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks.common import run_child
 from benchmarks.complexity import CLAIMS, add_fits, fit_loglog, plots, run_suite, summarise
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 
 X = [60, 120, 240, 480, 960]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import scaling as s
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 
 MB = 2**20
 PROFILE = s.DEFAULT_PROFILES["pascal-25g-roce"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.train import main, summarise
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 
 
 def results(plain: float, np1: float, np2: float, cache: dict | None = None) -> dict:

@@ -10,7 +10,7 @@ import pytest
 
 from distributed.model.kerasenv import keras
 from distributed.model.calibration import Calibration, logits_of
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 from preprocessing import schema
 from tests.conftest import PYTHON, REPO
 from tests.training_fixtures import quiet, run_train

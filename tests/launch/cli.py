@@ -5,7 +5,7 @@ import os
 import subprocess
 from typing import Callable, Sequence
 
-from launch.runtime import run_cli
+from cxrscale.cli import run_cli
 from tests.conftest import PYTHON, REPO
 
 

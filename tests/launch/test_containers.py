@@ -12,7 +12,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from launch import __version__
+from cxrscale import __version__
 from tests.conftest import PYTHON, REPO
 
 BIN = Path(PYTHON).parent

@@ -8,7 +8,7 @@ import pytest
 from horovod.runner.common.util.hosts import parse_host_files
 
 from launch.hostfile import expand_nodelist, format_hostfile, horovod_hosts_arg, main, parse_nodes
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 from tests.launch.cli import run_main
 
 

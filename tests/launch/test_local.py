@@ -7,7 +7,7 @@ import pytest
 
 from launch.common import ERROR, EntryPoint, INFO, OK, WARNING, data_checks, data_target, parse_entry_point
 from launch.local import build_checks, gpu_checks, horovod_build, main, visible_gpus
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 from tests.launch.cli import run_main, run_module
 from tests.training_fixtures import quiet
 

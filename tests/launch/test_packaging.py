@@ -16,7 +16,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from launch import __version__
+from cxrscale import __version__
 from tests.conftest import PYTHON, REPO
 
 PACKAGES = ("preprocessing", "distributed", "optimize", "launch", "benchmarks", "tests")

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from launch.pipeline import load_recipe, plan, recipe_names, with_overrides
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 from tests.conftest import PYTHON, REPO
 from tests.launch.cli import run_module
 from tests.training_fixtures import quiet

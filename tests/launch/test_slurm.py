@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 from launch.slurm import check_time, main
 from tests.conftest import PYTHON, REPO
 from tests.launch.cli import run_main, run_module

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from distributed.model.builders import build_model
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 from optimize.measure import latency, pareto_front, recommend, sizes, tradeoff_plot, weight_report
 
 SIZE = 32

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from launch.runtime import CxrError, read_numeric_csv
+from cxrscale.errors import CxrError
+from cxrscale.files import read_numeric_csv
 from optimize import tune as cxr_tune
 from tests.conftest import PYTHON, REPO, radiograph_like, write_image
 from benchmarks.injection import kill_workers, wait_for
@@ -55,7 +56,7 @@ def check_tracked_trials(uri: str, experiment: str, rows: list[dict], data: Path
     back through the client ranks them as results.csv does."""
     from mlflow.tracking import MlflowClient
 
-    from launch.runtime import sha256_file
+    from cxrscale.files import sha256_file
 
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)

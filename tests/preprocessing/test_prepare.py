@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 from preprocessing import schema
 from preprocessing.config import PrepareConfig
 from preprocessing.pipeline import prepare
@@ -86,7 +86,7 @@ def test_messy_folder_reconciles_and_audits(messy_folder, tmp_path, salt_file, r
     assert manifest["classes"] == ["NORMAL", "PNEUMONIA"]
     assert sum(s["records"] for s in manifest["shards"]) == counts["written"]
     for shard in manifest["shards"]:
-        from launch.runtime import sha256_file
+        from cxrscale.files import sha256_file
         assert sha256_file(out / shard["file"]) == shard["sha256"]
 
     rows = list(csv.DictReader(open(out / schema.SPLIT_CSV)))

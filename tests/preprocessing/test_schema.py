@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 from preprocessing import schema
 
 

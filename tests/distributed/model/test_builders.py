@@ -13,7 +13,7 @@ from distributed.model.kerasenv import keras
 from distributed.model import builders as M
 from distributed.model.builders import ModelError
 from distributed.model.scoring import output_probabilities
-from launch.runtime import CxrError
+from cxrscale.errors import CxrError
 
 VGG16_TABLE1_TOTAL = 40_407_874
 VGG16_TABLE1_BASE = 14_714_688

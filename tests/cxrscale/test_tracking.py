@@ -10,8 +10,8 @@ import subprocess
 import pytest
 from mlflow.tracking import MlflowClient
 
-from launch import tracking
-from launch.runtime import sha256_file
+from cxrscale import tracking
+from cxrscale.files import sha256_file
 from tests.conftest import PYTHON, REPO
 from tests.training_fixtures import closed_port_uri, quiet, run_train
 

@@ -1,4 +1,4 @@
-"""launch.runtime: the plumbing every entry point shares (atomic folders, the rank-aware CLI runner, the quiet
+"""cxrscale: the plumbing every entry point shares (atomic folders, the rank-aware CLI runner, the quiet
 console), exercised as a user meets it: through real processes."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from launch.runtime import atomic_dir, is_start_up_noise
+from cxrscale.console import is_start_up_noise
+from cxrscale.files import atomic_dir
 from tests.conftest import PYTHON, REPO
 
 
@@ -35,7 +36,8 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 MISTAKE = """
-    from launch.runtime import CxrError, run_cli
+    from cxrscale.cli import run_cli
+    from cxrscale.errors import CxrError
     def main(argv):
         raise CxrError("--data prepared/x not found")
     run_cli(main)
@@ -51,7 +53,7 @@ def test_a_user_mistake_is_one_line_on_rank_0_only(rank, shown):
 
 def test_ctrl_c_keeps_what_was_done_and_exits_130():
     result = _run("""
-        from launch.runtime import run_cli
+        from cxrscale.cli import run_cli
         def main(argv):
             raise KeyboardInterrupt
         run_cli(main)
@@ -89,7 +91,7 @@ def test_run_quietly_passes_on_everything_but_tensorflows_start_up_lines():
              "FLOAT32\\nINFO: Created TensorFlow Lite XNNPACK delegate for CPU.\\nreal problem\\n')")
     result = _run(f"""
         import sys
-        from launch.runtime import run_quietly
+        from cxrscale.console import run_quietly
         sys.exit(run_quietly([sys.executable, "-c", {child!r}]))
     """)
     assert result.returncode == 0 and result.stderr.splitlines() == ["real problem"]
@@ -107,7 +109,7 @@ ENTRY_POINTS = ["preprocessing", "preprocessing.sample", "distributed.train", "d
 def test_every_entry_point_answers_version():
     """`--version` on every entry point, all in one process (each as `python -m MODULE --version` runs it), and
     on the installed `cxrscale` command."""
-    from launch import __version__
+    from cxrscale import __version__
 
     code = textwrap.dedent(f"""
         import contextlib, io, runpy, sys

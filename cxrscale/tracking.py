@@ -23,7 +23,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from launch.runtime import read_json, write_json_atomic
+from cxrscale import __version__
+from cxrscale.files import read_json, sha256_file, write_json_atomic
+from cxrscale.provenance import git_commit
 
 log = logging.getLogger("cxrscale.tracking")
 
@@ -266,9 +268,6 @@ class Tracker:
 
 def common_tags(stage: str, manifest: Path | None) -> dict[str, str]:
     """Tags every cxrscale run carries: the stage, the git commit and the dataset manifest's sha256."""
-    from launch import __version__
-    from launch.runtime import git_commit, sha256_file
-
     commit = git_commit()
     tags = {"cxrscale.stage": stage, "cxrscale.version": __version__, "git_commit": commit,
             "mlflow.source.git.commit": commit}
