@@ -12,7 +12,6 @@ the others still run.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import re
@@ -21,7 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.common import BENCH_PACKAGES, DEFAULT_RESULTS, checks_table, machine, markdown_table, stamp
+from benchmarks.common import (BENCH_PACKAGES, DEFAULT_RESULTS, REPO, SUITES, checks_table, comma_list, load_suite, machine,
+                               markdown_table, model_setups, stamp)
 from cxrscale.cli import OneLineParser, run_cli
 from cxrscale.console import setup_logging
 from cxrscale.files import write_json_atomic, write_text_atomic
@@ -30,9 +30,6 @@ from cxrscale.provenance import git_commit, library_versions
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
 log = logging.getLogger("cxrscale.benchmarks")
-REPO = Path(__file__).resolve().parents[1]
-SUITES = ("preprocess", "input", "train", "optimize", "complexity", "scaling", "robustness", "serving", "trust",
-          "faults")
 
 
 def run_suites(names: Sequence[str], quick: bool, out: Path, work: Path) -> dict[str, dict]:
@@ -42,7 +39,7 @@ def run_suites(names: Sequence[str], quick: bool, out: Path, work: Path) -> dict
         log.info("[%d/%d] suite %s (%s)", i, len(names), name, "quick" if quick else "full")
         started = time.perf_counter()
         try:
-            module = importlib.import_module(f"benchmarks.{name}")
+            module = load_suite(name)
             raw = module.run_suite(quick, work)
             checks, markdown = module.summarise(raw)
             plots = [p.name for p in module.plots(raw, out)] if hasattr(module, "plots") else []
@@ -107,7 +104,7 @@ def summary(suites: dict[str, dict]) -> str:
                 throughput[row["model"]] = row["images_per_second"]
         params.update({m: f["parameters"] for m, f in (train or {}).get("flops", {}).items() if f.get("parameters")})
     rows = []
-    for model in ("vgg16", "resnet50", "cnn"):
+    for model in model_setups():
         path, ev = evals.get(model, (None, None))
         acc = ""
         if ev and "at_threshold" in ev:
@@ -189,10 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    names = list(SUITES) if args.suite == "all" else [s.strip() for s in args.suite.split(",") if s.strip()]
-    unknown = [s for s in names if s not in SUITES]
-    if unknown or not names:
-        parser.error(f"--suite: unknown {', '.join(unknown) or '(none)'}; choose all or from {', '.join(SUITES)}")
+    names = list(SUITES) if args.suite == "all" else comma_list(args.suite, "--suite", SUITES)
+    if not names:
+        parser.error(f"--suite: none given; choose all or from {', '.join(SUITES)}")
     setup_logging()
     quick = not args.full
     out = args.out or DEFAULT_RESULTS / stamp()

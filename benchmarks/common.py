@@ -9,7 +9,7 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from cxrscale.errors import CxrError
 from cxrscale.files import write_json_atomic, write_text_atomic
@@ -17,6 +17,44 @@ from cxrscale.provenance import git_commit, library_versions
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / "benchmarks" / "results"
+HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")  # the venv's own, beside its python
+SUITES = ("preprocess", "input", "train", "optimize", "complexity", "scaling", "robustness", "serving", "trust",
+          "faults")
+
+
+class Suite(Protocol):
+    """What every suite module `benchmarks.<name>` (one of SUITES) provides, for `python -m benchmarks` and
+    for its own `main`:
+
+    run_suite(quick, work) -> results: measure, with `work` as the scratch folder for what it prepares and
+        trains (reused across invocations); `quick` for small inputs. The results are plain JSON data.
+    summarise(results) -> (checks, markdown): the suite's targets as `check(...)` rows (met / NOT MET) and
+        its Markdown section (tables, what each number means). Pure: no measuring, no files.
+    plots(results, out_dir) -> [paths] (optional): its figures, written into out_dir.
+    """
+
+    def run_suite(self, quick: bool, work: Path) -> dict: ...
+
+    def summarise(self, results: dict) -> tuple[list[dict], str]: ...
+
+
+def load_suite(name: str) -> Suite:
+    """The suite module `benchmarks.<name>`, checked to provide the contract."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    missing = [f for f in ("run_suite", "summarise") if not callable(getattr(module, f, None))]
+    if missing:
+        raise TypeError(f"benchmarks.{name} lacks {', '.join(missing)}: not a suite (see benchmarks.common.Suite)")
+    return module  # type: ignore[return-value]
+
+
+def model_setups() -> dict[str, tuple[int, list[str]]]:
+    """Every model of the zoo with the image side and extra distributed.train flags it is benchmarked with
+    (its registry entry): {name: (size, flags)}."""
+    from distributed.model.zoo import model_names, model_spec  # no TensorFlow
+
+    return {name: (model_spec(name).benchmark_size, list(model_spec(name).benchmark_args)) for name in model_names()}
 DEFAULT_SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

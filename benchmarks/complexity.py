@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, markdown_table, peak_rss_mb,
-                               report, require_dir, run_child)
+from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, markdown_table, model_setups,
+                               peak_rss_mb, report, require_dir, run_child)
 from benchmarks.preprocess import image_files, repeated_input, run_thesis
 from benchmarks.train import child_plain, make_dataset, run_distributed
 from cxrscale.cli import OneLineParser, run_cli
@@ -38,7 +38,7 @@ from cxrscale.files import atomic_path
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
 log = logging.getLogger("cxrscale.benchmarks")
 FACTORS = (1, 2, 4, 8)
-MODELS = ("cnn", "resnet50", "vgg16")
+MODELS = tuple(model_setups())  # every model of the zoo
 # The claims, as data. Data-loading memory is the thesis's big-O statement as quoted in the issue ("data loading
 # memory O(N) in the thesis vs our streaming stage ≈ O(1)"); the others are the standard big-O statements for
 # these quantities (time linear in the images processed, activations linear in the batch, weights in P).
@@ -107,7 +107,7 @@ def child_build(model: str, size: int) -> dict:
     import psutil
 
     from distributed.model.kerasenv import keras
-    from distributed.model.builders import build_model
+    from distributed.model.zoo import build_model
 
     keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])  # runtime start-up is not the model's
     before = psutil.Process().memory_info().rss

@@ -45,13 +45,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.common import DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, markdown_table, report
+from benchmarks.common import DEFAULT_RESULTS, DEFAULT_SHARED_DATA, REPO, check, checks_table, markdown_table, report
 from benchmarks.injection import flip_byte, history_rows, kill_workers, processes, ray_nodes, two_node_ray, wait_for
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, run_cli
 from cxrscale.console import setup_logging
 
-REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 RAY = str(Path(PY).parent / "ray")
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", TF_USE_LEGACY_KERAS="1",

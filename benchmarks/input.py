@@ -69,7 +69,7 @@ def child_measure(prepared: Path, augment: bool, cores: int, batch: int, seconds
     tf.config.threading.set_intra_op_parallelism_threads(cores)
     tf.config.threading.set_inter_op_parallelism_threads(cores)
     plan = plan_data(prepared, 0, 1, batch, "cnn")
-    ds = train_dataset(prepared, plan, batch, seed=0, shuffle_buffer=512, augment=augment, binary_labels=True)
+    ds = train_dataset(prepared, plan, batch, seed=0, shuffle_buffer=512, augment=augment, label_form="binary")
     options = tf.data.Options()
     options.threading.private_threadpool_size = cores
     it = iter(ds.with_options(options))

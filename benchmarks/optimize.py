@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, markdown_table, report,
-                               require_dir, run_command)
+from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, HOROVODRUN, REPO, check, checks_table,
+                               markdown_table, report, require_dir, run_command)
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, run_cli
 from cxrscale.console import setup_logging
@@ -26,8 +26,6 @@ from cxrscale.console import setup_logging
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
 log = logging.getLogger("cxrscale.benchmarks")
-REPO = Path(__file__).resolve().parents[1]
-HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
 # model, image size, epochs: the default real-data runs trained when --runs is not given
 DEFAULT_MODELS = (("cnn", 128, 6), ("resnet50", 64, 6))
 TARGETS = {"ptq-int8": {"size_ratio": 3.5, "speedup": 1.5, "auc_drop": 0.01},

@@ -35,8 +35,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, check, checks_table, markdown_table, report,
-                               require_dir, run_command)
+from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, HOROVODRUN, REPO, check, checks_table,
+                               markdown_table, report, require_dir, run_command)
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, run_cli
 from cxrscale.console import setup_logging
@@ -45,8 +45,6 @@ from preprocessing import schema
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
 log = logging.getLogger("cxrscale.benchmarks")
-REPO = Path(__file__).resolve().parents[1]
-HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
 MAX_AUC_DROP = 0.05  # the target: no controlled shift costs more than this much test AUC
 
 
@@ -130,7 +128,7 @@ def shifted_images(files: Sequence[Path], params, shift: Callable | None) -> np.
 
 
 def shift_metrics(y: np.ndarray, p: np.ndarray, threshold: float, *, n_bootstrap: int, seed: int) -> dict[str, Any]:
-    from distributed.evaluation import metrics as m
+    from distributed.model import metrics as m
 
     row: dict[str, Any] = {"n": int(len(y)), "positives": int(y.sum())}
     summary = m.binary_summary(y, p, threshold)

@@ -70,7 +70,7 @@ import numpy as np
 from scipy import optimize as sciopt
 from scipy import stats
 
-from benchmarks.common import DEFAULT_RESULTS, checks_table, machine, markdown_table, report
+from benchmarks.common import DEFAULT_RESULTS, HOROVODRUN, REPO, checks_table, machine, markdown_table, report
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, run_cli
 from cxrscale.console import setup_logging
@@ -79,8 +79,6 @@ from cxrscale.files import read_json
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
 
-REPO = Path(__file__).resolve().parents[1]
-HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
 PROFILES_FILE = Path(__file__).with_name("profiles.json")
 FUSION_MB = 128  # Horovod >= 0.21 (changelog, PR #2468); 64 MB in the 2017-2020 runs validated below
 BACKWARD_SHARE = 2 / 3

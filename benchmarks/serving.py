@@ -45,9 +45,9 @@ from distributed.model.scoring import load_scorer
 from cxrscale.console import setup_logging
 scorer = load_scorer(sys.argv[2])
 loaded = time.perf_counter()
-args = predict.build_parser().parse_args(sys.argv[3:])
+config = predict.parse_config(sys.argv[3:])
 setup_logging(40)
-rows = predict.predict(args)
+rows = predict.predict(config)
 done = time.perf_counter()
 print(json.dumps({"import_s": imported - start, "load_s": loaded - imported, "predict_s": done - loaded,
                   "peak_rss_mb": peak_rss_mb(), "rows": len(rows),

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, StolenCpu, check, checks_table, comma_list,
-                               markdown_table, report, require_dir, run_child, run_command)
+from benchmarks.common import (DEFAULT_RESULTS, DEFAULT_SHARED_DATA, HOROVODRUN, StolenCpu, check, checks_table,
+                               comma_list, markdown_table, model_setups, report, require_dir, run_child, run_command)
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, run_cli
 from cxrscale.console import setup_logging
@@ -40,9 +40,8 @@ from cxrscale.files import read_numeric_csv
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
 log = logging.getLogger("cxrscale.benchmarks")
-HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
-# (model, image size, extra train flags): the thesis's three setups.
-SETUPS = {"cnn": (150, []), "resnet50": (224, []), "vgg16": (224, ["--freeze-base"])}
+# {model: (image size, extra train flags)}: every model of the zoo, as its registry entry says
+SETUPS = model_setups()
 
 
 def make_dataset(source: Path, n_images: int, size: int, out: Path) -> Path:
@@ -92,7 +91,8 @@ def child_plain(args: argparse.Namespace) -> dict:
     from distributed.model.kerasenv import keras
     import tensorflow as tf
 
-    from distributed.model.builders import build_model, loss_for
+    from distributed.model.zoo import build_model
+    from distributed.model.heads import Head
     from preprocessing import schema
 
     keras.mixed_precision.set_global_policy("float32" if args.precision == "fp32" else args.precision)
@@ -100,11 +100,11 @@ def child_plain(args: argparse.Namespace) -> dict:
     size = schema.image_shape(manifest)[0]
     model = build_model(args.model, size, len(manifest["classes"]), weights="none", seed=0,
                         freeze_base="--freeze-base" in args.extra)
-    binary = model.output_shape[-1] == 1
+    head = Head.of_model(model)
     ds = schema.dataset(args.data, "train").map(
-        lambda x, y: (x, tf.cast(tf.reshape(y, (1,)), tf.float32) if binary else y))
+        lambda x, y: (x, tf.cast(tf.reshape(y, (1,)), tf.float32) if head.label_form == "binary" else y))
     ds = ds.shuffle(512, seed=0).repeat().batch(args.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss_for(model))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=head.loss())
     steps = manifest["counts"]["per_split"]["train"]["total"] // args.batch_size
     times: list[float] = []
 
@@ -129,7 +129,7 @@ def child_flops(args: argparse.Namespace) -> dict:
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    from distributed.model.builders import build_model
+    from distributed.model.zoo import build_model
 
     def forward_flops(model) -> float:
         spec = tf.TensorSpec((1, *model.input_shape[1:]), model.input.dtype)
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "  python -m benchmarks.train --quick --models cnn,vgg16")
     p.add_argument("--data", type=Path, default=DEFAULT_SHARED_DATA / "kermany224" / "train",
                    help="folder of CLASS/*.jpeg radiographs (default: the shared Kermany 224 px train split)")
-    p.add_argument("--models", default="cnn,resnet50,vgg16")
+    p.add_argument("--models", default=",".join(SETUPS))
     p.add_argument("--precisions", default="fp32,mixed_bfloat16")
     p.add_argument("--images", type=int, default=160, help="radiographs per dataset (about 90%% train)")
     p.add_argument("--batch-size", type=int, default=16, help="per worker")

@@ -8,7 +8,7 @@ For a trained run, builds from its exported model (in a child process, with Tens
                   members are copies of the one member, which costs what K different members would
 and converts each to a float32 TFLite model. Each is measured on LiteRT at batch 1 (`optimize.measure.latency`:
 median and p90 ms per image on 1 and 2 threads, interpreter memory) and its size. Test-time augmentation
-(`--tta`: 4 views per image, `distributed.model.scoring.tta_views`) is timed end to end through the scorer,
+(`--tta`: 4 views per image, `distributed.model.scorer.tta_views`) is timed end to end through the scorer,
 per image, against the same scorer without it. Goals: calibration adds at most 10 % to the latency (the
 measurement's own noise here is about 5 %), an ensemble of K costs at most 1.1 K times one model, TTA at
 most 4.5 times.

@@ -3,9 +3,10 @@ rank 0 speaks under a launcher) and `OneLineParser` (argparse with the same one-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 from cxrscale import __version__
 from cxrscale.errors import USER_ERROR_EXIT, CxrError, disk_full
@@ -76,3 +77,18 @@ def int_at_least(minimum: int):
     return parse
 
 
+
+Config = TypeVar("Config")
+
+
+def config_from(cls: type[Config], namespace: argparse.Namespace, **overrides) -> Config:
+    """The frozen dataclass `cls` (an entry point's typed config, one field per flag) from its parser's
+    `namespace`, lists made tuples, `overrides` applied. A flag without a field or a field without a flag is
+    our bug, and fails loudly."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(namespace).items()}
+    values.update(overrides)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(values) != names:
+        raise TypeError(f"{cls.__name__} and its parser disagree: flags without a field "
+                        f"{sorted(set(values) - names)}, fields without a flag {sorted(names - set(values))}")
+    return cls(**values)

@@ -20,6 +20,7 @@ from distributed.model.kerasenv import keras  # first: chooses tf_keras before T
 
 from distributed.model.builders import LOGITS_NAME, LOGIT_DIFFERENCE_NAME, MEAN_LOGITS_NAME, MEMBER_PREFIX
 from distributed.model.calibration import METHODS, calibrated_model, fit_on_validation, logits_model
+from distributed.model.heads import Head
 from distributed.model.scoring import read_run_config, run_model_path
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, run_cli
@@ -40,11 +41,13 @@ def join_members(models: Sequence[keras.Model]) -> keras.Model:
     sigmoid) are averaged on the positive-class logit. The result ends in a layer named `logits` (the mean),
     so calibration, evaluation and the optimize stage treat it like a single model."""
     shapes = {tuple(m.input_shape[1:]) for m in models}
-    units = {int(logits_model(m).output_shape[-1]) for m in models}
-    binary = units <= {1, 2}  # a sigmoid head (1 logit) and a 2-unit softmax (its logit is z1 - z0) mix
-    if len(shapes) != 1 or (len(units) != 1 and not binary):
-        raise CxrError(f"the members take inputs {sorted(shapes)} and output {sorted(units)} logits: an ensemble "
-                       "needs one input shape and one head size (the same prepared dataset and kind of head)")
+    heads = [Head.of_logits(m) for m in models]
+    # binary heads mix: a sigmoid unit's logit and a 2-unit softmax's z1 - z0 are the same quantity
+    mixed_binary = all(h.binary for h in heads) and len(set(heads)) > 1
+    if len(shapes) != 1 or (len(set(heads)) != 1 and not mixed_binary):
+        kinds = ", ".join(sorted({h.describe() for h in heads}))
+        raise CxrError(f"the members take inputs {sorted(shapes)} and have {kinds} heads: an ensemble needs one "
+                       "input shape and one kind of head (the same prepared dataset)")
     shape = shapes.pop()
     image = keras.Input(shape, dtype=models[0].inputs[0].dtype, name="image")
     member_logits = []
@@ -62,7 +65,7 @@ def join_members(models: Sequence[keras.Model]) -> keras.Model:
             if layer.name.startswith(prefix) and layer.weights:
                 layer.set_weights(core.get_layer(layer.name[len(prefix):]).get_weights())
         z = clone.outputs[0]
-        if binary and len(units) > 1 and int(z.shape[-1]) == 2:
+        if mixed_binary and heads[k].units == 2:
             difference = keras.layers.Dense(1, use_bias=False, trainable=False, dtype="float32",
                                             name=f"{prefix}{LOGIT_DIFFERENCE_NAME}",
                                             kernel_initializer=keras.initializers.Constant([[-1.0], [1.0]]))
@@ -94,8 +97,9 @@ def build_ensemble(run_dirs: Sequence[Path], output: Path, method: str) -> dict[
     joined = join_members(members)
     log.info("joined %d members: %d layers, %d parameters", len(members), len(joined.layers), joined.count_params())
     output.mkdir(parents=True, exist_ok=True)
-    calibration = fit_on_validation(joined, data_dir, method, output)  # OUTPUT/calibration.json
-    final = calibrated_model(joined, calibration)
+    head = Head(Head.of_logits(members[0]).kind, int(joined.outputs[0].shape[-1]))  # of the mean logits
+    calibration = fit_on_validation(joined, data_dir, method, output, head=head)  # OUTPUT/calibration.json
+    final = calibrated_model(joined, calibration, head=head)
 
     models = sorted({c["config"]["model"] for c in configs})
     first = configs[0]
@@ -104,6 +108,7 @@ def build_ensemble(run_dirs: Sequence[Path], output: Path, method: str) -> dict[
             "resolved": {**first["resolved"], "output": str(output)},
             "ensemble": {"members": [str(r) for r in run_dirs], "models": [c["config"]["model"] for c in configs],
                          "seeds": [c["config"].get("seed") for c in configs], "combine": "mean of logits"},
+            "head": Head.of_model(final).to_dict(),
             "libraries": library_versions(("tensorflow", "tf-keras", "numpy", "cxrscale")),
             "git_commit": git_commit(), "manifest_sha256": first.get("manifest_sha256")}
     with atomic_dir(output / "model") as tmp:  # the model lands last: its presence means a finished ensemble

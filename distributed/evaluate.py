@@ -24,12 +24,12 @@ from distributed.evaluation.model_card import write_model_card
 from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, ThresholdRule, compute_metrics,
                                            gallery_picks, load_records, parse_threshold, per_view_metrics,
                                            score_split, split_views)
-from distributed.evaluation.metrics import THRESHOLD_METRICS
+from distributed.model.metrics import THRESHOLD_METRICS
 from distributed.model.calibration import probability_quality
-from distributed.model.scoring import load_scorer, read_run_config, run_model_path
+from distributed.model.scoring import load_scorer, read_run_config, run_head, run_model_path
 from cxrscale import tracking
 from cxrscale.errors import CxrError
-from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.cli import OneLineParser, config_from, run_cli
 from cxrscale.console import setup_logging
 from cxrscale.files import check_writable_dir, read_json, sha256_file
 from preprocessing import schema
@@ -49,38 +49,60 @@ class Target:
     run_config: dict | None
 
 
-def resolve_target(args: argparse.Namespace) -> Target:
-    run_dir = Path(args.run) if args.run else None
-    config = read_run_config(run_dir) if run_dir else None
-    model_path = Path(args.model) if args.model else run_model_path(run_dir)
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Every option of `python -m distributed.evaluate` (see `build_parser`), as `parse_config` builds it."""
+
+    run: str | None = None
+    model: str | None = None
+    data: str | None = None
+    split: str = "test"
+    threshold: ThresholdRule = ThresholdRule("youden")
+    bootstrap: int = DEFAULT_BOOTSTRAP
+    gallery: int = 2
+    no_gradcam: bool = False
+    batch_size: int = 32
+    tta: bool = False
+    seed: int = 0
+    output: str | None = None
+    dataset_credit: str | None = None
+    tracking_uri: str | None = None
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    quiet: bool = False
+
+
+def resolve_target(config: EvaluateConfig) -> Target:
+    run_dir = Path(config.run) if config.run else None
+    run_config = read_run_config(run_dir) if run_dir else None
+    model_path = Path(config.model) if config.model else run_model_path(run_dir)
     if not model_path.exists():
         raise CxrError(f"model not found: {model_path}")
-    if args.data:
-        data_dir = Path(args.data)
-    elif config:
-        data_dir = Path(config["config"]["data"])
+    if config.data:
+        data_dir = Path(config.data)
+    elif run_config:
+        data_dir = Path(run_config["config"]["data"])
         if not data_dir.is_dir():
             raise CxrError(f"the run's dataset {data_dir} (from {run_dir / 'config.json'}) is not here; "
                            "pass --data with the prepared folder")
     else:
         raise CxrError("--model without --run needs --data: the prepared dataset to evaluate on")
-    if args.output:
-        output = Path(args.output)
-    elif run_dir and not args.model:
+    if config.output:
+        output = Path(config.output)
+    elif run_dir and not config.model:
         output = run_dir / "eval"
     else:
         output = model_path.parent / f"eval-{model_path.stem if model_path.suffix else model_path.name}"
-    return Target(model_path, data_dir, output, run_dir, config)
+    return Target(model_path, data_dir, output, run_dir, run_config)
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     started = time.perf_counter()
-    target = resolve_target(args)
+    target = resolve_target(config)
     manifest = schema.read_manifest(target.data_dir)
     classes = list(manifest["classes"])
     check_writable_dir(target.output, "--output")
-    scorer = load_scorer(target.model_path)
-    scorer.tta = args.tta
+    scorer = load_scorer(target.model_path, head=run_head(target.run_config) if target.run_config else None)
+    scorer.tta = config.tta
     if scorer.input_shape != schema.image_shape(manifest):
         raise CxrError(f"{target.model_path} takes {scorer.input_shape} images but {target.data_dir} holds "
                        f"{schema.image_shape(manifest)}: evaluate on data prepared like the training data")
@@ -95,17 +117,18 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             log.warning("%s is not the dataset the run was trained on: its test split may overlap the training "
                         "data, which only the user can rule out", target.data_dir)
 
-    log.info("scoring the val and %s splits of %s with %s", args.split, target.data_dir, target.model_path)
-    val = score_split(scorer, target.data_dir, "val", args.batch_size, uncalibrated=args.split == "val")
-    test = val if args.split == "val" else score_split(scorer, target.data_dir, args.split, args.batch_size,
+    log.info("scoring the val and %s splits of %s with %s", config.split, target.data_dir, target.model_path)
+    val = score_split(scorer, target.data_dir, "val", config.batch_size, uncalibrated=config.split == "val")
+    test = val if config.split == "val" else score_split(scorer, target.data_dir, config.split, config.batch_size,
                                                        uncalibrated=True)
-    if args.split == "val":
+    if config.split == "val":
         log.warning("--split val: the threshold is chosen on the same cases it is measured on (optimistic)")
-    results = compute_metrics(val, test, classes, args.threshold, n_bootstrap=args.bootstrap, seed=args.seed)
+    results = compute_metrics(val, test, classes, config.threshold, n_bootstrap=config.bootstrap, seed=config.seed)
     results["per_view"] = per_view_metrics(test, split_views(target.data_dir), classes, results["threshold"]["value"],
-                                           n_bootstrap=args.bootstrap, seed=args.seed)
+                                           n_bootstrap=config.bootstrap, seed=config.seed)
     results["calibration"] = calibration_report(target, test, test.before_calibration())
-    results["tta"] = bool(args.tta)
+    results["tta"] = bool(config.tta)
+    results["head"] = scorer.head.to_dict()
     results["model"] = {"path": str(target.model_path), "kind": scorer.kind, "input_shape": list(scorer.input_shape),
                         "size_bytes": _size(target.model_path)}
     results["run"] = ({"dir": str(target.run_dir), "model": target.run_config["config"]["model"],
@@ -115,23 +138,24 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     results["data"] = {"dir": str(target.data_dir), "fingerprint": manifest.get("fingerprint"),
                        "same_as_training": same_data, "transform": manifest.get("transform"),
                        "counts": manifest.get("counts", {}).get("per_split"), "source": manifest.get("source"),
+                       "split": manifest.get("split"),
                        "excluded": manifest.get("counts", {}).get("excluded", 0),
                        "warnings": manifest.get("warnings", [])}
     results["output"] = str(target.output)
     target.output.mkdir(parents=True, exist_ok=True)
     report.write_scores(target.output / "scores.csv", test, classes, results["threshold"]["value"])
     history = target.run_dir / "history.csv" if target.run_dir else None
-    picks = gallery_picks(test, results["threshold"]["value"], args.gallery)
+    picks = gallery_picks(test, results["threshold"]["value"], config.gallery)
     images = load_records(target.data_dir, test.split, [p["index"] for p in picks])
     results["plots"], results["gallery"] = report.write_figures(
-        target.output, val, test, classes, results, history, scorer, picks, images, gradcam=not args.no_gradcam)
+        target.output, val, test, classes, results, history, scorer, picks, images, gradcam=not config.no_gradcam)
     results["calibration"].pop("before_probs", None)  # plotted, not a number for metrics.json
     results["seconds"] = time.perf_counter() - started
     report.write_report(target.output, results)
-    card = write_model_card(target.output / "metrics.json", dataset_credit=args.dataset_credit)
+    card = write_model_card(target.output / "metrics.json", dataset_credit=config.dataset_credit)
     log.info("report written to %s, model card to %s (%.0f s)", target.output / "report.html", card,
              results["seconds"])
-    track_evaluation(args, target, results, card)
+    track_evaluation(config, target, results, card)
     return results
 
 
@@ -171,18 +195,18 @@ def evaluation_metrics(results: dict[str, Any]) -> dict[str, float]:
     return tracking.numeric(out)
 
 
-def track_evaluation(args: argparse.Namespace, target: Target, results: dict[str, Any], card: Path) -> None:
+def track_evaluation(config: EvaluateConfig, target: Target, results: dict[str, Any], card: Path) -> None:
     """With --tracking-uri: the metrics and reports into the training run's MLflow run (RUN/tracking.json on the
     same store), else into a new run named after the model."""
-    if not args.tracking_uri:
+    if not config.tracking_uri:
         return
-    run_id = tracking.recorded_run(target.run_dir, args.tracking_uri)
+    run_id = tracking.recorded_run(target.run_dir, config.tracking_uri)
     name = f"evaluate {target.run_dir.name if target.run_dir else target.model_path.name}"
-    tracker = tracking.Tracker.start(args.tracking_uri, args.experiment, name, run_id=run_id,
+    tracker = tracking.Tracker.start(config.tracking_uri, config.experiment, name, run_id=run_id,
                                      tags=tracking.common_tags("evaluate", target.data_dir / schema.MANIFEST))
     if run_id is None:
-        tracker.log_params({"model": str(target.model_path), "data": str(target.data_dir), "split": args.split,
-                            "threshold_rule": str(args.threshold), "tta": args.tta, "kind": results["model"]["kind"]})
+        tracker.log_params({"model": str(target.model_path), "data": str(target.data_dir), "split": config.split,
+                            "threshold_rule": str(config.threshold), "tta": config.tta, "kind": results["model"]["kind"]})
     tracker.log_metrics(evaluation_metrics(results))
     files = sorted(target.output.iterdir())
     tracker.log_artifacts(files + ([card] if card not in files else []), "eval")
@@ -197,9 +221,9 @@ def calibration_report(target: Target, after: SplitScores, before: SplitScores |
         fitted = read_json(target.run_dir / "calibration.json", "calibration record")
     out: dict[str, Any] = {"method": fitted["method"] if fitted else ("unknown" if before is not None else "none"),
                            "fitted_on": fitted.get("fitted_on") if fitted else None,
-                           "after": probability_quality(after.labels, after.probs)}
+                           "after": probability_quality(after.labels, after.probs, after.head)}
     if before is not None:
-        out["before"] = probability_quality(before.labels, before.probs)
+        out["before"] = probability_quality(before.labels, before.probs, before.head)
         out["before_probs"] = before.probs
     return out
 
@@ -241,15 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_config(argv: Sequence[str] | None = None) -> EvaluateConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.run and not args.model:
         parser.error("give --run runs/NAME or --model FILE (with --data)")
     if args.bootstrap < 0 or args.gallery < 0 or args.batch_size < 1:
         parser.error("--bootstrap and --gallery must be >= 0 and --batch-size >= 1")
-    setup_logging(logging.WARNING if args.quiet else logging.INFO)
-    results = evaluate(args)
+    return config_from(EvaluateConfig, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    setup_logging(logging.WARNING if config.quiet else logging.INFO)
+    results = evaluate(config)
     print(f"report: {Path(results['output']) / 'report.html'}")
     return 0
 

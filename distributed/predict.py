@@ -14,6 +14,7 @@ starts in a fraction of the time and memory (docs/serving.md).
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import csv
 import io
 import json
@@ -24,9 +25,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from distributed.model.scoring import load_scorer, predicted_classes, run_model_path
+from distributed.model.scoring import load_scorer, read_run_config, run_head, run_model_path
 from cxrscale.errors import CxrError
-from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.cli import OneLineParser, config_from, run_cli
 from cxrscale.console import setup_logging
 from cxrscale.files import read_json, write_text_atomic
 from preprocessing.transform import ImageRejected, TransformParams, transform
@@ -89,11 +90,28 @@ def default_threshold(metrics_file: Path | None, tta: bool = False) -> tuple[flo
     return 0.5, "0.5 (no evaluation of this run found: run python -m distributed.evaluate to choose one)"
 
 
-def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
-    files = expand_inputs(args.inputs)
-    model_path = Path(args.model) if args.model else run_model_path(args.run)
-    run_dir = Path(args.run) if args.run else find_run_dir(model_path.resolve())
-    manifest_path = Path(args.manifest) if args.manifest else (run_dir / RUN_MANIFEST if run_dir else None)
+@dataclass(frozen=True)
+class PredictConfig:
+    """Every option of `python -m distributed.predict` (see `build_parser`), as `parse_config` builds it."""
+
+    inputs: tuple[str, ...]
+    run: str | None = None
+    model: str | None = None
+    manifest: str | None = None
+    threshold: float | None = None
+    gradcam: str | None = None
+    format: str = "csv"
+    output: str | None = None
+    batch_size: int = 32
+    tta: bool = False
+    quiet: bool = False
+
+
+def predict(config: PredictConfig) -> list[dict[str, Any]]:
+    files = expand_inputs(config.inputs)
+    model_path = Path(config.model) if config.model else run_model_path(config.run)
+    run_dir = Path(config.run) if config.run else find_run_dir(model_path.resolve())
+    manifest_path = Path(config.manifest) if config.manifest else (run_dir / RUN_MANIFEST if run_dir else None)
     exported = None if manifest_path else find_export_record(model_path.resolve())
     if manifest_path is None and exported is None:
         raise CxrError(f"cannot tell how {model_path}'s training images were prepared: pass --manifest with the "
@@ -104,20 +122,21 @@ def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
     manifest = read_json(manifest_path, "dataset manifest" if exported is None else "export record")
     params = TransformParams.from_dict(manifest["transform"])
     classes = list(manifest["classes"])
-    scorer = load_scorer(model_path)
-    scorer.tta = args.tta
+    recorded = run_dir is not None and (run_dir / "config.json").is_file()
+    scorer = load_scorer(model_path, head=run_head(read_run_config(run_dir)) if recorded else None)
+    scorer.tta = config.tta
     if scorer.input_shape != (params.size, params.size, 1):
         raise CxrError(f"{model_path} takes {scorer.input_shape} images but {manifest_path} prepares "
                        f"{params.size}x{params.size}x1: the manifest is not this model's")
-    if args.gradcam and scorer.keras_model is None:
+    if config.gradcam and scorer.keras_model is None:
         raise CxrError(f"--gradcam needs a Keras model; {model_path} is {scorer.kind}: use --run or the "
                        "SavedModel for heat-maps")
-    binary = len(classes) == 2
+    binary = scorer.head.binary
     used_names: set[str] = set()
-    if args.threshold is not None:
-        threshold, why = args.threshold, "--threshold"
+    if config.threshold is not None:
+        threshold, why = config.threshold, "--threshold"
     else:
-        threshold, why = default_threshold(run_dir / "eval" / "metrics.json" if run_dir else exported, args.tta)
+        threshold, why = default_threshold(run_dir / "eval" / "metrics.json" if run_dir else exported, config.tta)
     if binary:
         log.info("threshold %.4f: %s", threshold, why)
 
@@ -133,13 +152,13 @@ def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
                 log.error("%s: %s", path, rows[-1]["error"])
         if images:
             batch = np.stack(images)
-            probs = scorer.predict(batch, args.batch_size)
-            pred = predicted_classes(probs, threshold if binary else None)
+            probs = scorer.predict(batch, config.batch_size)
+            pred = scorer.head.decide(probs, threshold if binary else None)
             for row, p, c in zip(chunk_rows, probs, pred):
                 row.update(predicted=classes[c], probability=float(p[1] if binary else p[c]),
                            threshold=threshold if binary else "argmax")
-            if args.gradcam:
-                write_gradcams(Path(args.gradcam), scorer.keras_model, batch, pred, chunk_rows, used_names)
+            if config.gradcam:
+                write_gradcams(Path(config.gradcam), scorer.keras_model, batch, pred, chunk_rows, used_names)
         rows += chunk_rows
     order = {str(f): i for i, f in enumerate(files)}
     return sorted(rows, key=lambda r: order[r["file"]])
@@ -203,18 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_config(argv: Sequence[str] | None = None) -> PredictConfig:
     args = build_parser().parse_args(argv)
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise CxrError(f"--threshold must be a probability in [0, 1], got {args.threshold}")
-    setup_logging(logging.WARNING if args.quiet else logging.INFO)
-    rows = predict(args)
-    if args.output:
+    return config_from(PredictConfig, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    setup_logging(logging.WARNING if config.quiet else logging.INFO)
+    rows = predict(config)
+    if config.output:
         buf = io.StringIO()
-        write_rows(rows, args.format, buf)
-        write_text_atomic(args.output, buf.getvalue())
+        write_rows(rows, config.format, buf)
+        write_text_atomic(config.output, buf.getvalue())
     else:
-        write_rows(rows, args.format, sys.stdout)
+        write_rows(rows, config.format, sys.stdout)
     failed = sum("error" in r for r in rows)
     if failed:
         log.error("%d of %d files could not be predicted", failed, len(rows))

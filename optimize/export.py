@@ -22,6 +22,7 @@ first --check-images radiographs of the run's test split may differ from the Ker
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import logging
 import re
 import time
@@ -34,9 +35,10 @@ import numpy as np
 import tensorflow as tf
 
 from distributed.evaluation.model_card import CARD_NAME
-from distributed.model.scoring import load_scorer, read_run_config, run_model_path, tflite_scorer
+from distributed.model.heads import Head
+from distributed.model.scoring import load_scorer, read_run_config, run_head, run_model_path, tflite_scorer
 from cxrscale.errors import CxrError
-from cxrscale.cli import OneLineParser, int_at_least, run_cli
+from cxrscale.cli import OneLineParser, config_from, int_at_least, run_cli
 from cxrscale.console import quiet_tensorflow, setup_logging
 from cxrscale.files import (atomic_dir, atomic_path, check_writable_dir, read_json, sha256_file, write_bytes_atomic,
                             write_json_atomic)
@@ -50,15 +52,16 @@ DEFAULT_TOLERANCE = 1e-4
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 
 
-def serving_function(model: keras.Model) -> tf.types.experimental.PolymorphicFunction:
-    """uint8 images (None, H, W, C) -> {"probabilities": (None, K) float32}: the model's output, a sigmoid
-    head's P(positive) widened to [1 - p, p], so that every format and every class count reads alike."""
+def serving_function(model: keras.Model, head: Head) -> tf.types.experimental.PolymorphicFunction:
+    """uint8 images (None, H, W, C) -> {"probabilities": (None, head.columns) float32}: the model's output as
+    its head's probability columns (a sigmoid unit's P(positive) widened to [1 - p, p]), so that every format
+    and every class count reads alike."""
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.uint8, name=INPUT_NAME)
 
     @tf.function(input_signature=[spec], autograph=False)
     def serve(images):
         probs = tf.cast(model(images, training=False), tf.float32)
-        if probs.shape[-1] == 1:
+        if head.columns != head.units:  # one sigmoid unit, two columns
             probs = tf.concat([1.0 - probs, probs], axis=-1)
         return {OUTPUT_NAME: tf.identity(probs, name=OUTPUT_NAME)}
 
@@ -138,38 +141,54 @@ def export_tflite(serve, model: keras.Model, target: Path, images: np.ndarray, w
             "parity": check}
 
 
-def export(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ExportConfig:
+    """Every option of `python -m optimize.export` (see `build_parser`), as `parse_config` builds it."""
+
+    run: str
+    format: tuple[str, ...] = ("all",)
+    output: str | None = None
+    name: str | None = None
+    model_version: int | None = None
+    data: str | None = None
+    split: str = "test"
+    check_images: int = 256
+    tolerance: float = DEFAULT_TOLERANCE
+    quiet: bool = False
+
+
+def export(config: ExportConfig) -> dict[str, Any]:
     started = time.perf_counter()
-    run_dir = Path(args.run)
-    config = read_run_config(run_dir)
+    run_dir = Path(config.run)
+    run_config = read_run_config(run_dir)
     model_path = run_model_path(run_dir)
-    data_dir = Path(args.data) if args.data else Path(config["config"]["data"])
+    data_dir = Path(config.data) if config.data else Path(run_config["config"]["data"])
     if not data_dir.is_dir():
-        raise CxrError(f"--data {data_dir}: no such folder" if args.data else
+        raise CxrError(f"--data {data_dir}: no such folder" if config.data else
                        f"the run's dataset {data_dir} is not here: pass --data with the prepared folder (the "
                        "exported models are checked on its test split)")
     manifest = schema.read_manifest(data_dir)
-    output = Path(args.output) if args.output else run_dir / "export"
+    output = Path(config.output) if config.output else run_dir / "export"
     check_writable_dir(output, "--output")
-    name = args.name or run_dir.resolve().name
+    name = config.name or run_dir.resolve().name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise CxrError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names serving and Triton "
                        "model folders)")
-    formats = FORMATS if "all" in args.format else tuple(dict.fromkeys(args.format))
-    version = args.model_version or next_version(output, name)
+    formats = FORMATS if "all" in config.format else tuple(dict.fromkeys(config.format))
+    version = config.model_version or next_version(output, name)
     for fmt in ("serving", "onnx"):
         if fmt in formats and (output / fmt / name / str(version)).exists():
             raise CxrError(f"{output / fmt / name / str(version)} exists: served versions are never replaced; "
                            "pick another --model-version or leave it out for the next free one")
 
-    scorer = load_scorer(model_path)
+    scorer = load_scorer(model_path, head=run_head(run_config))
     model = scorer.keras_model
     if scorer.input_shape != schema.image_shape(manifest):
         raise CxrError(f"{model_path} takes {scorer.input_shape} images but {data_dir} holds "
                        f"{schema.image_shape(manifest)}: pass --data with the run's prepared dataset")
-    images = check_images(data_dir, args.split, args.check_images)
+    images = check_images(data_dir, config.split, config.check_images)
     want = scorer.predict(images)
-    serve = serving_function(model)
+    serve = serving_function(model, scorer.head)
 
     record_path = output / "export.json"
     record = read_json(record_path, "export record") if record_path.is_file() else {}
@@ -179,21 +198,22 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         "name": name, "run": str(run_dir), "model": str(model_path),
         "model_sha256": sha256_file(model_path / "saved_model.pb"),
         "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [None, *scorer.input_shape]},
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, len(manifest["classes"])],
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, scorer.head.columns],
                    "meaning": "calibrated class probabilities, columns in the order of classes"},
+        "head": scorer.head.to_dict(),
         "classes": list(manifest["classes"]), "transform": manifest["transform"],
         "threshold": evaluation.get("threshold"), "tta": bool(evaluation.get("tta")),
-        "checked_on": {"data": str(data_dir), "split": args.split, "images": int(len(images)),
-                       "tolerance": args.tolerance},
+        "checked_on": {"data": str(data_dir), "split": config.split, "images": int(len(images)),
+                       "tolerance": config.tolerance},
     })
     record.setdefault("formats", {})
     steps: dict[str, Callable[[], dict[str, Any]]] = {
         "serving": lambda: export_serving(serve, model, output / "serving" / name / str(version), images, want,
-                                          args.tolerance),
+                                          config.tolerance),
         "onnx": lambda: export_onnx(serve, output / "onnx" / name / str(version) / "model.onnx", images, want,
-                                    args.tolerance),
+                                    config.tolerance),
         "tflite": lambda: export_tflite(serve, model, output / "tflite" / f"{name}.tflite", images, want,
-                                        args.tolerance),
+                                        config.tolerance),
     }
     for fmt in formats:
         log.info("exporting %s", fmt)
@@ -237,12 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_config(argv: Sequence[str] | None = None) -> ExportConfig:
     args = build_parser().parse_args(argv)
     if not 0 < args.tolerance < 1:
         raise CxrError(f"--tolerance must be in (0, 1), got {args.tolerance}")
-    setup_logging(logging.WARNING if args.quiet else logging.INFO)
-    export(args)
+    return config_from(ExportConfig, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    setup_logging(logging.WARNING if config.quiet else logging.INFO)
+    export(config)
     return 0
 
 

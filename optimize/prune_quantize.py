@@ -29,13 +29,14 @@ from distributed.model.kerasenv import hvd_keras, keras  # first: chooses tf_ker
 import numpy as np
 
 from distributed.evaluation.scores import ThresholdRule, compute_metrics, parse_threshold, score_split
-from distributed.model.builders import loss_for, recalibrate_batchnorm
+from distributed.model.builders import recalibrate_batchnorm
+from distributed.model.heads import Head
 from distributed.model.scoring import load_scorer, read_run_config, run_model_path
 from distributed.training.data import balanced_class_weights, plan_data, train_dataset
 from distributed.training.hvd_utils import agree, configure_devices
 from cxrscale import tracking
 from cxrscale.errors import CxrError
-from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.cli import OneLineParser, config_from, run_cli
 from cxrscale.console import setup_logging
 from cxrscale.files import (check_writable_dir, read_json, sha256_file, write_bytes_atomic, write_json_atomic,
                             write_text_atomic)
@@ -93,22 +94,50 @@ def representative_images(data_dir: Path, n: int, seed: int = 0) -> tuple[list[n
     return images, ids
 
 
-def fine_tune(model: keras.Model, args: argparse.Namespace, hvd, plan, extra_callbacks: list,
+@dataclass(frozen=True)
+class PruneQuantizeConfig:
+    """Every option of `python -m optimize.prune_quantize` (see `build_parser`), as `parse_config` builds it
+    (output and data resolved from the run when not given)."""
+
+    run: str
+    data: str
+    output: str
+    variants: tuple[str, ...] = VARIANTS
+    sparsity: tuple[float, ...] = (0.5, 0.8)
+    fine_tune_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-4
+    representative_samples: int = 256
+    bn_samples: int = 1024
+    threshold: ThresholdRule = ThresholdRule("youden")
+    max_auc_drop: float = 0.01
+    bootstrap: int = 200
+    threads: tuple[int, ...] = (1, 2)
+    latency_runs: int = 50
+    overwrite: bool = False
+    seed: int = 0
+    tracking_uri: str | None = None
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    quiet: bool = False
+
+
+def fine_tune(model: keras.Model, config: PruneQuantizeConfig, hvd, plan, extra_callbacks: list,
               class_weight: dict | None) -> None:
     """A few epochs of data-parallel training of a wrapped (pruning / QAT) model on the train split."""
     size = hvd.size()
-    optimizer = keras.optimizers.Adam(learning_rate=args.lr * size)
+    optimizer = keras.optimizers.Adam(learning_rate=config.lr * size)
     if size > 1:
         optimizer = hvd.DistributedOptimizer(optimizer)
-    model.compile(optimizer=optimizer, loss=loss_for(model))
-    ds = train_dataset(args.data, plan, args.batch_size, seed=args.seed + hvd.rank(), shuffle_buffer=1024,
-                       augment=False, binary_labels=model.output_shape[-1] == 1)
+    head = Head.of_model(model)
+    model.compile(optimizer=optimizer, loss=head.loss())
+    ds = train_dataset(config.data, plan, config.batch_size, seed=config.seed + hvd.rank(), shuffle_buffer=1024,
+                       augment=False, label_form=head.label_form)
     callbacks = [hvd.callbacks.BroadcastGlobalVariablesCallback(0), *extra_callbacks]
-    model.fit(ds, steps_per_epoch=plan.steps_per_epoch, epochs=args.fine_tune_epochs, callbacks=callbacks,
+    model.fit(ds, steps_per_epoch=plan.steps_per_epoch, epochs=config.fine_tune_epochs, callbacks=callbacks,
               class_weight=class_weight, verbose=2 if hvd.rank() == 0 else 0)
 
 
-def build_fine_tuned(variant: Variant, base: keras.Model, args, hvd, plan, class_weight,
+def build_fine_tuned(variant: Variant, base: keras.Model, config: PruneQuantizeConfig, hvd, plan, class_weight,
                      bn_images: Callable[[], np.ndarray]) -> tuple[keras.Model, dict]:
     """Prune and/or quantization-aware-train `base`; returns the model to convert and facts about it.
     bn_images: the train images pruned models re-estimate their BatchNormalization statistics on."""
@@ -117,10 +146,10 @@ def build_fine_tuned(variant: Variant, base: keras.Model, args, hvd, plan, class
     facts: dict[str, Any] = {}
     model = base
     if variant.family in ("prune", "prune-qat"):
-        wrapped = compress.prune_wrap(base, variant.sparsity, plan.steps_per_epoch * args.fine_tune_epochs)
-        fine_tune(wrapped, args, hvd, plan, [tfmot.sparsity.keras.UpdatePruningStep()], class_weight)
+        wrapped = compress.prune_wrap(base, variant.sparsity, plan.steps_per_epoch * config.fine_tune_epochs)
+        fine_tune(wrapped, config, hvd, plan, [tfmot.sparsity.keras.UpdatePruningStep()], class_weight)
         model = compress.strip_pruning(wrapped)
-        if args.bn_samples:
+        if config.bn_samples:
             images = bn_images()
             facts["batchnorm_recalibrated"] = {"layers": recalibrate_batchnorm(model, images),
                                                "train_images": len(images)}
@@ -128,20 +157,20 @@ def build_fine_tuned(variant: Variant, base: keras.Model, args, hvd, plan, class
         facts["pruned_layers"] = compress.prune_targets(base)
     if variant.family in ("qat", "prune-qat"):
         model = compress.quantize_wrap(model, preserve_sparsity=variant.family == "prune-qat")
-        fine_tune(model, args, hvd, plan, [], class_weight)
+        fine_tune(model, config, hvd, plan, [], class_weight)
     return model, facts
 
 
 # --- evaluate and measure -------------------------------------------------------------------------------
 
-def evaluate_variant(path: Path, args: argparse.Namespace, classes: list[str],
+def evaluate_variant(path: Path, config: PruneQuantizeConfig, classes: list[str],
                      baseline_probs: np.ndarray | None) -> dict:
     """Validation and test metrics at the validation-chosen threshold, and how far its test probabilities
     are from the fp32 model's."""
     scorer = load_scorer(path, num_threads=2)
-    val = score_split(scorer, args.data, "val", args.batch_size)
-    test = score_split(scorer, args.data, "test", args.batch_size)
-    m = compute_metrics(val, test, classes, args.threshold, n_bootstrap=args.bootstrap, seed=args.seed)
+    val = score_split(scorer, config.data, "val", config.batch_size)
+    test = score_split(scorer, config.data, "test", config.batch_size)
+    m = compute_metrics(val, test, classes, config.threshold, n_bootstrap=config.bootstrap, seed=config.seed)
     at = m["at_threshold"]
     out = {"val_auc": m["validation_at_threshold"]["roc_auc"], "test_auc": at["roc_auc"],
            "test_auc_ci": [at["intervals"]["roc_auc"].get("low"), at["intervals"]["roc_auc"].get("high")],
@@ -154,19 +183,19 @@ def evaluate_variant(path: Path, args: argparse.Namespace, classes: list[str],
     return out
 
 
-def measure_variant(path: Path, args: argparse.Namespace) -> dict:
-    timing = measure.latency(path, threads=args.threads, warmup=10, runs=args.latency_runs, seed=args.seed)
+def measure_variant(path: Path, config: PruneQuantizeConfig) -> dict:
+    timing = measure.latency(path, threads=config.threads, warmup=10, runs=config.latency_runs, seed=config.seed)
     report = measure.weight_report(path)
     return {**measure.sizes(path), "weight_dtypes": report["weight_dtypes"], "int8_fraction": report["int8_fraction"],
             "sparsity": report["sparsity"], "latency": timing["threads"],
             "peak_rss_delta_mb": timing["peak_rss_delta_mb"]}
 
 
-def measurement_key(args: argparse.Namespace) -> dict:
+def measurement_key(config: PruneQuantizeConfig) -> dict:
     """What a variant's evaluation and latency depend on beyond its .tflite file: a recorded measurement made
     with anything else is made again. The code is named by its commit (and whether the tree was edited)."""
-    return {"latency_runs": args.latency_runs, "threads": list(args.threads), "bootstrap": args.bootstrap,
-            "threshold_rule": str(args.threshold), "code": code_version()}
+    return {"latency_runs": config.latency_runs, "threads": list(config.threads), "bootstrap": config.bootstrap,
+            "threshold_rule": str(config.threshold), "code": code_version()}
 
 
 # --- the command ----------------------------------------------------------------------------------------
@@ -183,20 +212,20 @@ def done_record(out: Path, variant: Variant) -> dict | None:
     return record
 
 
-def prepare_output(args: argparse.Namespace) -> Path:
-    out = Path(args.output)
+def prepare_output(config: PruneQuantizeConfig) -> Path:
+    out = Path(config.output)
     check_writable_dir(out, "--output")
-    settings = {k: getattr(args, k) for k in ("data", "sparsity", "fine_tune_epochs", "batch_size", "lr",
+    settings = {k: getattr(config, k) for k in ("data", "sparsity", "fine_tune_epochs", "batch_size", "lr",
                                                "representative_samples", "bn_samples", "seed")}
-    settings["threshold"] = str(args.threshold)
-    settings["model_sha256"] = sha256_file(Path(args.run) / "model" / "saved_model.pb")
+    settings["threshold"] = str(config.threshold)
+    settings["model_sha256"] = sha256_file(Path(config.run) / "model" / "saved_model.pb")
     settings_path = out / "settings.json"
-    if settings_path.is_file() and not args.overwrite:
+    if settings_path.is_file() and not config.overwrite:
         previous = read_json(settings_path, "optimize settings")
         if previous != {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}:
             raise CxrError(f"{out} holds variants made with other settings or another model: pass --overwrite to "
                            "replace them, or choose another --output")
-    if args.overwrite:
+    if config.overwrite:
         for name in ("variants", "keras"):
             shutil.rmtree(out / name, ignore_errors=True)
         for pattern in ("*.tflite", "comparison.json", "report.md", "*.png"):
@@ -208,38 +237,40 @@ def prepare_output(args: argparse.Namespace) -> Path:
     return out
 
 
-def run(args: argparse.Namespace) -> dict | None:
+def run(config: PruneQuantizeConfig) -> dict | None:
     hvd = hvd_keras()
     hvd.init()
     rank = hvd.rank()
-    setup_logging(logging.WARNING if (args.quiet or rank) else logging.INFO)
+    setup_logging(logging.WARNING if (config.quiet or rank) else logging.INFO)
     configure_devices(hvd.local_rank(), hvd.local_size())
 
     def check() -> str:
-        run_model_path(args.run)
+        run_model_path(config.run)
         for split in ("train", "val", "test"):
-            schema.shard_paths(args.data, split)
-        if not schema.read_manifest(args.data)["counts"]["per_split"].get("test", {}).get("total"):
-            raise CxrError(f"{args.data} has no test split: variants are compared on it (prepare with "
+            schema.shard_paths(config.data, split)
+        if not schema.read_manifest(config.data)["counts"]["per_split"].get("test", {}).get("total"):
+            raise CxrError(f"{config.data} has no test split: variants are compared on it (prepare with "
                            "--test-fraction > 0)")
-        return str(prepare_output(args))
+        return str(prepare_output(config))
 
     out = Path(agree(hvd, check))
-    config = read_run_config(args.run)
-    manifest = schema.read_manifest(args.data)
+    run_config = read_run_config(config.run)
+    manifest = schema.read_manifest(config.data)
+    base = keras.models.load_model(str(run_model_path(config.run)), compile=False)
+    head = Head.of_model(base)
+    if not head.binary:
+        raise CxrError(f"optimize compares variants by binary metrics; {config.run} has a {head.describe()} head "
+                       f"over {len(manifest['classes'])} classes")
     classes = list(manifest["classes"])
-    if len(classes) != 2:
-        raise CxrError(f"optimize compares variants by binary metrics; {args.data} has {len(classes)} classes")
-    variants = expand_variants(args.variants, args.sparsity)
-    base = keras.models.load_model(str(run_model_path(args.run)), compile=False)
-    plan = plan_data(args.data, rank, hvd.size(), args.batch_size, config["config"]["model"])
-    class_weight = balanced_class_weights(plan.class_counts) if config["config"].get("class_weights") == "auto" \
+    variants = expand_variants(config.variants, config.sparsity)
+    plan = plan_data(config.data, rank, hvd.size(), config.batch_size, run_config["config"]["model"])
+    class_weight = balanced_class_weights(plan.class_counts) if run_config["config"].get("class_weights") == "auto" \
         else None
-    rep_images, rep_ids = representative_images(Path(args.data), args.representative_samples, args.seed)
+    rep_images, rep_ids = representative_images(Path(config.data), config.representative_samples, config.seed)
     representative = compress.representative_from(rep_images)
     # read once, and only if a pruned variant is built
     bn_images = functools.cache(
-        lambda: np.stack(representative_images(Path(args.data), args.bn_samples, args.seed + 1)[0]))
+        lambda: np.stack(representative_images(Path(config.data), config.bn_samples, config.seed + 1)[0]))
 
     records: dict[str, dict] = {}
     for variant in variants:  # every rank walks the same list, so fine-tuning steps line up
@@ -249,7 +280,7 @@ def run(args: argparse.Namespace) -> dict | None:
         facts: dict[str, Any] = {}
         try:
             if variant.fine_tuned:
-                model, facts = build_fine_tuned(variant, base, args, hvd, plan, class_weight, bn_images)
+                model, facts = build_fine_tuned(variant, base, config, hvd, plan, class_weight, bn_images)
             else:
                 model = base
             float_ops = () if variant.family in ("qat", "prune-qat") else compress.FLOAT_OUTPUT_OPS
@@ -273,17 +304,17 @@ def run(args: argparse.Namespace) -> dict | None:
         agree(hvd, lambda: None)  # the others wait while rank 0 converts
     if rank != 0:
         return None
-    return compare(out, variants, records, args, classes, rep_ids)
+    return compare(out, variants, records, config, classes, rep_ids)
 
 
-def compare(out: Path, variants: list[Variant], skipped: dict[str, dict], args: argparse.Namespace,
+def compare(out: Path, variants: list[Variant], skipped: dict[str, dict], config: PruneQuantizeConfig,
             classes: list[str], rep_ids: list[str]) -> dict:
     """Evaluate and measure every built variant (rank 0), then write comparison.json, report.md and plots."""
     rows = []
     base_record = done_record(out, Variant(BASELINE))
-    baseline_probs = score_split(load_scorer(out / base_record["file"]), args.data, "test", args.batch_size).probs \
+    baseline_probs = score_split(load_scorer(out / base_record["file"]), config.data, "test", config.batch_size).probs \
         if base_record else None
-    stamp = measurement_key(args)
+    stamp = measurement_key(config)
     for variant in variants:
         if variant.name in skipped:
             rows.append(skipped[variant.name])
@@ -294,8 +325,8 @@ def compare(out: Path, variants: list[Variant], skipped: dict[str, dict], args: 
         if "test_auc" not in record or {k: record.get("measured", {}).get(k) for k in stamp} != stamp:
             # never report a figure measured with other latency settings or by other code than this run's
             log.info("evaluating and measuring %s", variant.name)
-            quality = evaluate_variant(out / record["file"], args, classes, baseline_probs)
-            record.update(quality, **measure_variant(out / record["file"], args),
+            quality = evaluate_variant(out / record["file"], config, classes, baseline_probs)
+            record.update(quality, **measure_variant(out / record["file"], config),
                           measured={**stamp, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
             write_json_atomic(out / "variants" / f"{variant.name}.json", record)
         else:
@@ -312,9 +343,9 @@ def compare(out: Path, variants: list[Variant], skipped: dict[str, dict], args: 
             row["speedup_1_thread"] = base["latency"]["1"]["median_ms"] / row["latency"]["1"]["median_ms"] \
                 if "1" in row["latency"] and "1" in base["latency"] else None
     built = [r for r in rows if "test_auc" in r]
-    best = measure.recommend(built, baseline=BASELINE, metric="val_auc", max_drop=args.max_auc_drop)
-    comparison = {"run": str(args.run), "data": str(args.data), "max_auc_drop": args.max_auc_drop,
-                  "threshold_rule": str(args.threshold), "representative": {"split": "train", "count": len(rep_ids),
+    best = measure.recommend(built, baseline=BASELINE, metric="val_auc", max_drop=config.max_auc_drop)
+    comparison = {"run": str(config.run), "data": str(config.data), "max_auc_drop": config.max_auc_drop,
+                  "threshold_rule": str(config.threshold), "representative": {"split": "train", "count": len(rep_ids),
                                                                            "ids": rep_ids},
                   "variants": rows, "recommended": best["name"] if best else None}
     write_json_atomic(out / "comparison.json", comparison)
@@ -389,29 +420,29 @@ def variant_list(text: str) -> list[str]:
     return names
 
 
-def track_variants(args: argparse.Namespace, comparison: dict) -> None:
+def track_variants(config: PruneQuantizeConfig, comparison: dict) -> None:
     """With --tracking-uri: one child run per variant (its settings as params; size, latency, AUC with interval
     and the drops vs fp32 as metrics; the .tflite as artifact) under the training run's MLflow run, or under an
     "optimize RUN" run when the training was not tracked; the report and comparison on the parent."""
-    if not args.tracking_uri:
+    if not config.tracking_uri:
         return
-    out, run_dir = Path(args.output), Path(args.run)
-    tags = tracking.common_tags("optimize", Path(args.data) / schema.MANIFEST)
-    parent_id = tracking.recorded_run(run_dir, args.tracking_uri)
-    parent = tracking.Tracker.start(args.tracking_uri, args.experiment, f"optimize {run_dir.name}", tags=tags,
+    out, run_dir = Path(config.output), Path(config.run)
+    tags = tracking.common_tags("optimize", Path(config.data) / schema.MANIFEST)
+    parent_id = tracking.recorded_run(run_dir, config.tracking_uri)
+    parent = tracking.Tracker.start(config.tracking_uri, config.experiment, f"optimize {run_dir.name}", tags=tags,
                                     run_id=parent_id)
     if parent_id is None:
-        parent.log_params({"run": str(run_dir), "data": str(args.data)})
+        parent.log_params({"run": str(run_dir), "data": str(config.data)})
     parent.set_tags({"optimize.recommended": comparison["recommended"],
                      "optimize.variants": len(comparison["variants"])})
     parent.log_artifacts([out / n for n in ("report.md", "comparison.json", "auc_vs_size.png", "auc_vs_latency.png")],
                          "optimized")
     for row in comparison["variants"] if parent.enabled else []:
-        child = tracking.Tracker.start(args.tracking_uri, args.experiment, f"{run_dir.name}/{row['name']}",
+        child = tracking.Tracker.start(config.tracking_uri, config.experiment, f"{run_dir.name}/{row['name']}",
                                        tags={**tags, "optimize.variant": row["name"]}, parent_run_id=parent.run_id)
         child.log_params({"variant": row["name"], **{k: row[k] for k in ("family", "target_sparsity", "tflite_kind",
                                                                           "file", "skipped") if k in row},
-                          "threshold_rule": str(args.threshold), "latency_runs": args.latency_runs})
+                          "threshold_rule": str(config.threshold), "latency_runs": config.latency_runs})
         ci = row.get("test_auc_ci") or [None, None]
         child.log_metrics({**{k: v for k, v in row.items() if k != "test_auc_ci"},
                            "test_auc_ci_low": ci[0], "test_auc_ci_high": ci[1]})
@@ -456,20 +487,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_config(argv: Sequence[str] | None = None) -> PruneQuantizeConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.bn_samples < 0:
         parser.error("--bn-samples must be >= 0")
     if args.fine_tune_epochs < 1 or args.representative_samples < 1 or args.batch_size < 1:
         parser.error("--fine-tune-epochs, --representative-samples and --batch-size must be >= 1")
-    args.output = args.output or str(Path(args.run) / "optimized")
-    args.data = args.data or read_run_config(args.run)["config"]["data"]
-    comparison = run(args)
+    return config_from(PruneQuantizeConfig, args, output=args.output or str(Path(args.run) / "optimized"),
+                       data=args.data or read_run_config(args.run)["config"]["data"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    comparison = run(config)
     if comparison:
-        track_variants(args, comparison)
+        track_variants(config, comparison)
         print(render_report(comparison, None).split("\n\n![")[0])
-        print(f"\nrecommended: {comparison['recommended']}; report: {Path(args.output) / 'report.md'}")
+        print(f"\nrecommended: {comparison['recommended']}; report: {Path(config.output) / 'report.md'}")
     return 0
 
 

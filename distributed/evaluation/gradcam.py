@@ -16,7 +16,8 @@ import numpy as np
 from distributed.model.kerasenv import keras
 import tensorflow as tf  # noqa: E402  (after kerasenv, which selects tf_keras)
 
-from distributed.model.builders import LOGITS_NAME, ModelError, last_conv_layer_name
+from distributed.model.builders import last_conv_layer_name
+from distributed.model.heads import LOGITS_NAME, Head, ModelError
 
 
 def gradcam(model: keras.Model, images: np.ndarray, class_index: int | np.ndarray | None = None, *,
@@ -30,15 +31,16 @@ def gradcam(model: keras.Model, images: np.ndarray, class_index: int | np.ndarra
     n, height, width = images.shape[:3]
     feature = _feature_layer(model, layer)
     grad_model = keras.Model(model.inputs, [feature.output, _logits(model)])
-    classes = None if class_index is None else _check_classes(class_index, n, max(2, model.output_shape[-1]))
+    head = Head.of_logits(model)
+    classes = None if class_index is None else _check_classes(class_index, n, head.columns)
     cams = []
     for start in range(0, n, max(1, int(batch_size))):
         batch = tf.constant(images[start:start + batch_size])
         with tf.GradientTape() as tape:
             features, logits = grad_model(batch, training=False)
             logits = tf.cast(logits, tf.float32)
-            chosen = _predicted(logits) if classes is None else tf.constant(classes[start:start + batch_size])
-            score = tf.reduce_sum(_class_scores(logits, chosen))
+            chosen = head.predicted_class(logits) if classes is None else tf.constant(classes[start:start + batch_size])
+            score = tf.reduce_sum(head.class_score(logits, chosen))
         grads = tape.gradient(score, features)
         if grads is None:
             raise ModelError(f"gradcam: no gradient flows from the logits to layer {feature.name!r}; "
@@ -107,16 +109,3 @@ def _check_classes(class_index, n: int, num_classes: int) -> np.ndarray:
         raise ValueError(f"gradcam: class_index must be an int or {n} ints in 0..{num_classes - 1}; "
                          f"got {class_index!r}")
     return np.broadcast_to(classes.reshape(-1), (n,)).astype(np.int32)
-
-
-def _predicted(logits: tf.Tensor) -> tf.Tensor:
-    if logits.shape[-1] == 1:
-        return tf.cast(logits[:, 0] > 0, tf.int32)
-    return tf.argmax(logits, axis=-1, output_type=tf.int32)
-
-
-def _class_scores(logits: tf.Tensor, classes: tf.Tensor) -> tf.Tensor:
-    """Per-image score of the chosen class: z or -z for a 1-unit sigmoid head, the class's logit otherwise."""
-    if logits.shape[-1] == 1:
-        return tf.where(classes == 1, logits[:, 0], -logits[:, 0])
-    return tf.gather(logits, classes, axis=1, batch_dims=1)

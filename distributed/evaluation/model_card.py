@@ -18,15 +18,11 @@ from typing import Any
 from cxrscale.cli import version_line
 from cxrscale.files import read_json, write_text_atomic
 from cxrscale.provenance import git_commit
+from distributed.model.heads import Head
 
 CARD_NAME = "model_card.md"
 KERMANY_CREDIT = ('D. Kermany, K. Zhang, M. Goldbaum, "Labeled Optical Coherence Tomography (OCT) and Chest X-Ray '
                   'Images for Classification", Mendeley Data v2, doi:10.17632/rscbjbr9sj.2, licence CC BY 4.0')
-# The gap the project measured between a split carved from the training source and an external test set of real
-# radiographs the toolkit had never seen (the official Kermany test split, 624 images, held by the maintainers),
-# for the toolkit's CNN at 128 px before the fixes of the trustworthiness work (docs/evaluation.md).
-EXTERNAL_GAP = {"carved validation AUC": 0.992, "external AUC": 0.929, "carved validation ECE": 0.083,
-                "external ECE": 0.316}
 METRIC_NAMES = {"roc_auc": "ROC-AUC", "accuracy": "accuracy", "sensitivity": "sensitivity",
                 "specificity": "specificity", "ppv": "PPV (precision)", "npv": "NPV", "balanced_accuracy":
                 "balanced accuracy", "f1": "F1", "average_precision": "average precision", "ece": "ECE",
@@ -67,7 +63,9 @@ def model_card(metrics: dict[str, Any], metrics_file: Path, *, pipeline: dict[st
     if synthetic:
         lines += ["> **Demonstration only.** This model was trained on the toolkit's built-in synthetic sample, "
                   "which is not made of real radiographs. Nothing below says anything about chest X-rays.", ""]
-    lines += _intended_use(classes)
+    # metrics.json written before heads were recorded: a single-label head over its classes
+    head = Head.from_dict(metrics["head"]) if metrics.get("head") else Head.for_classes(len(classes))
+    lines += _intended_use(classes, head)
     lines += _training_data(data, classes, synthetic, dataset_credit)
     lines += _preprocessing(data.get("transform") or {})
     lines += _model(metrics, run, run_dir, pipeline)
@@ -79,9 +77,8 @@ def model_card(metrics: dict[str, Any], metrics_file: Path, *, pipeline: dict[st
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _intended_use(classes: list[str]) -> list[str]:
-    binary = len(classes) == 2
-    task = (f"tells {classes[1]} from {classes[0]}" if binary else f"assigns one of {', '.join(classes)}")
+def _intended_use(classes: list[str], head: Head) -> list[str]:
+    task = (f"tells {classes[1]} from {classes[0]}" if head.binary else f"assigns one of {', '.join(classes)}")
     return ["## Intended use", "",
             f"A classifier that {task} on frontal chest radiographs prepared with the transform below. It is for "
             "research, for engineering the training, compression and deployment of such models, and, after a "
@@ -250,15 +247,19 @@ def _view_value(interval: dict) -> str:
 
 def _limitations(metrics: dict, data: dict, synthetic: bool) -> list[str]:
     out = ["## Known limitations", ""]
-    if data.get("same_as_training", True):
-        gap = EXTERNAL_GAP
-        out.append(f"- **The figures above are on a split carved from the training source.** They overstate "
-                   f"performance on another hospital's radiographs. The project measured that gap on an external "
-                   f"test set of real radiographs the toolkit had never seen (the official Kermany test split, held "
-                   f"by the maintainers) for an earlier version of its CNN: ROC-AUC {gap['carved validation AUC']} "
-                   f"on the carved validation split against {gap['external AUC']} external, and expected "
-                   f"calibration error {gap['carved validation ECE']} against {gap['external ECE']}. Validate on "
-                   "your own site's images before any use; `benchmarks.robustness` measures acquisition shifts.")
+    split, given = metrics.get("split", "test"), (data.get("split") or {}).get("given") or []
+    if data.get("same_as_training", True) and split not in given:
+        out.append(f"- **The figures above are on a split carved from the training source**: the same sites, "
+                   f"devices and acquisition batches as the training images ({split} split, patients disjoint "
+                   "from train). They say nothing of another hospital's radiographs, where a model like this one "
+                   "can rank and calibrate worse; this card holds no figure of this model on such images. Evaluate "
+                   "it on your own site's labelled images (`python -m distributed.evaluate --run RUN --data "
+                   "prepared/site`) before any use; `benchmarks.robustness` measures acquisition shifts.")
+    elif data.get("same_as_training", True):
+        out.append(f"- The {split} split is the one the input named as {split}: it was kept exactly as given and no "
+                   "image of its patients was trained on. Whether it comes from another site or acquisition batch "
+                   "than the training images is for the input to say; if it does not, the figures above overstate "
+                   "performance elsewhere.")
     else:
         out.append("- The evaluated dataset is not the one the model was trained on; check that its test images "
                    "share no patient with the training data.")

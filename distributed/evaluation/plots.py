@@ -15,15 +15,16 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from distributed.evaluation.metrics import calibration_bins, expected_calibration_error  # noqa: F401 (re-exported)
-from distributed.evaluation.metrics import confusion as _counts
+from distributed.model.metrics import calibration_bins, expected_calibration_error  # noqa: F401 (re-exported)
+from distributed.model.metrics import confusion as _counts
 from cxrscale.figures import plt, save_figure, styled
+from distributed.model.heads import Head
 
 RIGHT, WRONG = "#1a7f37", "#c62828"
 
 
-def _check(y_true, probs, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Validated (y int (n,), probs float (n, K) in [0, 1])."""
+def _check(y_true, probs, classes: Sequence[str], head: Head) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (y int (n,), probs float (n, head.columns) in [0, 1])."""
     y = np.asarray(y_true)
     p = np.asarray(probs, dtype=float)
     if y.ndim != 1:
@@ -34,8 +35,9 @@ def _check(y_true, probs, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarra
         raise ValueError(f"{len(y)} labels but {len(p)} rows of probabilities")
     if len(y) == 0:
         raise ValueError("no cases to plot")
-    if p.shape[1] != len(classes) or len(classes) < 2:
-        raise ValueError(f"probs has {p.shape[1]} columns but {len(classes)} class names were given (need K >= 2)")
+    if p.shape[1] != len(classes) or p.shape[1] != head.columns or head.multilabel:
+        raise ValueError(f"probs has {p.shape[1]} columns and {len(classes)} class names were given; a "
+                         f"{head.describe()} head has {head.columns} (these plots are for single-label heads)")
     if not np.all(np.isfinite(p)) or p.min() < -1e-6 or p.max() > 1 + 1e-6:
         raise ValueError("probs must be finite probabilities in [0, 1]")
     if not np.all(np.isin(y, np.arange(len(classes)))):
@@ -43,16 +45,17 @@ def _check(y_true, probs, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarra
     return y.astype(int), np.clip(p, 0.0, 1.0)
 
 
-def _one_vs_rest(y: np.ndarray, p: np.ndarray, classes: Sequence[str]) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+def _one_vs_rest(y: np.ndarray, p: np.ndarray, classes: Sequence[str],
+                 head: Head) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
     """(class, rest, is-class labels, P(class)) per curve: the positive class alone when binary."""
-    if len(classes) == 2:
+    if head.binary:
         return [(classes[1], classes[0], y == 1, p[:, 1])]
     return [(name, "other classes", y == k, p[:, k]) for k, name in enumerate(classes)]
 
 
-def _ranked_curves(y_true, probs, classes, what: str):
+def _ranked_curves(y_true, probs, classes, head: Head, what: str):
     """The one-vs-rest curves whose labels hold both sides, and the names of classes absent from the labels."""
-    curves = _one_vs_rest(*_check(y_true, probs, classes), classes)
+    curves = _one_vs_rest(*_check(y_true, probs, classes, head), classes, head)
     drawable = [c for c in curves if c[2].any() and not c[2].all()]
     if not drawable:
         raise ValueError(f"{what} needs both classes in the labels (this split holds one class only)")
@@ -76,11 +79,12 @@ def _note_absent(ax, absent: list[str]) -> None:
 
 
 @styled
-def roc(y_true, probs, classes: Sequence[str], path, *, operating_points: Sequence[tuple[str, float]] = ()) -> Path:
+def roc(y_true, probs, classes: Sequence[str], path, *, head: Head,
+        operating_points: Sequence[tuple[str, float]] = ()) -> Path:
     """ROC curve(s) with AUC, the chance diagonal and (binary only) operating points."""
-    curves, absent = _ranked_curves(y_true, probs, classes, "ROC")
+    curves, absent = _ranked_curves(y_true, probs, classes, head, "ROC")
     fig, ax = plt.subplots(figsize=(6.4, 6.4))
-    binary = len(classes) == 2
+    binary = head.binary
     for i, (name, _, is_pos, score) in enumerate(curves):
         fpr, tpr, _ = roc_curve(is_pos, score)
         ax.plot(fpr, tpr, color="C0" if binary else f"C{i}", lw=2,
@@ -97,12 +101,12 @@ def roc(y_true, probs, classes: Sequence[str], path, *, operating_points: Sequen
 
 
 @styled
-def precision_recall(y_true, probs, classes: Sequence[str], path, *,
+def precision_recall(y_true, probs, classes: Sequence[str], path, *, head: Head,
                      operating_points: Sequence[tuple[str, float]] = ()) -> Path:
     """Precision-recall curve(s) with average precision, the prevalence baseline and (binary) operating points."""
-    curves, absent = _ranked_curves(y_true, probs, classes, "precision-recall")
+    curves, absent = _ranked_curves(y_true, probs, classes, head, "precision-recall")
     fig, ax = plt.subplots(figsize=(6.8, 6.0))
-    binary = len(classes) == 2
+    binary = head.binary
     for i, (name, _, is_pos, score) in enumerate(curves):
         precision, recall, _ = precision_recall_curve(is_pos, score)
         ap, prevalence = average_precision_score(is_pos, score), is_pos.mean()
@@ -159,11 +163,11 @@ def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
 
 
 @styled
-def reliability(y_true, probs, classes: Sequence[str], path, *, n_bins: int = 10, before=None) -> Path:
+def reliability(y_true, probs, classes: Sequence[str], path, *, head: Head, n_bins: int = 10, before=None) -> Path:
     """Reliability diagram with ECE, over a histogram of the predicted probabilities (K > 2: top-label);
     `before`: the same cases' probabilities before calibration, drawn as a second, fainter curve."""
-    y, p = _check(y_true, probs, classes)
-    if len(classes) == 2:
+    y, p = _check(y_true, probs, classes, head)
+    if head.binary:
         hit, conf = y == 1, p[:, 1]
         conf_before = None if before is None else np.asarray(before)[:, 1]
         xlabel, ylabel = f"mean predicted probability of {classes[1]}", f"observed fraction {classes[1]}"
@@ -178,7 +182,7 @@ def reliability(y_true, probs, classes: Sequence[str], path, *, n_bins: int = 10
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 7.4), sharex=True, height_ratios=[3, 1])
     top.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
     if conf_before is not None:
-        hit_before = hit if len(classes) == 2 else (np.asarray(before).argmax(axis=1) == y)
+        hit_before = hit if head.binary else (np.asarray(before).argmax(axis=1) == y)
         old = calibration_bins(hit_before, conf_before, n_bins)
         top.plot([b["mean_predicted"] for b in old], [b["fraction_positive"] for b in old], "s--", color="C1",
                  lw=1.5, alpha=0.7, clip_on=False,
@@ -196,10 +200,11 @@ def reliability(y_true, probs, classes: Sequence[str], path, *, n_bins: int = 10
 
 
 @styled
-def score_histograms(y_true, probs, classes: Sequence[str], path, *, threshold: float | None = None) -> Path:
+def score_histograms(y_true, probs, classes: Sequence[str], path, *, head: Head,
+                     threshold: float | None = None) -> Path:
     """Histograms of P(class) for the cases of that class vs the rest; the threshold line is binary only."""
-    y, p = _check(y_true, probs, classes)
-    panels = _one_vs_rest(y, p, classes)
+    y, p = _check(y_true, probs, classes, head)
+    panels = _one_vs_rest(y, p, classes, head)
     ncols = min(len(panels), 3)
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(7.6 if ncols == 1 else 5.2 * ncols, 4.6 * nrows), squeeze=False)
@@ -208,10 +213,10 @@ def score_histograms(y_true, probs, classes: Sequence[str], path, *, threshold: 
         tallest = max(ax.hist(score[mask], bins=bins, alpha=0.55, color=color, edgecolor="white",
                               label=f"{label} (n = {mask.sum():,})")[0].max(initial=0)
                       for mask, label, color in ((~is_pos, rest, "C0"), (is_pos, name, "C3")))
-        if threshold is not None and len(classes) == 2:
+        if threshold is not None and head.binary:
             ax.axvline(threshold, color="black", ls="--", lw=1.5, label=f"threshold {threshold:.2f}")
         ax.set(xlim=(0, 1), ylim=(0, max(tallest, 1) * 1.4), xlabel=f"predicted probability of {name}",
-               ylabel="images", title=f"Scores — {name}" + (" vs rest" if len(classes) > 2 else ""))
+               ylabel="images", title=f"Scores — {name}" + ("" if head.binary else " vs rest"))
         ax.legend(loc="upper center", title="true class")
     for ax in axes.flat[len(panels):]:
         ax.set_axis_off()

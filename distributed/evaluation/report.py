@@ -20,7 +20,6 @@ import numpy as np
 from distributed.evaluation import plots
 from distributed.evaluation.gradcam import gradcam as grad_cam, overlay
 from distributed.model.builders import last_conv_layer_name
-from distributed.model.scoring import predicted_classes
 from cxrscale.figures import png_data_uri
 from cxrscale.files import read_numeric_csv, write_bytes_atomic, write_json_atomic, write_text_atomic
 
@@ -36,7 +35,7 @@ LOWER_IS_BETTER = ("log_loss", "brier", "ece")
 
 def write_scores(path: Path, scores, classes: list[str], threshold: float | None) -> None:
     """One row per evaluated record: its id hash, true and predicted class, and every class probability."""
-    pred = predicted_classes(scores.probs, threshold)
+    pred = scores.head.decide(scores.probs, threshold)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["id", "true", "predicted", *[f"p_{c}" for c in classes]])
@@ -54,18 +53,18 @@ def write_figures(out: Path, val, test, classes: list[str], results: dict, histo
     threshold = results["threshold"]["value"]
     points = ([(f"{results['threshold']['rule']} (chosen on val)", threshold), ("default", 0.5)]
               if threshold is not None else [])
-    y, probs = test.labels, test.probs
+    y, probs, head = test.labels, test.probs, test.head
     matrix = (_binary_matrix(results["at_threshold"]["confusion"]) if threshold is not None
               else np.array(results["multiclass"]["confusion_matrix"]))
     rule = f"threshold {fmt_threshold(threshold)}" if threshold is not None else "argmax"
     jobs = {
         "curves": lambda p: plots.training_curves(read_numeric_csv(history), p),
-        "roc": lambda p: plots.roc(y, probs, classes, p, operating_points=points),
-        "pr": lambda p: plots.precision_recall(y, probs, classes, p, operating_points=points),
+        "roc": lambda p: plots.roc(y, probs, classes, p, head=head, operating_points=points),
+        "pr": lambda p: plots.precision_recall(y, probs, classes, p, head=head, operating_points=points),
         "confusion": lambda p: plots.confusion(matrix, classes, p, title=f"{test.split} split, {rule}"),
-        "calibration": lambda p: plots.reliability(y, probs, classes, p,
+        "calibration": lambda p: plots.reliability(y, probs, classes, p, head=head,
                                                    before=results.get("calibration", {}).get("before_probs")),
-        "histograms": lambda p: plots.score_histograms(y, probs, classes, p, threshold=threshold),
+        "histograms": lambda p: plots.score_histograms(y, probs, classes, p, head=head, threshold=threshold),
     }
     if history is None or not history.is_file():
         jobs.pop("curves")

@@ -11,8 +11,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from distributed.evaluation import metrics as m
-from distributed.model.scoring import Scorer, predicted_classes
+from distributed.model import metrics as m
+from distributed.model.heads import Head
+from distributed.model.scorer import Scorer
 from cxrscale.errors import CxrError
 from preprocessing import schema
 
@@ -79,14 +80,15 @@ def parse_threshold(text: str) -> ThresholdRule:
 class SplitScores:
     split: str
     labels: np.ndarray  # (n,) int
-    probs: np.ndarray  # (n, K)
+    probs: np.ndarray  # (n, head.columns)
     ids: list[str]
+    head: Head  # the model's: what the columns mean
     uncalibrated: np.ndarray | None = None  # (n, K) before the model's built-in calibration, when asked and known
 
     def before_calibration(self) -> SplitScores | None:
         if self.uncalibrated is None:
             return None
-        return SplitScores(self.split, self.labels, self.uncalibrated, self.ids)
+        return SplitScores(self.split, self.labels, self.uncalibrated, self.ids, self.head)
 
 
 def score_split(scorer: Scorer, data_dir: Path, split: str, batch_size: int = 32, *,
@@ -107,7 +109,7 @@ def score_split(scorer: Scorer, data_dir: Path, split: str, batch_size: int = 32
     if not labels:
         raise CxrError(f"the {split} split of {data_dir} is empty")
     raw = np.concatenate(before) if before and before[0] is not None else None
-    return SplitScores(split, np.concatenate(labels).astype(int), np.concatenate(probs), ids, raw)
+    return SplitScores(split, np.concatenate(labels).astype(int), np.concatenate(probs), ids, scorer.head, raw)
 
 
 def load_records(data_dir: Path, split: str, indices: Sequence[int]) -> dict[int, np.ndarray]:
@@ -133,7 +135,7 @@ def compute_metrics(val: SplitScores, test: SplitScores, classes: list[str], rul
                        f"({', '.join(classes)})")
     out: dict[str, Any] = {"classes": classes, "split": test.split, "n": len(test.labels),
                            "class_counts": {c: int(np.sum(test.labels == i)) for i, c in enumerate(classes)}}
-    if len(classes) == 2:
+    if test.head.binary:
         threshold = rule.choose(val.labels, val.probs[:, 1])
         out["threshold"] = {"rule": str(rule), "description": rule.describe(), "value": threshold,
                             "chosen_on": val.split}
@@ -177,7 +179,7 @@ def per_view_metrics(scores: SplitScores, views: dict[str, str], classes: list[s
     names = sorted(set(groups.tolist()))
     if len(names) < 2:
         return None
-    if len(classes) == 2:
+    if scores.head.binary:
         fns = m.binary_metric_functions(0.5 if threshold is None else threshold)
         fns = {k: fns[k] for k in m.INTERVAL_METRICS}
     else:
@@ -186,7 +188,7 @@ def per_view_metrics(scores: SplitScores, views: dict[str, str], classes: list[s
     for name in names:
         idx = np.flatnonzero(groups == name)
         y = scores.labels[idx]
-        p = scores.probs[idx, 1] if len(classes) == 2 else scores.probs[idx]
+        p = scores.probs[idx, 1] if scores.head.binary else scores.probs[idx]
         out[name] = {"n": int(len(idx)), "class_counts": {c: int(np.sum(y == k)) for k, c in enumerate(classes)},
                      **m.bootstrap_intervals(fns, y, p, n_resamples=n_bootstrap, seed=seed)}
     return out
@@ -195,7 +197,7 @@ def per_view_metrics(scores: SplitScores, views: dict[str, str], classes: list[s
 def gallery_picks(scores: SplitScores, threshold: float | None, per_group: int) -> list[dict[str, Any]]:
     """The most confident right and the most confident wrong cases of each true class. Binary decisions at a
     threshold rank by the score's distance from the threshold in the direction of the call."""
-    pred = predicted_classes(scores.probs, threshold)
+    pred = scores.head.decide(scores.probs, threshold)
     confidence = scores.probs[np.arange(len(pred)), pred]
     if threshold is not None:
         margin = np.where(pred == 1, scores.probs[:, 1] - threshold, threshold - scores.probs[:, 1])

@@ -1,44 +1,37 @@
-"""Model builders: plain functions that return an uncompiled `keras.Model`, in the style of keras.applications.
+"""What the models of the zoo (`distributed.model.zoo`) are built from, and what every stage asks of a
+built model: the layer-naming convention, the ImageNet input frame and transfer classifier, weights files,
+freezing and fine-tuning, the Grad-CAM layer, and BatchNormalization re-estimation.
 
 Every model takes what the prepared shards hold, a batch of uint8 greyscale images of shape
-(batch, image_size, image_size, 1) with pixel values 0..255, and returns class probabilities in float32:
-shape (batch, 1) (sigmoid, P(class 1)) or (batch, K) (softmax). Scaling, grey -> RGB and the backbone's own
-ImageNet normalisation are layers inside the graph, so an exported or compressed model is self-contained.
+(batch, image_size, image_size, 1) with pixel values 0..255, and returns probabilities in float32 as its head
+says (`distributed.model.heads`). Scaling, grey -> RGB and the backbone's own ImageNet normalisation are
+layers inside the graph, so an exported or compressed model is self-contained.
 
 The graphs are built flat (the backbone's layers sit directly in the returned Model, never a Model inside a
 Model) and from built-in layers only (no Lambda, no custom classes), because tensorflow-model-optimization
 cannot quantize nested models or arbitrary code. Quantize or prune them layer by layer (keras.models.clone_model
 with quantize_annotate_layer / prune_low_magnitude on Conv2D, Dense and the like), not with quantize_model on
 the whole model: that puts a fake-quant op on the uint8 input and fails, and Rescaling is in neither tfmot
-registry. Checked with tfmot 0.8.1: per-layer QAT and pruning both train on all three models.
+registry.
 
 Layer names follow one convention that the helpers below rely on: the input is "image", preprocessing layers
 are in `PREPROCESSING_LAYER_NAMES`, head layers start with "head_", and the output is "logits" (float32 Dense)
 followed by "predictions" (float32 activation). Every other layer belongs to the backbone (the ImageNet base,
 or the CNN's conv blocks).
-
-    from distributed.model.builders import build_model, loss_for
-    model = build_model("resnet50", image_size=224, weights="imagenet", freeze_base=True, seed=1)
-    model.compile(optimizer="adam", loss=loss_for(model), metrics=["accuracy"])
-    model.fit(images_uint8, int_labels)
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from distributed.model.kerasenv import keras
-from cxrscale.errors import CxrError
-
-MODEL_NAMES = ("vgg16", "resnet50", "cnn")
+from distributed.model.heads import LOGITS_NAME, OUTPUT_NAME, Head, ModelError
+from distributed.model.registry import ModelSpec, check_image_size
 
 INPUT_NAME = "image"
 HEAD_PREFIX = "head_"
-LOGITS_NAME = "logits"
-OUTPUT_NAME = "predictions"
 PREPROCESSING_LAYER_NAMES = frozenset({"pixels_to_float", "grey_to_rgb", "imagenet_caffe_norm", "pixels_to_unit"})
 MEMBER_PREFIX = "m{}_"  # an ensemble member's layers are renamed m0_..., m1_... (distributed.ensemble)
 _MEMBER = re.compile(r"^m\d+_")
@@ -64,206 +57,11 @@ def is_ensemble_combination(layer) -> bool:
 # BGR order, so only the mean subtraction remains.
 IMAGENET_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
-# Both backbones downsample by 32 (five stride-2 stages); below 32 px the last stage would get an empty map.
-_BACKBONE_MIN_SIZE = 32
-_CNN_FILTERS = (64, 128, 256)
-_CNN_MIN_SIZE = 2 ** len(_CNN_FILTERS)  # each block halves the side; below this the last pools do nothing
-# Keras's default 0.99 forgets the initial moving variance (1.0) only after ~1,000+ steps, while the first
-# conv's true variance can be ~1e-4: a CPU run of a few hundred steps then predicts one class in inference
-# mode although it trains well. 0.9 (PyTorch's default) converges within ~100 steps.
-_CNN_BN_MOMENTUM = 0.9
-
-
-class ModelError(CxrError):
-    """A user's mistake in choosing or configuring a model (name, image size, weights file, layer name)."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Public builders
-# ---------------------------------------------------------------------------------------------------------
-
-def build_model(name: str, image_size: int, num_classes: int = 2, *, weights: str = "none",
-                dropout: float | None = None, l2: float = 1e-4, freeze_base: bool = False,
-                fine_tune_from: str | None = None, seed: int | None = None) -> keras.Model:
-    """Build one of `MODEL_NAMES` for uint8 (batch, image_size, image_size, 1) input.
-
-    Args:
-        name: "vgg16", "resnet50" or "cnn" (case-insensitive).
-        image_size: input side in pixels; at least `min_image_size(name)`.
-        num_classes: K >= 2. For K == 2 the heads are the thesis's (VGG16: 2-unit softmax, ResNet50 and the
-            CNN: 1-unit sigmoid); for K > 2 every model ends in a K-unit softmax.
-        weights: "none" (random init, seeded by `seed`), "imagenet" (VGG16/ResNet50 only; Keras downloads
-            the notop file), or a path to a weights file (.h5, .keras, .weights.h5, a TF checkpoint prefix
-            or a SavedModel directory) saved from the same architecture, or, for VGG16/ResNet50, a
-            backbone-only .h5 such as Keras's ImageNet "notop" file.
-        dropout: head dropout rate; None means the builder's default (0.5 for VGG16/ResNet50, the thesis's
-            0.2 for the CNN, where it is also the per-block rate).
-        l2: L2 factor on the dense layers' kernels.
-        freeze_base: backbone layers not trainable (the thesis's VGG16 setup).
-        fine_tune_from: a backbone layer name; layers before it are frozen, it and later ones trainable.
-            Takes precedence over `freeze_base`.
-        seed: when given, `keras.utils.set_random_seed(seed)` first, so the initial weights (and later
-            dropout masks) are reproducible.
-
-    Returns:
-        An uncompiled Model; compile it with `loss_for(model)`.
-
-    Raises:
-        ModelError: unknown name, image too small, num_classes < 2, bad weights, unknown fine_tune_from.
-    """
-    key = _check_name(name)
-    if seed is not None:
-        keras.utils.set_random_seed(int(seed))
-    if key == "cnn":
-        if isinstance(weights, str) and weights.strip().lower() == "imagenet":
-            raise ModelError("--weights imagenet: there are no ImageNet weights for --model cnn; "
-                             "use --weights none or a weights file saved from a cnn run")
-        model = build_thesis_cnn(image_size, num_classes, dropout=0.2 if dropout is None else dropout, l2=l2)
-        _load_weights_file_if_any(model, weights, allow_backbone_only=False)
-        set_backbone_trainable(model, freeze_base=freeze_base, fine_tune_from=fine_tune_from)
-        return model
-    builder = build_vgg16_classifier if key == "vgg16" else build_resnet50_classifier
-    return builder(image_size, num_classes, weights=weights, dropout=0.5 if dropout is None else dropout,
-                   l2=l2, freeze_base=freeze_base, fine_tune_from=fine_tune_from)
-
-
-def build_vgg16_classifier(image_size: int, num_classes: int = 2, *, weights: str = "none",
-                           dropout: float = 0.5, l2: float = 1e-4, freeze_base: bool = False,
-                           fine_tune_from: str | None = None) -> keras.Model:
-    """The thesis's VGG16 transfer model (its Table 1), on uint8 greyscale input.
-
-    image (s, s, 1) uint8 -> pixels_to_float -> grey_to_rgb (s, s, 3) -> imagenet_caffe_norm
-    -> VGG16 base without top (block1_conv1 .. block5_pool: (s/32, s/32, 512))
-    -> head_flatten -> head_dense_1024 (ReLU, L2) -> head_dropout -> logits (K) -> predictions (softmax).
-
-    With K = 2 this is a 2-unit softmax as in the thesis. At 224 px: 40,407,874 parameters (base 14,714,688,
-    head_dense_1024 25,691,136, logits 2,050); the preprocessing layers add none. The Flatten head makes
-    the parameter count grow with the image side ((s/32)^2 * 512 * 1024 for the first dense layer).
-    """
-    def head(base_output):
-        y = keras.layers.Flatten(name="head_flatten")(base_output)
-        y = keras.layers.Dense(1024, activation="relu", kernel_regularizer=_l2(l2), name="head_dense_1024")(y)
-        y = keras.layers.Dropout(dropout, name="head_dropout")(y)
-        return _classifier_output(y, num_classes, l2, sigmoid_for_two=False)
-
-    return _transfer_classifier(keras.applications.VGG16, "vgg16", head, image_size, num_classes, weights,
-                                freeze_base, fine_tune_from)
-
-
-def build_resnet50_classifier(image_size: int, num_classes: int = 2, *, weights: str = "none",
-                              dropout: float = 0.5, l2: float = 1e-4, freeze_base: bool = False,
-                              fine_tune_from: str | None = None) -> keras.Model:
-    """The thesis's ResNet50 transfer model (its Table 2), on uint8 greyscale input.
-
-    image (s, s, 1) uint8 -> pixels_to_float -> grey_to_rgb (s, s, 3) -> imagenet_caffe_norm
-    -> ResNet50 base without top (conv1_pad .. conv5_block3_out: (s/32, s/32, 2048))
-    -> head_global_avg_pool (2048) -> head_dense_1024 (ReLU, L2) -> head_dropout_1
-    -> head_dense_512 (ReLU, L2) -> head_dropout_2 -> logits (1 or K) -> predictions (sigmoid or softmax).
-
-    With K = 2 the output is one sigmoid unit, P(class 1), as in the thesis. 26,211,201 parameters at any
-    image size (base 23,587,712 of which 53,120 are BatchNormalization moving statistics, dense layers
-    2,098,176 + 524,800 + 513); the preprocessing layers add none.
-    """
-    def head(base_output):
-        y = keras.layers.GlobalAveragePooling2D(name="head_global_avg_pool")(base_output)
-        y = keras.layers.Dense(1024, activation="relu", kernel_regularizer=_l2(l2), name="head_dense_1024")(y)
-        y = keras.layers.Dropout(dropout, name="head_dropout_1")(y)
-        y = keras.layers.Dense(512, activation="relu", kernel_regularizer=_l2(l2), name="head_dense_512")(y)
-        y = keras.layers.Dropout(dropout, name="head_dropout_2")(y)
-        return _classifier_output(y, num_classes, l2, sigmoid_for_two=True)
-
-    return _transfer_classifier(keras.applications.ResNet50, "resnet50", head, image_size, num_classes, weights,
-                                freeze_base, fine_tune_from)
-
-
-def build_thesis_cnn(image_size: int = 150, num_classes: int = 2, *, dropout: float = 0.2, l2: float = 1e-4,
-                     filters: Sequence[int] = _CNN_FILTERS, convs_per_block: int = 1) -> keras.Model:
-    """The thesis's small CNN for 150 x 150 x 1 radiographs, sized to train on CPU.
-
-    Architecture with the defaults (s = image_size; blocks b = 1, 2, 3 with 64, 128, 256 filters):
-
-        image                 (s, s, 1) uint8
-        pixels_to_unit        Rescaling 1/255 -> float32 in [0, 1], the thesis's scaling
-        per block b:
-          block{b}_conv1      Conv2D 3x3, stride 1, 'same', no bias (the following BN's beta is the bias)
-          block{b}_bn1        BatchNormalization (momentum 0.9, see _CNN_BN_MOMENTUM)
-          block{b}_relu1      ReLU
-          block{b}_pool       MaxPooling2D 2x2, stride 2, 'same' -> side ceil(s / 2^b)
-          block{b}_dropout    Dropout(dropout), 20% as in the thesis
-        head_global_avg_pool  GlobalAveragePooling2D -> (256,)
-        head_dense_128        Dense 128, ReLU, L2(l2)
-        head_dropout          Dropout(dropout)
-        logits                Dense 1 (K = 2) or K (K > 2), float32
-        predictions           sigmoid (K = 2: P(class 1)) or softmax (K > 2), float32
-
-    404,033 parameters (403,137 trainable + 896 BatchNormalization moving statistics) at every image side,
-    128 and 150 px alike, because global average pooling makes the head independent of the side.
-    convs_per_block=2 repeats conv/bn/relu within each block (suffixes 1, 2): 1,179,969 parameters.
-
-    Why: the thesis has two blocks (64, 128 filters) and a Flatten. Flattened after two blocks a 128 px image
-    gives 32*32*128 = 131,072 features, so a Dense 128 alone would hold 16.8 M weights, dominate the model
-    and overfit ~5k radiographs. A third block (256 filters) doubles the receptive field (22 px at the last
-    pool) and global average pooling keeps the head at 33 k weights at any side; its last ReLU map
-    (block3_relu1) is also a natural Grad-CAM target. One conv per block, not two: at 128 px on 2 CPU cores
-    two convs per block trained at 6 images/s (float32) against 23 (49 under mixed_bfloat16), because the
-    second 64-filter conv at full resolution dominates; one conv reached a validation AUC of about 0.95 on
-    patient-disjoint Kermany radiographs after a few epochs of 2,000 images. `filters` and `convs_per_block`
-    change the blocks; the thesis's own two blocks are filters=(64, 128).
-    """
-    filters = tuple(int(f) for f in filters)
-    if not filters or convs_per_block < 1:
-        raise ModelError("the cnn needs at least one block and one convolution per block")
-    check_image_size("cnn", image_size, 2 ** len(filters))
-    _check_num_classes(num_classes)
-    image = keras.Input((image_size, image_size, 1), dtype="uint8", name=INPUT_NAME)
-    # float32 even under a mixed policy: the scaling is exact there and the first conv casts as it needs.
-    x = keras.layers.Rescaling(1.0 / 255.0, name="pixels_to_unit", dtype="float32")(image)
-    for b, width in enumerate(filters, start=1):
-        for c in range(1, convs_per_block + 1):
-            x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{b}_conv{c}")(x)
-            x = keras.layers.BatchNormalization(momentum=_CNN_BN_MOMENTUM, name=f"block{b}_bn{c}")(x)
-            x = keras.layers.ReLU(name=f"block{b}_relu{c}")(x)
-        x = keras.layers.MaxPooling2D(2, strides=2, padding="same", name=f"block{b}_pool")(x)
-        x = keras.layers.Dropout(dropout, name=f"block{b}_dropout")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="head_global_avg_pool")(x)
-    x = keras.layers.Dense(128, activation="relu", kernel_regularizer=_l2(l2), name="head_dense_128")(x)
-    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    outputs = _classifier_output(x, num_classes, l2, sigmoid_for_two=True)
-    return keras.Model(image, outputs, name="thesis_cnn")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers for training, evaluation and Grad-CAM
 # ---------------------------------------------------------------------------------------------------------
-
-def min_image_size(name: str) -> int:
-    """Smallest input side, in pixels, that `build_model(name, ...)` accepts (with default settings)."""
-    key = _check_name(name)
-    return _CNN_MIN_SIZE if key == "cnn" else _BACKBONE_MIN_SIZE
-
-
-def loss_for(model: keras.Model, label_smoothing: float = 0.0):
-    """The loss matching the model's head, for integer class-index labels of shape (n,) or (n, 1).
-
-    A 1-unit sigmoid head gets BinaryCrossentropy (labels 0/1); a K-unit softmax head gets
-    SparseCategoricalCrossentropy. Both take probabilities, not logits, as the models output them.
-    label_smoothing e (Szegedy et al. 2016): the targets become y (1 - e) + e / K, so the model is never
-    pushed to certainty on a label that may be wrong or an image unlike the deployment site's.
-    """
-    units = model.output_shape[-1]
-    if units == 1:
-        return keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing, name="binary_crossentropy")
-    if not label_smoothing:
-        return keras.losses.SparseCategoricalCrossentropy(name="sparse_categorical_crossentropy")
-    import tensorflow as tf
-
-    smoothed = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
-
-    def smoothed_sparse_categorical_crossentropy(y_true, y_pred):  # tf_keras's sparse loss cannot smooth
-        return smoothed(tf.one_hot(tf.cast(tf.reshape(y_true, [-1]), tf.int32), units), y_pred)
-
-    return smoothed_sparse_categorical_crossentropy
-
 
 def last_conv_layer_name(model: keras.Model) -> str:
     """Name of the last convolutional feature map, the layer Grad-CAM differentiates against.
@@ -364,49 +162,28 @@ def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: in
 # Internals
 # ---------------------------------------------------------------------------------------------------------
 
-def _check_name(name: str) -> str:
-    key = str(name).strip().lower()
-    if key not in MODEL_NAMES:
-        raise ModelError(f"--model {name!r} is not a known model; choose one of {', '.join(MODEL_NAMES)}")
-    return key
-
-
-def check_image_size(name: str, image_size: int, minimum: int | None = None, source: str = "the data") -> None:
-    """ModelError unless model `name` takes square images of `image_size` px (its smallest side): the one
-    check of an image size against a model, for the builders and for a prepared dataset alike."""
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)):
-        raise ModelError(f"--model {name}: the image size must be a whole number of pixels, got {image_size!r}")
-    minimum = min_image_size(name) if minimum is None else minimum
-    if image_size < minimum:
-        raise ModelError(f"--model {name} needs images of at least {minimum} px; {source} is {image_size} px: "
-                         f"prepare it again with a larger --size (python -m preprocessing --size)")
-
-
-def _check_num_classes(num_classes: int) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
-        raise ModelError(f"a classifier needs at least 2 classes; got num_classes={num_classes!r} "
-                         "(check the dataset's class folders or manifest)")
-
-
-def _l2(factor: float):
+def l2_regularizer(factor: float):
+    """Keras's L2 kernel regularizer of `factor`, or none for 0."""
     return keras.regularizers.l2(factor) if factor else None
 
 
-def _transfer_classifier(constructor, name: str, head, image_size: int, num_classes: int, weights: str,
-                         freeze_base: bool, fine_tune_from: str | None) -> keras.Model:
-    """The frame both ImageNet transfer models share: checks, uint8 input with in-graph caffe normalisation,
-    the backbone built flat on it, `head(backbone output) -> outputs`, weights file, trainable layers."""
-    check_image_size(name, image_size, _BACKBONE_MIN_SIZE)
-    _check_num_classes(num_classes)
-    x, image = _imagenet_caffe_input(image_size)
+def transfer_classifier(spec: ModelSpec, constructor, head, image_size: int, num_classes: int, weights: str,
+                        freeze_base: bool, fine_tune_from: str | None) -> keras.Model:
+    """The frame the ImageNet transfer models share: checks, uint8 input with in-graph caffe normalisation,
+    the keras.applications backbone (`constructor`) built flat on it, `head(backbone output) -> outputs`,
+    weights file, trainable layers."""
+    name = spec.name
+    check_image_size(spec, image_size)
+    Head.for_classes(num_classes)  # refuses a count no head can take, before the backbone is built
+    x, image = imagenet_caffe_input(image_size)
     base = _application(constructor, name, weights, x)
     model = keras.Model(image, head(base.output), name=f"{name}_classifier")
-    _load_weights_file_if_any(model, weights, allow_backbone_only=True)
+    load_weights_file_if_any(model, weights, allow_backbone_only=True)
     set_backbone_trainable(model, freeze_base=freeze_base, fine_tune_from=fine_tune_from)
     return model
 
 
-def _imagenet_caffe_input(image_size: int):
+def imagenet_caffe_input(image_size: int):
     """uint8 (s, s, 1) input -> float (s, s, 3) equal to keras.applications' "caffe" preprocess_input.
 
     Weight-free built-in layers only: a Rescaling whose offset is the per-channel vector broadcasts over
@@ -434,15 +211,6 @@ def _application(constructor, name: str, weights: str, x):
     return constructor(include_top=False, weights=None, input_tensor=x)
 
 
-def _classifier_output(x, num_classes: int, l2: float, *, sigmoid_for_two: bool):
-    # float32 logits and activation so mixed_float16/mixed_bfloat16 runs still output float32 probabilities
-    # (a softmax or sigmoid in half precision saturates and the loss loses precision).
-    units = 1 if (num_classes == 2 and sigmoid_for_two) else num_classes
-    logits = keras.layers.Dense(units, kernel_regularizer=_l2(l2), dtype="float32", name=LOGITS_NAME)(x)
-    activation = "sigmoid" if units == 1 else "softmax"
-    return keras.layers.Activation(activation, dtype="float32", name=OUTPUT_NAME)(logits)
-
-
 def _block_starts(layers, limit: int = 8) -> list[str]:
     """The first weighted layer of each stage (name prefix before '_'), e.g. block5_conv1, conv5_block1_1_conv."""
     starts, seen = [], set()
@@ -455,7 +223,7 @@ def _block_starts(layers, limit: int = 8) -> list[str]:
     return starts[-limit:]
 
 
-def _load_weights_file_if_any(model: keras.Model, weights: str, *, allow_backbone_only: bool) -> None:
+def load_weights_file_if_any(model: keras.Model, weights: str, *, allow_backbone_only: bool) -> None:
     """Load `weights` into `model` when it is a path; "none"/"imagenet" were handled at build time.
 
     First the whole model (topological order, as save_weights/ModelCheckpoint wrote it); if that does not
@@ -487,8 +255,7 @@ def _load_weights_file_if_any(model: keras.Model, weights: str, *, allow_backbon
 
 
 def _describe(model: keras.Model) -> str:
-    units = model.output_shape[-1]
-    return f"{model.name} at {model.input_shape[1]} px with {2 if units == 1 else units} classes"
+    return f"{model.name} at {model.input_shape[1]} px with a {Head.of_model(model).describe()} head"
 
 
 def _load_full_model_weights(model: keras.Model, path: Path) -> None:
@@ -530,8 +297,3 @@ def _first_line(err: BaseException) -> str:
     return (text[0] if text else type(err).__name__)[:300]
 
 
-__all__ = [
-    "MODEL_NAMES", "ModelError", "build_model", "build_vgg16_classifier", "build_resnet50_classifier",
-    "build_thesis_cnn", "check_image_size", "last_conv_layer_name", "loss_for",
-    "min_image_size", "backbone_layers", "set_backbone_trainable", "recalibrate_batchnorm",
-]

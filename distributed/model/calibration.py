@@ -1,7 +1,7 @@
 """Post-hoc probability calibration, fitted on the validation split only, and built into the model.
 
     from distributed.model.calibration import fit_calibration, calibrated_model, logits_of
-    cal = fit_calibration("temperature", y_val, logits_of(model, x_val))
+    cal = fit_calibration("temperature", y_val, logits_of(model, x_val), Head.of_model(model))
     deployable = calibrated_model(model, cal)      # outputs the calibrated probability
 
 Methods (on the model's pre-activation output, the `logits` layer: (n, 1) for a sigmoid head, (n, K) for a
@@ -34,9 +34,9 @@ from distributed.model.kerasenv import keras  # first: chooses tf_keras before T
 
 import numpy as np
 
-from distributed.evaluation import metrics as m
-from distributed.model.builders import LOGITS_NAME, ModelError, OUTPUT_NAME
 from cxrscale.files import write_json_atomic
+from distributed.model import metrics as m
+from distributed.model.heads import LOGITS_NAME, OUTPUT_NAME, Head, ModelError, sigmoid
 from preprocessing import schema
 
 log = logging.getLogger("cxrscale.calibration")
@@ -63,48 +63,37 @@ class Calibration:
             raise ModelError(f"unknown calibration method {data.get('method')!r}; expected one of {', '.join(METHODS)}")
         return cls(data["method"], dict(data.get("params", {})))
 
-    def apply(self, logits: np.ndarray) -> np.ndarray:
-        """Logits (n, 1) or (n, K) -> calibrated class probabilities (n, 2) or (n, K)."""
-        z = np.asarray(logits, np.float64)
-        z = z[:, None] if z.ndim == 1 else z
+    def apply(self, head: Head, logits: np.ndarray) -> np.ndarray:
+        """Logits (n, head.units) of a model with `head` -> calibrated probabilities (n, head.columns)."""
+        positive = Head("binary", 1)  # Platt and isotonic map the positive logit to P(class 1), one unit
         if self.method == "isotonic":
-            return _two_columns(np.interp(_binary_logit(z), self.params["x"], self.params["y"]))
+            return positive.probabilities(np.interp(head.positive_logit(logits), self.params["x"], self.params["y"]))
         if self.method == "platt":
-            return _two_columns(_sigmoid(self.params["a"] * _binary_logit(z) + self.params["b"]))
+            return positive.probabilities(sigmoid(self.params["a"] * head.positive_logit(logits) + self.params["b"]))
         scale = 1.0 / self.params["temperature"] if self.method == "temperature" else 1.0
-        return uncalibrated_probabilities(z * scale)
+        return head.activate(np.asarray(logits, np.float64) * scale)
 
 
-def uncalibrated_probabilities(logits: np.ndarray) -> np.ndarray:
-    """The head's own activation of logits: sigmoid for (n, 1), softmax for (n, K); as (n, 2) or (n, K)."""
-    z = np.asarray(logits, np.float64)
-    z = z[:, None] if z.ndim == 1 else z
-    if z.shape[1] == 1:
-        return _two_columns(_sigmoid(z[:, 0]))
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def fit_calibration(method: str, labels: np.ndarray, logits: np.ndarray) -> Calibration:
-    """Fit `method` on validation labels (n,) int and logits (n, 1) or (n, K). Raises ModelError when the
-    method does not fit the head (Platt and isotonic are binary) or the split cannot support it."""
+def fit_calibration(method: str, labels: np.ndarray, logits: np.ndarray, head: Head) -> Calibration:
+    """Fit `method` on validation labels (n,) int and the logits (n, head.units) of a model with `head`.
+    Raises ModelError when the method does not fit the head (Platt and isotonic are binary) or the split
+    cannot support it."""
     y = np.asarray(labels).astype(int).ravel()
     z = np.asarray(logits, np.float64)
     z = z[:, None] if z.ndim == 1 else z
     if method not in METHODS:
         raise ModelError(f"--calibration {method!r}: choose one of {', '.join(METHODS)}")
     if method == "auto":
-        method = "platt" if z.shape[1] in (1, 2) else "temperature"
+        method = "platt" if head.binary else "temperature"
     if method == "none":
         return Calibration("none")
     if len(np.unique(y)) < 2:
         raise ModelError(f"--calibration {method}: the validation split has only one class; nothing to fit on")
-    binary = z.shape[1] == 1 or z.shape[1] == 2
-    if method in ("platt", "isotonic") and not binary:
-        raise ModelError(f"--calibration {method} is for two classes; use temperature for {z.shape[1]} classes")
+    if method in ("platt", "isotonic") and not head.binary:
+        raise ModelError(f"--calibration {method} is for two classes; use temperature for a {head.describe()} head")
     if method == "temperature":
-        return Calibration("temperature", {"temperature": _fit_temperature(y, z)})
-    d = _binary_logit(z)
+        return Calibration("temperature", {"temperature": _fit_temperature(y, z, head)})
+    d = head.positive_logit(z)
     if method == "platt":
         from sklearn.linear_model import LogisticRegression
 
@@ -124,20 +113,21 @@ def fit_calibration(method: str, labels: np.ndarray, logits: np.ndarray) -> Cali
                                     "y": [float(v) for v in fit.y_thresholds_]})
 
 
-def calibration_summary(labels: np.ndarray, logits: np.ndarray, calibration: Calibration) -> dict[str, Any]:
+def calibration_summary(labels: np.ndarray, logits: np.ndarray, calibration: Calibration,
+                        head: Head) -> dict[str, Any]:
     """ECE, Brier and log loss of the positive class (K > 2: top-label ECE, multi-class Brier and log loss)
     before and after `calibration`."""
     y = np.asarray(labels).astype(int).ravel()
     return {"method": calibration.method, "n": int(len(y)),
-            "before": probability_quality(y, uncalibrated_probabilities(logits)),
-            "after": probability_quality(y, calibration.apply(logits))}
+            "before": probability_quality(y, head.activate(logits), head),
+            "after": probability_quality(y, calibration.apply(head, logits), head)}
 
 
-def probability_quality(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """ECE (10 equal-width bins), Brier score and log loss of class probabilities (n, K)."""
+def probability_quality(labels: np.ndarray, probs: np.ndarray, head: Head) -> dict[str, float]:
+    """ECE (10 equal-width bins), Brier score and log loss of probabilities (n, head.columns)."""
     y = np.asarray(labels).astype(int).ravel()
     p = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
-    if p.shape[1] == 2:
+    if head.binary:
         return {"ece": m.expected_calibration_error(y, p[:, 1]), "brier": m.brier(y, p[:, 1]),
                 "log_loss": m.log_loss(y, p[:, 1])}
     onehot = np.eye(p.shape[1])[y]
@@ -146,10 +136,12 @@ def probability_quality(labels: np.ndarray, probs: np.ndarray) -> dict[str, floa
             "log_loss": m.cross_entropy(y, p)}
 
 
-def fit_on_validation(model: keras.Model, data_dir, method: str, record_dir) -> Calibration:
-    """Fit `method` on the logits of `model` over the whole validation split of the prepared dataset
-    `data_dir`, and write record_dir/calibration.json: the map, and the validation ECE, Brier and log loss
-    before and after it. What training and distributed.ensemble both do at their end."""
+def fit_on_validation(model: keras.Model, data_dir, method: str, record_dir, *, head: Head | None = None) -> Calibration:
+    """Fit `method` on the logits of `model` (`head`: of its logits, by default read from its output layer)
+    over the whole validation split of the prepared dataset `data_dir`, and write record_dir/calibration.json:
+    the map, and the validation ECE, Brier and log loss before and after it. What training and
+    distributed.ensemble both do at their end."""
+    head = head or Head.of_logits(model)
     labels, logits = [], []
     for images, y in schema.dataset(data_dir, "val").batch(256).as_numpy_iterator():
         logits.append(logits_of(model, images))
@@ -157,8 +149,8 @@ def fit_on_validation(model: keras.Model, data_dir, method: str, record_dir) -> 
     if not labels:
         raise ModelError(f"{data_dir} has no validation split to calibrate on")
     labels, logits = np.concatenate(labels).astype(int).ravel(), np.concatenate(logits)
-    calibration = fit_calibration(method, labels, logits)
-    summary = calibration_summary(labels, logits, calibration)
+    calibration = fit_calibration(method, labels, logits, head)
+    summary = calibration_summary(labels, logits, calibration, head)
     write_json_atomic(Path(record_dir) / "calibration.json", {**calibration.to_dict(), "fitted_on": "val",
                                                              "validation": summary})
     log.info("calibration %s on %d validation images: ECE %.3f -> %.3f, log loss %.3f -> %.3f",
@@ -184,15 +176,16 @@ def logits_of(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> n
     return logits_model(model).predict(images, batch_size=batch_size, verbose=0).astype(np.float64)
 
 
-def calibrated_model(model: keras.Model, calibration: Calibration) -> keras.Model:
+def calibrated_model(model: keras.Model, calibration: Calibration, *, head: Head | None = None) -> keras.Model:
     """A model sharing `model`'s layers up to `logits`, ending in the calibration layers and `predictions`
-    (float32). Works on a model that is already calibrated: its old calibration is replaced."""
+    (float32); `head`: of its logits, by default read from the model. Works on a model that is already
+    calibrated: its old calibration is replaced."""
+    head = head or Head.of_logits(model)
     z = logits_model(model).output
-    units = int(z.shape[-1])
     method, params = calibration.method, calibration.params
-    if method in ("platt", "isotonic") and units == 2:  # a 2-unit softmax head: its logit is z1 - z0
+    if method in ("platt", "isotonic") and head.units == 2:  # a 2-unit softmax head: its logit is z1 - z0
         z = _frozen_dense(z, np.array([[-1.0], [1.0]]), np.zeros(1), f"{PREFIX}logit_difference")
-        units = 1
+        head = Head("binary", 1)
     if method == "isotonic":
         x, y = np.asarray(params["x"], np.float64), np.asarray(params["y"], np.float64)
         if len(x) < 2:  # a constant map
@@ -211,7 +204,7 @@ def calibrated_model(model: keras.Model, calibration: Calibration) -> keras.Mode
     elif method == "platt":
         z = keras.layers.Rescaling(float(params["a"]), offset=float(params["b"]), name=f"{PREFIX}platt",
                                    dtype="float32")(z)
-    out = keras.layers.Activation("sigmoid" if units == 1 else "softmax", name=OUTPUT_NAME, dtype="float32")(z)
+    out = keras.layers.Activation(head.activation, name=OUTPUT_NAME, dtype="float32")(z)
     return keras.Model(model.inputs, out, name=model.name)
 
 
@@ -228,26 +221,12 @@ def _frozen_dense(x, kernel: np.ndarray, bias: np.ndarray, name: str):
     return layer(x)
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, np.float64)))  # overflow-free
-
-
-def _two_columns(p1: np.ndarray) -> np.ndarray:
-    p1 = np.asarray(p1, np.float64).ravel()
-    return np.stack([1.0 - p1, p1], axis=1)
-
-
-def _binary_logit(z: np.ndarray) -> np.ndarray:
-    """The positive-class logit of a 1-unit sigmoid head, or z1 - z0 of a 2-unit softmax head."""
-    return z[:, 0] if z.shape[1] == 1 else z[:, 1] - z[:, 0]
-
-
-def _fit_temperature(y: np.ndarray, z: np.ndarray) -> float:
-    """T minimising the validation log loss of sigmoid(z / T) or softmax(z / T)."""
+def _fit_temperature(y: np.ndarray, z: np.ndarray, head: Head) -> float:
+    """T minimising the validation log loss of the head's activation of z / T."""
     from scipy.optimize import minimize_scalar
 
     def nll(log_t: float) -> float:
-        p = uncalibrated_probabilities(z / np.exp(log_t))
+        p = head.activate(z / np.exp(log_t))
         return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
 
     best = minimize_scalar(nll, bounds=(-_MAX_TEMPERATURE_LOG, _MAX_TEMPERATURE_LOG), method="bounded",

@@ -13,13 +13,15 @@ from distributed.model.kerasenv import keras  # first: chooses tf_keras before T
 import numpy as np
 import tensorflow as tf
 
-from distributed.model.calibration import is_calibration_layer, logits_model, uncalibrated_probabilities
-from distributed.model.scoring import Scorer, output_probabilities
 from cxrscale.errors import CxrError
+from distributed.model.calibration import is_calibration_layer, logits_model
+from distributed.model.heads import Head
+from distributed.model.scorer import Scorer
 
 
-def keras_scorer(path: Path) -> Scorer:
-    """A Scorer of the Keras model at `path` (the caller has checked that it is one)."""
+def keras_scorer(path: Path, *, head: Head | None = None) -> Scorer:
+    """A Scorer of the Keras model at `path` (the caller has checked that it is one); `head` as the run
+    recorded it, else read from the model's output layer."""
     try:
         model = keras.models.load_model(str(path), compile=False)
     except (OSError, ValueError, ImportError) as err:
@@ -31,19 +33,23 @@ def keras_scorer(path: Path) -> Scorer:
     def predict(batch: np.ndarray) -> np.ndarray:
         return model(tf.convert_to_tensor(batch, dtype=model.inputs[0].dtype), training=False).numpy()
 
-    return Scorer(path, "keras", shape, predict, model, _predict_both=_two_output_predict(model))
+    head = head or Head.of_model(model)
+    if head.units != int(model.outputs[0].shape[-1]):
+        raise CxrError(f"{path} outputs {model.output_shape} but its run records a {head.describe()} head")
+    return Scorer(path, "keras", shape, head, predict, model, _predict_both=_two_output_predict(model, head))
 
 
-def _two_output_predict(model) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
+def _two_output_predict(model, head: Head) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
     """For a model with calibration layers: batch -> (its output as K columns, the probabilities of its
     logits through the head's own sigmoid/softmax), from one forward pass of a two-output view of the model."""
     if not any(is_calibration_layer(layer) for layer in model.layers):
         return None
     both = keras.Model(model.inputs, [model.output, logits_model(model).output])
+    logit_head = Head(head.kind, Head.of_logits(model).units)  # a calibrated 2-unit softmax: its logits keep 2
 
     def predict(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out, logits = both(tf.convert_to_tensor(batch, dtype=model.inputs[0].dtype), training=False)
-        return output_probabilities(out.numpy()), uncalibrated_probabilities(logits.numpy())
+        return head.probabilities(out.numpy()), logit_head.activate(logits.numpy())
 
     return predict
 

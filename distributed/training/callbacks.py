@@ -22,9 +22,9 @@ import tensorflow as tf
 
 from distributed.model.kerasenv import keras
 
-from distributed.evaluation.metrics import validation_metrics
+from distributed.model.metrics import validation_metrics
 from distributed.model.builders import recalibrate_batchnorm
-from distributed.model.scoring import output_probabilities
+from distributed.model.heads import Head
 from cxrscale.files import atomic_dir, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("cxrscale.train")
@@ -210,17 +210,17 @@ class ExactValidation(keras.callbacks.Callback):
     callback would, is not the AUC of the split.) Writes val_loss, val_accuracy and val_auc into the logs.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, labels: np.ndarray, allgather_object, num_classes: int):
+    def __init__(self, dataset: tf.data.Dataset, labels: np.ndarray, allgather_object, head: Head):
         super().__init__()
         self.images = dataset.map(lambda x, y: x)
         self.labels = labels
         self.allgather_object = allgather_object
-        self.num_classes = num_classes
+        self.head = head
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         outputs = self.model.predict(self.images, verbose=0)
         gathered = self.allgather_object((np.asarray(outputs, np.float32), self.labels))
-        probs = output_probabilities(np.concatenate([g[0] for g in gathered]))
+        probs = self.head.probabilities(np.concatenate([g[0] for g in gathered]))
         labels = np.concatenate([g[1] for g in gathered]).astype(int).ravel()
         if logs is not None:
             logs.update(validation_metrics(labels, probs))

@@ -11,8 +11,8 @@ from cxrscale import tracking
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser
 from cxrscale.files import read_options_file
+from distributed.model.zoo import model_names, model_spec
 
-MODELS = ("cnn", "vgg16", "resnet50")
 PRECISIONS = ("auto", "fp32", "mixed_float16", "mixed_bfloat16")
 SCHEDULES = ("plateau", "cosine")
 CALIBRATIONS = ("auto", "temperature", "platt", "isotonic", "none")  # calibration.METHODS, without TensorFlow
@@ -61,20 +61,21 @@ class TrainConfig:
     def resolved_weights(self) -> str:
         if self.weights != "auto":
             return self.weights
-        return "none" if self.model == "cnn" else "imagenet"
+        return "imagenet" if model_spec(self.model).imagenet else "none"
 
     def model_options(self) -> dict[str, Any]:
-        """The keyword arguments of `build_model` this config sets (the CNN trains whole: no freezing)."""
+        """The keyword arguments of `build_model` this config sets (a model without ImageNet weights trains
+        whole: no freezing)."""
         options: dict[str, Any] = {"l2": self.l2}
         if self.dropout is not None:
             options["dropout"] = self.dropout
-        if self.model != "cnn":
+        if model_spec(self.model).imagenet:
             options.update(freeze_base=self.freeze_base, fine_tune_from=self.fine_tune_from)
         return options
 
     def validate(self) -> None:
         checks = [
-            (self.model in MODELS, f"--model must be one of {', '.join(MODELS)}, got {self.model!r}"),
+            (self.model in model_names(), f"--model must be one of {', '.join(model_names())}, got {self.model!r}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
@@ -95,8 +96,9 @@ class TrainConfig:
              "computed once per worker) cannot follow: leave one of them out"),
             (not (self.cache_features and self.augment),
              "--cache-features computes each image's features once, so it cannot be combined with --augment"),
-            (not self.cache_features or self.model != "cnn",
-             "--cache-features needs a frozen pretrained backbone: use it with --model vgg16 or resnet50"),
+            (not self.cache_features or self.model not in model_names() or model_spec(self.model).imagenet,
+             "--cache-features needs a frozen pretrained backbone: use it with a model with ImageNet weights ("
+             + ", ".join(n for n in model_names() if model_spec(n).imagenet) + ")"),
             (not self.cache_features or (self.freeze_base and not self.fine_tune_from),
              "--cache-features needs the whole backbone frozen: add --freeze-base (and no --fine-tune-from)"),
         ]
@@ -142,10 +144,12 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
     p.add_argument("--config", help="JSON/YAML file of options (e.g. a tuning result); flags override it")
     p.add_argument("--data", help="prepared dataset folder (from python -m preprocessing)")
     p.add_argument("--output", default=None, help="run folder to write (default runs/<data folder name>)")
-    p.add_argument("--model", choices=MODELS, default=None, help=f"architecture (default {d.model})")
+    p.add_argument("--model", choices=model_names(), default=None,
+                   help="architecture: " + "; ".join(f"{n}, {model_spec(n).summary}" for n in model_names())
+                   + f" (default {d.model})")
     p.add_argument("--weights", default=None,
-                   help="imagenet | none | PATH to a weights file (default: imagenet for vgg16/resnet50, none "
-                        "for cnn)")
+                   help="imagenet | none | PATH to a weights file (default: imagenet for models that have ImageNet "
+                        "weights, none for the others)")
     p.add_argument("--epochs", type=int, default=None, help=f"maximum epochs (default {d.epochs})")
     p.add_argument("--batch-size", type=int, default=None, help=f"per-worker batch (default {d.batch_size})")
     p.add_argument("--lr", type=float, default=None,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from distributed.model.builders import check_image_size
+from distributed.model.zoo import check_image_size
 from cxrscale.errors import CxrError
 from preprocessing import schema
 
@@ -173,14 +173,15 @@ def augmenter(seed: int, policy: AugmentPolicy = AugmentPolicy()):
 
 
 def train_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, *, seed: int, shuffle_buffer: int,
-                  augment: bool, binary_labels: bool) -> tf.data.Dataset:
-    """This worker's endless, shuffled, batched (uint8 image, label) stream over its own shard files."""
+                  augment: bool, label_form: str) -> tf.data.Dataset:
+    """This worker's endless, shuffled, batched (uint8 image, label) stream over its own shard files, the
+    labels in the head's `label_form` (distributed.model.heads)."""
     files = tf.data.Dataset.from_tensor_slices([str(p) for p in plan.train_files])
     files = files.shuffle(len(plan.train_files), seed=seed, reshuffle_each_iteration=True)
     ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(plan.train_files)),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.map(lambda s: _pair(s, plan.image_shape, binary_labels), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda s: _pair(s, plan.image_shape, label_form), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
     if augment:  # in parallel, in order: each batch draws from its own seed
         ds = ds.enumerate().map(augmenter(seed), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -190,14 +191,14 @@ def train_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, *, 
 def val_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, rank: int, size: int) -> tf.data.Dataset:
     """This worker's share (every size-th record) of the validation split, in order, as (image, label)."""
     ds = tf.data.TFRecordDataset([str(p) for p in plan.val_files]).shard(size, rank)
-    ds = ds.map(lambda s: _pair(s, plan.image_shape, False), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda s: _pair(s, plan.image_shape, "index"), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def ordered_dataset(files: list[Path], plan: DataPlan, batch_size: int, binary_labels: bool) -> tf.data.Dataset:
+def ordered_dataset(files: list[Path], plan: DataPlan, batch_size: int, label_form: str) -> tf.data.Dataset:
     """The records of `files` once, in file order, batched as (image, label): for feature caching."""
     ds = tf.data.TFRecordDataset([str(p) for p in files])
-    ds = ds.map(lambda s: _pair(s, plan.image_shape, binary_labels), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda s: _pair(s, plan.image_shape, label_form), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -210,10 +211,15 @@ def sample_images(files: list[Path], shape: tuple[int, int, int], n: int, seed: 
     return np.concatenate(batches) if batches else np.zeros((0, *shape), np.uint8)
 
 
-def _pair(serialized: tf.Tensor, shape: tuple[int, int, int], binary_labels: bool):
+def _pair(serialized: tf.Tensor, shape: tuple[int, int, int], label_form: str):
+    """(image, label) with the label as the head takes it: "binary", float (1,) for one sigmoid unit;
+    "index", the int class index."""
     record = schema.parse_example(serialized, shape)
     label = record["label"]
-    if binary_labels:  # a 1-unit sigmoid head wants float labels of shape (1,)
+    if label_form == "binary":
         label = tf.cast(tf.reshape(label, (1,)), tf.float32)
+    elif label_form != "index":
+        raise ValueError(f"prepared datasets hold one class index per image; a {label_form!r} head needs "
+                         "multi-label records")
     return record["image"], label
 

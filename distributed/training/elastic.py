@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from distributed.model.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
@@ -37,7 +37,8 @@ from distributed.model.kerasenv import keras  # first: chooses tf_keras before T
 import tensorflow as tf
 
 from distributed.training import callbacks as cb, hvd_utils
-from distributed.training.data import DataPlan
+from distributed.training.data import plan_data
+from distributed.training.trainer import TrainingRun
 
 log = logging.getLogger("cxrscale.train")
 
@@ -159,32 +160,22 @@ def _counter_names(callback) -> tuple[str, ...]:
     return ()
 
 
-@dataclass
-class Session:
-    """What an elastic session needs from distributed.train: the first session's checks and resume (all
-    starting workers call collectives in it together), and how to plan the data, build the datasets and
-    callbacks for the current rank and size, and fit."""
-
-    open_run: Callable[[DataPlan], tuple[int, float, bool]]                # -> epoch, best, only export left
-    plan: Callable[[int, int], DataPlan]                                    # rank, size
-    datasets: Callable[[DataPlan, int, int, int], tuple[Any, Any]]          # plan, seed, rank, size
-    callbacks: Callable[[DataPlan, Any, int, float], list]                  # plan, ds_val, epoch, best
-    fit: Callable[[Any, DataPlan, list, int], Any]                          # ds_train, plan, callbacks, epoch
-
-
-def run(hvd, model, optimizer, session: Session, *, averaging, epochs: int, base_lr: float, warmup_epochs: float,
-        seed: int, batch_size: int, commit_every: int) -> dict[str, Any]:
-    """Train to `epochs` through resets. Returns {"epochs": epochs trained, "checksums": every rank's weight
-    checksum at the end, "resets": how many, "workers_per_session": the size of each session,
-    "reset_times": this process's record of each reset (epoch seconds): when it came, when the state it went
-    back to was committed, when the next session took its first step and on how many workers}."""
+def run(training: TrainingRun) -> dict[str, Any]:
+    """Train `training` to --epochs through resets; on rank 0 after the last reset, finish it (calibrate,
+    export, summarise) and return its summary; {} on the other ranks. The summary's "elastic" record: the
+    epochs trained, every rank's weight checksum at the end, how many resets, the size of each session, and
+    this process's record of each reset (epoch seconds): when it came, when the state it went back to was
+    committed, when the next session took its first step and on how many workers."""
     from horovod.tensorflow.keras import elastic as hvd_elastic
 
+    config, hvd, model, optimizer, averaging = (training.config, training.hvd, training.model, training.optimizer,
+                                                training.averaging)
+    training.compile(model)  # --cache-features is refused with --elastic: the whole model is what fits
     build_optimizer_slots(optimizer, model.trainable_variables)
     if averaging is not None:
         averaging.attach(model)
     state = make_state(model, optimizer, averaging.variables() if averaging is not None else [],
-                       lr_per_worker=base_lr)
+                       lr_per_worker=config.lr)
 
     resets: list[dict[str, Any]] = []  # this process's view of each reset, for train_summary.json
 
@@ -203,9 +194,11 @@ def run(hvd, model, optimizer, session: Session, *, averaging, epochs: int, base
     @hvd_elastic.run
     def train_session(state) -> list[str]:
         rank, size = hvd.rank(), hvd.size()
-        plan = session.plan(rank, size)
+        plan = training.plan(rank, size, verify=False)
         if not state.opened:  # the job's first session: every worker it started with is here
-            state.epoch, state.best, state.finishing = session.open_run(plan)
+            training.verify_shards()
+            start = training.start(plan)
+            state.epoch, state.best, state.finishing = start.epoch, start.best, start.finishing
             state.start_epoch, state.opened = state.epoch, True
             if averaging is not None:
                 averaging.restart(model)  # from the resumed weights
@@ -218,22 +211,29 @@ def run(hvd, model, optimizer, session: Session, *, averaging, epochs: int, base
             if resets and "resumed_at" not in resets[-1]:
                 resets[-1]["resumed_at"] = time.time()
 
-        ds_train, ds_val = session.datasets(plan, seed + 1000 * state.epoch + 100 * len(state.sizes) + rank, rank,
-                                            size)
-        callbacks = session.callbacks(plan, ds_val, state.epoch, state.best)
+        data = training.datasets(plan, seed=config.seed + 1000 * state.epoch + 100 * len(state.sizes) + rank,
+                                 rank=rank, size=size)
+        callbacks = training.callbacks(plan, data.val, epoch=state.epoch, best=state.best, broadcast=False)
         # the rate for this many workers (a warm-up callback, if any, sets its own while it ramps)
         cb.set_learning_rate(optimizer, state.lr_per_worker * size)
         schedule = [c for c in callbacks if _counter_names(c)]
-        callbacks += [ElasticProgress(state, batch_size * size, size, schedule, warmup_epochs, on_first_step=resumed),
-                      hvd_elastic.CommitStateCallback(state, batches_per_commit=commit_every)]  # last: sees all
+        callbacks += [ElasticProgress(state, config.batch_size * size, size, schedule, config.warmup_epochs,
+                                      on_first_step=resumed),
+                      hvd_elastic.CommitStateCallback(state, batches_per_commit=config.commit_every)]  # last
         if rank == 0:
             log.info("elastic session %d on %d worker(s): epoch %d of %d from step %d, %d steps per epoch",
-                     len(state.sizes), size, state.epoch + 1, epochs, state.images_done // (batch_size * size),
-                     plan.steps_per_epoch)
-        if state.epoch < epochs and not state.finishing:
-            session.fit(ds_train, plan, callbacks, state.epoch)
+                     len(state.sizes), size, state.epoch + 1, config.epochs,
+                     state.images_done // (config.batch_size * size), plan.steps_per_epoch)
+        if state.epoch < config.epochs and not state.finishing:
+            training.fit(model, data.train, plan, callbacks, state.epoch)
         return hvd_utils.gather(hvd, cb.weight_checksum(model), name="weight_checksums")
 
+    started = time.perf_counter()
     checksums = train_session(state)
-    return {"epochs": state.epoch - state.start_epoch, "checksums": checksums, "resets": len(state.sizes) - 1,
-            "workers_per_session": state.sizes, "reset_times": resets}
+    seconds = time.perf_counter() - started
+    if hvd.rank() != 0:  # the ranks after the last reset
+        return {}
+    record = {"epochs": state.epoch - state.start_epoch, "checksums": checksums, "resets": len(state.sizes) - 1,
+              "workers_per_session": state.sizes, "reset_times": resets}
+    plan = plan_data(Path(config.data), 0, len(checksums), config.batch_size, config.model)
+    return training.finish(plan, epochs_run=record["epochs"], seconds=seconds, checksums=checksums, elastic=record)

@@ -8,7 +8,8 @@ import numpy as np
 import tensorflow as tf
 
 from distributed.model.kerasenv import keras
-from distributed.model.builders import HEAD_PREFIX, LOGITS_NAME, OUTPUT_NAME
+from distributed.model.builders import HEAD_PREFIX
+from distributed.model.heads import LOGITS_NAME, OUTPUT_NAME
 from cxrscale.errors import CxrError
 
 

@@ -16,8 +16,9 @@ from distributed.model.kerasenv import keras  # first: chooses tf_keras before T
 import numpy as np
 import tensorflow as tf
 
-from distributed.model.builders import build_model
+from distributed.model.zoo import build_model
 from distributed.model.calibration import calibrated_model, fit_on_validation
+from distributed.model.heads import Head
 from distributed.training import callbacks as cb
 from distributed.training import hvd_utils
 from distributed.training.config import TrainConfig
@@ -66,11 +67,12 @@ def write_run_record(run_dir: Path, config: TrainConfig, plan: DataPlan, model, 
                      "global_batch": config.batch_size * workers, "scaled_lr": scaled_lr,
                      "steps_per_epoch": plan.steps_per_epoch, "classes": plan.classes,
                      "image_shape": list(plan.image_shape), "loss": getattr(loss, "name", None) or loss.__name__,
-                     "label_smoothing": config.label_smoothing, "output_units": int(model.output_shape[-1]),
+                     "label_smoothing": config.label_smoothing, "output_units": Head.of_model(model).units,
                      "train_class_counts": dict(zip(plan.classes, plan.class_counts)),
                      # the loss weight of each class index, as fit() gets them (None: unweighted)
                      "class_weights": balanced_class_weights(plan.class_counts)
                      if config.class_weights == "auto" else None},
+        "head": Head.of_model(model).to_dict(),
         "libraries": library_versions(("tensorflow", "tf-keras", "horovod", "numpy", "cxrscale")),
         "git_commit": git_commit(), "manifest_sha256": sha256_file(data_dir / schema.MANIFEST)}
     if state:

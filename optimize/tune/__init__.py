@@ -15,8 +15,8 @@ OUTPUT/tune/.
 """
 from __future__ import annotations
 
-from optimize.tune.space import DEFAULT_SPACES, Param, SEARCHES, check_space, load_space, param_space, parse_space
+from optimize.tune.space import Param, SEARCHES, check_space, load_space, param_space, parse_space
 from optimize.tune.trial import run_trial
 
-__all__ = ["DEFAULT_SPACES", "SEARCHES", "Param", "check_space", "load_space", "param_space", "parse_space",
+__all__ = ["SEARCHES", "Param", "check_space", "load_space", "param_space", "parse_space",
            "run_trial"]

@@ -7,13 +7,15 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from distributed.training.config import MODELS, load_config_file
+from distributed.model.zoo import model_names
+from distributed.training.config import load_config_file
 from cxrscale import tracking
 from cxrscale.errors import CxrError
-from cxrscale.cli import OneLineParser
+from cxrscale.cli import OneLineParser, config_from
 from cxrscale.console import setup_logging
 from cxrscale.files import read_json, write_json_atomic
 from cxrscale.ray_cluster import start_ray
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                '  {"lr": {"loguniform": [1e-4, 1e-2], "grid": [3e-4, 1e-3]}, "batch_size": {"choice": [16, 32]},\n'
                '   "dropout": {"uniform": [0.1, 0.5]}, "augment": {"grid": [false, true]}, "l2": 1e-4}')
     p.add_argument("--data", required=True, help="prepared dataset folder (from python -m preprocessing)")
-    p.add_argument("--model", choices=MODELS, default="cnn", help="architecture (default cnn)")
+    p.add_argument("--model", choices=model_names(), default="cnn", help="architecture (default cnn)")
     p.add_argument("--search", choices=SEARCHES, default="random",
                    help="grid: every combination of the grid values; random: --trials draws from the "
                         "distributions; asha: random draws, weak trials stopped early (default random)")
@@ -90,53 +92,87 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Param]]:
-    data = Path(args.data)
+@dataclass(frozen=True)
+class TuneConfig:
+    """Every option of `python -m optimize.tune` (see `build_parser`), as `parse_config` builds it."""
+
+    data: str
+    model: str = "cnn"
+    search: str = "random"
+    trials: int | None = None
+    space: str | None = None
+    max_epochs: int = 10
+    grace_period: int = 1
+    reduction_factor: int = 2
+    workers_per_trial: int = 1
+    cpus_per_trial: float | None = None
+    gpus_per_trial: float = 0
+    points_to_evaluate: str | None = None
+    max_concurrent: int = 0
+    max_failures: int = 2
+    weights: str | None = None
+    config: str | None = None
+    seed: int = 0
+    address: str | None = None
+    num_cpus: int | None = None
+    output: str | None = None
+    overwrite: bool = False
+    tracking_uri: str | None = None
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    quiet: bool = False
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TuneConfig:
+    return config_from(TuneConfig, build_parser().parse_args(argv))
+
+
+def resolve_settings(config: TuneConfig) -> tuple[dict[str, Any], dict[str, Param]]:
+    data = Path(config.data)
     manifest = schema.read_manifest(data)  # a missing or wrong-version dataset fails here, not in every trial
-    checks = [(args.max_epochs >= 1, f"--max-epochs must be at least 1, got {args.max_epochs}"),
-              (args.trials is None or args.trials >= 1, f"--trials must be at least 1, got {args.trials}"),
-              (args.workers_per_trial >= 1, f"--workers-per-trial must be at least 1, got {args.workers_per_trial}"),
-              (args.cpus_per_trial is None or args.cpus_per_trial > 0, "--cpus-per-trial must be positive"),
-              (args.gpus_per_trial >= 0, "--gpus-per-trial must be >= 0"),
-              (args.grace_period >= 1, "--grace-period must be at least 1"),
-              (args.reduction_factor > 1, "--reduction-factor must be > 1"),
-              (args.max_concurrent >= 0, "--max-concurrent must be >= 0"),
-              (args.max_failures >= 0, f"--max-failures must be >= 0, got {args.max_failures}")]
+    checks = [(config.max_epochs >= 1, f"--max-epochs must be at least 1, got {config.max_epochs}"),
+              (config.trials is None or config.trials >= 1, f"--trials must be at least 1, got {config.trials}"),
+              (config.workers_per_trial >= 1, f"--workers-per-trial must be at least 1, got {config.workers_per_trial}"),
+              (config.cpus_per_trial is None or config.cpus_per_trial > 0, "--cpus-per-trial must be positive"),
+              (config.gpus_per_trial >= 0, "--gpus-per-trial must be >= 0"),
+              (config.grace_period >= 1, "--grace-period must be at least 1"),
+              (config.reduction_factor > 1, "--reduction-factor must be > 1"),
+              (config.max_concurrent >= 0, "--max-concurrent must be >= 0"),
+              (config.max_failures >= 0, f"--max-failures must be >= 0, got {config.max_failures}")]
     for ok, message in checks:
         if not ok:
             raise CxrError(message)
-    fixed = load_config_file(args.config) if args.config else {}
+    fixed = load_config_file(config.config) if config.config else {}
     bad = sorted(set(fixed) & {"output", "resume", "model", "epochs"})
     if bad:
-        raise CxrError(f"--config {args.config}: {', '.join(bad)} cannot be fixed here; use optimize.tune's flags")
-    space, source = load_space(args.space, args.model)
-    base = {**fixed, "data": str(data.resolve()), "model": args.model, "epochs": args.max_epochs,
-            "seed": args.seed, **({"weights": args.weights} if args.weights else {})}
+        raise CxrError(f"--config {config.config}: {', '.join(bad)} cannot be fixed here; use optimize.tune's flags")
+    space, source = load_space(config.space, config.model)
+    base = {**fixed, "data": str(data.resolve()), "model": config.model, "epochs": config.max_epochs,
+            "seed": config.seed, **({"weights": config.weights} if config.weights else {})}
     fixed_in_space = {n: p.args[0] for n, p in space.items() if not p.searched}
     base.update(fixed_in_space)
     space = {n: p for n, p in space.items() if p.searched}
-    check_space(space, args.search, base)
+    check_space(space, config.search, base)
     batches = set(space["batch_size"].candidates()) if "batch_size" in space else {base.get("batch_size", 32)}
     if "batch_size" in space and space["batch_size"].kind == "randint":
         batches = {space["batch_size"].args[1] - 1}
     for batch in sorted(batches):
-        problems = schema.worker_problems(data, manifest, args.workers_per_trial, batch,
+        problems = schema.worker_problems(data, manifest, config.workers_per_trial, batch,
                                           "use --workers-per-trial {n}")
         if problems:
             raise CxrError(f"batch_size {batch}: {problems[0]}")
-    points = load_points(args.points_to_evaluate, space, args.search)
-    cpus = args.cpus_per_trial or float(args.workers_per_trial)
-    trials = args.trials or (1 if args.search == "grid" else max(8, len(points)))
+    points = load_points(config.points_to_evaluate, space, config.search)
+    cpus = config.cpus_per_trial or float(config.workers_per_trial)
+    trials = config.trials or (1 if config.search == "grid" else max(8, len(points)))
     if len(points) > trials:
         raise CxrError(f"--points-to-evaluate gives {len(points)} configurations for --trials {trials}")
-    output = Path(args.output) if args.output else Path("runs") / f"tune-{data.resolve().name}"
-    settings = {"data": str(data.resolve()), "model": args.model, "search": args.search, "trials": trials,
-                "max_epochs": args.max_epochs, "grace_period": args.grace_period,
-                "reduction_factor": args.reduction_factor, "workers": args.workers_per_trial,
-                "cpus_per_trial": cpus, "gpus_per_trial": args.gpus_per_trial, "seed": args.seed,
-                "threads_per_worker": max(1, int(cpus // args.workers_per_trial)), "base": base,
-                "max_concurrent": args.max_concurrent, "points_to_evaluate": points,
-                "max_failures": args.max_failures,
+    output = Path(config.output) if config.output else Path("runs") / f"tune-{data.resolve().name}"
+    settings = {"data": str(data.resolve()), "model": config.model, "search": config.search, "trials": trials,
+                "max_epochs": config.max_epochs, "grace_period": config.grace_period,
+                "reduction_factor": config.reduction_factor, "workers": config.workers_per_trial,
+                "cpus_per_trial": cpus, "gpus_per_trial": config.gpus_per_trial, "seed": config.seed,
+                "threads_per_worker": max(1, int(cpus // config.workers_per_trial)), "base": base,
+                "max_concurrent": config.max_concurrent, "points_to_evaluate": points,
+                "max_failures": config.max_failures,
                 "space": {n: dataclasses.asdict(p) for n, p in space.items()}, "space_source": source,
                 "output": str(output.resolve()), "trials_dir": str((output / "trials").resolve())}
     return settings, space
@@ -204,23 +240,23 @@ def run_search(settings: dict[str, Any], space: dict[str, Param], resume: bool, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(logging.WARNING if args.quiet else logging.INFO)
-    settings, space = resolve_settings(args)
+    config = parse_config(argv)
+    setup_logging(logging.WARNING if config.quiet else logging.INFO)
+    settings, space = resolve_settings(config)
     output = Path(settings["output"])
-    resume = prepare_output(output, settings, args.overwrite)
+    resume = prepare_output(output, settings, config.overwrite)
     started = time.perf_counter()
-    with start_ray(args.address, args.num_cpus, log_to_driver=False):
+    with start_ray(config.address, config.num_cpus, log_to_driver=False):
         import ray
 
         address = ray.get_runtime_context().gcs_address
         tracked = []
-        if args.tracking_uri:
+        if config.tracking_uri:
             from optimize.tune.tracking import callbacks as tracking_callbacks
 
-            tracked = tracking_callbacks(args.tracking_uri, args.experiment, settings,
+            tracked = tracking_callbacks(config.tracking_uri, config.experiment, settings,
                                          Path(settings["data"]) / schema.MANIFEST)
-        results = run_search(settings, space, resume, args.quiet, tracked)
+        results = run_search(settings, space, resume, config.quiet, tracked)
     rows = collect(results, space, Path(settings["trials_dir"]), settings["max_epochs"], settings["search"])
     write_results_csv(output / "results.csv", rows)
     plot = plot_auc_vs_params(rows, space, output / "auc_vs_params.png")

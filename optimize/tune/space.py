@@ -11,6 +11,7 @@ from typing import Any
 from distributed.training.config import TrainConfig
 from cxrscale.errors import CxrError
 from cxrscale.files import read_options_file
+from distributed.model.zoo import model_spec
 
 log = logging.getLogger("cxrscale.tune")
 
@@ -20,28 +21,6 @@ METRIC = "val_auc"
 # Set by the search itself, not searchable: the data, the model and the epoch budget are flags, the
 # folder and resumption belong to the trial.
 NOT_TUNABLE = ("data", "output", "model", "epochs", "resume")
-
-# Per-model default spaces. Each parameter names the distribution random search and ASHA draw from, and
-# the values grid search tries. lr is per worker (distributed.train scales it by the worker count).
-# fine_tune_from is how much of a pretrained backbone trains: from the last block, the last two, or all
-# of it (null).
-_COMMON = {
-    "dropout": {"uniform": [0.1, 0.6], "grid": [0.3]},
-    "l2": {"loguniform": [1e-6, 1e-3], "grid": [1e-4]},
-    "augment": {"choice": [False, True], "grid": [False, True]},
-}
-DEFAULT_SPACES: dict[str, dict[str, Any]] = {
-    "cnn": {"lr": {"loguniform": [1e-4, 3e-3], "grid": [3e-4, 1e-3]},
-            "batch_size": {"choice": [16, 32, 64], "grid": [32]}, **_COMMON},
-    "vgg16": {"lr": {"loguniform": [1e-5, 1e-3], "grid": [3e-5, 1e-4]},
-              "batch_size": {"choice": [16, 32], "grid": [32]}, **_COMMON,
-              "fine_tune_from": {"choice": ["block5_conv1", "block4_conv1", None], "grid": ["block5_conv1"]}},
-    "resnet50": {"lr": {"loguniform": [1e-5, 1e-3], "grid": [3e-5, 1e-4]},
-                 "batch_size": {"choice": [16, 32], "grid": [32]}, **_COMMON,
-                 "fine_tune_from": {"choice": ["conv5_block1_1_conv", "conv4_block1_1_conv", None],
-                                    "grid": ["conv5_block1_1_conv"]}},
-}
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The search space: declared as plain data, turned into Tune domains
@@ -151,7 +130,8 @@ def parse_space(data: dict[str, Any], where: str) -> dict[str, Param]:
 def load_space(path: str | None, model: str) -> tuple[dict[str, Param], str]:
     """The declared space from --space FILE (JSON or YAML), else the model's default."""
     if not path:
-        return parse_space(DEFAULT_SPACES[model], f"the default {model} space"), f"default ({model})"
+        # each model's default space is in its zoo module (distributed.model.zoo)
+        return parse_space(model_spec(model).tune_space, f"the default {model} space"), f"default ({model})"
     data = read_options_file(path, "--space")
     return parse_space(data, f"--space {path}"), str(path)
 

@@ -45,7 +45,7 @@ def test_suite_on_a_real_run_matches_evaluate_and_scores_every_shift(real_run, s
     assert all(0.5 <= shifts[name]["roc_auc"] <= 1 for name in R.SHIFTS)
     # "none" re-reads the files through the same transform the shards were written with: evaluate's test AUC
     from distributed.evaluation.scores import score_split
-    from distributed.evaluation.metrics import roc_auc
+    from distributed.model.metrics import roc_auc
     from distributed.model.scoring import load_scorer
 
     test = score_split(load_scorer(run / "model"), data, "test")

@@ -10,6 +10,7 @@ import pytest
 
 from distributed.model.kerasenv import keras
 from distributed.model.calibration import Calibration, logits_of
+from distributed.model.heads import Head
 from cxrscale.errors import CxrError
 from preprocessing import schema
 from tests.conftest import PYTHON, REPO
@@ -43,8 +44,8 @@ def test_the_ensemble_is_the_calibrated_mean_of_its_members_logits(ensemble_run)
     mean_logits = np.mean([logits_of(m, images) for m in members], axis=0)
     calibration = Calibration.from_dict(json.loads((run / "calibration.json").read_text()))
     assert calibration.method == "platt"  # auto, two classes
-    np.testing.assert_allclose(model.predict(images, verbose=0)[:, 0], calibration.apply(mean_logits)[:, 1],
-                               atol=1e-5)
+    expected = calibration.apply(Head.of_logits(model), mean_logits)[:, 1]
+    np.testing.assert_allclose(model.predict(images, verbose=0)[:, 0], expected, atol=1e-5)
     config = json.loads((run / "config.json").read_text())
     assert config["ensemble"]["members"] == [str(m) for m in ensemble_run["members"]]
     assert config["ensemble"]["seeds"] == [0, 1]
@@ -86,7 +87,8 @@ def test_exported_onnx_and_tflite_hold_the_whole_calibrated_ensemble(ensemble_ru
     images = np.stack([x for x, _ in schema.dataset(ensemble_run["data"], "test").as_numpy_iterator()])
     members = [keras.models.load_model(str(m / "model"), compile=False) for m in ensemble_run["members"]]
     calibration = Calibration.from_dict(json.loads((run / "calibration.json").read_text()))
-    expected = calibration.apply(np.mean([logits_of(m, images) for m in members], axis=0))
+    mean_logits = np.mean([logits_of(m, images) for m in members], axis=0)
+    expected = calibration.apply(Head.of_logits(members[0]), mean_logits)
     session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "ensemble" / "1" / "model.onnx"))
     np.testing.assert_allclose(session.run(["probabilities"], {"images": images})[0], expected, atol=1e-4)
     np.testing.assert_allclose(load_scorer(tmp_path / "tflite" / "ensemble.tflite").predict(images), expected,

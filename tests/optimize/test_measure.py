@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from distributed.model.builders import build_model
+from distributed.model.zoo import build_model
 from cxrscale.errors import CxrError
 from optimize.measure import latency, pareto_front, recommend, sizes, tradeoff_plot, weight_report
 

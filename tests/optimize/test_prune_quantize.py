@@ -13,7 +13,8 @@ import pytest
 from distributed.model.kerasenv import keras
 import tensorflow_model_optimization as tfmot  # noqa: E402
 
-from distributed.model.builders import build_model, loss_for  # noqa: E402
+from distributed.model.zoo import build_model  # noqa: E402
+from distributed.model.heads import Head  # noqa: E402
 from distributed.model.scoring import load_scorer  # noqa: E402
 from optimize import compress, measure  # noqa: E402
 from optimize.prune_quantize import representative_images  # noqa: E402
@@ -33,7 +34,7 @@ def test_pruning_reaches_the_requested_sparsity_and_strips_to_plain_layers(targe
     before = [w.copy() for w in model.get_weights()]
     x, y = random_batch(64, 32)
     wrapped = compress.prune_wrap(model, target, total_steps=8)
-    wrapped.compile(keras.optimizers.Adam(1e-3), loss_for(wrapped))
+    wrapped.compile(keras.optimizers.Adam(1e-3), Head.of_model(wrapped).loss())
     wrapped.fit(x, y, batch_size=8, epochs=1, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()], verbose=0)
     stripped = compress.strip_pruning(wrapped)
     assert not any("PruneLowMagnitude" in type(layer).__name__ for layer in stripped.layers)

@@ -88,12 +88,13 @@ def test_default_spaces_are_valid_training_options(model, search):
 
 @pytest.mark.parametrize("model", ["vgg16", "resnet50"])
 def test_default_unfrozen_layer_choices_name_real_backbone_layers(model):
-    from distributed.model.builders import backbone_layers, build_model, min_image_size, set_backbone_trainable
+    from distributed.model.builders import backbone_layers, set_backbone_trainable
+    from distributed.model.zoo import build_model, min_image_size, model_spec
 
     built = build_model(model, min_image_size(model), weights="none")
     layers = backbone_layers(built)
     trainable_counts = []
-    for start in cxr_tune.DEFAULT_SPACES[model]["fine_tune_from"]["choice"]:
+    for start in model_spec(model).tune_space["fine_tune_from"]["choice"]:
         set_backbone_trainable(built, fine_tune_from=start)  # raises for a name the backbone lacks
         trainable_counts.append(sum(layer.trainable for layer in layers))
     assert trainable_counts[0] < trainable_counts[1] < trainable_counts[2] == len(layers)

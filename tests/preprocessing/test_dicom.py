@@ -294,7 +294,7 @@ def test_pacs_export_end_to_end_leaks_no_header_value(pacs_export, tmp_path, ray
     import json
 
     from distributed import evaluate, predict
-    from distributed.model.builders import build_model
+    from distributed.model.zoo import build_model
     from preprocessing import schema
     from preprocessing.pipeline import PrepareConfig, prepare
 

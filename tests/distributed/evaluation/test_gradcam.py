@@ -10,7 +10,9 @@ import pytest
 
 from distributed.model.kerasenv import keras
 from distributed.evaluation.gradcam import gradcam, overlay
-from distributed.model.builders import ModelError, build_model, last_conv_layer_name, loss_for, min_image_size
+from distributed.model.builders import ModelError, last_conv_layer_name
+from distributed.model.zoo import build_model, min_image_size
+from distributed.model.heads import Head
 
 SIZE, PATCH = 64, 14
 PLACE, JITTER = (14, 30), 6  # the square's top-left corner (y, x), give or take JITTER pixels
@@ -38,7 +40,7 @@ def patch_images(n: int, seed: int):
 def train_patch_cnn(max_epochs: int = 12) -> keras.Model:
     """The thesis CNN trained on patch_images until its inference-mode validation accuracy reaches 0.98."""
     model = build_model("cnn", SIZE, 2, weights="none", dropout=0.1, seed=0)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss_for(model), metrics=["accuracy"])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=Head.of_model(model).loss(), metrics=["accuracy"])
     x_train, y_train, _ = patch_images(320, seed=1)
     x_val, y_val, _ = patch_images(96, seed=2)
     stop = keras.callbacks.LambdaCallback(

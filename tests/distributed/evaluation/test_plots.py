@@ -12,10 +12,12 @@ from matplotlib.text import Text
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from distributed.evaluation import plots
+from distributed.model.heads import Head
 from tests.conftest import PYTHON, REPO
 
 BINARY = ["NORMAL", "PNEUMONIA"]
 THREE = ["NORMAL", "BACTERIAL", "VIRAL"]
+BINARY_HEAD, THREE_HEAD = Head("binary", 1), Head("multiclass", 3)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def test_each_figure_is_a_decodable_png(name, kind, binary_data, three_class_dat
         np.add.at(matrix, (y, p.argmax(axis=1)), 1)
         returned = plots.confusion(matrix, classes, path, title="test")
     else:
-        returned = getattr(plots, name)(y, p, classes, path)
+        returned = getattr(plots, name)(y, p, classes, path, head=BINARY_HEAD if kind == "binary" else THREE_HEAD)
     assert_png(path, returned)
     assert plt.rcParams["axes.grid"] == grid_before, "the module's style leaked into the global rcParams"
 
@@ -99,7 +101,8 @@ def test_each_figure_is_a_decodable_png(name, kind, binary_data, three_class_dat
 
 def test_roc_shows_auc_and_operating_points_where_they_are(binary_data, tmp_path, drawn):
     y, p = binary_data
-    plots.roc(y, p, BINARY, tmp_path / "roc.png", operating_points=[("Youden (val)", 0.42), ("default", 0.5)])
+    plots.roc(y, p, BINARY, tmp_path / "roc.png", head=BINARY_HEAD,
+              operating_points=[("Youden (val)", 0.42), ("default", 0.5)])
     (fig,) = drawn
     labels = legend_texts(fig)
     assert f"PNEUMONIA: AUC {roc_auc_score(y, p[:, 1]):.3f}" in labels
@@ -116,7 +119,7 @@ def test_roc_shows_auc_and_operating_points_where_they_are(binary_data, tmp_path
 
 def test_roc_k3_has_one_curve_per_class_and_ignores_operating_points(three_class_data, tmp_path, drawn):
     y, p = three_class_data
-    plots.roc(y, p, THREE, tmp_path / "roc.png", operating_points=[("Youden", 0.4)])
+    plots.roc(y, p, THREE, tmp_path / "roc.png", head=THREE_HEAD, operating_points=[("Youden", 0.4)])
     labels = legend_texts(drawn[0])
     for k, name in enumerate(THREE):
         assert f"{name} vs rest, AUC {roc_auc_score(y == k, p[:, k]):.3f}" in labels
@@ -125,7 +128,8 @@ def test_roc_k3_has_one_curve_per_class_and_ignores_operating_points(three_class
 
 def test_precision_recall_shows_average_precision_prevalence_and_ppv(binary_data, tmp_path, drawn):
     y, p = binary_data
-    plots.precision_recall(y, p, BINARY, tmp_path / "pr.png", operating_points=[("Youden (val)", 0.42)])
+    plots.precision_recall(y, p, BINARY, tmp_path / "pr.png", head=BINARY_HEAD,
+                           operating_points=[("Youden (val)", 0.42)])
     labels = legend_texts(drawn[0])
     assert f"PNEUMONIA: AP {average_precision_score(y, p[:, 1]):.3f}" in labels
     assert "prevalence 0.60" in labels  # 120 of 200
@@ -136,7 +140,7 @@ def test_precision_recall_shows_average_precision_prevalence_and_ppv(binary_data
 
 def test_precision_recall_k3_lists_each_class(three_class_data, tmp_path, drawn):
     y, p = three_class_data
-    plots.precision_recall(y, p, THREE, tmp_path / "pr.png")
+    plots.precision_recall(y, p, THREE, tmp_path / "pr.png", head=THREE_HEAD)
     labels = legend_texts(drawn[0])
     for k, name in enumerate(THREE):
         ap = average_precision_score(y == k, p[:, k])
@@ -147,19 +151,20 @@ def test_a_split_of_one_class_cannot_have_roc_or_pr_but_gets_the_other_figures(t
     y = np.ones(30, int)
     p = np.c_[np.linspace(0.6, 0.1, 30), np.linspace(0.4, 0.9, 30)]
     with pytest.raises(ValueError, match="ROC needs both classes in the labels"):
-        plots.roc(y, p, BINARY, tmp_path / "roc.png")
+        plots.roc(y, p, BINARY, tmp_path / "roc.png", head=BINARY_HEAD)
     with pytest.raises(ValueError, match="needs both classes in the labels"):
-        plots.precision_recall(y, p, BINARY, tmp_path / "pr.png")
+        plots.precision_recall(y, p, BINARY, tmp_path / "pr.png", head=BINARY_HEAD)
     assert not (tmp_path / "roc.png").exists() and plt.get_fignums() == []
     for name in ("reliability", "score_histograms"):
-        assert cv2.imread(str(getattr(plots, name)(y, p, BINARY, tmp_path / f"{name}.png"))) is not None
+        figure = getattr(plots, name)(y, p, BINARY, tmp_path / f"{name}.png", head=BINARY_HEAD)
+        assert cv2.imread(str(figure)) is not None
     assert cv2.imread(str(plots.confusion([[0, 0], [4, 26]], BINARY, tmp_path / "cm.png"))) is not None
 
 
 def test_k3_roc_skips_a_missing_class_and_says_so(three_class_data, tmp_path, drawn):
     y, p = three_class_data
     keep = y != 2
-    plots.roc(y[keep], p[keep], THREE, tmp_path / "roc.png")
+    plots.roc(y[keep], p[keep], THREE, tmp_path / "roc.png", head=THREE_HEAD)
     labels = legend_texts(drawn[0])
     assert "VIRAL: not in the labels, no curve" in labels
     assert sum("vs rest, AUC" in label for label in labels) == 2
@@ -170,15 +175,17 @@ def test_bad_inputs_are_rejected_with_a_clear_message(name, binary_data, tmp_pat
     y, p = binary_data
     fn = getattr(plots, name)
     with pytest.raises(ValueError, match="200 labels but 199 rows"):
-        fn(y, p[:-1], BINARY, tmp_path / "x.png")
+        fn(y, p[:-1], BINARY, tmp_path / "x.png", head=BINARY_HEAD)
     with pytest.raises(ValueError, match="probs must be 2-D"):
-        fn(y, p[:, 1], BINARY, tmp_path / "x.png")
-    with pytest.raises(ValueError, match="2 columns but 3 class names"):
-        fn(y, p, THREE, tmp_path / "x.png")
+        fn(y, p[:, 1], BINARY, tmp_path / "x.png", head=BINARY_HEAD)
+    with pytest.raises(ValueError, match="2 columns and 3 class names"):
+        fn(y, p, THREE, tmp_path / "x.png", head=THREE_HEAD)
+    with pytest.raises(ValueError, match="has 3 \\(these plots"):
+        fn(y, p, BINARY, tmp_path / "x.png", head=THREE_HEAD)
     with pytest.raises(ValueError, match="class indices 0..1"):
-        fn(np.r_[y[:-1], 2], p, BINARY, tmp_path / "x.png")
+        fn(np.r_[y[:-1], 2], p, BINARY, tmp_path / "x.png", head=BINARY_HEAD)
     with pytest.raises(ValueError, match="probabilities in"):
-        fn(y, p * 2, BINARY, tmp_path / "x.png")
+        fn(y, p * 2, BINARY, tmp_path / "x.png", head=BINARY_HEAD)
     assert not (tmp_path / "x.png").exists() and plt.get_fignums() == []
 
 
@@ -194,9 +201,9 @@ def test_ece_is_small_when_labels_follow_the_probabilities_and_large_when_not():
 
 def test_reliability_title_reports_ece_binary_and_top_label(binary_data, three_class_data, tmp_path, drawn):
     y, p = binary_data
-    plots.reliability(y, p, BINARY, tmp_path / "r2.png")
+    plots.reliability(y, p, BINARY, tmp_path / "r2.png", head=BINARY_HEAD)
     y3, p3 = three_class_data
-    plots.reliability(y3, p3, THREE, tmp_path / "r3.png", n_bins=5)
+    plots.reliability(y3, p3, THREE, tmp_path / "r3.png", head=THREE_HEAD, n_bins=5)
     binary_ece = plots.expected_calibration_error(y == 1, p[:, 1])
     top_ece = plots.expected_calibration_error(p3.argmax(axis=1) == y3, p3.max(axis=1), n_bins=5)
     assert binary_ece != pytest.approx(top_ece)
@@ -236,12 +243,13 @@ def test_empty_true_class_row_is_not_a_division_by_zero(tmp_path, drawn):
 
 def test_score_histograms_name_classes_counts_and_threshold(binary_data, three_class_data, tmp_path, drawn):
     y, p = binary_data
-    assert_png(tmp_path / "h.png", plots.score_histograms(y, p, BINARY, tmp_path / "h.png", threshold=0.42))
+    assert_png(tmp_path / "h.png",
+               plots.score_histograms(y, p, BINARY, tmp_path / "h.png", head=BINARY_HEAD, threshold=0.42))
     labels = legend_texts(drawn[0])
     assert {"NORMAL (n = 80)", "PNEUMONIA (n = 120)", "threshold 0.42"} <= set(labels)
     assert drawn[0].axes[0].get_xlabel() == "predicted probability of PNEUMONIA"
     y3, p3 = three_class_data
-    plots.score_histograms(y3, p3, THREE, tmp_path / "h3.png", threshold=0.42)
+    plots.score_histograms(y3, p3, THREE, tmp_path / "h3.png", head=THREE_HEAD, threshold=0.42)
     panels = [ax for ax in drawn[1].axes if ax.get_legend()]
     assert len(panels) == 3
     assert not any("threshold" in label for label in legend_texts(drawn[1]))
@@ -328,7 +336,7 @@ def test_training_curves_without_val_auc_and_with_csv_strings(tmp_path, drawn):
 
 def test_a_failed_save_keeps_the_previous_png_and_leaves_no_temp_file(binary_data, tmp_path, monkeypatch):
     y, p = binary_data
-    path = plots.roc(y, p, BINARY, tmp_path / "roc.png")
+    path = plots.roc(y, p, BINARY, tmp_path / "roc.png", head=BINARY_HEAD)
     before = path.read_bytes()
 
     def broken_savefig(self, fname, **kwargs):
@@ -337,7 +345,7 @@ def test_a_failed_save_keeps_the_previous_png_and_leaves_no_temp_file(binary_dat
         raise OSError("disk full")
     monkeypatch.setattr(plots.plt.Figure, "savefig", broken_savefig)
     with pytest.raises(OSError, match="disk full"):
-        plots.roc(y, p, BINARY, path)
+        plots.roc(y, p, BINARY, path, head=BINARY_HEAD)
     assert path.read_bytes() == before
     assert [f.name for f in tmp_path.iterdir()] == ["roc.png"]
     assert plt.get_fignums() == []

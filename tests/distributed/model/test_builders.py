@@ -12,7 +12,9 @@ import pytest
 from distributed.model.kerasenv import keras
 from distributed.model import builders as M
 from distributed.model.builders import ModelError
-from distributed.model.scoring import output_probabilities
+from distributed.model.zoo import build_model, min_image_size, model_names
+from distributed.model.zoo.cnn import build_thesis_cnn
+from distributed.model.heads import Head
 from cxrscale.errors import CxrError
 
 VGG16_TABLE1_TOTAL = 40_407_874
@@ -37,17 +39,17 @@ def _backbone_count(model) -> int:
 
 @pytest.fixture(scope="module")
 def vgg224():
-    return M.build_model("vgg16", 224, weights="none", seed=0)
+    return build_model("vgg16", 224, weights="none", seed=0)
 
 
 @pytest.fixture(scope="module")
 def resnet224():
-    return M.build_model("resnet50", 224, weights="none", seed=0)
+    return build_model("resnet50", 224, weights="none", seed=0)
 
 
 @pytest.fixture(scope="module")
 def cnn64():
-    return M.build_model("cnn", 64, seed=0)
+    return build_model("cnn", 64, seed=0)
 
 
 @pytest.fixture
@@ -79,8 +81,8 @@ def test_resnet50_at_224_has_exactly_the_thesis_table2_parameters(resnet224):
 
 
 def test_thesis_cnn_is_small_and_its_size_does_not_depend_on_the_image_side():
-    at_128 = M.build_thesis_cnn(128)
-    at_150 = M.build_thesis_cnn()
+    at_128 = build_thesis_cnn(128)
+    at_150 = build_thesis_cnn()
     assert at_150.input_shape == (None, 150, 150, 1)
     assert at_128.count_params() == at_150.count_params() == 404_033
     kinds = [type(layer).__name__ for layer in at_150.layers]
@@ -131,24 +133,17 @@ def test_cnn_scales_pixels_to_unit_range(cnn64):
     ("cnn", 16, 3, 3, keras.losses.SparseCategoricalCrossentropy),
 ])
 def test_outputs_are_class_probabilities(name, size, num_classes, units, loss):
-    model = M.build_model(name, size, num_classes, seed=1)
+    model = build_model(name, size, num_classes, seed=1)
     raw = model.predict(_uint8_images(4, size), verbose=0)
     assert raw.shape == (4, units) and raw.dtype == np.float32
-    probs = output_probabilities(raw)
+    head = Head.of_model(model)
+    assert head.units == units and head.binary == (num_classes == 2)
+    probs = head.probabilities(raw)
     assert probs.shape == (4, num_classes)
     assert np.all((probs >= 0) & (probs <= 1))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert model.get_layer("predictions").get_config()["activation"] == ("sigmoid" if units == 1 else "softmax")
-    assert isinstance(M.loss_for(model), loss)
-
-
-def test_output_probabilities_handles_sigmoid_and_softmax_shapes():
-    np.testing.assert_allclose(output_probabilities(np.array([[0.25], [1.0]])), [[0.75, 0.25], [0.0, 1.0]])
-    np.testing.assert_allclose(output_probabilities(np.array([0.1])), [[0.9, 0.1]])
-    softmax = np.array([[0.2, 0.3, 0.5]], dtype=np.float32)
-    np.testing.assert_array_equal(output_probabilities(softmax), softmax)
-    with pytest.raises(ValueError):
-        output_probabilities(np.zeros((2, 2, 2)))
+    assert isinstance(head.loss(), loss)
 
 
 def test_last_conv_layer_is_found_for_every_model(vgg224, resnet224, cnn64):
@@ -161,13 +156,13 @@ def test_last_conv_layer_is_found_for_every_model(vgg224, resnet224, cnn64):
 # --- freezing and fine-tuning --------------------------------------------------------------------------------
 
 def test_vgg16_frozen_base_trains_only_the_head():
-    frozen = M.build_model("vgg16", 224, freeze_base=True)
+    frozen = build_model("vgg16", 224, freeze_base=True)
     assert frozen.count_params() == VGG16_TABLE1_TOTAL
     assert _trainable_count(frozen) == VGG16_FROZEN_TRAINABLE
 
 
 def test_fine_tune_from_unfreezes_that_layer_and_later_ones():
-    model = M.build_model("vgg16", 224, fine_tune_from="block5_conv1")
+    model = build_model("vgg16", 224, fine_tune_from="block5_conv1")
     assert _trainable_count(model) == VGG16_FROZEN_TRAINABLE + 3 * BLOCK5_CONV
     assert not model.get_layer("block4_conv3").trainable and model.get_layer("block5_conv1").trainable
     M.set_backbone_trainable(model)  # neither option: everything trainable again
@@ -176,19 +171,19 @@ def test_fine_tune_from_unfreezes_that_layer_and_later_ones():
 
 def test_frozen_resnet50_batchnorm_runs_in_inference_mode():
     images, labels = _uint8_images(4, 32, seed=2), np.array([0, 1, 0, 1])
-    frozen = M.build_model("resnet50", 32, freeze_base=True, seed=2)
+    frozen = build_model("resnet50", 32, freeze_base=True, seed=2)
     assert _trainable_count(frozen) == 2_098_176 + 524_800 + 513
     features = keras.Model(frozen.input, frozen.get_layer("conv5_block3_out").output)
     np.testing.assert_allclose(features(images, training=True).numpy(), features(images, training=False).numpy(),
                                rtol=1e-5, atol=1e-5)
     bn = frozen.get_layer("conv1_bn")
     before = [w.numpy().copy() for w in bn.weights]
-    frozen.compile(optimizer=keras.optimizers.SGD(0.1), loss=M.loss_for(frozen))
+    frozen.compile(optimizer=keras.optimizers.SGD(0.1), loss=Head.of_model(frozen).loss())
     frozen.train_on_batch(images, labels)
     for was, now in zip(before, bn.weights):
         np.testing.assert_array_equal(was, now.numpy())  # moving statistics untouched by training
 
-    trainable = M.build_model("resnet50", 32, seed=2)  # control: an unfrozen BN uses batch statistics
+    trainable = build_model("resnet50", 32, seed=2)  # control: an unfrozen BN uses batch statistics
     features = keras.Model(trainable.input, trainable.get_layer("conv5_block3_out").output)
     assert not np.allclose(features(images, training=True).numpy(), features(images, training=False).numpy())
 
@@ -203,10 +198,10 @@ def _perturbed(model, seed: int):
 
 @pytest.mark.parametrize("filename", ["weights.h5", "ckpt/weights", "weights.weights.h5"])
 def test_weights_file_round_trip(tmp_path, filename):
-    original = _perturbed(M.build_model("cnn", 16, seed=3), seed=3)
+    original = _perturbed(build_model("cnn", 16, seed=3), seed=3)
     path = tmp_path / filename
     original.save_weights(str(path))
-    rebuilt = M.build_model("cnn", 16, weights=str(path), seed=4)
+    rebuilt = build_model("cnn", 16, weights=str(path), seed=4)
     for a, b in zip(original.get_weights(), rebuilt.get_weights()):
         np.testing.assert_array_equal(a, b)
 
@@ -214,7 +209,7 @@ def test_weights_file_round_trip(tmp_path, filename):
 def test_backbone_only_h5_loads_into_the_backbone_by_name(tmp_path):
     notop = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
     _perturbed(notop, seed=7).save_weights(str(tmp_path / "vgg16_notop.h5"))
-    model = M.build_model("vgg16", 32, weights=str(tmp_path / "vgg16_notop.h5"), seed=8)
+    model = build_model("vgg16", 32, weights=str(tmp_path / "vgg16_notop.h5"), seed=8)
     weighted = [layer for layer in notop.layers if layer.weights]
     assert len(weighted) == 13
     for layer in weighted:
@@ -225,14 +220,14 @@ def test_backbone_only_h5_loads_into_the_backbone_by_name(tmp_path):
 @pytest.mark.parametrize("filename", ["cnn.h5", "ckpt/cnn"])
 def test_weights_of_another_architecture_are_refused(tmp_path, filename):
     path = tmp_path / filename
-    M.build_model("cnn", 16, seed=3).save_weights(str(path))
+    build_model("cnn", 16, seed=3).save_weights(str(path))
     with pytest.raises(ModelError, match=r"--weights .*does not fit"):
-        M.build_model("vgg16", 32, weights=str(path))
+        build_model("vgg16", 32, weights=str(path))
 
 
 def test_missing_weights_file_is_a_user_error(tmp_path):
     with pytest.raises(ModelError, match=r"--weights .*no such file"):
-        M.build_model("resnet50", 32, weights=str(tmp_path / "nope.h5"))
+        build_model("resnet50", 32, weights=str(tmp_path / "nope.h5"))
 
 
 def test_imagenet_weights_are_requested_from_keras_applications(monkeypatch):
@@ -244,7 +239,7 @@ def test_imagenet_weights_are_requested_from_keras_applications(monkeypatch):
         return real_vgg16(**{**kwargs, "weights": None})  # no internet here: build without downloading
 
     monkeypatch.setattr(keras.applications, "VGG16", recording_vgg16)
-    M.build_model("vgg16", 32, weights="imagenet")
+    build_model("vgg16", 32, weights="imagenet")
     assert seen == ["imagenet"]
 
     def offline_vgg16(**kwargs):
@@ -252,11 +247,11 @@ def test_imagenet_weights_are_requested_from_keras_applications(monkeypatch):
 
     monkeypatch.setattr(keras.applications, "VGG16", offline_vgg16)
     with pytest.raises(ModelError, match="--weights imagenet"):
-        M.build_model("vgg16", 32, weights="imagenet")
+        build_model("vgg16", 32, weights="imagenet")
 
 
 def test_same_seed_gives_the_same_model():
-    a, b, c = (M.build_model("cnn", 16, seed=s).get_weights() for s in (11, 11, 12))
+    a, b, c = (build_model("cnn", 16, seed=s).get_weights() for s in (11, 11, 12))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, z) for x, z in zip(a, c))
 
@@ -275,25 +270,25 @@ def test_same_seed_gives_the_same_model():
 ])
 def test_user_mistakes_raise_model_error_naming_the_option(kwargs, message):
     with pytest.raises(ModelError, match=message) as caught:
-        M.build_model(**kwargs)
+        build_model(**kwargs)
     assert isinstance(caught.value, CxrError)
 
 
 def test_min_image_size():
-    assert [M.min_image_size(n) for n in M.MODEL_NAMES] == [32, 32, 8]
-    M.build_model("cnn", M.min_image_size("cnn"))  # the minimum itself builds
+    assert {n: min_image_size(n) for n in model_names()} == {"cnn": 8, "resnet50": 32, "vgg16": 32}
+    build_model("cnn", min_image_size("cnn"))  # the minimum itself builds
     with pytest.raises(ModelError):
-        M.min_image_size("alexnet")
+        min_image_size("alexnet")
 
 
 # --- mixed precision -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, size, first_conv", [("cnn", 64, "block1_conv1"), ("resnet50", 32, "conv1_conv")])
 def test_mixed_bfloat16_computes_in_bfloat16_and_outputs_float32(bfloat16_policy, name, size, first_conv):
-    model = M.build_model(name, size, seed=9)
+    model = build_model(name, size, seed=9)
     assert model.get_layer(first_conv).compute_dtype == "bfloat16"
     assert model.output.dtype == "float32"
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=M.loss_for(model))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=Head.of_model(model).loss())
     loss = model.train_on_batch(_uint8_images(4, size, seed=9), np.array([0, 1, 1, 0]))
     assert np.isfinite(loss)
     assert model.predict(_uint8_images(2, size), verbose=0).dtype == np.float32
@@ -303,7 +298,7 @@ def test_mixed_bfloat16_computes_in_bfloat16_and_outputs_float32(bfloat16_policy
 
 @pytest.mark.parametrize("name, size, filename", [("vgg16", 32, "saved_model"), ("cnn", 32, "model.keras")])
 def test_saved_model_reloads_without_custom_objects_and_predicts_the_same(tmp_path, name, size, filename):
-    model = M.build_model(name, size, seed=10)
+    model = build_model(name, size, seed=10)
     images = _uint8_images(3, size, seed=10)
     expected = model.predict(images, verbose=0)
     model.save(str(tmp_path / filename))

@@ -7,7 +7,11 @@ import pytest
 
 from distributed.model.kerasenv import keras
 from distributed.model import calibration as C
-from distributed.model.builders import ModelError, build_model
+from distributed.model.builders import ModelError
+from distributed.model.zoo import build_model
+from distributed.model.heads import Head
+
+BINARY, THREE = Head("binary", 1), Head("multiclass", 3)
 
 
 def overconfident(n: int = 4000, temperature: float = 3.0, seed: int = 0):
@@ -20,9 +24,9 @@ def overconfident(n: int = 4000, temperature: float = 3.0, seed: int = 0):
 
 def test_temperature_recovers_the_overconfidence_and_lowers_the_ece():
     y, z = overconfident(temperature=3.0)
-    cal = C.fit_calibration("temperature", y, z)
+    cal = C.fit_calibration("temperature", y, z, BINARY)
     assert cal.params["temperature"] == pytest.approx(3.0, rel=0.1)
-    summary = C.calibration_summary(y, z, cal)
+    summary = C.calibration_summary(y, z, cal, BINARY)
     assert summary["before"]["ece"] > 0.1 and summary["after"]["ece"] < 0.03
     assert summary["after"]["log_loss"] < summary["before"]["log_loss"]
     assert summary["after"]["brier"] < summary["before"]["brier"]
@@ -31,10 +35,10 @@ def test_temperature_recovers_the_overconfidence_and_lowers_the_ece():
 @pytest.mark.parametrize("method", ["platt", "isotonic"])
 def test_platt_and_isotonic_lower_the_ece(method):
     y, z = overconfident(temperature=0.3, seed=1)  # under-confident this time
-    cal = C.fit_calibration(method, y, z)
-    summary = C.calibration_summary(y, z, cal)
+    cal = C.fit_calibration(method, y, z, BINARY)
+    summary = C.calibration_summary(y, z, cal, BINARY)
     assert summary["after"]["ece"] < 0.03 < summary["before"]["ece"]
-    probs = cal.apply(z)
+    probs = cal.apply(BINARY, z)
     assert probs.shape == (len(y), 2) and np.all((probs >= 0) & (probs <= 1))
     assert np.all(np.diff(probs[np.argsort(z[:, 0]), 1]) >= -1e-12)  # monotone: the ranking is kept
 
@@ -42,11 +46,11 @@ def test_platt_and_isotonic_lower_the_ece(method):
 def test_bad_requests_are_clear():
     y, z = overconfident(200)
     with pytest.raises(ModelError, match="only one class"):
-        C.fit_calibration("temperature", np.zeros(200, int), z)
+        C.fit_calibration("temperature", np.zeros(200, int), z, BINARY)
     with pytest.raises(ModelError, match="two classes"):
-        C.fit_calibration("platt", np.arange(30) % 3, np.zeros((30, 3)))
+        C.fit_calibration("platt", np.arange(30) % 3, np.zeros((30, 3)), THREE)
     with pytest.raises(ModelError, match="choose one of"):
-        C.fit_calibration("beta", y, z)
+        C.fit_calibration("beta", y, z, BINARY)
 
 
 @pytest.mark.parametrize("name, method", [("cnn", "temperature"), ("cnn", "platt"), ("cnn", "isotonic"),
@@ -64,11 +68,11 @@ def test_the_calibrated_graph_computes_the_fitted_map_in_savedmodel_and_tflite(t
     z = C.logits_of(model, images)
     d = z[:, -1] - (z[:, 0] if z.shape[1] == 2 else 0)
     y = (d + rng.normal(0, d.std(), 64) > np.median(d)).astype(int)  # labels that follow the score loosely
-    cal = C.fit_calibration(method, y, C.logits_of(model, images))
+    cal = C.fit_calibration(method, y, C.logits_of(model, images), Head.of_model(model))
     calibrated = C.calibrated_model(model, cal)
     assert calibrated.layers[-1].name == "predictions"
     assert any(C.is_calibration_layer(layer) for layer in calibrated.layers)
-    expected = cal.apply(C.logits_of(model, images))[:, 1]
+    expected = cal.apply(Head.of_model(model), C.logits_of(model, images))[:, 1]
     atol = 1e-3 if method == "isotonic" else 2e-5  # isotonic: steep segments between close knots, in float32
     got = calibrated.predict(images, verbose=0)
     got = got[:, -1] if got.shape[1] <= 2 else got
@@ -99,18 +103,21 @@ def test_the_calibrated_graph_computes_the_fitted_map_in_savedmodel_and_tflite(t
 def check_scorer_gives_both_outputs_in_one_pass(path, images, expected, atol):
     """evaluate's before/after figures: the Scorer's one forward pass gives the calibrated probabilities and
     the head's own ones, equal to scoring the whole model and its logits separately (with TTA too)."""
-    from distributed.model.scoring import load_scorer, tta_views
+    from distributed.model.scorer import tta_views
+    from distributed.model.scoring import load_scorer
 
     scorer = load_scorer(path)
     assert scorer.has_calibration
     after, before = scorer.predict_with_uncalibrated(images, batch_size=24)
     np.testing.assert_allclose(after[:, 1], expected, atol=atol)
-    np.testing.assert_allclose(before, C.uncalibrated_probabilities(C.logits_of(scorer.keras_model, images)),
+    logit_head = Head.of_logits(scorer.keras_model)
+    np.testing.assert_allclose(before, logit_head.activate(C.logits_of(scorer.keras_model, images)),
                                atol=1e-6)
     scorer.tta = True
     after, before = scorer.predict_with_uncalibrated(images, batch_size=24)
     np.testing.assert_allclose(after, scorer.predict(images, batch_size=24), atol=1e-6)
-    views = [C.uncalibrated_probabilities(C.logits_of(scorer.keras_model, v)) for v in tta_views(images)]
+    head = Head.of_logits(scorer.keras_model)
+    views = [head.activate(C.logits_of(scorer.keras_model, v)) for v in tta_views(images)]
     np.testing.assert_allclose(before, np.mean(views, axis=0), atol=1e-6)
     plain = path.parent / "uncalibrated"
     C.calibrated_model(scorer.keras_model, C.Calibration("none")).save(str(plain))
@@ -146,9 +153,9 @@ def test_calibrated_on_real_radiographs_the_carved_test_ece_is_at_most_005(kerma
 
 def test_auto_is_platt_for_two_classes_and_temperature_for_more():
     y, z = overconfident(500)
-    assert C.fit_calibration("auto", y, z).method == "platt"
-    assert C.fit_calibration("auto", np.arange(90) % 3, np.random.default_rng(0).normal(size=(90, 3))).method == \
-        "temperature"
+    assert C.fit_calibration("auto", y, z, BINARY).method == "platt"
+    assert C.fit_calibration("auto", np.arange(90) % 3, np.random.default_rng(0).normal(size=(90, 3)),
+                             THREE).method == "temperature"
     with pytest.raises(ModelError, match="unknown calibration method 'auto'"):
         C.Calibration.from_dict({"method": "auto"})
 
@@ -156,7 +163,7 @@ def test_auto_is_platt_for_two_classes_and_temperature_for_more():
 def test_platt_stays_finite_on_a_small_separable_validation_split():
     y = np.array([0] * 5 + [1] * 8)
     z = np.concatenate([np.linspace(-3, -1, 5), np.linspace(1, 4, 8)])[:, None]  # perfectly separated
-    cal = C.fit_calibration("platt", y, z)
+    cal = C.fit_calibration("platt", y, z, BINARY)
     assert 0 < cal.params["a"] < 10
-    p = cal.apply(z)[:, 1]
+    p = cal.apply(BINARY, z)[:, 1]
     assert 0.05 < p.min() and p.max() < 0.99  # no hard 0/1 from 13 images

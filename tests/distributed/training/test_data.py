@@ -85,7 +85,7 @@ def test_the_augmented_training_stream_is_parallel_yet_the_same_for_the_same_see
     plan = plan_data(prepared64, 0, 1, 8, "cnn")
 
     def first_batches(seed: int, augment: bool = True) -> list[np.ndarray]:
-        ds = train_dataset(prepared64, plan, 8, seed=seed, shuffle_buffer=64, augment=augment, binary_labels=True)
+        ds = train_dataset(prepared64, plan, 8, seed=seed, shuffle_buffer=64, augment=augment, label_form="binary")
         return [x.numpy() for x, _ in ds.take(4)]
 
     a, b, c, plain = first_batches(5), first_batches(5), first_batches(6), first_batches(5, augment=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distributed.evaluation import metrics as m
+from distributed.model import metrics as m
 
 # 4 positives, 4 negatives. At threshold 0.5: tp=3 (0.9, 0.8, 0.6), fn=1 (0.4), fp=1 (0.7), tn=3.
 Y = np.array([1, 1, 1, 1, 0, 0, 0, 0])

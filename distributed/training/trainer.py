@@ -1,0 +1,277 @@
+"""One training run on this worker, as `distributed.train` opens it: the pieces that the fixed loop
+(`distributed.train.train`) and the elastic loop (`distributed.training.elastic.run`) both use.
+
+`open_run(config)` does, in Horovod's order, everything before the first collective: init, pin a device,
+choose the precision, read the data's shape, build the model with the same initial weights on every rank,
+scale the learning rate with the workers and wrap the optimizer. Nothing in it calls a collective, so a
+worker that joins an elastic job mid-way opens the run the same way. The `TrainingRun` it returns then
+plans each worker's data for a size, starts the run folder (checks, resume, records), builds the datasets
+and callbacks, fits, and finishes (calibration, export, summary).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distributed.model.kerasenv import hvd_keras, keras  # first: chooses tf_keras before TensorFlow loads
+
+import numpy as np
+import tensorflow as tf
+
+from cxrscale import tracking
+from cxrscale.console import setup_logging
+from cxrscale.errors import CxrError
+from cxrscale.files import read_json, read_numeric_csv
+from distributed.model.zoo import build_model
+from distributed.model.heads import Head
+from distributed.training import callbacks as cb, hvd_utils, run_record
+from distributed.training.config import TrainConfig
+from distributed.training.data import (DataPlan, balanced_class_weights, ordered_dataset, plan_data, sample_images,
+                                       train_dataset, val_dataset)
+from distributed.training.features import cached_train_dataset, compute_features, split_at_head
+from preprocessing import schema
+
+log = logging.getLogger("cxrscale.train")
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts: the epoch to train from, the best validation AUC so far, and whether only the
+    calibration and export are left (killed after its last epoch, before the summary)."""
+
+    epoch: int
+    best: float
+    finishing: bool
+
+
+@dataclass(frozen=True)
+class Datasets:
+    """What one session fits: the model to fit (the whole model, or its head on cached features), its train
+    dataset and its validation dataset."""
+
+    fit_model: Any
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+
+
+@dataclass
+class TrainingRun:
+    """One training run on this worker (see the module docstring). `model` is what is checkpointed and
+    exported; `averaging` is the per-step weight average (--ema), None when off."""
+
+    config: TrainConfig
+    hvd: Any
+    run_dir: Path
+    gpus: list
+    policy: str
+    model: Any
+    head: Head
+    optimizer: Any
+    scaled_lr: float
+    checkpoint: tf.train.Checkpoint
+    averaging: cb.WeightAverage | None
+
+    # --- the data ---------------------------------------------------------------------------------------
+
+    def plan(self, rank: int, size: int, *, verify: bool = True) -> DataPlan:
+        """This worker's share of the data for `size` workers, refused on every rank at once when the data
+        make the run impossible; `verify`: the shards checked against the manifest's sha256 first (rank 0)."""
+        if verify:
+            self.verify_shards()
+        plan = plan_data(Path(self.config.data), rank, size, self.config.batch_size, self.config.model)
+        steps = hvd_utils.gather(self.hvd, plan.steps_per_epoch, name="steps_per_epoch")
+        if len(set(steps)) != 1:
+            raise CxrError(f"workers disagree on steps per epoch ({steps}): their data folders differ")
+        if self.config.calibration in ("platt", "isotonic") and not self.head.binary:  # "auto" adapts
+            raise CxrError(f"--calibration {self.config.calibration} is for two classes; {self.config.data} has "
+                           f"{len(plan.classes)} (use --calibration temperature)")
+        return plan
+
+    def verify_shards(self) -> None:
+        hvd_utils.agree(self.hvd, lambda: schema.verify_shards(self.config.data))
+
+    def datasets(self, plan: DataPlan, *, seed: int, rank: int, size: int) -> Datasets:
+        """With --cache-features the frozen backbone's output is computed once per image and the head (sharing
+        the full model's layers) is what fits; the full model is still what gets checkpointed and exported."""
+        config, form = self.config, self.head.label_form
+        ds_val = val_dataset(config.data, plan, config.batch_size, rank, size)
+        if not config.cache_features:
+            return Datasets(self.model, train_dataset(config.data, plan, config.batch_size, seed=seed,
+                                                      shuffle_buffer=config.shuffle_buffer, augment=config.augment,
+                                                      label_form=form), ds_val)
+        extractor, head = split_at_head(self.model)
+        started = time.perf_counter()
+        feats, labels = compute_features(extractor, ordered_dataset(plan.train_files, plan, config.batch_size, form))
+        val_feats, val_labels = compute_features(extractor, ds_val)
+        if rank == 0:
+            log.info("cached backbone features %s of %d train + %d val images in %.1f s", feats.shape[1:],
+                     len(feats), len(val_feats), time.perf_counter() - started)
+        return Datasets(head, cached_train_dataset(feats, labels, config.batch_size, seed),
+                        tf.data.Dataset.from_tensor_slices((val_feats, val_labels)).batch(config.batch_size))
+
+    # --- the run folder ---------------------------------------------------------------------------------
+
+    def start(self, plan: DataPlan) -> Start:
+        """Check the run folder, resume from its last checkpoint (every rank), refuse a finished run that
+        --epochs does not extend, and write the run record (rank 0). Calls collectives: every worker the job
+        started with calls it together."""
+        config, hvd = self.config, self.hvd
+        state = hvd_utils.agree(hvd, lambda: run_record.check_run_dir(self.run_dir, config.resume))
+        restored = self._resume(state) if state else None
+        epoch = int(state["epoch"]) if state else 0
+        finishing = epoch >= config.epochs and not (state or {}).get("finished")
+        if epoch >= config.epochs and not finishing:
+            raise CxrError(f"{self.run_dir} has already trained {epoch} epochs; raise --epochs to train more")
+        log.info("%d worker(s) on %s, %s, %s at %dx%d px, %d train / %d val images, %d steps per epoch of %d x %d%s",
+                 hvd.size(), "GPU" if self.gpus else "CPU", self.policy, config.model, *plan.image_shape[:2],
+                 plan.train_count, plan.val_count, plan.steps_per_epoch, hvd.size(), config.batch_size,
+                 ", elastic" if config.elastic else "")
+        if finishing:
+            log.info("%s trained all %d epochs before it stopped; finishing its calibration and export",
+                     self.run_dir, epoch)
+        if hvd.rank() == 0:
+            run_record.write_run_record(self.run_dir, config, plan, self.model, policy=self.policy,
+                                        workers=hvd.size(), gpus=self.gpus, scaled_lr=self.scaled_lr,
+                                        loss=self.head.loss(config.label_smoothing), state=state, restored=restored)
+        return Start(epoch, float(state["best"]) if state else -float("inf"), finishing)
+
+    def _resume(self, state: dict) -> str:
+        """Restore the last checkpoint on every rank (rank 0's copy for ranks that cannot read it) and reseed
+        so that the resumed run continues deterministically; returns the restored weights' checksum."""
+        epoch = int(state["epoch"])
+        run_record.restore(self.checkpoint, state, self.run_dir)
+        hvd_utils.broadcast_from_rank0(self.hvd, self.model.variables)
+        keras.utils.set_random_seed(self.config.seed + epoch)
+        restored = cb.weight_checksum(self.model)
+        if self.hvd.rank() == 0:
+            log.info("resuming after epoch %d from %s (weights %s)", epoch,
+                     self.run_dir / "checkpoints" / state["checkpoint"], restored)
+            if restored != state.get("weights_checksum"):
+                log.warning("restored weights differ from the checkpoint's record (%s)", state.get("weights_checksum"))
+        return restored
+
+    # --- fitting ----------------------------------------------------------------------------------------
+
+    def compile(self, fit_model) -> None:
+        """Compile what is fitted (the model, or its head on cached features) with the head's loss and
+        accuracy."""
+        fit_model.compile(optimizer=self.optimizer, loss=self.head.loss(self.config.label_smoothing),
+                          metrics=[self.head.accuracy()], jit_compile=self.config.xla)
+
+    def callbacks(self, plan: DataPlan, ds_val: tf.data.Dataset, *, epoch: int, best: float,
+                  broadcast: bool = True) -> list:
+        """Every rank's callbacks, in the order they must run at an epoch's end (`broadcast`: rank 0's initial
+        weights; an elastic state broadcasts them itself)."""
+        config, hvd, model = self.config, self.hvd, self.model
+        rank, size = hvd.rank(), hvd.size()
+        scaled_lr = config.lr * size
+        callbacks: list = [hvd.callbacks.BroadcastGlobalVariablesCallback(0)] if broadcast else []
+        callbacks.append(hvd.callbacks.MetricAverageCallback())  # Horovod: train metrics averaged over ranks
+        if self.averaging:
+            callbacks.append(self.averaging)  # before the BN statistics, validation and checkpoints: they see it
+        bn_images = None
+        if config.bn_samples and not config.cache_features and any(
+                isinstance(layer, keras.layers.BatchNormalization) and layer.trainable for layer in model.layers):
+            bn_images = sample_images(plan.train_files, plan.image_shape, -(-config.bn_samples // size), config.seed)
+        if bn_images is not None or size > 1:
+            callbacks.append(cb.BatchNormStatistics(model, bn_images, hvd_utils.rank_average(hvd)))
+        val_labels = np.concatenate([y for _, y in ds_val.as_numpy_iterator()])
+        callbacks.append(cb.ExactValidation(ds_val, val_labels, lambda obj: hvd_utils.gather(hvd, obj), self.head))
+        if config.schedule == "cosine":
+            # one worker has no rate to ramp up to; its warm-up starts from a tenth of the rate instead
+            callbacks.append(cb.CosineLearningRate(config.lr if size > 1 else 0.1 * scaled_lr, scaled_lr,
+                                                   config.warmup_epochs, config.epochs, plan.steps_per_epoch, epoch))
+        else:
+            if size > 1 and config.warmup_epochs > 0:
+                callbacks.append(cb.WarmupLearningRate(config.lr, scaled_lr, config.warmup_epochs,
+                                                       plan.steps_per_epoch, epoch))
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5,
+                                                               patience=config.reduce_lr_patience,
+                                                               min_lr=config.lr * 1e-3, verbose=1 if rank == 0 else 0))
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
+                                                       patience=config.early_stopping_patience))
+        if rank == 0:  # Horovod: one writer. The history row before the checkpoint: a run killed between
+            # the two redoes the epoch and rewrites its row, instead of resuming past an epoch with no row
+            history = cb.HistoryWriter(self.run_dir / "history.csv", config.batch_size * size, size,
+                                       read_numeric_csv(self.run_dir / "history.csv"))
+            callbacks.append(history)
+            if config.tracking_uri:
+                callbacks.append(cb.EpochTracker(history, self.tracker()))
+            callbacks += [cb.Checkpointer(self.run_dir, self.checkpoint, model, config.seed, best_value=best),
+                          keras.callbacks.TensorBoard(log_dir=str(self.run_dir / "logs"), update_freq="epoch",
+                                                      profile_batch=0)]
+        if self.averaging:
+            callbacks.append(self.averaging.restore_callback())  # last: training goes on from the raw weights
+        return callbacks
+
+    def fit(self, fit_model, ds_train: tf.data.Dataset, plan: DataPlan, callbacks: list, epoch: int) -> int:
+        """Fit from `epoch` to --epochs (or early stopping); returns the number of epochs run."""
+        config, rank = self.config, self.hvd.rank()
+        history = fit_model.fit(ds_train, initial_epoch=epoch, callbacks=callbacks,
+                                steps_per_epoch=plan.steps_per_epoch, epochs=config.epochs,
+                                verbose=(1 if sys.stderr.isatty() else 2) if rank == 0 else 0,
+                                class_weight=balanced_class_weights(plan.class_counts)
+                                if config.class_weights == "auto" else None)
+        return len(history.epoch)
+
+    # --- the end ----------------------------------------------------------------------------------------
+
+    def finish(self, plan: DataPlan, *, epochs_run: int, seconds: float, checksums: list,
+               elastic: dict | None = None) -> dict[str, Any]:
+        """Rank 0: calibrate, export and summarise the run (run_record.finish_run), and close its MLflow run."""
+        summary = run_record.finish_run(self.run_dir, self.config, plan, self.model, epochs_run=epochs_run,
+                                        seconds=seconds, checksums=checksums, elastic=elastic)
+        tracker = self.tracker()
+        totals = {"best_val_auc": summary["best_val_auc"], "best_epoch": summary["best_epoch"],
+                  "epochs_completed": summary["epochs_completed"], "total_seconds": summary["seconds"],
+                  "train_images_per_second": summary["train_images_per_second"]}
+        tracker.log_metrics(totals, step=int(summary["epochs_completed"]))
+        tracker.log_artifacts([self.run_dir / "model"])
+        tracker.log_artifacts([self.run_dir / name for name in ("config.json", "history.csv", "calibration.json",
+                                                                "train_summary.json", "dataset_manifest.json")], "run")
+        tracker.end("FINISHED")
+        return summary
+
+    def tracker(self) -> tracking.Tracker:
+        """Rank 0's MLflow run for this training run (disabled without --tracking-uri): created with the
+        resolved config of RUN/config.json as params, or reopened from RUN/tracking.json on resume."""
+        def params() -> dict[str, Any]:
+            record = read_json(self.run_dir / "config.json", "run record")
+            return {"config": record["config"], "resolved": record["resolved"]}
+        return tracking.run_tracker(self.config.tracking_uri, self.config.experiment, self.run_dir,
+                                    manifest=Path(self.config.data) / schema.MANIFEST, params=params)
+
+
+def open_run(config: TrainConfig) -> TrainingRun:
+    """Horovod's opening, before any collective: init, pin one device per process, the precision policy,
+    the model (identical initial weights on every rank, from the seed), the learning rate scaled with the
+    workers and the optimizer wrapped to average gradients."""
+    hvd = hvd_keras()
+    hvd.init()  # Horovod: one process per device, ranks 0..size-1
+    rank, size = hvd.rank(), hvd.size()
+    setup_logging(logging.INFO if rank == 0 else logging.WARNING)
+    gpus = hvd_utils.configure_devices(hvd.local_rank(), hvd.local_size())  # Horovod: pin one GPU per process
+    policy = hvd_utils.resolve_precision(config.precision, gpus)
+    keras.mixed_precision.set_global_policy(policy)
+    plan = plan_data(Path(config.data), rank, size, config.batch_size, config.model)  # the shape and classes
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config.model, plan.image_shape[0], len(plan.classes), weights=config.resolved_weights(),
+                        seed=config.seed, **config.model_options())
+    # Horovod: the rate scales with the workers (their batches add up), reached by a warm-up from one's rate
+    scaled_lr = config.lr * size
+    warm = config.warmup_epochs > 0 and (size > 1 or config.schedule == "cosine")
+    optimizer = keras.optimizers.Adam(learning_rate=config.lr if warm else scaled_lr)
+    if size > 1 or config.elastic:  # Horovod: average the gradients (one fixed worker has nothing to average)
+        optimizer = hvd.DistributedOptimizer(optimizer)
+    if policy == "mixed_float16":
+        # Outside the Horovod optimizer: gradients are allreduced while still scaled, then unscaled and
+        # checked for inf/NaN identically on every rank, so all ranks skip or apply the same steps.
+        optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+    return TrainingRun(config=config, hvd=hvd, run_dir=config.resolved_output(), gpus=gpus, policy=policy,
+                       model=model, head=Head.of_model(model), optimizer=optimizer, scaled_lr=scaled_lr,
+                       checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer),
+                       averaging=cb.WeightAverage(config.ema) if config.ema else None)
