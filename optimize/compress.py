@@ -166,8 +166,8 @@ def _clone(model: keras.Model, wrap: Callable) -> keras.Model:
 
 TFLITE_KINDS = ("fp32", "dynamic", "float16", "int8")
 # The output sigmoid/softmax stays float in int8 models: int8 LOGISTIC has a fixed 1/256 output step, which
-# ties every confident case at 255/256 and loses the ranking (measured: test AUC 0.984 -> 0.930 on the real CNN,
-# back to 0.984 with a float sigmoid). It costs one float op per image.
+# ties every confident case at 255/256 and loses the ranking (docs/benchmarks.md, "Design measurements").
+# It costs one float op per image.
 FLOAT_OUTPUT_OPS = ["LOGISTIC", "SOFTMAX"]
 
 

@@ -49,8 +49,8 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[in
     """All pairs (i, j, distance) with i < j whose perceptual hashes differ in at most `max_distance` bits.
 
     hashes: (n, words) uint64 from `perceptual_hash`. Exact all-pairs comparison, vectorised over blocks of
-    rows whose temporaries stay near 10 MB whatever n is: n^2/2 XOR+popcounts, about 0.5 s for 5,000
-    images. max_distance < 0 disables the search.
+    rows whose temporaries stay near 10 MB whatever n is: n^2/2 XOR+popcounts. max_distance < 0 disables the
+    search.
     """
     values = np.asarray(hashes, dtype=np.uint64).reshape(len(hashes), -1)
     n, words = values.shape

@@ -128,13 +128,9 @@ def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: in
 
     Why ("precise BN", Wu & Johnson 2021, "Rethinking Batch in BatchNorm"): Keras's moving averages
     describe the weights of the last ~1/(1 - momentum) steps, and, computed with dropout on, a wider
-    distribution than inference sees (the dropout variance shift). Both showed on real data:
-    - training the CNN (64 px, Adam 2e-3, global batch 64) on the Kermany train split, validation accuracy
-      at 0.5 swung 0.90, 0.78, 0.26, 0.74, 0.94, 0.94, 0.81, 0.66 over epochs 1-8 with the moving averages
-      (validation loss up to 4.6, AUC steady at 0.97-0.99), and stayed at 0.90-0.95 (loss 0.15-0.25) with
-      statistics re-estimated like this at each epoch end;
-    - after pruning the 64 px ResNet50 to 50 % sparsity (momentum 0.99, so a short fine-tuning never
-      catches up): validation AUC 0.50 (one constant output) before, 0.990 after, on 1,024 train images.
+    distribution than inference sees (the dropout variance shift). In inference mode that can turn a model
+    that ranks well into one that calls one class, after training or after pruning (what it did on real
+    data: docs/benchmarks.md, "BatchNorm statistics").
     """
     layers = [layer for layer in model.submodules if isinstance(layer, keras.layers.BatchNormalization)]
     if not layers or len(images) == 0:

@@ -4,15 +4,13 @@
     cal = fit_calibration("temperature", y_val, logits_of(model, x_val), Head.of_model(model))
     deployable = calibrated_model(model, cal)      # outputs the calibrated probability
 
-Methods (on the model's pre-activation output, the `logits` layer: (n, 1) for a sigmoid head, (n, K) for a
-softmax head):
-- auto (default): platt for two classes, temperature for more.
+Methods (on the model's pre-activation output, the `logits` layer, as wide as its head's units, see
+distributed.model.heads):
+- auto (default): platt for a binary head, temperature for the others.
 - temperature (Guo et al. 2017): p = sigmoid(z / T) or softmax(z / T). One parameter, so it cannot overfit a
   small validation split, and it never changes the ranking (AUC) or the argmax. It cannot move the decision
   boundary, though, and training with balanced class weights (the default) shifts every logit by about
-  log(n_negative / n_positive): measured on the real Kermany split (64 px CNN), temperature left the carved
-  test ECE at 0.067 (0.064 uncalibrated), Platt took it to 0.044 (Brier 0.041 -> 0.024) with b = 1.02, close
-  to log(3,875 / 1,341) = 1.06.
+  log(n_negative / n_positive), which only an offset can undo (docs/benchmarks.md, "Calibration").
 - platt (binary; Platt 1999, scikit-learn's LogisticRegression on the logit, with Platt's smoothed targets):
   p = sigmoid(a z + b), a temperature and an offset; a monotone map, so the ranking is kept.
 - isotonic (binary; scikit-learn's IsotonicRegression on the logit): a monotone piecewise-linear map, the

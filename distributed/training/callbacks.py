@@ -130,9 +130,8 @@ class WeightAverage(keras.callbacks.Callback):
 
         # It runs after every step and reads and writes every trainable weight, so its memory traffic is the
         # cost: s -= (1 - d)(s - w), as tf.train.ExponentialMovingAverage's assign_moving_average, compiled by
-        # XLA into one pass over each weight. On 2 CPU cores, per step: VGG16's 25.7 M head weights 7 ms
-        # (36 ms as s = d s + (1 - d) w in a plain graph, 3-6 % of a step), ResNet50's 26.2 M 12 ms (37 ms);
-        # compiling takes 0.1-2 s once.
+        # XLA into one pass over each weight (what that saves per step: docs/benchmarks.md, "where the time
+        # went").
         @tf.function(jit_compile=True)
         def update():
             updates.assign_add(1.0)

@@ -6,6 +6,7 @@ import subprocess
 import time
 
 import psutil
+import pytest
 
 from benchmarks.common import StolenCpu, peak_rss_mb
 from tests.conftest import PYTHON, REPO
@@ -30,3 +31,15 @@ def test_stolen_cpu_is_the_share_of_steal_time_in_the_machine_time_of_the_block(
     # the window just around the block differs from it by microseconds: the counters tick every 10 ms
     expected = (after.steal - before.steal) / (sum(after) - sum(before))
     assert 0.0 <= stolen.share <= 1.0 and abs(stolen.share - expected) < 0.02
+
+
+def test_every_suite_keeps_the_contract_and_benchmarks_every_model():
+    from benchmarks.common import SUITES, load_suite, model_setups
+    from distributed.model.zoo import model_names
+
+    for name in SUITES:
+        suite = load_suite(name)
+        assert callable(suite.run_suite) and callable(suite.summarise), name
+    with pytest.raises(TypeError, match="benchmarks.common lacks run_suite, summarise"):
+        load_suite("common")
+    assert list(model_setups()) == list(model_names())

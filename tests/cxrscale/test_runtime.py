@@ -146,3 +146,26 @@ def test_every_entry_point_reports_a_bad_flag_in_one_line():
     silent = _run("from distributed.training.config import build_parser; build_parser().parse_args(['--no-such-flag'])",
                   HOROVOD_RANK="1")
     assert silent.returncode == 2 and silent.stderr == ""
+
+
+def test_an_entry_points_config_is_its_parsers_namespace_frozen():
+    import argparse
+    import dataclasses
+
+    from cxrscale.cli import config_from
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        data: str
+        sizes: tuple[int, ...] = ()
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[])
+    config = config_from(Config, parser.parse_args(["--data", "x", "--sizes", "1", "2"]))
+    assert config == Config("x", (1, 2))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.data = "y"
+    parser.add_argument("--extra")
+    with pytest.raises(TypeError, match=r"flags without a field \['extra'\]"):
+        config_from(Config, parser.parse_args([]))

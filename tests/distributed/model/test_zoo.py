@@ -1,0 +1,50 @@
+"""distributed.model.zoo and its registry: one file per model, read by config, tuning and benchmarks."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from distributed.model import zoo
+from distributed.model.heads import ModelError
+from distributed.model.registry import ModelSpec, register
+from tests.conftest import PYTHON, REPO
+
+
+def test_the_zoo_names_every_model_file_and_needs_no_tensorflow():
+    names = {p.stem for p in (REPO / "distributed" / "model" / "zoo").glob("*.py") if p.stem != "__init__"}
+    assert set(zoo.model_names()) == names == {"cnn", "resnet50", "vgg16"}
+    code = ("import sys; from distributed.model import zoo; from distributed.training import config; "
+            "import benchmarks.train; zoo.model_spec('vgg16'); print('tensorflow' in sys.modules)")
+    out = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_a_spec_gives_what_config_tuning_and_benchmarks_read():
+    from distributed.training.config import TrainConfig
+    from optimize.tune.space import parse_space
+
+    for name in zoo.model_names():
+        spec = zoo.model_spec(name)
+        assert spec.benchmark_size >= spec.min_image_size
+        assert parse_space(spec.tune_space, name)  # a valid default search space
+        config = TrainConfig(data="prepared/x", model=name)
+        assert config.resolved_weights() == ("imagenet" if spec.imagenet else "none")
+        assert ("freeze_base" in config.model_options()) == spec.imagenet
+    assert zoo.model_spec(" VGG16 ").name == "vgg16"
+
+
+def test_unknown_names_sizes_and_weights_are_refused_by_name():
+    with pytest.raises(ModelError, match="--model 'alexnet' is not a known model; choose one of cnn, resnet50, vgg16"):
+        zoo.model_spec("alexnet")
+    with pytest.raises(ModelError, match="--model cnn needs images of at least 8 px; --data x is 4 px"):
+        zoo.check_image_size("cnn", 4, source="--data x")
+    with pytest.raises(ModelError, match="no ImageNet weights for --model cnn"):
+        zoo.build_model("cnn", 16, weights="imagenet")
+
+
+def test_a_name_is_registered_once():
+    spec = zoo.model_spec("cnn")
+    assert register(spec) is spec  # a module imported twice registers the same spec
+    with pytest.raises(ValueError, match="two models registered as 'cnn'"):
+        register(ModelSpec(**{**spec.__dict__, "summary": "another cnn"}))
