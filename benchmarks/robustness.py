@@ -17,7 +17,10 @@ pure function as preparation and prediction) and scores them with the exported m
                    whole transform: the real input size and decoder path (only the test split's images)
 
 Per shift: ROC-AUC (95 % bootstrap interval), and accuracy, sensitivity and specificity at the threshold
-chosen on the validation split (Youden, as distributed.evaluate does; never on test).
+chosen on the validation split (Youden, as distributed.evaluate does; never on test). Beside them, the run's
+own training and calibration: its best validation AUC, how far validation loss and accuracy swing after the
+first two epochs (judged in inference mode, as the checkpoints are), and the carved test split's ECE after
+the built-in calibration fitted on validation.
 
 Mapping the test split back to files needs the salt its ids were hashed with: prepare with --salt-file
 (launch.pipeline does). Without --run, the suite prepares the shared Kermany radiographs with a salt of its
@@ -46,6 +49,14 @@ from preprocessing import schema
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
 log = logging.getLogger("cxrscale.benchmarks")
 MAX_AUC_DROP = 0.05  # the target: no controlled shift costs more than this much test AUC
+# The run's own training and calibration, on the same carved split (what the test suite checked on the whole
+# Kermany split until it moved here): the model validation judges in inference mode learns and does not
+# swing from epoch to epoch once past its first two, and the built-in calibration, fitted on validation only,
+# leaves the carved test split's probabilities honest.
+MIN_VAL_AUC = 0.95
+MAX_LOSS_OVER_BEST = 2.0      # later epochs' validation loss within twice its best
+MAX_ACCURACY_BELOW_BEST = 0.05  # later epochs' validation accuracy at 0.5 within 5 points of its best
+MAX_TEST_ECE = 0.05
 
 
 # --- the shifts: pure functions on decoded greyscale uint8 pixels ---------------------------------------
@@ -173,7 +184,29 @@ def measure(run_dir: Path, input_dir: Path, salt: bytes, fullres: Path | None, *
             rows["fullres"]["note"] = f"the {len(matched)} test images that have a full-resolution original"
         else:
             rows["fullres"] = {"n": 0, "note": f"none of the test images has a full-resolution original in {fullres}"}
-    return {"run": str(run_dir), "data": str(prepared), "threshold": threshold, "tta": tta, "shifts": rows}
+    return {"run": str(run_dir), "data": str(prepared), "threshold": threshold, "tta": tta, "shifts": rows,
+            "training": training_stability(run_dir)}
+
+
+def training_stability(run_dir: Path) -> dict[str, Any]:
+    """From the run's history.csv and calibration.json: its best validation AUC, and after its first two
+    epochs the highest validation loss over the best one and the largest fall of validation accuracy (at 0.5)
+    below the best; the calibration method and what it was fitted on."""
+    from cxrscale.files import read_numeric_csv
+
+    rows = read_numeric_csv(run_dir / "history.csv")
+    calibration = json.loads((run_dir / "calibration.json").read_text()) if (run_dir / "calibration.json").is_file() \
+        else {}
+    out: dict[str, Any] = {"epochs": len(rows), "calibration": calibration.get("method"),
+                           "calibration_fitted_on": calibration.get("fitted_on")}
+    if rows:
+        best_loss, best_accuracy = min(r["val_loss"] for r in rows), max(r["val_accuracy"] for r in rows)
+        later = rows[2:] or rows
+        out.update(best_val_auc=max(r["val_auc"] for r in rows),
+                   loss_over_best=max(r["val_loss"] for r in later) / best_loss,
+                   accuracy_below_best=best_accuracy - min(r["val_accuracy"] for r in later),
+                   history=[{k: r[k] for k in ("epoch", "val_loss", "val_accuracy", "val_auc")} for r in rows])
+    return out
 
 
 # --- default run, report -------------------------------------------------------------------------------
@@ -217,6 +250,14 @@ def summarise(results: dict) -> tuple[list[dict], str]:
     checks = [check(f"AUC drop under {name}", None if r.get("roc_auc") is None or base is None
                     else base - r["roc_auc"], "<=", MAX_AUC_DROP)
               for name, r in shifts.items() if name != "none" and r.get("n")]
+    training = results.get("training") or {}
+    checks += [check("best validation AUC", training.get("best_val_auc"), ">=", MIN_VAL_AUC),
+               check("validation loss after epoch 2 / its best", training.get("loss_over_best"), "<=",
+                     MAX_LOSS_OVER_BEST),
+               check("validation accuracy after epoch 2 below its best", training.get("accuracy_below_best"), "<=",
+                     MAX_ACCURACY_BELOW_BEST),
+               check(f"carved test ECE after the built-in calibration ({training.get('calibration')}, fitted on "
+                     f"{training.get('calibration_fitted_on')})", shifts["none"].get("ece"), "<=", MAX_TEST_ECE)]
     text = (f"Run `{results['run']}`, carved test split of `{results['data']}`, threshold "
             f"{results['threshold']:.4f} (Youden on validation){', with test-time augmentation' if results['tta'] else ''}.\n\n"
             + markdown_table(["shift", "images", "ROC-AUC", "95 % CI", "AUC drop", "accuracy", "sensitivity",

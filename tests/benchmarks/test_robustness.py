@@ -52,6 +52,15 @@ def test_suite_on_a_real_run_matches_evaluate_and_scores_every_shift(real_run, s
     assert shifts["none"]["roc_auc"] == pytest.approx(roc_auc(test.labels, test.probs[:, 1]), abs=1e-6)
     assert (tmp_path / "out" / "robustness-auc.png").is_file()
     assert "AUC drop under jpeg-40" in result.stdout
+    # the run's own training and calibration, judged beside the shifts
+    training = results["training"]
+    history = training["history"]
+    assert training["epochs"] == len(history) == 4 and training["calibration_fitted_on"] == "val"
+    assert training["best_val_auc"] == max(r["val_auc"] for r in history)
+    assert training["loss_over_best"] >= 1 and training["accuracy_below_best"] >= 0
+    names = {c["name"] for c in results["checks"]}
+    assert {"best validation AUC", "validation loss after epoch 2 / its best"} <= names
+    assert any(n.startswith("carved test ECE after the built-in calibration (platt, fitted on val)") for n in names)
 
 
 def test_bad_arguments_are_clear(tmp_path):

@@ -80,24 +80,6 @@ def test_killed_run_resumes_from_its_checkpoint_on_more_workers(prepared64, tmp_
     assert (run / "model" / "saved_model.pb").exists()
 
 
-@pytest.mark.slow
-def test_whole_kermany_split_trains_stably_in_inference_mode(kermany_run):
-    """The default CNN on all 5,216 real radiographs (64 px, two workers): the model it checkpoints, judged in
-    inference mode after every epoch, learns (validation AUC >= 0.95) and does not swing: after epoch 2 the
-    validation loss stays within twice its best and the accuracy at 0.5 within 5 points of its best. (With
-    Keras's moving BatchNormalization averages, accuracy swung between 0.26 and 0.94 from epoch to epoch.)"""
-    rows = history(kermany_run["run"])
-    assert [r["epoch"] for r in rows] == list(range(1, 9))
-    later = rows[2:]
-    best_loss = min(r["val_loss"] for r in rows)
-    best_accuracy = max(r["val_accuracy"] for r in rows)
-    table = [(int(r["epoch"]), round(r["val_loss"], 3), round(r["val_accuracy"], 3), round(r["val_auc"], 3))
-             for r in rows]
-    assert max(r["val_auc"] for r in rows) >= 0.95, table
-    assert all(r["val_loss"] <= 2 * best_loss for r in later), table
-    assert all(r["val_accuracy"] >= best_accuracy - 0.05 for r in later), table
-
-
 def test_mixed_bfloat16_trains_on_cpu(prepared64, tmp_path):
     result = run_train("--data", str(prepared64), "--model", "cnn", "--epochs", "1", "--batch-size", "16",
                        "--precision", "mixed_bfloat16", "--output", str(tmp_path / "run"))

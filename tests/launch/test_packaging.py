@@ -19,7 +19,7 @@ from packaging.utils import canonicalize_name
 from cxrscale import __version__
 from tests.conftest import PYTHON, REPO
 
-PACKAGES = ("preprocessing", "distributed", "optimize", "launch", "benchmarks", "tests")
+PACKAGES = ("cxrscale", "preprocessing", "distributed", "optimize", "launch", "benchmarks", "tests")
 
 
 def lock_pins() -> dict[str, tuple[str, int]]:
