@@ -32,7 +32,8 @@ from distributed.model.registry import ModelSpec, check_image_size
 
 INPUT_NAME = "image"
 HEAD_PREFIX = "head_"
-PREPROCESSING_LAYER_NAMES = frozenset({"pixels_to_float", "grey_to_rgb", "imagenet_caffe_norm", "pixels_to_unit"})
+PREPROCESSING_LAYER_NAMES = frozenset({"pixels_to_float", "grey_to_rgb", "imagenet_caffe_norm", "imagenet_torch_norm",
+                                       "pixels_to_unit"})
 MEMBER_PREFIX = "m{}_"  # an ensemble member's layers are renamed m0_..., m1_... (distributed.ensemble)
 _MEMBER = re.compile(r"^m\d+_")
 
@@ -56,6 +57,15 @@ def is_ensemble_combination(layer) -> bool:
 # ImageNet per-channel mean in BGR order, no scaling. Grey replicated to three channels is the same in RGB and
 # BGR order, so only the mean subtraction remains.
 IMAGENET_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+# keras.applications' "torch" mode (DenseNet): x / 255, then (x - mean) / std per RGB channel. Grey replicated to
+# three channels has one value in every channel, so the channel order does not matter; the per-channel
+# constants do.
+IMAGENET_TORCH_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_TORCH_STD_RGB = (0.229, 0.224, 0.225)
+# The ImageNet input frames (ModelSpec.input_scaling) a transfer classifier can take: "imagenet-caffe" (VGG16,
+# ResNet50), "imagenet-torch" (DenseNet), "pixels" (RGB 0..255 floats, for backbones that normalise inside,
+# such as keras.applications' EfficientNetV2 and ConvNeXt).
+INPUT_SCALINGS = ("imagenet-caffe", "imagenet-torch", "pixels")
 
 
 
@@ -165,13 +175,13 @@ def l2_regularizer(factor: float):
 
 def transfer_classifier(spec: ModelSpec, constructor, head, image_size: int, num_classes: int, weights: str,
                         freeze_base: bool, fine_tune_from: str | None) -> keras.Model:
-    """The frame the ImageNet transfer models share: checks, uint8 input with in-graph caffe normalisation,
-    the keras.applications backbone (`constructor`) built flat on it, `head(backbone output) -> outputs`,
-    weights file, trainable layers."""
+    """The frame the ImageNet transfer models share: checks, uint8 input with the backbone's own input
+    scaling in the graph (`spec.input_scaling`), the keras.applications backbone (`constructor`) built flat
+    on it, `head(backbone output) -> outputs`, weights file, trainable layers."""
     name = spec.name
     check_image_size(spec, image_size)
     Head.for_classes(num_classes)  # refuses a count no head can take, before the backbone is built
-    x, image = imagenet_caffe_input(image_size)
+    x, image = imagenet_input(image_size, spec.input_scaling)
     base = _application(constructor, name, weights, x)
     model = keras.Model(image, head(base.output), name=f"{name}_classifier")
     load_weights_file_if_any(model, weights, allow_backbone_only=True)
@@ -179,18 +189,26 @@ def transfer_classifier(spec: ModelSpec, constructor, head, image_size: int, num
     return model
 
 
-def imagenet_caffe_input(image_size: int):
-    """uint8 (s, s, 1) input -> float (s, s, 3) equal to keras.applications' "caffe" preprocess_input.
+def imagenet_input(image_size: int, scaling: str = "imagenet-caffe"):
+    """uint8 (s, s, 1) input -> float (s, s, 3) as the backbone's keras.applications preprocess_input gives it
+    (`scaling`, one of INPUT_SCALINGS); returns (that tensor, the input).
 
-    Weight-free built-in layers only: a Rescaling whose offset is the per-channel vector broadcasts over
+    Weight-free built-in layers only: a Rescaling whose scale or offset is a per-channel vector broadcasts over
     the last axis, serialises as a plain list and survives save/load. They compute in float32 under any
-    policy so the mean subtraction is not rounded to bfloat16/float16 before the first conv casts.
+    policy so the normalisation is not rounded to bfloat16/float16 before the first conv casts.
     """
+    if scaling not in INPUT_SCALINGS:
+        raise ModelError(f"unknown input scaling {scaling!r}; expected one of {', '.join(INPUT_SCALINGS)}")
     image = keras.Input((image_size, image_size, 1), dtype="uint8", name=INPUT_NAME)
     x = keras.layers.Rescaling(1.0, name="pixels_to_float", dtype="float32")(image)
     x = keras.layers.Concatenate(axis=-1, name="grey_to_rgb", dtype="float32")([x, x, x])
-    x = keras.layers.Rescaling(1.0, offset=[-m for m in IMAGENET_CAFFE_MEAN_BGR], name="imagenet_caffe_norm",
-                               dtype="float32")(x)
+    if scaling == "imagenet-caffe":
+        x = keras.layers.Rescaling(1.0, offset=[-m for m in IMAGENET_CAFFE_MEAN_BGR], name="imagenet_caffe_norm",
+                                   dtype="float32")(x)
+    elif scaling == "imagenet-torch":  # (x / 255 - mean) / std = x * (1 / (255 std)) - mean / std
+        x = keras.layers.Rescaling([1.0 / (255.0 * s) for s in IMAGENET_TORCH_STD_RGB],
+                                   offset=[-m / s for m, s in zip(IMAGENET_TORCH_MEAN_RGB, IMAGENET_TORCH_STD_RGB)],
+                                   name="imagenet_torch_norm", dtype="float32")(x)
     return x, image
 
 

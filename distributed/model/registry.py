@@ -28,8 +28,8 @@ class ModelSpec:
     side in pixels it takes. default_dropout: the head's dropout when --dropout is not given. imagenet:
     Keras has ImageNet weights for its backbone, so --weights auto means imagenet, and freezing, fine-tuning
     from a layer and --cache-features apply; without them it trains whole from random weights.
-    input_scaling: how the graph scales uint8 pixels ("unit": x / 255; "imagenet-caffe": ImageNet's
-    per-channel mean subtracted, as keras.applications' preprocess_input). tune_space: optimize.tune's
+    input_scaling: how the graph scales uint8 pixels ("unit": x / 255; for an ImageNet backbone the frame
+    of its keras.applications preprocess_input, `builders.INPUT_SCALINGS`). tune_space: optimize.tune's
     default search space (see optimize/tune/space.py for the form). benchmark_size and benchmark_args: the
     image side and extra distributed.train flags benchmarks.train measures it with.
     """

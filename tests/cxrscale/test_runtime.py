@@ -103,7 +103,7 @@ ENTRY_POINTS = ["preprocessing", "preprocessing.sample", "distributed.train", "d
                 "launch.local", "launch.slurm", "launch.kubernetes", "launch.hostfile", "launch.pipeline",
                 "benchmarks", "benchmarks.preprocess", "benchmarks.train", "benchmarks.optimize",
                 "benchmarks.complexity", "benchmarks.scaling", "benchmarks.robustness", "benchmarks.serving",
-                "benchmarks.faults"]
+                "benchmarks.faults", "benchmarks.input", "benchmarks.trust"]
 
 
 def test_every_entry_point_answers_version():
@@ -137,9 +137,17 @@ def test_every_entry_point_reports_a_bad_flag_in_one_line():
     """Every entry point, each in its own process: a wrong command line (a flag that does not exist, or a
     required one missing) is one `error:` line naming an option, exit status 2, and under a launcher only
     rank 0 prints it."""
-    for module in ENTRY_POINTS:
-        result = subprocess.run([PYTHON, "-m", module, "--no-such-flag"], cwd=REPO, capture_output=True,
-                                text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "CXR_VERBOSE"})
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {k: v for k, v in os.environ.items() if k != "CXR_VERBOSE"}
+
+    def bad_flag(module: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PYTHON, "-m", module, "--no-such-flag"], cwd=REPO, capture_output=True, text=True,
+                              timeout=300, env=env)
+
+    with ThreadPoolExecutor(2) as pool:  # two processes at a time: most of each is importing its libraries
+        results = list(pool.map(bad_flag, ENTRY_POINTS))
+    for module, result in zip(ENTRY_POINTS, results):
         assert result.returncode == 2, (module, result.stderr)
         lines = result.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and "--" in lines[0], (module, lines)

@@ -103,3 +103,26 @@ def test_ensemble_refuses_bad_members(sample_run, tmp_path):
     result = cli("distributed.ensemble", "--runs", str(sample_run), str(tmp_path / "missing"), "--output",
                  str(tmp_path / "out"))
     assert result.returncode == 2 and "run folder not found" in result.stderr
+
+
+def test_kermany_gpu_members_join_on_the_positive_logit():
+    """kermany-gpu's members: VGG16's 2-unit softmax and ResNet50's sigmoid unit, averaged on the positive
+    logit (z1 - z0 of the softmax), calibrated, as one binary model."""
+    from distributed.ensemble import join_members
+    from distributed.model.calibration import calibrated_model
+    from distributed.model.zoo import build_model
+
+    vgg, resnet = build_model("vgg16", 32, 2, seed=0), build_model("resnet50", 32, 2, seed=1)
+    assert (Head.of_model(vgg), Head.of_model(resnet)) == (Head("binary", 2), Head("binary", 1))
+    joined = join_members([vgg, resnet])
+    assert Head.of_logits(joined) == Head("binary", 1)
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 1), dtype=np.uint8)
+    z_vgg, z_resnet = logits_of(vgg, images), logits_of(resnet, images)
+    expected = (z_vgg[:, 1] - z_vgg[:, 0] + z_resnet[:, 0]) / 2
+    np.testing.assert_allclose(logits_of(joined, images)[:, 0], expected, rtol=1e-4, atol=1e-5)
+    calibration = Calibration("platt", {"a": 2.0, "b": -0.5})
+    model = calibrated_model(joined, calibration)
+    np.testing.assert_allclose(model.predict(images, verbose=0)[:, 0],
+                               calibration.apply(Head("binary", 1), expected[:, None])[:, 1], atol=1e-5)
+    with pytest.raises(CxrError, match="one kind of head"):
+        join_members([vgg, build_model("cnn", 32, 3, seed=0)])

@@ -116,6 +116,19 @@ def test_in_graph_normalisation_equals_keras_preprocess_input(which, preprocess,
     np.testing.assert_allclose(in_graph, expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("scaling, layer, preprocess", [
+    ("imagenet-torch", "imagenet_torch_norm", keras.applications.densenet.preprocess_input),
+    ("pixels", "grey_to_rgb", lambda x: x),
+])
+def test_every_imagenet_input_frame_equals_its_keras_preprocess_input(scaling, layer, preprocess):
+    x, image = M.imagenet_input(16, scaling)
+    grey = _uint8_images(2, 16, seed=7)
+    in_graph = keras.Model(image, x)(grey).numpy()
+    np.testing.assert_allclose(in_graph, preprocess(np.repeat(grey, 3, axis=-1).astype("float32")), atol=1e-4)
+    with pytest.raises(ModelError, match="unknown input scaling 'inception'"):
+        M.imagenet_input(16, "inception")
+
+
 def test_cnn_scales_pixels_to_unit_range(cnn64):
     grey = _uint8_images(2, 64, seed=6)
     scaled = keras.Model(cnn64.input, cnn64.get_layer("pixels_to_unit").output)(grey).numpy()
