@@ -160,12 +160,41 @@ def _counter_names(callback) -> tuple[str, ...]:
     return ()
 
 
+class ResetLog:
+    """This process's record of each reset, for train_summary.json (epoch seconds): when it came, when the
+    state it went back to was committed, when the next session took its first step and on how many workers."""
+
+    def __init__(self, hvd, state, averaging):
+        self.hvd, self.state, self.averaging = hvd, state, averaging
+        self.resets: list[dict[str, Any]] = []
+
+    def on_reset(self) -> None:
+        """Horovod's reset callback: a worker was lost or a host came or went."""
+        if self.averaging is not None:
+            self.averaging.raw = None  # a reset between swapping the average in and out: the commit has the raw
+        now, state = time.time(), self.state
+        # after a lost worker the state is back at its last commit; after a host change it was just committed
+        self.resets.append({"reset_at": now, "last_commit_at": state.progress_at, "workers": self.hvd.size()})
+        log.warning("elastic reset: %d worker(s) now; training goes on in epoch %d after %d of its images "
+                    "(committed %.1f s before the reset)", self.hvd.size(), state.epoch + 1, state.images_done,
+                    now - state.progress_at)
+
+    def session_size(self, size: int) -> None:
+        """A session after a reset has synced: how many workers it has."""
+        if self.resets and "resumed_at" not in self.resets[-1]:
+            self.resets[-1]["workers"] = size
+
+    def resumed(self) -> None:
+        """The session's first step: training runs again."""
+        if self.resets and "resumed_at" not in self.resets[-1]:
+            self.resets[-1]["resumed_at"] = time.time()
+
+
 def run(training: TrainingRun) -> dict[str, Any]:
     """Train `training` to --epochs through resets; on rank 0 after the last reset, finish it (calibrate,
     export, summarise) and return its summary; {} on the other ranks. The summary's "elastic" record: the
     epochs trained, every rank's weight checksum at the end, how many resets, the size of each session, and
-    this process's record of each reset (epoch seconds): when it came, when the state it went back to was
-    committed, when the next session took its first step and on how many workers."""
+    this process's `ResetLog`."""
     from horovod.tensorflow.keras import elastic as hvd_elastic
 
     config, hvd, model, optimizer, averaging = (training.config, training.hvd, training.model, training.optimizer,
@@ -176,20 +205,8 @@ def run(training: TrainingRun) -> dict[str, Any]:
         averaging.attach(model)
     state = make_state(model, optimizer, averaging.variables() if averaging is not None else [],
                        lr_per_worker=config.lr)
-
-    resets: list[dict[str, Any]] = []  # this process's view of each reset, for train_summary.json
-
-    def on_reset() -> None:
-        if averaging is not None:
-            averaging.raw = None  # a reset between swapping the average in and out: the commit has the raw weights
-        now = time.time()
-        # after a lost worker the state is back at its last commit; after a host change it was just committed
-        resets.append({"reset_at": now, "last_commit_at": state.progress_at, "workers": hvd.size()})
-        log.warning("elastic reset: %d worker(s) now; training goes on in epoch %d after %d of its images "
-                    "(committed %.1f s before the reset)", hvd.size(), state.epoch + 1, state.images_done,
-                    now - state.progress_at)
-
-    state.register_reset_callbacks([on_reset])
+    resets = ResetLog(hvd, state, averaging)
+    state.register_reset_callbacks([resets.on_reset])
 
     @hvd_elastic.run
     def train_session(state) -> list[str]:
@@ -204,13 +221,7 @@ def run(training: TrainingRun) -> dict[str, Any]:
                 averaging.restart(model)  # from the resumed weights
         state.sizes = state.sizes + [size]  # after the sync: the same on every rank, joined ones too
         state.save()
-        if resets and "resumed_at" not in resets[-1]:
-            resets[-1]["workers"] = size
-
-        def resumed() -> None:  # the session's first step: training runs again
-            if resets and "resumed_at" not in resets[-1]:
-                resets[-1]["resumed_at"] = time.time()
-
+        resets.session_size(size)
         data = training.datasets(plan, seed=config.seed + 1000 * state.epoch + 100 * len(state.sizes) + rank,
                                  rank=rank, size=size)
         callbacks = training.callbacks(plan, data.val, epoch=state.epoch, best=state.best, broadcast=False)
@@ -218,7 +229,7 @@ def run(training: TrainingRun) -> dict[str, Any]:
         cb.set_learning_rate(optimizer, state.lr_per_worker * size)
         schedule = [c for c in callbacks if _counter_names(c)]
         callbacks += [ElasticProgress(state, config.batch_size * size, size, schedule, config.warmup_epochs,
-                                      on_first_step=resumed),
+                                      on_first_step=resets.resumed),
                       hvd_elastic.CommitStateCallback(state, batches_per_commit=config.commit_every)]  # last
         if rank == 0:
             log.info("elastic session %d on %d worker(s): epoch %d of %d from step %d, %d steps per epoch",
@@ -234,6 +245,6 @@ def run(training: TrainingRun) -> dict[str, Any]:
     if hvd.rank() != 0:  # the ranks after the last reset
         return {}
     record = {"epochs": state.epoch - state.start_epoch, "checksums": checksums, "resets": len(state.sizes) - 1,
-              "workers_per_session": state.sizes, "reset_times": resets}
+              "workers_per_session": state.sizes, "reset_times": resets.resets}
     plan = plan_data(Path(config.data), 0, len(checksums), config.batch_size, config.model)
     return training.finish(plan, epochs_run=record["epochs"], seconds=seconds, checksums=checksums, elastic=record)
