@@ -16,6 +16,15 @@ import numpy as np
 from distributed.model.heads import ModelError
 
 _MODELS: dict[str, "ModelSpec"] = {}
+# What every model's default search space (optimize.tune) draws besides its own rate, batch and backbone
+# choices: each parameter names the distribution random search and ASHA draw from and the values grid search
+# tries (see optimize/tune/space.py for the form). lr in a spec is per worker: distributed.train scales it by
+# the worker count.
+COMMON_TUNE_SPACE: dict[str, Any] = {
+    "dropout": {"uniform": [0.1, 0.6], "grid": [0.3]},
+    "l2": {"loguniform": [1e-6, 1e-3], "grid": [1e-4]},
+    "augment": {"choice": [False, True], "grid": [False, True]},
+}
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from distributed.model.heads import Head, ModelError
-from distributed.model.registry import ModelSpec, check_image_size, register
+from distributed.model.registry import COMMON_TUNE_SPACE, ModelSpec, check_image_size, register
 
 FILTERS = (64, 128, 256)
 # Keras's default 0.99 forgets the initial moving variance (1.0) only after ~1,000+ steps, while the first
@@ -85,8 +85,5 @@ SPEC = register(ModelSpec(
     build=build, min_image_size=2 ** len(FILTERS),  # each block halves the side; below, the last pools do nothing
     default_dropout=0.2, imagenet=False, input_scaling="unit",
     tune_space={"lr": {"loguniform": [1e-4, 3e-3], "grid": [3e-4, 1e-3]},
-                "batch_size": {"choice": [16, 32, 64], "grid": [32]},
-                "dropout": {"uniform": [0.1, 0.6], "grid": [0.3]},
-                "l2": {"loguniform": [1e-6, 1e-3], "grid": [1e-4]},
-                "augment": {"choice": [False, True], "grid": [False, True]}},
+                "batch_size": {"choice": [16, 32, 64], "grid": [32]}, **COMMON_TUNE_SPACE},
     benchmark_size=150))

@@ -3,13 +3,7 @@ average pooling, dense 1024 and 512, and one sigmoid unit for two classes (its T
 from __future__ import annotations
 
 from distributed.model.heads import Head
-from distributed.model.registry import ModelSpec, register
-
-_COMMON_SPACE = {  # optimize.tune: lr per worker (distributed.train scales it by the worker count)
-    "dropout": {"uniform": [0.1, 0.6], "grid": [0.3]},
-    "l2": {"loguniform": [1e-6, 1e-3], "grid": [1e-4]},
-    "augment": {"choice": [False, True], "grid": [False, True]},
-}
+from distributed.model.registry import COMMON_TUNE_SPACE, ModelSpec, register
 
 
 def build_resnet50_classifier(image_size: int, num_classes: int = 2, *, weights: str = "none",
@@ -47,7 +41,7 @@ SPEC = register(ModelSpec(
     build=build_resnet50_classifier, min_image_size=32, default_dropout=0.5, imagenet=True,
     input_scaling="imagenet-caffe",
     tune_space={"lr": {"loguniform": [1e-5, 1e-3], "grid": [3e-5, 1e-4]},
-                "batch_size": {"choice": [16, 32], "grid": [32]}, **_COMMON_SPACE,
+                "batch_size": {"choice": [16, 32], "grid": [32]}, **COMMON_TUNE_SPACE,
                 "fine_tune_from": {"choice": ["conv5_block1_1_conv", "conv4_block1_1_conv", None],
                                    "grid": ["conv5_block1_1_conv"]}},
     benchmark_size=224))

@@ -3,13 +3,7 @@ a 1024-unit dense head and a 2-unit softmax, as the thesis trained it (its Table
 from __future__ import annotations
 
 from distributed.model.heads import Head
-from distributed.model.registry import ModelSpec, register
-
-_COMMON_SPACE = {  # optimize.tune: lr per worker (distributed.train scales it by the worker count)
-    "dropout": {"uniform": [0.1, 0.6], "grid": [0.3]},
-    "l2": {"loguniform": [1e-6, 1e-3], "grid": [1e-4]},
-    "augment": {"choice": [False, True], "grid": [False, True]},
-}
+from distributed.model.registry import COMMON_TUNE_SPACE, ModelSpec, register
 
 
 def build_vgg16_classifier(image_size: int, num_classes: int = 2, *, weights: str = "none",
@@ -45,6 +39,6 @@ SPEC = register(ModelSpec(
     input_scaling="imagenet-caffe",
     # fine_tune_from: how much of the backbone trains: the last block, the last two, or all of it (null)
     tune_space={"lr": {"loguniform": [1e-5, 1e-3], "grid": [3e-5, 1e-4]},
-                "batch_size": {"choice": [16, 32], "grid": [32]}, **_COMMON_SPACE,
+                "batch_size": {"choice": [16, 32], "grid": [32]}, **COMMON_TUNE_SPACE,
                 "fine_tune_from": {"choice": ["block5_conv1", "block4_conv1", None], "grid": ["block5_conv1"]}},
     benchmark_size=224, benchmark_args=("--freeze-base",)))
