@@ -76,8 +76,9 @@ def test_two_worker_training_its_evaluation_and_resume_share_one_mlflow_run(prep
     reports = {a.path for a in client.list_artifacts(logged.info.run_id, "eval")}
     assert {"eval/report.html", "eval/report.md", "eval/metrics.json", "eval/model_card.md"} <= reports
 
+    # resumed on one worker: the MLflow run is the training run's, whatever the number of workers
     resumed = run_train("--data", str(prepared64), "--epochs", "3", "--batch-size", "16", "--output", str(run),
-                        "--resume", *tracked, np_=2)
+                        "--resume", *tracked)
     assert resumed.returncode == 0, quiet(resumed.stderr)[-3000:]
     assert len(runs_of(client, "two-workers")) == 1
     assert [h.step for h in client.get_metric_history(logged.info.run_id, "val_auc")] == [1, 2, 3]

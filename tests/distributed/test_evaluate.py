@@ -150,7 +150,7 @@ def test_tta_in_evaluate_and_predict(sample_run, sample_images, tmp_path):
 def test_real_data_predict_agrees_with_evaluate(real_run, tmp_path):
     """Predict re-reads the original JPEGs and re-applies the run's transform; its probabilities must equal
     evaluate's on the prepared test shards for the same images."""
-    result = run_module("distributed.evaluate", "--run", str(real_run["run"]), "--bootstrap", "1000")
+    result = run_module("distributed.evaluate", "--run", str(real_run["run"]), "--bootstrap", "200")
     assert result.returncode == 0, quiet(result.stderr)
     metrics = json.loads((real_run["run"] / "eval" / "metrics.json").read_text())
     auc = metrics["at_threshold"]["intervals"]["roc_auc"]

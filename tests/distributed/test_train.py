@@ -95,9 +95,10 @@ def test_mixed_bfloat16_trains_on_cpu(prepared64, tmp_path):
 
 
 @pytest.mark.slow
-def test_resnet50_trains_and_exports(prepared64, tmp_path):
-    result = run_train("--data", str(prepared64), "--model", "resnet50", "--weights", "none", "--epochs", "1",
-                       "--batch-size", "16", "--fine-tune-from", "conv5_block1_1_conv",
+def test_resnet50_trains_and_exports(prepared32_fullbatch, tmp_path):
+    """ResNet50 at its smallest side (32 px), fine-tuned from its last stage."""
+    result = run_train("--data", str(prepared32_fullbatch), "--model", "resnet50", "--weights", "none", "--epochs",
+                       "1", "--batch-size", "16", "--fine-tune-from", "conv5_block1_1_conv",
                        "--output", str(tmp_path / "run"))
     assert result.returncode == 0, quiet(result.stderr)
     assert (tmp_path / "run" / "model" / "saved_model.pb").exists()
@@ -131,37 +132,48 @@ def corrupt_copy(src: Path, dst: Path, **manifest_changes) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("case, message", [
-    ("batch", "is larger than the train split"),
-    ("schema", "schema version 99"),
-    ("small", "needs images of at least 32 px"),
-    ("resume", "no complete checkpoint"),
-    ("cache-augment", "cannot be combined with --augment"),
-    ("missing", "not found"),
-    ("unknown-model", "invalid choice"),
-])
-def test_bad_input_exits_2_before_training(prepared64, tmp_path, case, message):
-    data = str(prepared64)
-    extra: list[str] = []
-    if case == "batch":
-        extra = ["--batch-size", "100000"]
-    elif case == "schema":
-        data = str(corrupt_copy(prepared64, tmp_path / "v99", schema_version=99))
-    elif case == "small":
-        data = str(corrupt_copy(prepared64, tmp_path / "tiny", image_shape=[16, 16, 1]))
-        extra = ["--model", "vgg16", "--weights", "none"]
-    elif case == "resume":
-        extra = ["--resume"]
-    elif case == "cache-augment":
-        extra = ["--model", "vgg16", "--freeze-base", "--cache-features", "--augment"]
-    elif case == "missing":
-        data = str(tmp_path / "nowhere")
-    elif case == "unknown-model":
-        extra = ["--model", "alexnet"]
-    result = run_train("--data", data, "--output", str(tmp_path / "run"), "--epochs", "1", *extra)
-    assert result.returncode == 2, quiet(result.stderr)
-    assert message in result.stderr and "Traceback" not in result.stderr, quiet(result.stderr)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+BAD_INPUT = {  # case: what the one error line says
+    "batch": "is larger than the train split",
+    "schema": "schema version 99",
+    "small": "needs images of at least 32 px",
+    "resume": "no complete checkpoint",
+    "cache-augment": "cannot be combined with --augment",
+    "missing": "not found",
+    "unknown-model": "invalid choice",
+}
+
+
+def test_bad_input_exits_2_before_training(prepared64, tmp_path):
+    """Each mistake in its own training process (two at a time): exit 2, one line, no checkpoint written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def args(case: str) -> list[str]:
+        data, extra = str(prepared64), []
+        if case == "batch":
+            extra = ["--batch-size", "100000"]
+        elif case == "schema":
+            data = str(corrupt_copy(prepared64, tmp_path / "v99", schema_version=99))
+        elif case == "small":
+            data = str(corrupt_copy(prepared64, tmp_path / "tiny", image_shape=[16, 16, 1]))
+            extra = ["--model", "vgg16", "--weights", "none"]
+        elif case == "resume":
+            extra = ["--resume"]
+        elif case == "cache-augment":
+            extra = ["--model", "vgg16", "--freeze-base", "--cache-features", "--augment"]
+        elif case == "missing":
+            data = str(tmp_path / "nowhere")
+        elif case == "unknown-model":
+            extra = ["--model", "alexnet"]
+        return ["--data", data, "--output", str(tmp_path / f"run-{case}"), "--epochs", "1", *extra]
+
+    cases = {case: args(case) for case in BAD_INPUT}
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(cases, pool.map(lambda a: run_train(*a), cases.values())))
+    for case, message in BAD_INPUT.items():
+        result = results[case]
+        assert result.returncode == 2, (case, quiet(result.stderr))
+        assert message in result.stderr and "Traceback" not in result.stderr, (case, quiet(result.stderr))
+        assert not (tmp_path / f"run-{case}" / "checkpoints").exists(), case
 
 
 def test_fewer_shards_than_workers_stops_every_worker(sample_images, tmp_path):

@@ -185,24 +185,6 @@ def test_grid_search_on_two_horovod_workers_and_its_best_config_trains(planted32
     assert {k: used[k] for k in best if k != "epochs"} == {k: v for k, v in best.items() if k != "epochs"}
 
 
-@pytest.mark.slow
-def test_random_search_trains_with_draws_from_the_declared_space(planted32, tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\ndropout: {uniform: [0.1, 0.5]}\n"
-                     "batch_size: {choice: [8, 16]}\naugment: false\n")
-    out = tmp_path / "random"
-    result = run_tune("--data", str(planted32), "--search", "random", "--trials", "3", "--space", str(space),
-                      "--max-epochs", "1", "--seed", "3", "--output", str(out), "-q")
-    assert result.returncode == 0, quiet(result.stderr)[-3000:]
-    rows = results(out)
-    assert len(rows) == 3 and len({r["lr"] for r in rows}) == 3
-    for row in rows:
-        lr, dropout, batch = float(row["lr"]), float(row["dropout"]), int(row["batch_size"])
-        assert 1e-4 <= lr <= 1e-2 and 0.1 <= dropout <= 0.5 and batch in (8, 16)
-        used = trained_config(row)
-        assert (used["lr"], used["dropout"], used["batch_size"], used["augment"]) == (lr, dropout, batch, False)
-
-
 def running_commands_with(text: str) -> list[str]:
     found = []
     for proc in Path("/proc").iterdir():
@@ -216,25 +198,36 @@ def running_commands_with(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_asha_stops_a_planted_bad_learning_rate_early(planted32, tmp_path):
-    space = write_space(tmp_path / "space.json", {"lr": {"loguniform": [1e-3, 3e-3]}, "batch_size": 16,
-                                                  "augment": False, "early_stopping_patience": 100})
+def test_asha_stops_a_planted_bad_learning_rate_early_and_draws_from_the_declared_space(planted32, tmp_path):
+    """Two given points (a sound rate, then a diverging one) and one draw from a YAML space: ASHA stops the
+    diverging trial early, and the drawn trial trains with values inside the declared distributions."""
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {loguniform: [1.0e-3, 3.0e-3]}\ndropout: {uniform: [0.1, 0.5]}\n"
+                     "batch_size: {choice: [8, 16]}\naugment: false\nearly_stopping_patience: 100\n")
     points = tmp_path / "points.json"
-    points.write_text(json.dumps([{"lr": 1e-3}, {"lr": 10.0}]))  # a sound rate first, then a diverging one
+    points.write_text(json.dumps([{"lr": 1e-3, "dropout": 0.3, "batch_size": 16},
+                                  {"lr": 10.0, "dropout": 0.3, "batch_size": 16}]))
     out = tmp_path / "asha"
-    result = run_tune("--data", str(planted32), "--search", "asha", "--trials", "2", "--space", str(space),
+    result = run_tune("--data", str(planted32), "--search", "asha", "--trials", "3", "--space", str(space),
                       "--points-to-evaluate", str(points), "--max-epochs", "4", "--max-concurrent", "1",
                       "--output", str(out), "-q")
     assert result.returncode == 0, quiet(result.stderr)[-3000:]
-    by_lr = {float(r["lr"]): r for r in results(out)}
-    good, bad = by_lr[1e-3], by_lr[10.0]
+    rows = results(out)
+    assert len(rows) == 3
+    by_lr = {float(r["lr"]): r for r in rows}
+    good, bad = by_lr.pop(1e-3), by_lr.pop(10.0)
     assert good["status"] == "completed" and int(good["epochs"]) == 4
     assert (Path(good["run_dir"]) / "model" / "saved_model.pb").exists()
     assert bad["status"].startswith("stopped by ASHA") and int(bad["epochs"]) < 4, bad
     assert float(bad["best_val_auc"]) < float(good["best_val_auc"])
     assert not (Path(bad["run_dir"]) / "model").exists()
     assert not running_commands_with(str(Path(bad["run_dir"]))), "the stopped trial's training outlived it"
-    assert json.loads((out / "best_config.json").read_text())["lr"] == 1e-3
+    assert json.loads((out / "best_config.json").read_text())["lr"] != 10.0
+    [drawn] = by_lr.values()
+    lr, dropout, batch = float(drawn["lr"]), float(drawn["dropout"]), int(drawn["batch_size"])
+    assert 1e-3 <= lr <= 3e-3 and 0.1 <= dropout <= 0.5 and batch in (8, 16)
+    used = trained_config(drawn)
+    assert (used["lr"], used["dropout"], used["batch_size"], used["augment"]) == (lr, dropout, batch, False)
 
 
 @pytest.mark.slow
@@ -310,7 +303,7 @@ def test_a_failing_trial_is_reported_and_the_others_complete(planted32, tmp_path
                                                   "batch_size": 16})
     out = tmp_path / "failing"
     result = run_tune("--data", str(planted32), "--search", "grid", "--space", str(space), "--max-epochs", "1",
-                      "--output", str(out), "-q")
+                      "--max-failures", "0", "--output", str(out), "-q")
     assert result.returncode == 1, quiet(result.stderr)[-3000:]  # finished, with a failed trial to look at
     by_status = {r["status"]: r for r in results(out)}
     assert set(by_status) == {"completed", "error"}

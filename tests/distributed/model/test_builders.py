@@ -272,7 +272,8 @@ def test_same_seed_gives_the_same_model():
 # --- user mistakes -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(name="inception", image_size=64), r"--model 'inception' is not a known model; choose one of vgg16"),
+    (dict(name="inception", image_size=64),
+     r"--model 'inception' is not a known model; choose one of cnn, resnet50, vgg16"),
     (dict(name="vgg16", image_size=16), r"--model vgg16 needs images of at least 32 px; the data is 16 px"),
     (dict(name="resnet50", image_size=16), r"--model resnet50 needs images of at least 32 px; the data is 16 px"),
     (dict(name="cnn", image_size=4), r"--model cnn needs images of at least 8 px"),
