@@ -20,8 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.common import (BENCH_PACKAGES, DEFAULT_RESULTS, REPO, SUITES, checks_table, comma_list, load_suite, machine,
-                               markdown_table, model_setups, stamp)
+from benchmarks.common import (BENCH_PACKAGES, DEFAULT_RESULTS, REPO, SUITES, checks_table, comma_list, load_suite,
+                               machine, markdown_table, model_setups, stamp)
 from cxrscale.cli import OneLineParser, run_cli
 from cxrscale.console import setup_logging
 from cxrscale.files import write_json_atomic, write_text_atomic

@@ -206,7 +206,8 @@ def track_evaluation(config: EvaluateConfig, target: Target, results: dict[str, 
                                      tags=tracking.common_tags("evaluate", target.data_dir / schema.MANIFEST))
     if run_id is None:
         tracker.log_params({"model": str(target.model_path), "data": str(target.data_dir), "split": config.split,
-                            "threshold_rule": str(config.threshold), "tta": config.tta, "kind": results["model"]["kind"]})
+                            "threshold_rule": str(config.threshold), "tta": config.tta,
+                            "kind": results["model"]["kind"]})
     tracker.log_metrics(evaluation_metrics(results))
     files = sorted(target.output.iterdir())
     tracker.log_artifacts(files + ([card] if card not in files else []), "eval")

@@ -87,4 +87,4 @@ def test_every_import_points_down():
 def test_only_the_head_rule_reads_a_models_output_width():
     readers = sorted(str(path.relative_to(REPO)) for name, path in toolkit_modules().items()
                      if "output_shape[-1]" in path.read_text() and name != "distributed.model.heads")
-    assert not readers, f"these decide a head from output_shape[-1] instead of asking distributed.model.heads: {readers}"
+    assert not readers, f"these decide a head from output_shape[-1], not from distributed.model.heads: {readers}"

@@ -134,7 +134,8 @@ def probability_quality(labels: np.ndarray, probs: np.ndarray, head: Head) -> di
             "log_loss": m.cross_entropy(y, p)}
 
 
-def fit_on_validation(model: keras.Model, data_dir, method: str, record_dir, *, head: Head | None = None) -> Calibration:
+def fit_on_validation(model: keras.Model, data_dir, method: str, record_dir, *,
+                      head: Head | None = None) -> Calibration:
     """Fit `method` on the logits of `model` (`head`: of its logits, by default read from its output layer)
     over the whole validation split of the prepared dataset `data_dir`, and write record_dir/calibration.json:
     the map, and the validation ECE, Brier and log loss before and after it. What training and

@@ -131,7 +131,8 @@ def resolve_settings(config: TuneConfig) -> tuple[dict[str, Any], dict[str, Para
     manifest = schema.read_manifest(data)  # a missing or wrong-version dataset fails here, not in every trial
     checks = [(config.max_epochs >= 1, f"--max-epochs must be at least 1, got {config.max_epochs}"),
               (config.trials is None or config.trials >= 1, f"--trials must be at least 1, got {config.trials}"),
-              (config.workers_per_trial >= 1, f"--workers-per-trial must be at least 1, got {config.workers_per_trial}"),
+              (config.workers_per_trial >= 1,
+               f"--workers-per-trial must be at least 1, got {config.workers_per_trial}"),
               (config.cpus_per_trial is None or config.cpus_per_trial > 0, "--cpus-per-trial must be positive"),
               (config.gpus_per_trial >= 0, "--gpus-per-trial must be >= 0"),
               (config.grace_period >= 1, "--grace-period must be at least 1"),

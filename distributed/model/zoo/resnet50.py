@@ -25,7 +25,8 @@ def build_resnet50_classifier(image_size: int, num_classes: int = 2, *, weights:
 
     def head(base_output):
         y = keras.layers.GlobalAveragePooling2D(name="head_global_avg_pool")(base_output)
-        y = keras.layers.Dense(1024, activation="relu", kernel_regularizer=l2_regularizer(l2), name="head_dense_1024")(y)
+        y = keras.layers.Dense(1024, activation="relu", kernel_regularizer=l2_regularizer(l2),
+                               name="head_dense_1024")(y)
         y = keras.layers.Dropout(dropout, name="head_dropout_1")(y)
         y = keras.layers.Dense(512, activation="relu", kernel_regularizer=l2_regularizer(l2), name="head_dense_512")(y)
         y = keras.layers.Dropout(dropout, name="head_dropout_2")(y)

@@ -24,7 +24,8 @@ def build_vgg16_classifier(image_size: int, num_classes: int = 2, *, weights: st
 
     def head(base_output):
         y = keras.layers.Flatten(name="head_flatten")(base_output)
-        y = keras.layers.Dense(1024, activation="relu", kernel_regularizer=l2_regularizer(l2), name="head_dense_1024")(y)
+        y = keras.layers.Dense(1024, activation="relu", kernel_regularizer=l2_regularizer(l2),
+                               name="head_dense_1024")(y)
         y = keras.layers.Dropout(dropout, name="head_dropout")(y)
         return Head.for_classes(num_classes, two_unit_softmax=True).output(y, l2=l2)
 
