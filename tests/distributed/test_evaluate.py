@@ -225,12 +225,18 @@ def test_tflite_model_predicts_and_evaluates_like_the_savedmodel(sample_run, tmp
     (["--run", "nowhere"], "run folder not found"),
     (["--model", "x.onnx", "--data", "d"], "model not found"),
 ])
-def test_evaluate_bad_input_exits_2(args, message):
-    result = run_module("distributed.evaluate", *args)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
+def test_evaluate_bad_input_exits_2(args, message, capsys):
+    from distributed.evaluate import main
+    from tests.launch.cli import run_main
+
+    code, _, err = run_main(main, args, capsys)
+    assert code == 2 and message in err, err
 
 
-def test_help():
-    for module in ("distributed.evaluate", "distributed.predict"):
-        result = run_module(module, "--help")
-        assert result.returncode == 0 and "Example" in result.stdout
+def test_help(capsys):
+    from distributed import evaluate, predict
+    from tests.launch.cli import run_main
+
+    for module in (evaluate, predict):
+        code, out, _ = run_main(module.main, ["--help"], capsys)
+        assert code == 0 and "Example" in out, module.__name__

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from tests.training_fixtures import prepare, quiet, real_subset_csv, run_train, train_cmd
+from tests.training_fixtures import prepare, quiet, run_train, train_cmd
 
 
 def history(run: Path) -> list[dict]:
@@ -185,9 +185,12 @@ def test_fewer_shards_than_workers_stops_every_worker(sample_images, tmp_path):
     assert time.time() - started < 240  # no rank is left waiting for the other
 
 
-def test_help():
-    result = subprocess.run(train_cmd("--help"), cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "horovodrun -np 4" in result.stdout and "--cache-features" in result.stdout
+def test_help(capsys):
+    from distributed.train import main
+    from tests.launch.cli import run_main
+
+    code, out, _ = run_main(main, ["--help"], capsys)
+    assert code == 0 and "horovodrun -np 4" in out and "--cache-features" in out
 
 
 def test_a_run_killed_after_its_last_epoch_finishes_its_export_on_resume(sample_run, tmp_path):

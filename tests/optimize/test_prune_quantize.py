@@ -189,10 +189,14 @@ def test_cli_builds_measures_and_resumes_under_horovodrun(sample_run, tmp_path, 
     assert other.returncode == 2 and "--overwrite" in other.stderr
 
 
-def test_help_and_bad_arguments(tmp_path):
-    result = run_optimize("--help")
-    assert result.returncode == 0 and "Example" in result.stdout
-    bad = run_optimize("--run", str(tmp_path), "--variants", "ptq-int4")
-    assert bad.returncode == 2 and "ptq-int4" in bad.stderr
-    missing = run_optimize("--run", str(tmp_path / "nowhere"))
-    assert missing.returncode == 2 and "run folder not found" in missing.stderr
+def test_help_and_bad_arguments(tmp_path, capsys):
+    """The real CLI's main, in this process (each entry point's own process: tests/cxrscale/test_runtime.py)."""
+    from optimize.prune_quantize import main
+    from tests.launch.cli import run_main
+
+    code, out, _ = run_main(main, ["--help"], capsys)
+    assert code == 0 and "Example" in out
+    code, _, err = run_main(main, ["--run", str(tmp_path), "--variants", "ptq-int4"], capsys)
+    assert code == 2 and "ptq-int4" in err
+    code, _, err = run_main(main, ["--run", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "run folder not found" in err

@@ -18,7 +18,7 @@ from cxrscale.files import read_numeric_csv
 from optimize import tune as cxr_tune
 from tests.conftest import PYTHON, REPO, radiograph_like, write_image
 from benchmarks.injection import kill_workers, wait_for
-from tests.training_fixtures import prepare, quiet, run_train
+from tests.training_fixtures import prepare, quiet
 
 
 @pytest.fixture(scope="module")
@@ -178,11 +178,13 @@ def test_grid_search_on_two_horovod_workers_and_its_best_config_trains(planted32
 
     best = json.loads((out / "best_config.json").read_text())
     assert best["lr"] == float(rows[0]["lr"]) and best["model"] == "cnn" and "output" not in best
-    retrained = tmp_path / "retrained"
-    again = run_train("--config", str(out / "best_config.json"), "--epochs", "1", "--output", str(retrained))
-    assert again.returncode == 0, quiet(again.stderr)[-2000:]
-    used = json.loads((retrained / "config.json").read_text())["config"]
-    assert {k: used[k] for k in best if k != "epochs"} == {k: v for k, v in best.items() if k != "epochs"}
+    # distributed.train takes it as its --config: every option as the best trial trained with it
+    from distributed.training.config import parse_config
+
+    again = parse_config(["--config", str(out / "best_config.json"), "--epochs", "1"])
+    assert {k: getattr(again, k) for k in best if k != "epochs"} == {k: v for k, v in best.items() if k != "epochs"}
+    assert {k: v for k, v in trained_config(rows[0]).items() if k in best and k != "epochs"} == \
+        {k: v for k, v in best.items() if k != "epochs"}
 
 
 def running_commands_with(text: str) -> list[str]:
