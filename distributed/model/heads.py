@@ -101,6 +101,14 @@ class Head:
         units = int(model.get_layer(LOGITS_NAME).output.shape[-1])
         return head if units == head.units else cls(head.kind, units)
 
+    def in_form(self, units: int) -> "Head | None":
+        """This head for a form of the model that outputs `units`: itself, or, for an export that outputs its
+        probability columns (one sigmoid unit widened to [1 - p, p] by optimize.export), the same kind with
+        that many units; None when `units` fits neither."""
+        if units == self.units:
+            return self
+        return Head(self.kind, units) if units == self.columns else None
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "units": self.units}
 

@@ -33,10 +33,10 @@ def keras_scorer(path: Path, *, head: Head | None = None) -> Scorer:
     def predict(batch: np.ndarray) -> np.ndarray:
         return model(tf.convert_to_tensor(batch, dtype=model.inputs[0].dtype), training=False).numpy()
 
-    head = head or Head.of_model(model)
-    if head.units != int(model.outputs[0].shape[-1]):
+    form = Head.of_model(model) if head is None else head.in_form(int(model.outputs[0].shape[-1]))
+    if form is None:
         raise CxrError(f"{path} outputs {model.output_shape} but its run records a {head.describe()} head")
-    return Scorer(path, "keras", shape, head, predict, model, _predict_both=_two_output_predict(model, head))
+    return Scorer(path, "keras", shape, form, predict, model, _predict_both=_two_output_predict(model, form))
 
 
 def _two_output_predict(model, head: Head) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:

@@ -97,9 +97,10 @@ def tflite_scorer(path: Path, num_threads: int | None = None, *, head: Head | No
         return dequantize_output(interpreter.get_tensor(out["index"]), out)
 
     units = int(out["shape"][-1]) if len(out["shape"]) else 1
-    if head is not None and head.units != units:
+    form = Head.of_outputs(units) if head is None else head.in_form(units)
+    if form is None:
         raise CxrError(f"{path} outputs {units} units but its run records a {head.describe()} head")
-    return Scorer(path, "tflite", shape, head or Head.of_outputs(units), predict)
+    return Scorer(path, "tflite", shape, form, predict)
 
 
 def quantize_input(images: np.ndarray, detail: dict) -> np.ndarray:

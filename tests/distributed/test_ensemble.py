@@ -83,7 +83,7 @@ def test_exported_onnx_and_tflite_hold_the_whole_calibrated_ensemble(ensemble_ru
     the members themselves."""
     import onnxruntime
 
-    from distributed.model.scoring import load_scorer
+    from distributed.model.scoring import load_scorer, read_run_config, run_head
 
     run = ensemble_run["run"]
     result = cli("optimize.export", "--run", str(run), "--format", "onnx", "tflite", "--output", str(tmp_path), "-q")
@@ -97,6 +97,11 @@ def test_exported_onnx_and_tflite_hold_the_whole_calibrated_ensemble(ensemble_ru
     np.testing.assert_allclose(session.run(["probabilities"], {"images": images})[0], expected, atol=1e-4)
     np.testing.assert_allclose(load_scorer(tmp_path / "tflite" / "ensemble.tflite").predict(images), expected,
                                atol=1e-4)
+    # as predict loads it beside its run: the run's head (one sigmoid unit) in the export's two columns
+    recorded = run_head(read_run_config(run))
+    lite = load_scorer(tmp_path / "tflite" / "ensemble.tflite", head=recorded)
+    assert recorded == Head("binary", 1) and lite.head == Head("binary", 2)
+    np.testing.assert_allclose(lite.predict(images), expected, atol=1e-4)
 
 
 def test_ensemble_refuses_bad_members(sample_run, tmp_path):

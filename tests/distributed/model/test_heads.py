@@ -68,3 +68,10 @@ def test_a_model_says_which_head_it_has():
     assert Head.of_model(platt) == Head("binary", 1) and Head.of_logits(platt) == Head("binary", 2)
     assert Head.of_model(build_model("cnn", 16, 3, seed=0)) == Head("multiclass", 3)
     assert Head.of_outputs(4, "sigmoid") == Head("multilabel", 4)
+
+
+def test_an_export_that_outputs_the_probability_columns_keeps_its_runs_head_kind():
+    assert Head("binary", 1).in_form(1) == Head("binary", 1)
+    assert Head("binary", 1).in_form(2) == Head("binary", 2)  # optimize.export's [1 - p, p]
+    assert Head("multiclass", 3).in_form(3) == Head("multiclass", 3)
+    assert Head("multiclass", 3).in_form(2) is None
