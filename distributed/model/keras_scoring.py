@@ -16,7 +16,7 @@ import tensorflow as tf
 from cxrscale.errors import CxrError
 from distributed.model.calibration import is_calibration_layer, logits_model
 from distributed.model.heads import Head
-from distributed.model.scorer import Scorer
+from distributed.model.scorer import Scorer, scoring_head
 
 
 def keras_scorer(path: Path, *, head: Head | None = None) -> Scorer:
@@ -33,9 +33,7 @@ def keras_scorer(path: Path, *, head: Head | None = None) -> Scorer:
     def predict(batch: np.ndarray) -> np.ndarray:
         return model(tf.convert_to_tensor(batch, dtype=model.inputs[0].dtype), training=False).numpy()
 
-    form = Head.of_model(model) if head is None else head.in_form(int(model.outputs[0].shape[-1]))
-    if form is None:
-        raise CxrError(f"{path} outputs {model.output_shape} but its run records a {head.describe()} head")
+    form = scoring_head(head, Head.of_model(model), path)
     return Scorer(path, "keras", shape, form, predict, model, _predict_both=_two_output_predict(model, form))
 
 

@@ -72,6 +72,18 @@ class Scorer:
         return out[:, :k].astype(np.float64), out[:, k:].astype(np.float64)
 
 
+def scoring_head(recorded: Head | None, read: Head, path: Path) -> Head:
+    """The head a scorer of the model at `path` uses: the one its run recorded, in the form this file outputs
+    (`Head.in_form`), else the one `read` from the file itself; a recorded head the file cannot carry is
+    refused, naming the file."""
+    if recorded is None:
+        return read
+    form = recorded.in_form(read.units)
+    if form is None:
+        raise CxrError(f"{path} outputs {read.units} units but its run records a {recorded.describe()} head")
+    return form
+
+
 # Test-time augmentation: the views are mild acquisition changes a model should be indifferent to (the
 # training augmentation's range, no flip). Averaging over them smooths a prediction that hinges on one
 # exposure or framing.

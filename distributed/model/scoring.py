@@ -18,7 +18,7 @@ from cxrscale.console import quiet_tensorflow
 from cxrscale.errors import CxrError
 from cxrscale.files import read_json
 from distributed.model.heads import Head
-from distributed.model.scorer import Scorer
+from distributed.model.scorer import Scorer, scoring_head
 
 KERAS_FILE_SUFFIXES = (".keras", ".h5", ".hdf5")
 
@@ -97,10 +97,7 @@ def tflite_scorer(path: Path, num_threads: int | None = None, *, head: Head | No
         return dequantize_output(interpreter.get_tensor(out["index"]), out)
 
     units = int(out["shape"][-1]) if len(out["shape"]) else 1
-    form = Head.of_outputs(units) if head is None else head.in_form(units)
-    if form is None:
-        raise CxrError(f"{path} outputs {units} units but its run records a {head.describe()} head")
-    return Scorer(path, "tflite", shape, form, predict)
+    return Scorer(path, "tflite", shape, scoring_head(head, Head.of_outputs(units), path), predict)
 
 
 def quantize_input(images: np.ndarray, detail: dict) -> np.ndarray:
