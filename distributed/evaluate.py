@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from distributed.model.kerasenv import keras  # noqa: F401  first: chooses tf_keras before TensorFlow loads
 
 from distributed.evaluation import report
@@ -26,6 +28,7 @@ from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, Thres
                                            score_split, split_views)
 from distributed.model.metrics import THRESHOLD_METRICS
 from distributed.model.calibration import probability_quality
+from distributed.model.guard import DEFAULT_QUANTILE, GUARD_FILE, fit_guard
 from distributed.model.scoring import load_scorer, read_run_config, run_head, run_model_path
 from cxrscale import tracking
 from cxrscale.errors import CxrError
@@ -63,6 +66,7 @@ class EvaluateConfig:
     no_gradcam: bool = False
     batch_size: int = 32
     tta: bool = False
+    guard_quantile: float = DEFAULT_QUANTILE
     seed: int = 0
     output: str | None = None
     dataset_credit: str | None = None
@@ -127,6 +131,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     results["per_view"] = per_view_metrics(test, split_views(target.data_dir), classes, results["threshold"]["value"],
                                            n_bootstrap=config.bootstrap, seed=config.seed)
     results["calibration"] = calibration_report(target, test, test.before_calibration())
+    results["guard"] = guard_report(target.data_dir, config.split, target.output, config.guard_quantile)
     results["tta"] = bool(config.tta)
     results["head"] = scorer.head.to_dict()
     results["model"] = {"path": str(target.model_path), "kind": scorer.kind, "input_shape": list(scorer.input_shape),
@@ -229,6 +234,30 @@ def calibration_report(target: Target, after: SplitScores, before: SplitScores |
     return out
 
 
+def guard_report(data_dir: Path, split: str, output: Path, quantile: float) -> dict[str, Any]:
+    """Fit the out-of-distribution guard on the train split, its threshold on val; write OUTPUT/guard.npz
+    (predict and export carry it) and return its summary with the share of val and `split` it flags."""
+    def images(name: str):
+        return (image for image, _ in schema.dataset(data_dir, name).as_numpy_iterator())
+
+    try:
+        guard = fit_guard(images("train"), images("val"), quantile=quantile)
+    except CxrError as err:  # a toy dataset: the evaluation stands, predictions go unguarded
+        log.warning("no out-of-distribution guard for %s: %s", data_dir, err)
+        return {"fitted": False, "reason": str(err)}
+    output.mkdir(parents=True, exist_ok=True)
+    guard.save(output / GUARD_FILE)
+    out = guard.summary()
+    out["file"] = GUARD_FILE
+    for name in dict.fromkeys(("val", split)):
+        flagged = [guard.outside(guard.scores(batch))
+                   for batch, _ in schema.dataset(data_dir, name).batch(256).as_numpy_iterator()]
+        out[f"{name}_flagged"] = float(np.concatenate(flagged).mean()) if flagged else 0.0
+    log.info("out-of-distribution guard: flags %s", ", ".join(f"{out[f'{n}_flagged']:.1%} of {n}"
+                                                                for n in dict.fromkeys(("val", split))))
+    return out
+
+
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
@@ -257,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average each image's output over 4 views (as is, 92 %% centre "
                              "zoom, gamma 0.8 and 1.25; never a flip); 4x the scoring time")
+    parser.add_argument("--guard-quantile", type=float, default=DEFAULT_QUANTILE,
+                        help="the out-of-distribution guard flags images scoring above this quantile of the "
+                             "validation split's scores (default %(default)s: 0.5 %% of same-source images)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--output", help="report folder (default RUN/eval, or eval-MODEL beside a --model)")
     parser.add_argument("--dataset-credit", help="how the training data must be credited, for the model card "
@@ -273,6 +305,8 @@ def parse_config(argv: Sequence[str] | None = None) -> EvaluateConfig:
         parser.error("give --run runs/NAME or --model FILE (with --data)")
     if args.bootstrap < 0 or args.gallery < 0 or args.batch_size < 1:
         parser.error("--bootstrap and --gallery must be >= 0 and --batch-size >= 1")
+    if not 0.5 <= args.guard_quantile < 1:
+        parser.error(f"--guard-quantile must be in [0.5, 1), got {args.guard_quantile}")
     return config_from(EvaluateConfig, args)
 
 

@@ -5,8 +5,10 @@
 
 Each image gets exactly the transform its model's training data was prepared with (read from the run's
 dataset manifest), so there is no train/serve skew. One row per image: file, predicted class, probability
-of the positive class (K classes: of the predicted class), the threshold used, and an error for a file that
-cannot be read; the others are still predicted, and the exit status is 1 if any file failed.
+of the positive class (K classes: of the predicted class), the threshold used, the out-of-distribution
+score and whether it is outside what the model was trained on (the guard the run's evaluation fitted:
+distributed.model.guard), and an error for a file that cannot be read; the others are still predicted, and
+the exit status is 1 if any file failed.
 
 A `.tflite` model runs on LiteRT (`ai_edge_litert`): such a prediction never imports TensorFlow, so it
 starts in a fraction of the time and memory (docs/serving.md).
@@ -25,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from distributed.model.guard import GUARD_FILE, OUTSIDE, Guard
 from distributed.model.scoring import load_scorer, read_run_config, run_head, run_model_path
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, config_from, run_cli
@@ -72,6 +75,19 @@ def find_export_record(model_path: Path) -> Path | None:
     for folder in [model_path, *model_path.parents][:5]:
         if (folder / EXPORT_RECORD).is_file():
             return folder / EXPORT_RECORD
+    return None
+
+
+def find_guard(run_dir: Path | None, exported: Path | None) -> Guard | None:
+    """The out-of-distribution guard fitted by the run's evaluation (RUN/eval/guard.npz), or the one
+    optimize.export wrote beside export.json; None (with a warning) when there is none."""
+    candidates = ([run_dir / "eval" / GUARD_FILE] if run_dir else []) + \
+        ([exported.parent / GUARD_FILE] if exported else [])
+    for path in candidates:
+        if path.is_file():
+            return Guard.load(path)
+    log.warning("no out-of-distribution guard found (%s): images unlike the training data are not flagged; "
+                "python -m distributed.evaluate fits one", ", ".join(map(str, candidates)) or "no run folder")
     return None
 
 
@@ -139,6 +155,10 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
         threshold, why = default_threshold(run_dir / "eval" / "metrics.json" if run_dir else exported, config.tta)
     if binary:
         log.info("threshold %.4f: %s", threshold, why)
+    guard = find_guard(run_dir, None if run_dir else exported or find_export_record(model_path.resolve()))
+    if guard is not None and guard.fitted.get("image_size") not in (0, params.size):
+        raise CxrError(f"the out-of-distribution guard beside {model_path} was fitted on "
+                       f"{guard.fitted['image_size']} px images, the model takes {params.size} px")
 
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), CHUNK):  # bounded memory on folders of any size
@@ -157,9 +177,17 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
             for row, p, c in zip(chunk_rows, probs, pred):
                 row.update(predicted=classes[c], probability=float(p[1] if binary else p[c]),
                            threshold=threshold if binary else "argmax")
+            if guard is not None:
+                ood = guard.scores(batch)
+                for row, score, outside in zip(chunk_rows, ood, guard.outside(ood)):
+                    row.update(ood_score=float(score), outside=bool(outside))
             if config.gradcam:
                 write_gradcams(Path(config.gradcam), scorer.keras_model, batch, pred, chunk_rows, used_names)
         rows += chunk_rows
+    flagged = sum(bool(r.get("outside")) for r in rows)
+    if flagged:
+        log.warning("%d of %d predicted images are %s (out-of-distribution score above %.3f): their predictions are not "
+                    "to be trusted", flagged, sum("error" not in r for r in rows), OUTSIDE, guard.threshold)
     order = {str(f): i for i, f in enumerate(files)}
     return sorted(rows, key=lambda r: order[r["file"]])
 
@@ -188,13 +216,13 @@ def write_rows(rows: list[dict[str, Any]], fmt: str, out) -> None:
         json.dump(rows, out, indent=2)
         out.write("\n")
         return
-    columns = ["file", "predicted", "probability", "threshold", "error"]
-    if any("gradcam" in r for r in rows):
-        columns.insert(4, "gradcam")
+    columns = ["file", "predicted", "probability", "threshold"]
+    columns += [c for c in ("ood_score", "outside", "gradcam") if any(c in r for r in rows)] + ["error"]
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else ("yes" if v else "no") if isinstance(v, bool)
+                             else v) for k, v in row.items()})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,8 +10,10 @@ images (n, H, W, 1), prepared with the run's transform (in export.json), in; cal
     serving/NAME/V/saved_model.pb   TF Serving's versioned layout (signature serving_default)
     onnx/NAME/V/model.onnx          ONNX, opset 17, by tf2onnx; the folder is also a Triton model repository
     tflite/NAME.tflite              float32 TFLite for LiteRT (quantized variants: optimize.prune_quantize)
-    export.json                     classes, input, transform, threshold, and each file's sha256 and parity
+    export.json                     classes, input, transform, threshold, guard, each file's sha256 and parity
                                     (distributed.predict --model reads its transform and threshold)
+    guard.npz                       the out-of-distribution guard (distributed.model.guard), which
+                                    distributed.predict --model applies
     model_card.md                   the run's model card (distributed.evaluate writes it)
 
 V is one more than the highest version already under serving/NAME and onnx/NAME (1 at first), so a new export
@@ -35,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from distributed.evaluation.model_card import CARD_NAME
+from distributed.model.guard import GUARD_FILE
 from distributed.model.heads import Head
 from distributed.model.scoring import load_scorer, read_run_config, run_head, run_model_path, tflite_scorer
 from cxrscale.errors import CxrError
@@ -219,6 +222,14 @@ def export(config: ExportConfig) -> dict[str, Any]:
         log.info("exporting %s", fmt)
         record["formats"][fmt] = {**steps[fmt](), "version": version if fmt != "tflite" else None}
         write_json_atomic(record_path, record)  # after each format: what is written is recorded
+    guard = run_dir / "eval" / GUARD_FILE
+    if guard.is_file():  # so is the out-of-distribution guard, which predict --model reads beside export.json
+        write_bytes_atomic(output / GUARD_FILE, guard.read_bytes())
+        record["guard"] = {**(evaluation.get("guard") or {}), "file": GUARD_FILE}
+    else:
+        record.pop("guard", None)
+        log.warning("%s has no out-of-distribution guard (%s): predictions from these exports will not flag "
+                    "unfamiliar images; run python -m distributed.evaluate --run %s", run_dir, guard, run_dir)
     card = run_dir / CARD_NAME
     if card.is_file():  # the card travels with the models it describes
         write_bytes_atomic(output / CARD_NAME, card.read_bytes())

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contrast", choices=transform.CONTRAST_MODES, default=d.contrast,
                    help="contrast enhancement (default %(default)s; the thesis used equalize)")
     p.add_argument("--resize", choices=transform.RESIZE_MODES, default=d.resize,
-                   help="letterbox keeps the aspect ratio, stretch does not (default %(default)s)")
+                   help="stretch fills the square whatever the aspect ratio (default); letterbox keeps the ratio "
+                        "and pads, which leaves each source's aspect ratio in the image for a model to learn "
+                        "(in Kermany it differs by class: docs/preprocessing.md)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="share of the pool carved out as validation when the input gives no val split")
     p.add_argument("--test-fraction", type=float, default=d.test_fraction,
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=_codes("--views", dicom.VIEW_TERMS | {dicom.UNKNOWN_VIEW}), default=d.views,
                    help="DICOM ViewPosition codes accepted, e.g. PA,AP (UNKNOWN: none given); default: every view. "
                         "Each image's view is recorded in split.csv and counted in audit.json either way")
+    p.add_argument("--body-parts", type=_codes("--body-parts", None), default=d.body_parts,
+                   help="DICOM BodyPartExamined codes accepted, comma-separated, or 'any' (default %(default)s: "
+                        "UNKNOWN is a DICOM without the element); other DICOMs are rejected with the reason")
     p.add_argument("--allow-burned-in-annotation", action="store_true",
                    help="accept DICOMs whose BurnedInAnnotation is YES (rejected by default: text burnt into the "
                         "pixels can identify the patient)")

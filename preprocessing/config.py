@@ -18,7 +18,7 @@ class PrepareConfig:
     output: str
     size: int = 224
     contrast: str = "clahe"
-    resize: str = "letterbox"
+    resize: str = "stretch"
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     resplit: bool = False
@@ -33,6 +33,7 @@ class PrepareConfig:
     modalities: tuple[str, ...] = dicom.RADIOGRAPHY_MODALITIES
     views: tuple[str, ...] = ()
     allow_burned_in_annotation: bool = False
+    body_parts: tuple[str, ...] = dicom.CHEST_BODY_PARTS
     shards: int | None = None
     salt_file: str | None = None
     redact_paths: bool = False
@@ -43,7 +44,8 @@ class PrepareConfig:
             return TransformParams(size=self.size, resize=self.resize, contrast=self.contrast,
                                    clahe_clip_limit=self.clahe_clip_limit, clahe_tile_grid=self.clahe_tile_grid,
                                    min_side=self.min_side, modalities=self.modalities, views=self.views,
-                                   allow_burned_in_annotation=self.allow_burned_in_annotation)
+                                   allow_burned_in_annotation=self.allow_burned_in_annotation,
+                                   body_parts=self.body_parts)
         except ValueError as err:
             raise CxrError(str(err)) from None
 

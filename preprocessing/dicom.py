@@ -13,6 +13,8 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import re
+
 import numpy as np
 
 from preprocessing.jpeg import jpeg_structure_error
@@ -31,6 +33,12 @@ MODALITY_TERMS = frozenset(
     "PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN "
     "TEXTUREMAP TG US VA VF XA XAPROTOCOL XC".split())
 VIEW_TERMS = frozenset("AP PA LL RL RLD LLD RLO LLO".split())
+# BodyPartExamined (C.7.3.1) holds a Code String from a long list of defined terms (PS3.16 CID 4031) that
+# vendors extend; a value is written out only when it is a well-formed Code String (at most 16 of A-Z, 0-9,
+# space and underscore), which cannot carry a name or a date.
+CHEST_BODY_PARTS = ("CHEST", "UNKNOWN")
+UNKNOWN_BODY_PART = "UNKNOWN"  # BodyPartExamined missing or empty
+_CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")
 
 
 # Syntaxes the installed plugins do not decode, and what would (docs/dicom.md explains the choice).
@@ -80,6 +88,10 @@ def parse_codes(text: str, option: str, vocabulary: frozenset[str] | None = None
         if unknown:
             raise ValueError(f"{option}: {', '.join(unknown)} not among DICOM's defined terms "
                              f"({', '.join(sorted(vocabulary))})")
+    malformed = [c for c in codes if not _CODE_STRING.fullmatch(c)]
+    if malformed:
+        raise ValueError(f"{option}: {', '.join(malformed)} is not a DICOM Code String (at most 16 of A-Z, 0-9, "
+                         "space and underscore)")
     return codes
 
 
@@ -88,6 +100,12 @@ def _code(ds, keyword: str) -> str:
     if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1:
         value = value[0] if len(value) else ""
     return str(value or "").strip().upper()
+
+
+def body_part(ds) -> str:
+    """BodyPartExamined as a code: the value, UNKNOWN when absent, "unrecognised" when not a Code String."""
+    value = _code(ds, "BodyPartExamined")
+    return UNKNOWN_BODY_PART if not value else (value if _CODE_STRING.fullmatch(value) else "unrecognised")
 
 
 def header_facts(ds) -> tuple[str, str, str]:
@@ -102,10 +120,13 @@ def header_facts(ds) -> tuple[str, str, str]:
 
 
 def check_header(modality: str, view: str, burned: str, modalities: tuple[str, ...], views: tuple[str, ...],
-                 allow_burned_in: bool) -> None:
-    """Raise `DicomRejected` unless the header passes --modalities, --views and the burnt-in text rule."""
+                 allow_burned_in: bool, part: str = UNKNOWN_BODY_PART, body_parts: tuple[str, ...] = ()) -> None:
+    """Raise `DicomRejected` unless the header passes --modalities, --views, --body-parts and the burnt-in text
+    rule."""
     if modalities and modality not in modalities:
         raise DicomRejected(f"modality {modality} is not in --modalities {','.join(modalities)}")
+    if body_parts and part not in body_parts:
+        raise DicomRejected(f"body part examined {part} is not in --body-parts {','.join(body_parts)}")
     if views and view not in views:
         raise DicomRejected(f"view position {view} is not accepted by --views {','.join(views)}")
     if burned == "YES" and not allow_burned_in:
@@ -141,7 +162,7 @@ def _check_jpeg_frames(ds, syntax) -> None:
 
 
 def decode_dicom(data: bytes, modalities: tuple[str, ...] = RADIOGRAPHY_MODALITIES, views: tuple[str, ...] = (),
-                 allow_burned_in: bool = False) -> DicomImage:
+                 allow_burned_in: bool = False, body_parts: tuple[str, ...] = CHEST_BODY_PARTS) -> DicomImage:
     """Read, check and decode one DICOM file's bytes; raises `DicomRejected` with the reason.
 
     The header is checked before any pixel is decoded, so a CT series costs a header read per file.
@@ -159,7 +180,7 @@ def decode_dicom(data: bytes, modalities: tuple[str, ...] = RADIOGRAPHY_MODALITI
             raise DicomRejected("truncated DICOM: the file ends inside its pixel data")
         raise DicomRejected("DICOM without pixel data")
     modality, view, burned = header_facts(ds)
-    check_header(modality, view, burned, modalities, views, allow_burned_in)
+    check_header(modality, view, burned, modalities, views, allow_burned_in, body_part(ds), body_parts)
     photometric = _code(ds, "PhotometricInterpretation")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         shown = photometric if photometric in ("RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_ICT",

@@ -40,13 +40,13 @@ class TransformParams:
         or "none". Applied to the image content before padding, so padding does not skew the histogram.
     clahe_clip_limit, clahe_tile_grid: OpenCV CLAHE parameters.
     min_side: inputs whose shorter side is below this many pixels are rejected.
-    modalities, views: DICOM Modality and ViewPosition codes accepted (empty: any); JPEG and PNG files carry
-        neither and are not checked.
+    modalities, views, body_parts: DICOM Modality, ViewPosition and BodyPartExamined codes accepted (empty:
+        any; UNKNOWN: the element is absent); JPEG and PNG files carry none and are not checked.
     allow_burned_in_annotation: accept DICOMs whose BurnedInAnnotation is YES (text in the pixels is PHI).
     """
 
     size: int = 224
-    resize: str = "letterbox"
+    resize: str = "stretch"
     contrast: str = "clahe"
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
@@ -54,10 +54,12 @@ class TransformParams:
     modalities: tuple[str, ...] = dicom.RADIOGRAPHY_MODALITIES
     views: tuple[str, ...] = ()
     allow_burned_in_annotation: bool = False
+    body_parts: tuple[str, ...] = dicom.CHEST_BODY_PARTS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modalities", tuple(str(m).upper() for m in self.modalities))
         object.__setattr__(self, "views", tuple(str(v).upper() for v in self.views))
+        object.__setattr__(self, "body_parts", tuple(str(v).upper() for v in self.body_parts))
         if self.size < 32:
             raise ValueError(f"size must be at least 32 px, got {self.size}")
         if self.resize not in RESIZE_MODES:
@@ -75,11 +77,14 @@ class TransformParams:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TransformParams":
         """From a manifest's record. One written before the DICOM checks existed (no `modalities` key)
-        accepted any modality and view, and so does its transform now."""
+        accepted any modality and view, and so does its transform now; one written before the body-part
+        check (no `body_parts` key) accepted any body part, and so does its transform."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         if "modalities" not in data:
             values["modalities"] = ()
+        if "body_parts" not in data:
+            values["body_parts"] = ()
         return cls(**values)
 
 
@@ -170,7 +175,8 @@ def decode_dicom(data: bytes, params: TransformParams | None = None) -> Decoded:
     inverted so that bone is bright, then stretched to uint8."""
     params = params or TransformParams()
     try:
-        image = dicom.decode_dicom(data, params.modalities, params.views, params.allow_burned_in_annotation)
+        image = dicom.decode_dicom(data, params.modalities, params.views, params.allow_burned_in_annotation,
+                                   params.body_parts)
     except dicom.DicomRejected as err:
         raise ImageRejected(str(err)) from None
     return Decoded(to_uint8(image.values), image.shape, "dicom", image.patient_id, image.modality, image.view,

@@ -71,6 +71,7 @@ def model_card(metrics: dict[str, Any], metrics_file: Path, *, pipeline: dict[st
     lines += _model(metrics, run, run_dir, pipeline)
     lines += _performance(metrics)
     lines += _calibration(metrics.get("calibration") or {})
+    lines += _guard(metrics.get("guard") or {}, metrics.get("split", "test"))
     lines += _subgroups(metrics, classes)
     lines += _limitations(metrics, data, synthetic)
     lines += _provenance(metrics, run, run_dir, metrics_file)
@@ -90,8 +91,9 @@ def _intended_use(classes: list[str], head: Head) -> list[str]:
             "regulatory clearance;",
             "- patients, views, equipment or sites unlike the training data (for the Kermany data: paediatric "
             "patients of one centre, frontal views) without first measuring it on them;",
-            "- other findings or modalities than the classes it was trained on; it cannot say that an image "
-            "is out of scope, and it always answers with one of its classes;",
+            "- other findings or modalities than the classes it was trained on: it always answers with one of "
+            "its classes. The out-of-distribution guard below flags images unlike its training images, but an "
+            "unflagged image is not thereby in scope;",
             "- telling causes apart (for pneumonia: bacterial from viral) unless those were its classes.", ""]
 
 
@@ -141,9 +143,10 @@ def _dicom_rules(t: dict) -> str:
         return ""
     modalities = ", ".join(t["modalities"]) or "any modality"
     views = ", ".join(t.get("views") or []) or "every view"
+    parts = ", ".join(t.get("body_parts") or []) or "any body part"
     burned = "accepted" if t.get("allow_burned_in_annotation") else "refused"
-    return (f" DICOM files are accepted from {modalities} and {views}; burnt-in annotations are {burned}, at "
-            "preparation and at prediction alike.")
+    return (f" DICOM files are accepted from {modalities}, {views} and BodyPartExamined {parts}; burnt-in "
+            f"annotations are {burned}, at preparation and at prediction alike.")
 
 
 def _model(metrics: dict, run: dict, run_dir: Path | None, pipeline: dict | None) -> list[str]:
@@ -221,6 +224,23 @@ def _calibration(cal: dict) -> list[str]:
                        f"{before['log_loss']:.3f} |")
         out.append(f"| as served | {after['ece']:.3f} | {after['brier']:.3f} | {after['log_loss']:.3f} |")
     return out + [""]
+
+
+def _guard(guard: dict, split: str) -> list[str]:
+    out = ["## Out-of-distribution guard", ""]
+    if not guard.get("threshold"):
+        reason = guard.get("reason") or "this evaluation fitted none"
+        return out + [f"None ({reason}): predictions do not flag images unlike the training images.", ""]
+    flagged = guard.get(f"{split}_flagged")
+    return out + [
+        f"Every prediction carries an out-of-distribution score: the {guard.get('method')} fitted on "
+        f"{(guard.get('fitted') or {}).get('train')} training images. Images scoring above "
+        f"{guard['threshold']:.3f}, the {guard.get('quantile')} quantile of the validation split's scores, are "
+        "marked *outside what the model was trained on* by `distributed.predict` and every export.",
+        "", f"It flags {guard.get('val_flagged', 0):.1%} of the validation split"
+        + (f" and {flagged:.1%} of the {split} split" if flagged is not None and split != "val" else "") + ". "
+        "It looks at the image, not the patient: a radiograph of another body part, a photograph or a "
+        "rendering is flagged, and an adult chest film may or may not be (docs/evaluation.md).", ""]
 
 
 def _subgroups(metrics: dict, classes: list[str]) -> list[str]:

@@ -184,6 +184,7 @@ def report_blocks(r: dict) -> list[tuple]:
     blocks += _metric_blocks(r)
     blocks += _view_blocks(r)
     blocks += _calibration_blocks(r)
+    blocks += _guard_blocks(r)
     blocks += _figure_blocks(r)
     blocks += _provenance_blocks(r)
     return blocks
@@ -260,6 +261,22 @@ def _calibration_blocks(r: dict) -> list[tuple]:
         cal["method"], f"The model ends in {cal['method']} calibration fitted on the {cal['fitted_on'] or 'val'} split.")
     return [("h2", "Calibration"), ("p", how + f" Measured on the {r['split']} split (lower is better):"),
             ("table", ["probabilities", "ECE", "Brier", "log loss"], rows)]
+
+
+def _guard_blocks(r: dict) -> list[tuple]:
+    guard = r.get("guard")
+    if not guard:
+        return []
+    if not guard.get("threshold"):
+        return [("h2", "Out-of-distribution guard"), ("p", f"Not fitted: {guard.get('reason')}")]
+    rows = [[name, f"{100 * guard[f'{name}_flagged']:.1f} %"] for name in ("val", r["split"])
+            if f"{name}_flagged" in guard]
+    return [("h2", "Out-of-distribution guard"),
+            ("p", f"{guard['method']} ({guard['components']} components) fitted on the train split; images scoring "
+                  f"above {guard['threshold']:.3f}, the {guard['quantile']} quantile of the validation scores, are "
+                  "flagged as outside what the model was trained on (`guard.npz`, which predict and export use). "
+                  "A split from another site or batch that is flagged far more often than validation is shifted."),
+            ("table", ["split", "flagged"], rows[:1] if r["split"] == "val" else rows)]
 
 
 FIGURES = (("curves", "Training curves: loss, accuracy and validation AUC per epoch"),

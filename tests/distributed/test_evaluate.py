@@ -16,7 +16,8 @@ import pytest
 from distributed.evaluation.scores import SplitScores, ThresholdRule, compute_metrics, parse_threshold
 from distributed.model.heads import Head
 from preprocessing.records import keyed_hash
-from tests.conftest import PYTHON, REPO, radiograph_like, write_image
+from benchmarks.ood_set import write_ood_set
+from tests.conftest import PYTHON, REPO, radiograph_like, shared_data_root, write_image
 from tests.training_fixtures import quiet
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
@@ -169,16 +170,30 @@ def test_real_data_predict_agrees_with_evaluate(real_run, tmp_path):
     paths = [row["path"] for row in csv.DictReader(open(real_run["csv"]))]
     by_id = {keyed_hash(real_run["salt"], "id", p): p for p in paths}
     test_files = [by_id[i] for i in list(evaluated)[:40]]
-    result = run_module("distributed.predict", "--run", str(real_run["run"]), "--format", "json", *test_files)
-    assert result.returncode == 0, quiet(result.stderr)
+    # beside them, images that are not the model's kind: the DICOMs are refused by their headers, the rest
+    # predicted and flagged by the guard the evaluation fitted (eval/guard.npz)
+    ood = write_ood_set(tmp_path / "ood", shared_data_root())
+    ood_files = [str(p) for group in ood.values() for p in group]
+    result = run_module("distributed.predict", "--run", str(real_run["run"]), "--format", "json", *test_files,
+                        *ood_files)
+    assert result.returncode == 1, quiet(result.stderr)  # the two refused DICOMs
     predicted = json.loads(result.stdout)
-    assert [r["file"] for r in predicted] == test_files
+    assert [r["file"] for r in predicted] == test_files + ood_files
     threshold = metrics["threshold"]["value"]
-    for row in predicted:
+    for row in predicted[:len(test_files)]:
         expected = evaluated[keyed_hash(real_run["salt"], "id", row["file"])]
         assert row["probability"] == pytest.approx(expected, abs=2e-6)
         assert row["threshold"] == pytest.approx(threshold)  # the validation-chosen one, from eval/metrics.json
         assert row["predicted"] == ("PNEUMONIA" if expected >= threshold else "NORMAL")
+    assert metrics["guard"]["file"] == "guard.npz" and metrics["guard"]["val_flagged"] <= 0.05
+    assert sum(r["outside"] for r in predicted[:len(test_files)]) <= 2  # the same source: about 0.5 % flagged
+    for row in predicted[len(test_files):]:
+        if row["file"].endswith(".dcm"):
+            assert re.search("body part examined EXTREMITY|modality CT", row["error"]) and "outside" not in row
+        else:
+            assert row["outside"] is True and row["ood_score"] > metrics["guard"]["threshold"], row
+    assert "are outside what the model was trained on" in result.stderr
+    assert "out-of-distribution" in card and "guard" in card
 
 
 def test_predict_reports_a_corrupt_file_and_predicts_the_rest(sample_run, tmp_path):

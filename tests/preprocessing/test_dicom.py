@@ -162,6 +162,40 @@ def test_modality_view_and_burned_in_rules(tmp_path):
     assert TransformParams.from_dict({"size": 64}).modalities == ()  # a manifest from before these rules
 
 
+def test_body_part_rule(tmp_path):
+    image = stored_12bit(5)
+
+    def attempt(params=None, **elements):
+        path = write_dicom(tmp_path / "x.dcm", image, "MONOCHROME2", **elements)
+        return decode(path.read_bytes(), params=params)
+
+    attempt(BodyPartExamined="CHEST")
+    attempt()  # no BodyPartExamined: left to the out-of-distribution guard
+    with pytest.raises(ImageRejected, match=r"^body part examined EXTREMITY is not in --body-parts CHEST,UNKNOWN$"):
+        attempt(BodyPartExamined="extremity")
+    with pytest.raises(ImageRejected, match=r"^body part examined unrecognised is not in") as err:
+        attempt(BodyPartExamined="Dr. Smith's knee")  # not a Code String: never echoed
+    assert "Smith" not in str(err.value)
+    attempt(TransformParams(body_parts=()), BodyPartExamined="EXTREMITY")
+    with pytest.raises(ImageRejected, match="body part examined UNKNOWN"):
+        attempt(TransformParams(body_parts=("CHEST",)))
+    assert TransformParams.from_dict({"size": 64, "modalities": ["CR"]}).body_parts == ()  # an older manifest
+    assert TransformParams.from_dict(TransformParams().to_dict()).body_parts == ("CHEST", "UNKNOWN")
+
+
+def test_real_dicoms_of_other_anatomy_are_refused_by_their_headers(shared_data):
+    """The NEMA WG04 radiographs: the adult chest CR passes, the extremity CR is refused by its body part and
+    the head CT by its modality, with the reason and no header value beyond the codes."""
+    folder = shared_data / "dicom-real"
+    params = TransformParams(size=64)
+    for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm"):
+        assert decode(folder.joinpath(name).read_bytes(), params=params).modality == "CR"
+    with pytest.raises(ImageRejected, match=r"^body part examined EXTREMITY is not in --body-parts"):
+        decode(folder.joinpath("RG3_J2KR.dcm").read_bytes(), params=params)
+    with pytest.raises(ImageRejected, match=r"^modality CT is not in --modalities"):
+        decode(folder.joinpath("693_J2KR.dcm").read_bytes(), params=params)
+
+
 def test_multiframe_colour_truncated_and_unreadable_keep_their_reasons(tmp_path):
     frames = np.stack([stored_12bit(5), stored_12bit(6)])
     path = write_dicom(tmp_path / "multi.dcm", frames.reshape(-1, frames.shape[2]), "MONOCHROME2")
@@ -211,6 +245,12 @@ def test_cli_codes_are_checked(capsys):
     assert "--views: LATERAL not among DICOM's defined terms" in capsys.readouterr().err
     with pytest.raises(ValueError, match="needs at least one code"):
         dicom.parse_codes(" , ", "--modalities")
+    assert parser.parse_args(["--input", "i", "--output", "o"]).body_parts == ("CHEST", "UNKNOWN")
+    assert parser.parse_args(["--input", "i", "--output", "o", "--body-parts", "chest,thorax"]).body_parts == \
+        ("CHEST", "THORAX")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--input", "i", "--output", "o", "--body-parts", "CHEST;HEAD"])
+    assert "--body-parts: CHEST;HEAD is not a DICOM Code String" in capsys.readouterr().err
 
 
 # --- a PACS export end to end: prepare, evaluate, predict; no header value in any output ---------------------

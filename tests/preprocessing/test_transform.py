@@ -25,12 +25,19 @@ def content_box(image: np.ndarray) -> tuple[int, int, int, int]:
 
 def test_letterbox_keeps_aspect_ratio_and_centres():
     wide = radiograph_like(1, (200, 400)) | 1  # no true-black pixels inside the content
-    out = transform(encode(wide), TransformParams(size=128, contrast="none"))
+    out = transform(encode(wide), TransformParams(size=128, resize="letterbox", contrast="none"))
     assert out.shape == (128, 128, 1) and out.dtype == np.uint8
     top, bottom, left, right = content_box(out)
     assert (left, right) == (0, 128)
     assert bottom - top == 64  # 200/400 of 128
     assert top == 32 and 128 - bottom == 32  # centred: equal black bands
+
+
+def test_stretch_is_the_default():
+    """Letterboxing leaves each source's aspect ratio in the image (in Kermany it tells the classes apart)."""
+    assert TransformParams().resize == "stretch"
+    from preprocessing.__main__ import build_parser
+    assert build_parser().parse_args(["--input", "i", "--output", "o"]).resize == "stretch"
 
 
 def test_stretch_fills_the_square():
@@ -54,7 +61,7 @@ def test_contrast_modes():
 def test_letterbox_contrast_ignores_padding():
     """Equalisation runs on the content before padding, so black bands do not shift its histogram."""
     tall = radiograph_like(4, (400, 100)) | 1
-    out = transform(encode(tall), TransformParams(size=128, contrast="equalize"))
+    out = transform(encode(tall), TransformParams(size=128, resize="letterbox", contrast="equalize"))
     top, bottom, left, right = content_box(out)
     content = out[top:bottom, left:right, 0]
     assert content.max() == 255 and content.min() <= 5
@@ -88,7 +95,7 @@ def test_large_jpeg_reduced_decode_matches_full_decode():
     assert reduction_factor((1500, 1200), 224, "letterbox") == 4
     decoded = decode(data, 224, "letterbox")
     assert decoded.original_shape == (1500, 1200) and decoded.pixels.shape == (375, 300)
-    params = TransformParams(size=224, contrast="none")
+    params = TransformParams(size=224, resize="letterbox", contrast="none")
     fast = transform(data, params).astype(int)
     full = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
     slow = transform(encode(full), params).astype(int)
