@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", nargs="+", required=True, metavar="RUN", help="training run folders (2 or more)")
     parser.add_argument("--output", required=True, help="the ensemble's run folder to write")
     parser.add_argument("--calibration", choices=METHODS, default="auto",
-                        help="calibration fitted on the validation split of the whole ensemble; auto = platt for two "
-                             "classes, temperature for more (default auto)")
+                        help="calibration fitted on the validation split of the whole ensemble; auto = temperature "
+                             "(default auto)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
 

@@ -10,7 +10,7 @@ from cxrscale.cli import OneLineParser, run_cli
 from cxrscale.console import setup_logging
 from preprocessing import audit, dicom, transform
 from preprocessing.pipeline import PrepareConfig, prepare
-from preprocessing.split import OVERLAP_POLICIES
+from preprocessing.split import OVERLAP_POLICIES, SPLIT_BY
 
 log = logging.getLogger("cxrscale.preprocessing")
 
@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the pool carved out as test when the input gives no test split")
     p.add_argument("--resplit", action="store_true",
                    help="pool the given train and val splits and carve val again (Kermany's val has 16 images)")
+    p.add_argument("--split-by", choices=SPLIT_BY, default=d.split_by,
+                   help="how the test split is held out when the input gives none: patient (default: patients at "
+                        "random), time (the latest --test-fraction by acquisition time: a CSV time column or the "
+                        "DICOM dates; temporal validation) or source (whole sources: a CSV source column or the "
+                        "folder below each class folder; external validation). Validation stays a random "
+                        "patient-grouped carve of the rest")
+    p.add_argument("--test-sources", type=lambda text: tuple(s.strip() for s in text.split(",") if s.strip()),
+                   default=d.test_sources, metavar="A,B",
+                   help="--split-by source: the sources to hold out (default: whole sources at random up to "
+                        "--test-fraction)")
     p.add_argument("--given-overlap", choices=OVERLAP_POLICIES, default=d.given_overlap,
                    help="pool images sharing a patient or duplicate group with a given val/test split: exclude "
                         "them from train and val (default), or keep them in train (a leak, flagged in the "

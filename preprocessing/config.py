@@ -22,6 +22,8 @@ class PrepareConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     resplit: bool = False
+    split_by: str = "patient"
+    test_sources: tuple[str, ...] = ()
     given_overlap: str = "exclude"
     workers: int | None = None
     address: str | None = None
@@ -57,6 +59,10 @@ class PrepareConfig:
             raise CxrError("--val-fraction + --test-fraction must leave something to train on (sum < 1)")
         if self.workers is not None and self.workers < 1:
             raise CxrError(f"--workers must be at least 1, got {self.workers}")
+        if self.split_by not in splitting.SPLIT_BY:
+            raise CxrError(f"--split-by must be one of {', '.join(splitting.SPLIT_BY)}, got {self.split_by!r}")
+        if self.test_sources and self.split_by != "source":
+            raise CxrError("--test-sources names the sources --split-by source holds out; add --split-by source")
         if self.given_overlap not in splitting.OVERLAP_POLICIES:
             raise CxrError(f"--given-overlap must be one of {', '.join(splitting.OVERLAP_POLICIES)}, "
                            f"got {self.given_overlap!r}")

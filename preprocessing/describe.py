@@ -150,7 +150,10 @@ def _write_manifest(output: Path, discovery: Discovery, config: PrepareConfig, p
                   "resplit": config.resplit, "seed": config.seed,
                   "given": sorted({r.item.given_split for r in records if r.item.given_split}),
                   "given_overlap": config.given_overlap,
-                  "grouped_by": "patient and duplicate group", "id_salt": salt_source},
+                  "grouped_by": "patient and duplicate group", "id_salt": salt_source,
+                  "by": config.split_by, "test": plan.test_origin,
+                  "val": "given by the input" if "val" in {r.item.given_split for r in records if r.item.given_split}
+                         and not config.resplit else "carved at random from the pool, grouped by patient"},
         "audit": {"exact_duplicate_groups": len(plan.exact_groups), "near_duplicate_groups": near_groups,
                   "near_duplicate_distance": config.near_duplicate_distance, "given_split_leaks": len(plan.leaks)},
         "counts": {"inputs": n_inputs, "written": n_written, "rejected": len(rejected),

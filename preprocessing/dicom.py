@@ -11,9 +11,8 @@ position) and the PatientID, which callers hash at once. A value outside those v
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
-
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -74,6 +73,7 @@ class DicomImage:
     view: str
     burned_in: str  # "YES", "NO" or "absent"
     transfer_syntax: str
+    acquired: str | None = None  # acquisition time, YYYYMMDDHHMMSS (`acquisition_time`); a date: never written out
 
 
 def parse_codes(text: str, option: str, vocabulary: frozenset[str] | None = None) -> tuple[str, ...]:
@@ -106,6 +106,23 @@ def body_part(ds) -> str:
     """BodyPartExamined as a code: the value, UNKNOWN when absent, "unrecognised" when not a Code String."""
     value = _code(ds, "BodyPartExamined")
     return UNKNOWN_BODY_PART if not value else (value if _CODE_STRING.fullmatch(value) else "unrecognised")
+
+
+def acquisition_time(ds) -> str | None:
+    """When the image was taken, as a sortable YYYYMMDDHHMMSS string: AcquisitionDateTime, else
+    AcquisitionDate (+ AcquisitionTime), ContentDate (+ ContentTime), StudyDate (+ StudyTime); None when
+    none holds a well-formed date. Only --split-by time uses it; it never reaches an output."""
+    stamp = re.sub(r"\D", "", str(ds.get("AcquisitionDateTime", "") or ""))[:14]
+    if len(stamp) < 8:
+        for date, time in (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime"),
+                           ("StudyDate", "StudyTime")):
+            day = re.sub(r"\D", "", str(ds.get(date, "") or ""))
+            if len(day) == 8:
+                stamp = day + re.sub(r"\D", "", str(ds.get(time, "") or "").split(".")[0])[:6]
+                break
+    if len(stamp) < 8:
+        return None
+    return stamp.ljust(14, "0")
 
 
 def header_facts(ds) -> tuple[str, str, str]:
@@ -209,4 +226,4 @@ def decode_dicom(data: bytes, modalities: tuple[str, ...] = RADIOGRAPHY_MODALITI
         values = values.max() + values.min() - values
     patient = ds.get("PatientID")
     return DicomImage(values, pixels.shape, str(patient) if patient else None, modality, view, burned,
-                      str(syntax or "unknown"))
+                      str(syntax or "unknown"), acquisition_time(ds))

@@ -90,6 +90,7 @@ def process_chunk(index: int, files: list[tuple[int, str, str]], params: dict, s
                        phash=[int(w) for w in audit.perceptual_hash(decoded.pixels)],
                        shape=list(decoded.original_shape), fmt=decoded.fmt, modality=decoded.modality,
                        view=decoded.view, burned_in=decoded.burned_in, transfer_syntax=decoded.transfer_syntax,
+                       acquired=decoded.acquired,
                        dicom_patient=keyed_hash(salt, "dicom", decoded.patient_id) if decoded.patient_id else None)
             images.append(image)
         except ImageRejected as err:
@@ -256,6 +257,13 @@ def plan_pool(discovery: Discovery, config: PrepareConfig) -> tuple[dict[str, fl
     given = {item.given_split for item in discovery.items if item.given_split}
     carve = {s: f for s, f in (("val", config.val_fraction), ("test", config.test_fraction))
              if s not in given and f > 0}
+    if config.split_by != "patient":
+        if "test" in given:
+            raise CxrError(f"--split-by {config.split_by} holds out the test split, but --input {config.input} "
+                           "already gives one: drop one of them")
+        if config.test_fraction <= 0 and not config.test_sources:
+            raise CxrError(f"--split-by {config.split_by} needs --test-fraction > 0")
+        carve.pop("test", None)  # held out by time or source in _plan_splits, not at random
     if config.resplit:
         if "train" not in given and discovery.layout != "class-folders":
             raise CxrError("--resplit pools the given train and val splits, but the input gives no train split")
@@ -352,7 +360,7 @@ def _stage_transform(items: list[InputItem], params: TransformParams, salt: byte
             key, source = _patient_key(item, row.get("dicom_patient"))
             records.append(Record(item, index, row["row"], row["digest"], row["phash"], tuple(row["shape"]),
                                   row["fmt"], key, source, row.get("modality"), row.get("view"),
-                                  row.get("burned_in"), row.get("transfer_syntax")))
+                                  row.get("burned_in"), row.get("transfer_syntax"), row.get("acquired")))
     return records, rejected
 
 
@@ -366,6 +374,7 @@ def _plan_splits(records: list[Record], discovery: Discovery, carve: dict[str, f
     fixed = [None if (r.item.given_split is None or r.item.given_split in pooled) else r.item.given_split
              for r in records]
     labels = np.array([r.item.label for r in records])
+    test_origin = hold_out_test(records, groups, fixed, pooled, config)
     splits = splitting.assign_splits(labels, groups, fixed, carve, config.seed, config.given_overlap)
     overlapping = given_overlaps(records, groups, fixed)
     excluded = {k: why for k, why in overlapping.items() if splits[k] == splitting.EXCLUDED}
@@ -379,7 +388,43 @@ def _plan_splits(records: list[Record], discovery: Discovery, carve: dict[str, f
     leaks = splitting.leaking_groups(groups, splits)
     if leaks:
         log.warning("%d patient/duplicate groups straddle the splits (see audit.json)", len(leaks))
-    return SplitPlan(records, splits, groups, exact, near, excluded, kept, leaks)
+    return SplitPlan(records, splits, groups, exact, near, excluded, kept, leaks, test_origin)
+
+
+def hold_out_test(records: list[Record], groups: np.ndarray, fixed: list[str | None], pooled: set[str],
+                  config: PrepareConfig) -> str:
+    """For --split-by time or source, pin the held-out pool records to "test" in `fixed` (in place); return how
+    the test split was made, in words."""
+    given = {r.item.given_split for r in records if r.item.given_split and r.item.given_split not in pooled}
+    if config.split_by == "patient":
+        if "test" in given:
+            return "given by the input"
+        return "carved at random from the pool, grouped by patient" if config.test_fraction > 0 else "none"
+    pool = np.array([f is None for f in fixed])
+    if config.split_by == "time":
+        times = [r.item.time or r.acquired for r in records]
+        what = "acquisition time (a `time` column in the CSV, or a DICOM AcquisitionDateTime/StudyDate)"
+    else:
+        times = [r.item.source for r in records]
+        what = "source (a `source` column in the CSV, or a folder below the class folder: CLASS/SOURCE/...)"
+    missing = [r.item.rel for r, t, p in zip(records, times, pool) if p and not t]
+    if missing:
+        raise CxrError(f"--split-by {config.split_by}: {len(missing)} images have no {what}, e.g. {missing[0]}")
+    try:
+        if config.split_by == "time":
+            held = splitting.latest_groups(groups, times, pool, config.test_fraction)
+            origin = (f"held out by time: the latest {held.sum() / max(pool.sum(), 1):.0%} of the pool by "
+                      "acquisition time (patients first seen last)")
+        else:
+            held, names = splitting.source_groups(groups, times, pool, config.test_fraction, config.test_sources,
+                                                  config.seed)
+            origin = f"held out by source: every image from {', '.join(names)}"
+    except ValueError as err:
+        raise CxrError(str(err)) from None
+    for k in np.flatnonzero(held):
+        fixed[k] = "test"
+    log.info("test split %s (%d images)", origin, int(held.sum()))
+    return origin
 
 
 def given_overlaps(records: list[Record], groups: np.ndarray, fixed: list[str | None]) -> dict[int, str]:

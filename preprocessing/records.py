@@ -36,6 +36,7 @@ class Record:
     view: str | None = None
     burned_in: str | None = None
     transfer_syntax: str | None = None
+    acquired: str | None = None   # DICOM acquisition time (YYYYMMDDHHMMSS) for --split-by time; never written
 
 
 @dataclass
@@ -48,6 +49,7 @@ class SplitPlan:
     excluded: dict[int, str]    # pool record -> why it is in no split (it overlaps a given held-out split)
     kept_overlap: int           # pool records overlapping a given held-out split kept in train (--given-overlap train)
     leaks: list[int]            # groups that straddle splits
+    test_origin: str = ""       # how the test split was made, in words (manifest.json's split.test)
 
 
 @dataclass(frozen=True)

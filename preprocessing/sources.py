@@ -38,13 +38,18 @@ def patient_from_name(filename: str) -> str | None:
 class InputItem:
     """One input file. rel: path relative to the input root (for messages); given_split: the split the
     input layout assigned, or None; patient_key: namespaced raw key ('name:person1', 'csv:17') or None
-    when only the file itself (or its DICOM header, read later) can tell."""
+    when only the file itself (or its DICOM header, read later) can tell. time: when it was acquired
+    (YYYYMMDDHHMMSS, from a CSV `time` column; else the DICOM header, read later) and source: where it comes
+    from (a CSV `source` column, or the folder right below its class folder), for --split-by; None when
+    the input does not say."""
 
     path: str
     rel: str
     label: int
     given_split: str | None
     patient_key: str | None
+    time: str | None = None
+    source: str | None = None
 
 
 @dataclass
@@ -65,7 +70,8 @@ class Discovery:
                 stamp = f"{st.st_size}:{st.st_mtime_ns}"
             except OSError:
                 stamp = "missing"
-            digest.update(f"{item.rel}\0{item.label}\0{item.given_split}\0{item.patient_key}\0{stamp}\n".encode())
+            digest.update(f"{item.rel}\0{item.label}\0{item.given_split}\0{item.patient_key}\0{item.time}\0"
+                          f"{item.source}\0{stamp}\n".encode())
         for entry in self.rejected:
             digest.update(f"rejected\0{entry['input']}\n".encode())
         return digest.hexdigest()
@@ -100,7 +106,7 @@ def _from_folders(root: Path) -> Discovery:
         ignored = []
     ignored += [p.name for p in sorted(root.iterdir()) if p.is_file()]
 
-    files_by_class: dict[str, list[tuple[str | None, Path]]] = {}
+    files_by_class: dict[str, list[tuple[str | None, Path, Path]]] = {}
     rejected = []
     for split, parent in class_parents:
         for class_dir in _subdirs(parent):
@@ -108,23 +114,41 @@ def _from_folders(root: Path) -> Discovery:
             if not files:
                 rejected.append({"input": class_dir.relative_to(root).as_posix() + "/",
                                  "reason": "empty class folder"})
-            files_by_class.setdefault(class_dir.name, []).extend((split, f) for f in files)
+            files_by_class.setdefault(class_dir.name, []).extend((split, f, class_dir) for f in files)
         ignored += [f"{p.relative_to(root).as_posix()}" for p in sorted(parent.iterdir())
                     if parent is not root and p.is_file()]
 
     classes = sorted(name for name, files in files_by_class.items() if files)
     items = [InputItem(str(path), path.relative_to(root).as_posix(), classes.index(name), split,
-                       _name_key(path.name))
-             for name in classes for split, path in files_by_class[name]]
+                       _name_key(path.name), source=_folder_source(path, class_dir))
+             for name in classes for split, path, class_dir in files_by_class[name]]
     if not files_by_class:
         raise CxrError(f"--input {root} has no class folders: expected CLASS/* or train|val|test/CLASS/* "
                        "(or pass a CSV file with path,label columns)")
     return Discovery(layout, root, classes, items, rejected, ignored)
 
 
+def _folder_source(path: Path, class_dir: Path) -> str | None:
+    """The folder right below the class folder (CLASS/SOURCE/.../file), or None for a file directly in it."""
+    parts = path.relative_to(class_dir).parts
+    return parts[0] if len(parts) > 1 else None
+
+
 def _name_key(filename: str) -> str | None:
     key = patient_from_name(filename)
     return f"name:{key}" if key else None
+
+
+def parse_time(text: str) -> str:
+    """An ISO 8601 date or date-time, or a DICOM DA/DT value -> sortable YYYYMMDDHHMMSS; ValueError if neither.
+    A time zone is dropped: the images of one site share it."""
+    import datetime
+
+    text = text.strip()
+    if re.fullmatch(r"\d{8}(\d{2,6}(\.\d+)?)?", text):  # DICOM DA or DT
+        digits = text.split(".")[0]
+        return datetime.datetime.strptime(digits.ljust(14, "0"), "%Y%m%d%H%M%S").strftime("%Y%m%d%H%M%S")
+    return datetime.datetime.fromisoformat(text).strftime("%Y%m%d%H%M%S")
 
 
 def _from_csv(csv_path: Path) -> Discovery:
@@ -135,7 +159,8 @@ def _from_csv(csv_path: Path) -> Discovery:
             header = [h.strip().lower() for h in (reader.fieldnames or [])]
             missing = [c for c in ("path", "label") if c not in header]
             if missing:
-                raise CxrError(f"--input {csv_path}: the CSV header must have columns path,label[,patient][,split];"
+                raise CxrError(f"--input {csv_path}: the CSV header must have columns path,label[,patient][,split]"
+                               "[,time][,source];"
                                f" missing {', '.join(missing)} (header: {','.join(header) or 'empty'})")
             rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
     except UnicodeDecodeError as err:
@@ -149,6 +174,12 @@ def _from_csv(csv_path: Path) -> Discovery:
         if split and split not in SPLITS:
             raise CxrError(f"--input {csv_path} line {line}: split {row['split']!r} is not one of "
                            f"{', '.join(SPLITS)} (or empty)")
+        if row.get("time"):
+            try:
+                row["time"] = parse_time(row["time"])
+            except ValueError:
+                raise CxrError(f"--input {csv_path} line {line}: time {row['time']!r} is not a date or date-time "
+                               "(ISO 8601 such as 2019-03-01 or 2019-03-01T14:05, or DICOM's 20190301)") from None
         if row["path"] in seen:
             raise CxrError(f"--input {csv_path} line {line}: path {row['path']} repeats line {seen[row['path']]}")
         seen[row["path"]] = line
@@ -161,7 +192,8 @@ def _from_csv(csv_path: Path) -> Discovery:
         path = Path(row["path"]) if os.path.isabs(row["path"]) else root / row["path"]
         key = f"csv:{row['patient']}" if row.get("patient") else _name_key(path.name)
         items.append(InputItem(str(path), row["path"], classes.index(row["label"]),
-                               row.get("split", "").lower() or None, key))
+                               row.get("split", "").lower() or None, key, row.get("time") or None,
+                               row.get("source") or None))
     return Discovery("csv", root, classes, items)
 
 

@@ -126,3 +126,55 @@ def leaking_groups(groups: np.ndarray, splits: np.ndarray) -> list[int]:
         if seen.setdefault(g, s) != s:
             leaks.add(g)
     return sorted(leaks)
+
+
+SPLIT_BY = ("patient", "time", "source")
+
+
+def latest_groups(groups: np.ndarray, times: Sequence[str], pool: np.ndarray, fraction: float) -> np.ndarray:
+    """Temporal validation (TRIPOD type 2b): a mask of the pool items whose group came last. A group's time is
+    its earliest image's (`times`: sortable strings, one per item), so a patient first seen in the held-out
+    period is held out whole; groups are taken from the latest back until `fraction` of the pool is held out.
+    """
+    first: dict[int, str] = {}
+    for g, t, in_pool in zip(groups.tolist(), times, pool.tolist()):
+        if in_pool and (g not in first or t < first[g]):
+            first[g] = t
+    size = np.bincount(groups[pool], minlength=int(groups.max()) + 1 if len(groups) else 0)
+    held: set[int] = set()
+    target, count = fraction * int(pool.sum()), 0
+    for g in sorted(first, key=lambda g: (first[g], g), reverse=True):
+        if count >= target:
+            break
+        held.add(g)
+        count += int(size[g])
+    return pool & np.isin(groups, sorted(held))
+
+
+def source_groups(groups: np.ndarray, sources: Sequence[str], pool: np.ndarray, fraction: float,
+                  named: Sequence[str], seed: int) -> tuple[np.ndarray, list[str]]:
+    """External validation by source (TRIPOD type 3): (mask of held-out pool items, the held-out sources).
+    `named` sources are held out; without names, whole sources in a seeded random order until `fraction` of
+    the pool is held out, never all of them. A patient group with an image from a held-out source is held out
+    whole, so no patient is on both sides."""
+    names = sorted({s for s, p in zip(sources, pool.tolist()) if p})
+    if named:
+        unknown = sorted(set(named) - set(names))
+        if unknown:
+            raise ValueError(f"--test-sources {', '.join(unknown)}: no such source (sources: {', '.join(names)})")
+        held = list(named)
+    else:
+        if len(names) < 2:
+            raise ValueError(f"--split-by source needs images from at least two sources, found "
+                             f"{len(names)} ({', '.join(names) or 'none'})")
+        counts = {n: sum(1 for s, p in zip(sources, pool.tolist()) if p and s == n) for n in names}
+        held, total = [], 0
+        for name in np.random.default_rng(seed).permutation(names).tolist():
+            if total >= fraction * int(pool.sum()) or len(held) == len(names) - 1:
+                break
+            held.append(name)
+            total += counts[name]
+    if set(held) >= set(names):
+        raise ValueError("--test-sources names every source: nothing would be left to train on")
+    touched = {int(g) for g, s, p in zip(groups.tolist(), sources, pool.tolist()) if p and s in held}
+    return pool & np.isin(groups, sorted(touched)), sorted(held)

@@ -103,6 +103,7 @@ class Decoded:
     view: str | None = None
     burned_in: str | None = None
     transfer_syntax: str | None = None
+    acquired: str | None = None  # DICOM acquisition time (YYYYMMDDHHMMSS), for --split-by time only
 
 
 def is_dicom(data: bytes, name: str = "") -> bool:
@@ -180,7 +181,7 @@ def decode_dicom(data: bytes, params: TransformParams | None = None) -> Decoded:
     except dicom.DicomRejected as err:
         raise ImageRejected(str(err)) from None
     return Decoded(to_uint8(image.values), image.shape, "dicom", image.patient_id, image.modality, image.view,
-                   image.burned_in, image.transfer_syntax)
+                   image.burned_in, image.transfer_syntax, image.acquired)
 
 
 def decode(data: bytes, size: int = 224, resize: str = "letterbox", name: str = "",

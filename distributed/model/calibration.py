@@ -6,11 +6,13 @@
 
 Methods (on the model's pre-activation output, the `logits` layer, as wide as its head's units, see
 distributed.model.heads):
-- auto (default): platt for a binary head, temperature for the others.
+- auto (default): temperature, for every head.
 - temperature (Guo et al. 2017): p = sigmoid(z / T) or softmax(z / T). One parameter, so it cannot overfit a
-  small validation split, and it never changes the ranking (AUC) or the argmax. It cannot move the decision
-  boundary, though, and training with balanced class weights (the default) shifts every logit by about
-  log(n_negative / n_positive), which only an offset can undo (docs/benchmarks.md, "Calibration").
+  small validation split, and it never changes the ranking (AUC) or the argmax. It does not move the decision
+  boundary: a model trained with balanced class weights (the default) keeps its balanced prior (every logit
+  sits about log(n_negative / n_positive) below the training prevalence's), which is why it survives a site
+  whose prevalence and images differ from validation's, where an offset fitted on validation does not
+  (docs/benchmarks.md, "Calibration").
 - platt (binary; Platt 1999, scikit-learn's LogisticRegression on the logit, with Platt's smoothed targets):
   p = sigmoid(a z + b), a temperature and an offset; a monotone map, so the ranking is kept.
 - isotonic (binary; scikit-learn's IsotonicRegression on the logit): a monotone piecewise-linear map, the
@@ -82,7 +84,7 @@ def fit_calibration(method: str, labels: np.ndarray, logits: np.ndarray, head: H
     if method not in METHODS:
         raise ModelError(f"--calibration {method!r}: choose one of {', '.join(METHODS)}")
     if method == "auto":
-        method = "platt" if head.binary else "temperature"
+        method = "temperature"
     if method == "none":
         return Calibration("none")
     if len(np.unique(y)) < 2:

@@ -191,7 +191,8 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
                         f"decay per step, warmed up over the first steps; 0 turns it off (default {d.ema})")
     p.add_argument("--calibration", choices=CALIBRATIONS, default=None,
                    help="probability calibration fitted on the validation split and built into the exported model; "
-                        f"auto = platt for two classes, temperature for more (default {d.calibration})")
+                        f"auto = temperature, which keeps the balanced prior of class weighting and survives a "
+                        f"shifted site better than platt's offset (default {d.calibration})")
     p.add_argument("--bn-samples", type=int, default=None,
                    help="train images over which BatchNormalization statistics are re-estimated after every epoch, "
                         f"dropout off, across all workers (0 keeps Keras's moving averages; default {d.bn_samples})")

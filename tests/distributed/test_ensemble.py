@@ -43,7 +43,7 @@ def test_the_ensemble_is_the_calibrated_mean_of_its_members_logits(ensemble_run)
     members = [keras.models.load_model(str(m / "model"), compile=False) for m in ensemble_run["members"]]
     mean_logits = np.mean([logits_of(m, images) for m in members], axis=0)
     calibration = Calibration.from_dict(json.loads((run / "calibration.json").read_text()))
-    assert calibration.method == "platt"  # auto, two classes
+    assert calibration.method == "temperature"  # auto
     expected = calibration.apply(Head.of_logits(model), mean_logits)[:, 1]
     np.testing.assert_allclose(model.predict(images, verbose=0)[:, 0], expected, atol=1e-5)
     config = json.loads((run / "config.json").read_text())

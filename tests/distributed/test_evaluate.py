@@ -98,7 +98,7 @@ def test_evaluate_cli_writes_a_complete_self_contained_report(sample_run, tmp_pa
     rows = list(csv.DictReader(io.StringIO((out / "scores.csv").read_text())))
     assert len(rows) == metrics["n"]
     cal = metrics["calibration"]
-    assert cal["method"] == "platt" and cal["fitted_on"] == "val"  # auto: Platt for two classes
+    assert cal["method"] == "temperature" and cal["fitted_on"] == "val"  # auto
     assert set(cal["before"]) == set(cal["after"]) == {"ece", "brier", "log_loss"}
     assert "## Calibration" in md and metrics["tta"] is False
     card = (sample_run / "model_card.md").read_text()  # the run's card, from these very metrics

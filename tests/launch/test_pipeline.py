@@ -86,7 +86,7 @@ def test_pipeline_runs_every_stage_and_resumes_stage_by_stage(sample_images, tmp
     assert config["ensemble"]["seeds"] == [0, 1]
     assert json.loads((out / "members" / "s0" / "config.json").read_text())["resolved"]["workers"] == 1
     metrics = json.loads((out / "final" / "eval" / "metrics.json").read_text())
-    assert metrics["threshold"]["chosen_on"] == "val" and metrics["calibration"]["method"] == "platt"
+    assert metrics["threshold"]["chosen_on"] == "val" and metrics["calibration"]["method"] == "temperature"
     assert record["final"]["threshold"] == metrics["threshold"]["value"]
 
     predicted = run_module("distributed.predict", "--run", str(out / "final"), str(sample_images / "train" / "NORMAL"),

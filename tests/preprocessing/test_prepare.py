@@ -226,6 +226,57 @@ def test_csv_input(tmp_path, ray_session):
     assert len({r["split"] for r in split.values() if r["patient"] == list(split.values())[0]["patient"]}) == 1
 
 
+def test_split_by_time_and_by_source(tmp_path, ray_session):
+    """--split-by time holds out the patients first seen last (a CSV time column or the DICOM dates);
+    --split-by source whole sources (a CSV column, or the folder below the class folder). Validation stays
+    a random patient-grouped carve of the rest, and the manifest says how each split was made."""
+    rows = []
+    for k in range(24):  # 12 patients of 2 images each; patient p07 has a late second image
+        patient = f"p{k // 2:02d}"
+        path = tmp_path / "imgs" / f"{patient}-{k}.png"
+        write_image(path, radiograph_like(400 + k))
+        day = 1 + k // 2 if not (k == 15) else 28
+        rows.append((path.name, "A" if k % 4 < 2 else "B", patient, f"2020-01-{day:02d}", f"site{k // 8}"))
+    # one DICOM image: its StudyDate, not a column, gives its time
+    write_dicom(tmp_path / "imgs" / "d.dcm", radiograph_like(500).astype(np.uint16) * 16, "MONOCHROME2",
+                patient="P-D", StudyDate="20200131", StudyTime="0800")
+    rows.append(("d.dcm", "A", "pd", "", "site2"))
+    with open(tmp_path / "imgs" / "list.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([("path", "label", "patient", "time", "source"), *rows])
+    data = str(tmp_path / "imgs" / "list.csv")
+
+    def patients_by_split(out: Path) -> dict[str, set[str]]:
+        hashed = {keyed_hash(b"s" * 16, "patient", f"csv:{r[2]}"): r[2] for r in rows}
+        found: dict[str, set[str]] = {}
+        for r in csv.DictReader(open(out / schema.SPLIT_CSV)):
+            found.setdefault(r["split"], set()).add(hashed[r["patient"]])
+        return found
+
+    (tmp_path / "salt").write_bytes(b"s" * 16)
+    by_time = prepare(PrepareConfig(data, str(tmp_path / "t"), size=64, val_fraction=0.2, test_fraction=0.2,
+                                    split_by="time", salt_file=str(tmp_path / "salt")))
+    held = patients_by_split(tmp_path / "t")
+    # the latest first-seen patients: the DICOM (Jan 31) and p11, p10 (days 12, 11) -- not p07, first seen day 8
+    assert held["test"] == {"pd", "p11", "p10"} and not held["test"] & (held["train"] | held["val"])
+    assert by_time["split"]["by"] == "time" and "latest" in by_time["split"]["test"]
+    assert "2020" not in json.dumps(by_time) + (tmp_path / "t" / schema.SPLIT_CSV).read_text()  # dates stay out
+    by_source = prepare(PrepareConfig(data, str(tmp_path / "s"), size=64, val_fraction=0.2, split_by="source",
+                                      test_sources=("site1",), salt_file=str(tmp_path / "salt")))
+    assert patients_by_split(tmp_path / "s")["test"] == {"p04", "p05", "p06", "p07"}
+    assert by_source["split"]["test"] == "held out by source: every image from site1"
+    with pytest.raises(CxrError, match="--test-sources site9: no such source"):
+        prepare(PrepareConfig(data, str(tmp_path / "x"), size=64, split_by="source", test_sources=("site9",)))
+    # folder sources: CLASS/SOURCE/file; a file directly in its class folder has none
+    for k in range(12):
+        write_image(tmp_path / "f" / ("A" if k % 2 else "B") / f"h{k % 3}" / f"x{k}.png", radiograph_like(600 + k))
+    folders = prepare(PrepareConfig(str(tmp_path / "f"), str(tmp_path / "fo"), size=64, val_fraction=0.2,
+                                    test_fraction=0.3, split_by="source"))
+    assert folders["split"]["test"].startswith("held out by source: every image from h")
+    write_image(tmp_path / "f" / "A" / "loose.png", radiograph_like(700))
+    with pytest.raises(CxrError, match=r"--split-by source: 1 images have no source .*e.g. A/loose.png"):
+        prepare(PrepareConfig(str(tmp_path / "f"), str(tmp_path / "fo2"), size=64, split_by="source"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--input", "/nonexistent/folder", "--output", "OUT"], "--input /nonexistent/folder does not exist"),
     (["--input", "SAMPLE", "--output", "SAMPLE/prepared"], "is inside --input"),

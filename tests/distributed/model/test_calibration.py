@@ -127,9 +127,10 @@ def check_scorer_gives_both_outputs_in_one_pass(path, images, expected, atol):
     assert not scorer.has_calibration and scorer.predict_with_uncalibrated(images)[1] is None
 
 
-def test_auto_is_platt_for_two_classes_and_temperature_for_more():
+def test_auto_is_temperature_for_every_head():
+    """Platt's offset refits the training prevalence, which a shifted site does not share (docs/training.md)."""
     y, z = overconfident(500)
-    assert C.fit_calibration("auto", y, z, BINARY).method == "platt"
+    assert C.fit_calibration("auto", y, z, BINARY).method == "temperature"
     assert C.fit_calibration("auto", np.arange(90) % 3, np.random.default_rng(0).normal(size=(90, 3)),
                              THREE).method == "temperature"
     with pytest.raises(ModelError, match="unknown calibration method 'auto'"):
