@@ -25,11 +25,11 @@ from distributed.evaluation import report
 from distributed.evaluation.model_card import write_model_card
 from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, ThresholdRule, compute_metrics,
                                            gallery_picks, load_records, parse_threshold, per_view_metrics,
-                                           score_split, split_views)
+                                           score_split, split_row, split_views)
 from distributed.model.metrics import THRESHOLD_METRICS
 from distributed.model.calibration import probability_quality
-from distributed.model.guard import DEFAULT_QUANTILE, GUARD_FILE, fit_guard
-from distributed.model.scoring import load_scorer, read_run_config, run_head, run_model_path
+from distributed.model.guard import DEFAULT_QUANTILE, GUARD_FILE, Guard, fit_guard
+from distributed.model.scoring import adapted_threshold, load_scorer, read_run_config, run_head, run_model_path
 from cxrscale import tracking
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, config_from, run_cli
@@ -60,13 +60,14 @@ class EvaluateConfig:
     model: str | None = None
     data: str | None = None
     split: str = "test"
-    threshold: ThresholdRule = ThresholdRule("youden")
+    threshold: ThresholdRule | None = None  # None: an adapted run's site threshold, else youden
     bootstrap: int = DEFAULT_BOOTSTRAP
     gallery: int = 2
     no_gradcam: bool = False
     batch_size: int = 32
     tta: bool = False
     guard_quantile: float = DEFAULT_QUANTILE
+    external: tuple[str, ...] = ()
     seed: int = 0
     output: str | None = None
     dataset_credit: str | None = None
@@ -127,11 +128,15 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                                                        uncalibrated=True)
     if config.split == "val":
         log.warning("--split val: the threshold is chosen on the same cases it is measured on (optimistic)")
-    results = compute_metrics(val, test, classes, config.threshold, n_bootstrap=config.bootstrap, seed=config.seed)
+    rule = config.threshold or default_rule(target.run_dir)
+    results = compute_metrics(val, test, classes, rule, n_bootstrap=config.bootstrap, seed=config.seed)
+    if rule.source:
+        results["threshold"]["chosen_on"] = rule.source
     results["per_view"] = per_view_metrics(test, split_views(target.data_dir), classes, results["threshold"]["value"],
                                            n_bootstrap=config.bootstrap, seed=config.seed)
     results["calibration"] = calibration_report(target, test, test.before_calibration())
-    results["guard"] = guard_report(target.data_dir, config.split, target.output, config.guard_quantile)
+    results["guard"], guard = guard_report(target.data_dir, config.split, target.output, config.guard_quantile)
+    results["splits"] = compare_splits(config, target, manifest, scorer, val, test, results, guard)
     results["tta"] = bool(config.tta)
     results["head"] = scorer.head.to_dict()
     results["model"] = {"path": str(target.model_path), "kind": scorer.kind, "input_shape": list(scorer.input_shape),
@@ -211,7 +216,7 @@ def track_evaluation(config: EvaluateConfig, target: Target, results: dict[str, 
                                      tags=tracking.common_tags("evaluate", target.data_dir / schema.MANIFEST))
     if run_id is None:
         tracker.log_params({"model": str(target.model_path), "data": str(target.data_dir), "split": config.split,
-                            "threshold_rule": str(config.threshold), "tta": config.tta,
+                            "threshold_rule": results["threshold"]["rule"], "tta": config.tta,
                             "kind": results["model"]["kind"]})
     tracker.log_metrics(evaluation_metrics(results))
     files = sorted(target.output.iterdir())
@@ -234,9 +239,16 @@ def calibration_report(target: Target, after: SplitScores, before: SplitScores |
     return out
 
 
-def guard_report(data_dir: Path, split: str, output: Path, quantile: float) -> dict[str, Any]:
+def default_rule(run_dir: Path | None) -> ThresholdRule:
+    """The threshold rule without --threshold: an adapted run keeps the threshold its site chose
+    (distributed.adapt), any other run gets Youden's on validation."""
+    adapted = adapted_threshold(run_dir) if run_dir else None
+    return ThresholdRule("fixed", adapted[0], adapted[1]) if adapted else ThresholdRule("youden")
+
+
+def guard_report(data_dir: Path, split: str, output: Path, quantile: float) -> tuple[dict[str, Any], Guard | None]:
     """Fit the out-of-distribution guard on the train split, its threshold on val; write OUTPUT/guard.npz
-    (predict and export carry it) and return its summary with the share of val and `split` it flags."""
+    (predict and export carry it). Returns its summary, with the share of val and `split` it flags, and it."""
     def images(name: str):
         return (image for image, _ in schema.dataset(data_dir, name).as_numpy_iterator())
 
@@ -244,18 +256,63 @@ def guard_report(data_dir: Path, split: str, output: Path, quantile: float) -> d
         guard = fit_guard(images("train"), images("val"), quantile=quantile)
     except CxrError as err:  # a toy dataset: the evaluation stands, predictions go unguarded
         log.warning("no out-of-distribution guard for %s: %s", data_dir, err)
-        return {"fitted": False, "reason": str(err)}
+        return {"fitted": False, "reason": str(err)}, None
     output.mkdir(parents=True, exist_ok=True)
     guard.save(output / GUARD_FILE)
     out = guard.summary()
     out["file"] = GUARD_FILE
     for name in dict.fromkeys(("val", split)):
-        flagged = [guard.outside(guard.scores(batch))
-                   for batch, _ in schema.dataset(data_dir, name).batch(256).as_numpy_iterator()]
-        out[f"{name}_flagged"] = float(np.concatenate(flagged).mean()) if flagged else 0.0
+        out[f"{name}_flagged"] = flagged_share(guard, data_dir, (name,))
     log.info("out-of-distribution guard: flags %s", ", ".join(f"{out[f'{n}_flagged']:.1%} of {n}"
                                                                 for n in dict.fromkeys(("val", split))))
-    return out
+    return out, guard
+
+
+def flagged_share(guard: Guard, data_dir: Path, splits: Sequence[str]) -> float:
+    """The share of the records of these splits of a prepared dataset that the guard flags."""
+    flagged = [guard.outside(guard.scores(batch)) for split in splits
+               for batch, _ in schema.dataset(data_dir, split).batch(256).as_numpy_iterator()]
+    return float(np.concatenate(flagged).mean()) if flagged else 0.0
+
+
+def split_origin(manifest: dict, split: str) -> str:
+    """How a split of a prepared dataset was made, in words (manifest.json; older manifests are read too)."""
+    info = manifest.get("split") or {}
+    if info.get(split):
+        return info[split]
+    return "given by the input" if split in (info.get("given") or []) else "carved at random, grouped by patient"
+
+
+def compare_splits(config: EvaluateConfig, target: Target, manifest: dict, scorer, val: SplitScores,
+                   test: SplitScores, results: dict[str, Any], guard: Guard | None) -> list[dict[str, Any]]:
+    """Every split this evaluation has, side by side at the validation-chosen threshold: val, the evaluated
+    split, and each --external dataset (all of its records, which the model never saw)."""
+    threshold = results["threshold"]["value"]
+    rows = []
+    for scores in ([val] if config.split == "val" else [val, test]):
+        row = split_row(scores, threshold, split_origin(manifest, scores.split), n_bootstrap=config.bootstrap,
+                        seed=config.seed)
+        if guard is not None:
+            row["flagged"] = results["guard"][f"{scores.split}_flagged"]
+        rows.append(row)
+    for folder in config.external:
+        data_dir = Path(folder)
+        external = schema.read_manifest(data_dir)
+        ours = {k: v for k, v in manifest["transform"].items() if k not in ("modalities", "views", "body_parts")}
+        theirs = {k: v for k, v in external["transform"].items() if k not in ("modalities", "views", "body_parts")}
+        if ours != theirs or external["classes"] != manifest["classes"]:
+            raise CxrError(f"--external {data_dir} was prepared with another transform or other classes than "
+                           f"{target.data_dir}: prepare it with the same --size, --resize and --contrast")
+        splits = [s for s, c in (external.get("counts", {}).get("per_split") or {}).items() if c.get("total")]
+        parts = [score_split(scorer, data_dir, s, config.batch_size) for s in splits]
+        scores = SplitScores(f"external:{data_dir.name}", np.concatenate([p.labels for p in parts]),
+                             np.concatenate([p.probs for p in parts]), [i for p in parts for i in p.ids], scorer.head)
+        row = split_row(scores, threshold, f"external dataset {data_dir} (every record)",
+                        n_bootstrap=config.bootstrap, seed=config.seed)
+        if guard is not None:
+            row["flagged"] = flagged_share(guard, data_dir, splits)
+        rows.append(row)
+    return rows
 
 
 def _size(path: Path) -> int:
@@ -274,9 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="a model file instead: SavedModel folder, .keras/.h5 or .tflite")
     source.add_argument("--data", help="prepared dataset folder (default: the one the run was trained on)")
     parser.add_argument("--split", default="test", choices=("test", "val"), help="split to evaluate (default test)")
-    parser.add_argument("--threshold", type=parse_threshold, default=ThresholdRule("youden"),
-                        help="operating point, chosen on the validation split: youden (default), sensitivity:0.95, "
-                             "specificity:0.9, or a fixed probability such as 0.5")
+    parser.add_argument("--external", action="append", default=[], metavar="PREPARED",
+                        help="also score every record of this prepared dataset (another site's labelled images, "
+                             "prepared with the same transform) at the same threshold, beside the run's own splits; "
+                             "repeatable")
+    parser.add_argument("--threshold", type=parse_threshold, default=None,
+                        help="operating point, chosen on the validation split: youden (default; for a run adapted "
+                             "by distributed.adapt, the site's threshold), sensitivity:0.95, specificity:0.9, or a "
+                             "fixed probability such as 0.5")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
                         help=f"bootstrap resamples for the 95%% intervals (default {DEFAULT_BOOTSTRAP})")
     parser.add_argument("--gallery", type=int, default=2,

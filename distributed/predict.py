@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from distributed.model.guard import GUARD_FILE, OUTSIDE, Guard
-from distributed.model.scoring import load_scorer, read_run_config, run_head, run_model_path
+from distributed.model.scoring import adapted_threshold, load_scorer, read_run_config, run_head, run_model_path
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, config_from, run_cli
 from cxrscale.console import setup_logging
@@ -102,7 +102,9 @@ def default_threshold(metrics_file: Path | None, tta: bool = False) -> tuple[flo
                         "runs %s it: pass the same --tta to both", "with" if metrics.get("tta") else "without",
                         "with" if tta else "without")
         if chosen and chosen.get("value") is not None:
-            return float(chosen["value"]), f"{chosen['rule']} on validation ({metrics_file})"
+            where = chosen.get("chosen_on") or "val"
+            return float(chosen["value"]), f"{chosen['rule']} on {'validation' if where == 'val' else where} " \
+                                           f"({metrics_file})"
     return 0.5, "0.5 (no evaluation of this run found: run python -m distributed.evaluate to choose one)"
 
 
@@ -151,6 +153,8 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
     used_names: set[str] = set()
     if config.threshold is not None:
         threshold, why = config.threshold, "--threshold"
+    elif run_dir and not (run_dir / "eval" / "metrics.json").is_file() and adapted_threshold(run_dir):
+        threshold, why = adapted_threshold(run_dir)  # an adapted run not evaluated since
     else:
         threshold, why = default_threshold(run_dir / "eval" / "metrics.json" if run_dir else exported, config.tta)
     if binary:

@@ -180,6 +180,27 @@ def _model(metrics: dict, run: dict, run_dir: Path | None, pipeline: dict | None
     return out + [""]
 
 
+def split_table(rows: list[dict]) -> list[str]:
+    """The side-by-side table of every split an evaluation has (metrics.json's "splits"), Markdown rows."""
+    keys = [k for k in ("roc_auc", "accuracy", "sensitivity", "specificity") if any(k in r["intervals"] for r in rows)]
+    flagged = any("flagged" in r for r in rows)
+    out = ["| split | how it was made | images | " + " | ".join(METRIC_NAMES[k] for k in keys) + " | ECE |"
+           + (" flagged by the guard |" if flagged else ""),
+           "|---|---|---|" + "---|" * (len(keys) + 1 + flagged)]
+    for r in rows:
+        cells = [_interval_cell(r["intervals"].get(k) or {}) for k in keys]
+        out.append(f"| {r['split']} | {r['origin']} | {r['n']} | " + " | ".join(cells) + f" | {r['ece']:.3f} |"
+                   + (f" {100 * r['flagged']:.1f} % |" if flagged and "flagged" in r else (" - |" if flagged else "")))
+    return out
+
+
+def _interval_cell(ci: dict) -> str:
+    if ci.get("value") is None:
+        return "n/a"
+    return f"{ci['value']:.3f} ({ci['low']:.3f}-{ci['high']:.3f})" if ci.get("low") is not None else \
+        f"{ci['value']:.3f}"
+
+
 def _interval(summary: dict, key: str) -> str:
     value = summary.get(key)
     if value is None:
@@ -209,6 +230,11 @@ def _performance(metrics: dict) -> list[str]:
     if c:
         out += ["", f"At the threshold: {c.get('tp')} true positives, {c.get('fn')} missed, {c.get('fp')} false "
                     f"alarms, {c.get('tn')} true negatives."]
+    if metrics.get("splits"):
+        out += ["", "**Every split, side by side**, at the same threshold (the validation row is optimistic: the "
+                    "threshold and the calibration were fitted on it). A drop from validation to a split held "
+                    "out by time, by source or from another site is what a new hospital should expect:", "",
+                *split_table(metrics["splits"])]
     return out + [""]
 
 

@@ -182,6 +182,7 @@ def report_blocks(r: dict) -> list[tuple]:
                            else f", {t['description']}.")))
     blocks += _uncertainty_blocks(r)
     blocks += _metric_blocks(r)
+    blocks += _split_blocks(r)
     blocks += _view_blocks(r)
     blocks += _calibration_blocks(r)
     blocks += _guard_blocks(r)
@@ -261,6 +262,32 @@ def _calibration_blocks(r: dict) -> list[tuple]:
         cal["method"], f"The model ends in {cal['method']} calibration fitted on the {cal['fitted_on'] or 'val'} split.")
     return [("h2", "Calibration"), ("p", how + f" Measured on the {r['split']} split (lower is better):"),
             ("table", ["probabilities", "ECE", "Brier", "log loss"], rows)]
+
+
+def _split_blocks(r: dict) -> list[tuple]:
+    rows = r.get("splits") or []
+    if len(rows) < 2:
+        return []
+    keys = [k for k in ("roc_auc", "accuracy", "sensitivity", "specificity") if k in rows[0]["intervals"]]
+    header = ["split", "how it was made", "images", *[METRIC_LABELS.get(k, k) for k in keys], "ECE"]
+    flagged = any("flagged" in row for row in rows)
+    table = []
+    for row in rows:
+        cells = [row["split"], row["origin"], str(row["n"])]
+        for key in keys:
+            ci = row["intervals"].get(key) or {}
+            cells.append("n/a" if ci.get("value") is None else
+                         f"{_fmt(ci['value'])} ({_fmt(ci['low'])}-{_fmt(ci['high'])})" if ci.get("low") is not None
+                         else _fmt(ci["value"]))
+        cells.append(_fmt(row["ece"]))
+        if flagged:
+            cells.append(f"{100 * row['flagged']:.1f} %" if "flagged" in row else "-")
+        table.append(cells)
+    return [("h2", "Every split, side by side"),
+            ("p", "At the same validation-chosen threshold, with 95 % bootstrap intervals. The validation row is "
+                  "optimistic (the threshold and the calibration were fitted on it); a split held out by time, by "
+                  "source or from another site shows what a new hospital should expect."),
+            ("table", header + (["flagged by the guard"] if flagged else []), table)]
 
 
 def _guard_blocks(r: dict) -> list[tuple]:

@@ -29,6 +29,7 @@ class ThresholdRule:
 
     kind: str
     value: float | None = None
+    source: str | None = None  # for a fixed threshold: where it came from, when not from the user
 
     def __str__(self) -> str:
         if self.kind == "fixed":
@@ -39,7 +40,7 @@ class ThresholdRule:
         return {"youden": "maximises sensitivity + specificity - 1 (Youden's J) on validation",
                 "sensitivity": f"highest specificity keeping sensitivity >= {self.value} on validation",
                 "specificity": f"highest sensitivity keeping specificity >= {self.value} on validation",
-                "fixed": "fixed by the user"}[self.kind]
+                "fixed": f"chosen by {self.source}" if self.source else "fixed by the user"}[self.kind]
 
     def choose(self, y_val: np.ndarray, p_val: np.ndarray) -> float:
         """The threshold on validation labels and positive-class probabilities (never test data)."""
@@ -155,6 +156,25 @@ def compute_metrics(val: SplitScores, test: SplitScores, classes: list[str], rul
         out["multiclass"]["intervals"] = m.bootstrap_intervals(m.multiclass_metric_functions(), test.labels,
                                                                test.probs, n_resamples=n_bootstrap, seed=seed)
     return out
+
+
+def split_row(scores: SplitScores, threshold: float | None, origin: str, *, n_bootstrap: int = DEFAULT_BOOTSTRAP,
+              seed: int = 0) -> dict[str, Any]:
+    """One split's line of the side-by-side comparison: its size and origin, ROC-AUC, accuracy, sensitivity
+    and specificity at the (validation-chosen) threshold with bootstrap intervals, and ECE; K classes:
+    accuracy, macro ROC-AUC and top-label ECE."""
+    from distributed.model.calibration import probability_quality
+
+    row: dict[str, Any] = {"split": scores.split, "origin": origin, "n": len(scores.labels),
+                           "ece": probability_quality(scores.labels, scores.probs, scores.head)["ece"]}
+    if scores.head.binary and threshold is not None:
+        fns = m.binary_metric_functions(threshold)
+        row["intervals"] = m.bootstrap_intervals({k: fns[k] for k in m.INTERVAL_METRICS}, scores.labels,
+                                                 scores.probs[:, 1], n_resamples=n_bootstrap, seed=seed)
+    else:
+        summary = m.multiclass_summary(scores.labels, scores.probs, [str(i) for i in range(scores.probs.shape[1])])
+        row["intervals"] = {"accuracy": {"value": summary["accuracy"], "low": None, "high": None}}
+    return row
 
 
 NO_VIEW = "not DICOM"

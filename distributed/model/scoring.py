@@ -60,6 +60,22 @@ def load_scorer(path: str | Path, *, num_threads: int | None = None, head: Head 
     return keras_scorer(path, head=head)
 
 
+ADAPTATION_FILE = "adaptation.json"  # in a run adapted by distributed.adapt: the site, its sample, intervals
+
+
+def adapted_threshold(run_dir: Path) -> tuple[float, str] | None:
+    """(threshold, where it came from) of an adapted run (RUN/adaptation.json with a labelled sample)."""
+    path = Path(run_dir) / ADAPTATION_FILE
+    if not path.is_file():
+        return None
+    record = read_json(path, "adaptation record")
+    site = record.get("labelled")
+    if not site:
+        return None
+    return float(site["threshold"]), (f"{site['rule']} on {site['n']} labelled images of site {record['site']} "
+                                      "(distributed.adapt)")
+
+
 def run_head(run_config: dict) -> Head | None:
     """The head a run folder's config.json records (None for a run recorded before heads were: its model
     says which it has)."""

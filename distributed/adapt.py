@@ -1,0 +1,240 @@
+"""python -m distributed.adapt: adapt a trained model to a new site with that site's own images.
+
+    python -m distributed.adapt --run runs/kermany/final --labelled site-a/ --site site-a --output runs/site-a
+    python -m distributed.adapt --run runs/kermany/final --unlabelled site-a-scans/ --adabn --site site-a \\
+        --output runs/site-a-adabn
+
+A model fitted and calibrated on one hospital's images ranks another's well enough but reads its
+probabilities and its threshold wrongly. With a small labelled sample of the new site (class folders or a
+CSV path,label; 50-200 images) this refits the calibration and chooses the operating threshold there, and
+bootstraps both to say how sure the new operating point is and how many labelled images would narrow it
+(distributed.evaluation.adaptation). Optionally (--adabn) it first re-estimates the BatchNormalization
+statistics on the site's images, labelled or not (AdaBN, Li et al. 2016): measure whether that helps
+(docs/evaluation.md); it is off by default.
+
+It writes a new run folder that evaluate, predict, export and optimize take as it is: the adapted model,
+its config.json and calibration.json, adaptation.json (site, sample, intervals), the original run's
+out-of-distribution guard, and, when the original run's dataset is here, its evaluation at the site's
+threshold and the model card, which records the adaptation.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from distributed.model.kerasenv import keras  # noqa: F401  first: chooses tf_keras before TensorFlow loads
+
+import numpy as np
+
+from cxrscale.cli import OneLineParser, config_from, run_cli
+from cxrscale.console import setup_logging
+from cxrscale.errors import CxrError
+from cxrscale.files import atomic_dir, check_writable_dir, read_json, write_json_atomic
+from cxrscale.provenance import git_commit
+from distributed.evaluation.adaptation import adapt_site
+from distributed.evaluation.scores import DEFAULT_BOOTSTRAP, ThresholdRule, parse_threshold
+from distributed.model.builders import recalibrate_batchnorm
+from distributed.model.calibration import METHODS, Calibration, calibrated_model, logits_of
+from distributed.model.guard import GUARD_FILE
+from distributed.model.heads import Head
+from distributed.model.scoring import ADAPTATION_FILE, read_run_config, run_head, run_model_path
+from preprocessing.sources import discover
+from preprocessing.transform import ImageRejected, TransformParams, transform
+
+log = logging.getLogger("cxrscale.adapt")
+
+COPIED = ("dataset_manifest.json", "train_summary.json", "history.csv")
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Every option of `python -m distributed.adapt` (see `build_parser`), as `parse_config` builds it."""
+
+    run: str
+    output: str
+    site: str
+    labelled: str | None = None
+    unlabelled: str | None = None
+    adabn: bool = False
+    calibration: str = "platt"
+    threshold: ThresholdRule = ThresholdRule("youden")
+    bootstrap: int = DEFAULT_BOOTSTRAP
+    seed: int = 0
+    no_evaluate: bool = False
+    quiet: bool = False
+
+
+def load_images(paths: Sequence[Path], params: TransformParams, what: str) -> tuple[np.ndarray, list[int]]:
+    """The run's transform of each file; a file that cannot be used is reported and left out. Returns the
+    images and the positions of the files kept."""
+    images, kept = [], []
+    for k, path in enumerate(paths):
+        try:
+            images.append(transform(Path(path).read_bytes(), params, Path(path).name))
+            kept.append(k)
+        except (ImageRejected, OSError) as err:
+            log.error("%s image %s left out: %s", what, path, str(err).strip() or type(err).__name__)
+    if not images:
+        raise CxrError(f"none of the {len(paths)} {what} images could be read with the run's transform")
+    return np.stack(images), kept
+
+
+def labelled_sample(folder: str, classes: list[str], params: TransformParams) -> tuple[np.ndarray, np.ndarray]:
+    """A site's labelled images (class folders, a Kermany layout or a CSV path,label) with labels in the
+    run's class order; a class the run does not know is refused."""
+    found = discover(folder)
+    unknown = [c for c in found.classes if c not in classes]
+    if unknown:
+        raise CxrError(f"--labelled {folder} has classes {', '.join(unknown)} the run does not know "
+                       f"(it was trained on {', '.join(classes)})")
+    images, kept = load_images([Path(item.path) for item in found.items], params, "labelled")
+    labels = np.array([classes.index(found.classes[found.items[k].label]) for k in kept])
+    return images, labels
+
+
+def unlabelled_images(folder: str, params: TransformParams) -> np.ndarray:
+    from distributed.predict import expand_inputs
+
+    return load_images(expand_inputs([folder]), params, "unlabelled")[0]
+
+
+def adapt(config: AdaptConfig) -> dict[str, Any]:
+    run_dir, output = Path(config.run), Path(config.output)
+    run_config = read_run_config(run_dir)
+    model_path = run_model_path(run_dir)
+    if output.resolve() == run_dir.resolve():
+        raise CxrError("--output must be a new folder: the adapted run never replaces the one it came from")
+    check_writable_dir(output, "--output")
+    if (output / "model").exists():
+        raise CxrError(f"--output {output} already holds a model; choose another folder")
+    manifest = read_json(run_dir / "dataset_manifest.json", "the run's dataset manifest")
+    params, classes = TransformParams.from_dict(manifest["transform"]), list(manifest["classes"])
+
+    model = keras.models.load_model(str(model_path), compile=False)
+    head = run_head(run_config) or Head.of_model(model)
+    logits_head = Head.of_logits(model)
+    record: dict[str, Any] = {"site": config.site, "adapted_from": str(run_dir), "adabn": None}
+    labelled = labelled_sample(config.labelled, classes, params) if config.labelled else None
+    if config.adabn:
+        images = unlabelled_images(config.unlabelled, params) if config.unlabelled else labelled[0]
+        layers = recalibrate_batchnorm(model, images)
+        if not layers:
+            raise CxrError(f"--adabn: {model_path} has no BatchNormalization layer to re-estimate")
+        record["adabn"] = {"images": int(len(images)), "layers": layers,
+                           "from": "unlabelled" if config.unlabelled else "labelled (labels unused)"}
+        log.info("AdaBN: %d BatchNormalization layers re-estimated on %d site images", layers, len(images))
+    if labelled is not None:
+        images, labels = labelled
+        site = adapt_site(labels, logits_of(model, images), logits_head, method=config.calibration,
+                          rule=config.threshold, n_bootstrap=config.bootstrap, seed=config.seed)
+        calibration = Calibration.from_dict(site["calibration"])
+        record["labelled"] = site
+        oob = site["out_of_bag"]
+        log.info("site %s, %d labelled images: threshold %.3f (%.3f-%.3f); out of bag sensitivity %.3f "
+                 "(%.3f-%.3f), specificity %.3f (%.3f-%.3f), ECE %.3f", config.site, site["n"], site["threshold"],
+                 site["threshold_interval"]["low"], site["threshold_interval"]["high"],
+                 oob["sensitivity"]["value"], oob["sensitivity"]["low"], oob["sensitivity"]["high"],
+                 oob["specificity"]["value"], oob["specificity"]["low"], oob["specificity"]["high"],
+                 oob["ece"]["value"])
+    else:
+        calibration = Calibration.from_dict(read_json(run_dir / "calibration.json", "calibration record"))
+        log.warning("no --labelled sample: the run's own calibration and threshold are kept; only the "
+                    "normalisation statistics are adapted")
+    final = calibrated_model(model, calibration, head=logits_head)
+
+    output.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, output / name)
+    if (run_dir / "eval" / GUARD_FILE).is_file():  # the guard looks at the images, which adaptation leaves alone
+        (output / "eval").mkdir(exist_ok=True)
+        shutil.copyfile(run_dir / "eval" / GUARD_FILE, output / "eval" / GUARD_FILE)
+    fitted_on = f"site {config.site}: {record['labelled']['n']} labelled images" if labelled is not None else \
+        read_json(run_dir / "calibration.json", "calibration record").get("fitted_on", "val")
+    write_json_atomic(output / "calibration.json", {**calibration.to_dict(), "fitted_on": fitted_on})
+    record["git_commit"] = git_commit()
+    write_json_atomic(output / ADAPTATION_FILE, record)
+    meta = {**run_config, "config": {**run_config["config"], "output": str(output)},
+            "resolved": {**run_config.get("resolved", {}), "output": str(output)},
+            "head": head.to_dict(), "adaptation": {"site": config.site, "from": str(run_dir),
+                                                   "file": ADAPTATION_FILE}}
+    with atomic_dir(output / "model") as tmp:  # the model lands last: its presence means a finished run
+        final.save(str(tmp))
+        write_json_atomic(output / "config.json", meta)
+    log.info("adapted run written to %s", output)
+    if not config.no_evaluate:
+        evaluate_adapted(output, run_config)
+    return record
+
+
+def evaluate_adapted(output: Path, run_config: dict) -> None:
+    """The adapted run's evaluation on its dataset's test split at the site's threshold (and so its model card),
+    when that dataset is here."""
+    data = Path(run_config["config"]["data"])
+    if not (data / "manifest.json").is_file():
+        log.warning("the run's dataset %s is not here: run python -m distributed.evaluate --run %s --data "
+                    "PREPARED to write the adapted run's report and model card", data, output)
+        return
+    from distributed.evaluate import EvaluateConfig, evaluate
+
+    evaluate(EvaluateConfig(run=str(output), no_gradcam=True))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="python -m distributed.adapt", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example:\n  python -m distributed.adapt --run runs/kermany/final --labelled site-a/ --site site-a "
+               "--output runs/site-a\n(docs/evaluation.md, \"Site adaptation\")")
+    parser.add_argument("--run", required=True, help="the trained run folder to adapt (runs/NAME)")
+    parser.add_argument("--output", required=True, help="the adapted run folder to write (a new folder)")
+    parser.add_argument("--site", required=True, help="the site's name, recorded in the run and its model card")
+    parser.add_argument("--labelled", help="the site's labelled images: class folders named like the run's "
+                                           "classes, or a CSV path,label")
+    parser.add_argument("--unlabelled", help="--adabn: a folder of the site's images, without labels (default: "
+                                             "the --labelled images)")
+    parser.add_argument("--adabn", action="store_true",
+                        help="re-estimate BatchNormalization statistics on the site's images first (AdaBN)")
+    parser.add_argument("--calibration", choices=[m for m in METHODS if m != "auto"], default="platt",
+                        help="calibration refitted on the labelled sample (default platt: its offset learns the "
+                             "site's own prevalence, which the labelled sample is drawn from)")
+    parser.add_argument("--threshold", type=parse_threshold, default=ThresholdRule("youden"),
+                        help="operating point chosen on the labelled sample: youden (default), sensitivity:0.95 or "
+                             "specificity:0.9")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
+                        help=f"bootstrap rounds for the intervals (default {DEFAULT_BOOTSTRAP})")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--no-evaluate", action="store_true",
+                        help="do not evaluate the adapted run on its dataset's test split afterwards")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None) -> AdaptConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.labelled and not args.adabn:
+        parser.error("give --labelled (refit calibration and threshold), --adabn (re-estimate normalisation), or both")
+    if args.unlabelled and not args.adabn:
+        parser.error("--unlabelled images are only used by --adabn")
+    if args.adabn and not (args.unlabelled or args.labelled):
+        parser.error("--adabn needs the site's images: --unlabelled FOLDER or --labelled")
+    if args.bootstrap < 100:
+        parser.error(f"--bootstrap must be at least 100, got {args.bootstrap}")
+    return config_from(AdaptConfig, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    setup_logging(logging.WARNING if config.quiet else logging.INFO)
+    adapt(config)
+    print(f"adapted run: {config.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
