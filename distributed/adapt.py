@@ -135,11 +135,10 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
         record["labelled"] = site
         oob = site["out_of_bag"]
         log.info("site %s, %d labelled images: threshold %.3f (%.3f-%.3f); out of bag sensitivity %.3f "
-                 "(%.3f-%.3f), specificity %.3f (%.3f-%.3f), ECE %.3f", config.site, site["n"], site["threshold"],
+                 "(%.3f-%.3f), specificity %.3f (%.3f-%.3f)", config.site, site["n"], site["threshold"],
                  site["threshold_interval"]["low"], site["threshold_interval"]["high"],
                  oob["sensitivity"]["value"], oob["sensitivity"]["low"], oob["sensitivity"]["high"],
-                 oob["specificity"]["value"], oob["specificity"]["low"], oob["specificity"]["high"],
-                 oob["ece"]["value"])
+                 oob["specificity"]["value"], oob["specificity"]["low"], oob["specificity"]["high"])
     else:
         calibration = Calibration.from_dict(read_json(run_dir / "calibration.json", "calibration record"))
         log.warning("no --labelled sample: the run's own calibration and threshold are kept; only the "

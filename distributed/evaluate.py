@@ -298,6 +298,8 @@ def compare_splits(config: EvaluateConfig, target: Target, manifest: dict, score
     for folder in config.external:
         data_dir = Path(folder)
         external = schema.read_manifest(data_dir)
+        if target.run_config and sha256_file(data_dir / schema.MANIFEST) == target.run_config.get("manifest_sha256"):
+            raise CxrError(f"--external {data_dir} is the dataset the run was trained on, not another site")
         ours = {k: v for k, v in manifest["transform"].items() if k not in ("modalities", "views", "body_parts")}
         theirs = {k: v for k, v in external["transform"].items() if k not in ("modalities", "views", "body_parts")}
         if ours != theirs or external["classes"] != manifest["classes"]:

@@ -19,6 +19,7 @@ from cxrscale.cli import version_line
 from cxrscale.files import read_json, write_text_atomic
 from cxrscale.provenance import git_commit
 from distributed.model.heads import Head
+from distributed.model.scoring import ADAPTATION_FILE
 
 CARD_NAME = "model_card.md"
 KERMANY_CREDIT = ('D. Kermany, K. Zhang, M. Goldbaum, "Labeled Optical Coherence Tomography (OCT) and Chest X-Ray '
@@ -69,6 +70,7 @@ def model_card(metrics: dict[str, Any], metrics_file: Path, *, pipeline: dict[st
     lines += _training_data(data, classes, synthetic, dataset_credit)
     lines += _preprocessing(data.get("transform") or {})
     lines += _model(metrics, run, run_dir, pipeline)
+    lines += _adaptation(run_dir)
     lines += _performance(metrics)
     lines += _calibration(metrics.get("calibration") or {})
     lines += _guard(metrics.get("guard") or {}, metrics.get("split", "test"))
@@ -199,6 +201,39 @@ def _interval_cell(ci: dict) -> str:
         return "n/a"
     return f"{ci['value']:.3f} ({ci['low']:.3f}-{ci['high']:.3f})" if ci.get("low") is not None else \
         f"{ci['value']:.3f}"
+
+
+def _adaptation(run_dir: Path | None) -> list[str]:
+    path = run_dir / ADAPTATION_FILE if run_dir else None
+    if not path or not path.is_file():
+        return []
+    record = read_json(path, "adaptation record")
+    out = ["## Site adaptation", "", f"Adapted to site **{record['site']}** from `{record['adapted_from']}` by "
+           "`python -m distributed.adapt`."]
+    if record.get("adabn"):
+        out.append(f"- BatchNormalization statistics re-estimated on {record['adabn']['images']} of the site's "
+                   f"images ({record['adabn']['from']}).")
+    site = record.get("labelled")
+    if site:
+        oob, cal = site["out_of_bag"], site["calibration"]
+        out += [f"- Calibration `{cal['method']}` and the operating threshold ({site['rule_description']}) were "
+                f"fitted on {site['n']} labelled images of the site ({site['class_counts'][0]} negative, "
+                f"{site['class_counts'][1]} positive): threshold **{site['threshold']:.3f}** (bootstrap 95 % "
+                f"interval {site['threshold_interval']['low']:.3f}-{site['threshold_interval']['high']:.3f}).",
+                "- What to expect at the site with a threshold chosen this way (each of "
+                f"{site['bootstrap_rounds']} bootstrap rounds refits on a resample and measures on the images it "
+                "left out):", "",
+                "| at the site | expected | 95 % interval | labelled images for +-"
+                f"{site['target_half_width']:.2f} |", "|---|---|---|---|"]
+        for key in ("sensitivity", "specificity", "accuracy"):
+            iv, need = oob[key], site["narrowing"][key]
+            out.append(f"| {key} | {iv['value']:.3f} | {iv['low']:.3f}-{iv['high']:.3f} | "
+                       f"{need['images_for_target']} |")
+        out += ["", "Out-of-bag figures run a little low (each round fits on about 63 % of the distinct images); "
+                "the figures in Performance below are on the original dataset's splits, at the site's threshold."]
+    else:
+        out.append("- No labelled sample: the original calibration and threshold are kept.")
+    return out + [""]
 
 
 def _interval(summary: dict, key: str) -> str:

@@ -98,12 +98,13 @@ def test_run_quietly_passes_on_everything_but_tensorflows_start_up_lines():
 
 
 ENTRY_POINTS = ["preprocessing", "preprocessing.sample", "distributed.train", "distributed.evaluate",
-                "distributed.predict", "distributed.ensemble", "optimize.prune_quantize", "optimize.export",
+                "distributed.predict", "distributed.ensemble", "distributed.adapt", "optimize.prune_quantize",
+                "optimize.export",
                 "optimize.tune", "launch.cli",
                 "launch.local", "launch.slurm", "launch.kubernetes", "launch.hostfile", "launch.pipeline",
                 "benchmarks", "benchmarks.preprocess", "benchmarks.train", "benchmarks.optimize",
                 "benchmarks.complexity", "benchmarks.scaling", "benchmarks.robustness", "benchmarks.serving",
-                "benchmarks.faults", "benchmarks.input", "benchmarks.trust"]
+                "benchmarks.faults", "benchmarks.input", "benchmarks.trust", "benchmarks.shift"]
 
 
 def test_every_entry_point_answers_version():

@@ -148,12 +148,21 @@ def test_tta_in_evaluate_and_predict(sample_run, sample_images, tmp_path):
     np.testing.assert_allclose(scorer.predict(images), expected, atol=1e-6)  # the mean over the four views
 
 
-def test_real_data_predict_agrees_with_evaluate(real_run, tmp_path):
+def test_real_data_predict_agrees_with_evaluate(real_run, prepared64, tmp_path):
     """Predict re-reads the original JPEGs and re-applies the run's transform; its probabilities must equal
-    evaluate's on the prepared test shards for the same images."""
-    result = run_module("distributed.evaluate", "--run", str(real_run["run"]), "--bootstrap", "200")
+    evaluate's on the prepared test shards for the same images. Another prepared dataset (--external, here
+    the synthetic sample) is scored beside the run's own splits."""
+    result = run_module("distributed.evaluate", "--run", str(real_run["run"]), "--bootstrap", "200",
+                        "--external", str(prepared64))
     assert result.returncode == 0, quiet(result.stderr)
     metrics = json.loads((real_run["run"] / "eval" / "metrics.json").read_text())
+    rows = {row["split"]: row for row in metrics["splits"]}
+    assert list(rows) == ["val", "test", "external:prepared64"]
+    assert rows["test"]["origin"] == "carved at random from the pool, grouped by patient"
+    assert rows["external:prepared64"]["n"] == 128 and 0 <= rows["external:prepared64"]["flagged"] <= 1
+    assert rows["test"]["intervals"]["roc_auc"]["value"] == pytest.approx(
+        metrics["at_threshold"]["intervals"]["roc_auc"]["value"])
+    assert "## Every split, side by side" in (real_run["run"] / "eval" / "report.md").read_text()
     auc = metrics["at_threshold"]["intervals"]["roc_auc"]
     print(f"real test AUC {auc['value']:.3f} ({auc['low']:.3f}-{auc['high']:.3f}), n={metrics['n']}")
     assert auc["value"] > 0.75
@@ -193,7 +202,7 @@ def test_real_data_predict_agrees_with_evaluate(real_run, tmp_path):
         else:
             assert row["outside"] is True and row["ood_score"] > metrics["guard"]["threshold"], row
     assert "are outside what the model was trained on" in result.stderr
-    assert "out-of-distribution" in card and "guard" in card
+    assert "out-of-distribution" in card and "guard" in card and "Every split, side by side" in card
 
 
 def test_predict_reports_a_corrupt_file_and_predicts_the_rest(sample_run, tmp_path):
