@@ -41,6 +41,9 @@ def test_every_format_gives_the_runs_calibrated_probabilities_on_real_radiograph
     assert record["classes"] == ["NORMAL", "PNEUMONIA"] and record["input"]["shape"] == [None, 64, 64, 1]
     assert record["transform"] == json.loads((run / "dataset_manifest.json").read_text())["transform"]
     assert (out / "model_card.md").read_text() == (run / "model_card.md").read_text()
+    # the out-of-distribution guard travels with the exports, so predict --model EXPORT applies it
+    assert (out / "guard.npz").read_bytes() == (run / "eval" / "guard.npz").read_bytes()
+    assert record["guard"]["file"] == "guard.npz" and record["guard"]["threshold"] is not None
 
     # An independent check on every radiograph of the test split, against the run's own Keras model.
     images = np.stack([x for x, _ in schema.dataset(data, "test").as_numpy_iterator()])
@@ -88,6 +91,7 @@ def test_every_format_gives_the_runs_calibrated_probabilities_on_real_radiograph
     assert [r["file"] for r in lite_rows] == files
     for a, b in zip(lite_rows, keras_rows):
         assert a["probability"] == pytest.approx(b["probability"], abs=1e-4) and a["threshold"] == b["threshold"]
+        assert a["ood_score"] == pytest.approx(b["ood_score"]) and a["outside"] == b["outside"]
 
 
 def test_export_refuses_a_run_without_a_model(tmp_path):

@@ -373,7 +373,8 @@ def test_pacs_export_end_to_end_leaks_no_header_value(pacs_export, tmp_path, ray
     assert "## Per view position" in (evaluated / "report.md").read_text()
     card = (evaluated / "model_card.md").read_text()
     assert "- View AP (" in card and "- View PA (" in card and "(site, sex, age, device)" in card
-    assert "DICOM files are accepted from CR, DX and every view; burnt-in annotations are refused" in card
+    assert ("DICOM files are accepted from CR, DX, every view and BodyPartExamined CHEST, UNKNOWN; burnt-in "
+            "annotations are refused") in card
 
     predictions = tmp_path / "predictions.csv"
     # The dataset's rules hold at prediction too; files that fail them make the exit status 1.
