@@ -122,6 +122,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             log.warning("%s is not the dataset the run was trained on: its test split may overlap the training "
                         "data, which only the user can rule out", target.data_dir)
 
+    check_external(config.external, target, manifest)  # a bad --external fails before any scoring
     log.info("scoring the val and %s splits of %s with %s", config.split, target.data_dir, target.model_path)
     val = score_split(scorer, target.data_dir, "val", config.batch_size, uncalibrated=config.split == "val")
     test = val if config.split == "val" else score_split(scorer, target.data_dir, config.split, config.batch_size,
@@ -283,6 +284,25 @@ def split_origin(manifest: dict, split: str) -> str:
     return "given by the input" if split in (info.get("given") or []) else "carved at random, grouped by patient"
 
 
+def check_external(folders: Sequence[str], target: Target, manifest: dict) -> list[tuple[Path, dict]]:
+    """Each --external dataset with its manifest, refused (before any scoring) when it is the run's own
+    training data, or was prepared with another transform or other classes."""
+    pixels = ("modalities", "views", "body_parts")  # header rules: what is accepted, not how it is transformed
+    ours = {k: v for k, v in manifest["transform"].items() if k not in pixels}
+    out = []
+    for folder in folders:
+        data_dir = Path(folder)
+        external = schema.read_manifest(data_dir)
+        if target.run_config and sha256_file(data_dir / schema.MANIFEST) == target.run_config.get("manifest_sha256"):
+            raise CxrError(f"--external {data_dir} is the dataset the run was trained on, not another site")
+        theirs = {k: v for k, v in external["transform"].items() if k not in pixels}
+        if ours != theirs or external["classes"] != manifest["classes"]:
+            raise CxrError(f"--external {data_dir} was prepared with another transform or other classes than "
+                           f"{target.data_dir}: prepare it with the same --size, --resize and --contrast")
+        out.append((data_dir, external))
+    return out
+
+
 def compare_splits(config: EvaluateConfig, target: Target, manifest: dict, scorer, val: SplitScores,
                    test: SplitScores, results: dict[str, Any], guard: Guard | None) -> list[dict[str, Any]]:
     """Every split this evaluation has, side by side at the validation-chosen threshold: val, the evaluated
@@ -295,16 +315,7 @@ def compare_splits(config: EvaluateConfig, target: Target, manifest: dict, score
         if guard is not None:
             row["flagged"] = results["guard"][f"{scores.split}_flagged"]
         rows.append(row)
-    for folder in config.external:
-        data_dir = Path(folder)
-        external = schema.read_manifest(data_dir)
-        if target.run_config and sha256_file(data_dir / schema.MANIFEST) == target.run_config.get("manifest_sha256"):
-            raise CxrError(f"--external {data_dir} is the dataset the run was trained on, not another site")
-        ours = {k: v for k, v in manifest["transform"].items() if k not in ("modalities", "views", "body_parts")}
-        theirs = {k: v for k, v in external["transform"].items() if k not in ("modalities", "views", "body_parts")}
-        if ours != theirs or external["classes"] != manifest["classes"]:
-            raise CxrError(f"--external {data_dir} was prepared with another transform or other classes than "
-                           f"{target.data_dir}: prepare it with the same --size, --resize and --contrast")
+    for data_dir, external in check_external(config.external, target, manifest):
         splits = [s for s, c in (external.get("counts", {}).get("per_split") or {}).items() if c.get("total")]
         parts = [score_split(scorer, data_dir, s, config.batch_size) for s in splits]
         scores = SplitScores(f"external:{data_dir.name}", np.concatenate([p.labels for p in parts]),

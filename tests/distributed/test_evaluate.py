@@ -109,6 +109,32 @@ def test_evaluate_cli_writes_a_complete_self_contained_report(sample_run, tmp_pa
     assert f"| as served | {cal['after']['ece']:.3f} | {cal['after']['brier']:.3f} |" in card
 
 
+def test_external_datasets_are_checked_before_scoring(tmp_path):
+    """--external refuses the run's own training data and a dataset prepared with another transform, naming it."""
+    from cxrscale.errors import CxrError
+    from cxrscale.files import sha256_file
+    from distributed.evaluate import Target, check_external
+    from preprocessing import schema
+    from preprocessing.transform import TransformParams
+
+    def prepared(name: str, size: int) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({
+            "schema_version": schema.SUPPORTED_SCHEMA_VERSIONS[-1], "classes": ["NORMAL", "PNEUMONIA"],
+            "transform": TransformParams(size=size, body_parts=() if name == "site" else ("CHEST",)).to_dict()}))
+        return folder
+
+    own, site, other = prepared("own", 64), prepared("site", 64), prepared("other", 96)
+    manifest = json.loads((own / "manifest.json").read_text())
+    target = Target(own / "model", own, tmp_path / "eval", own, {"manifest_sha256": sha256_file(own / "manifest.json")})
+    assert [d for d, _ in check_external([str(site)], target, manifest)] == [site]  # header rules may differ
+    with pytest.raises(CxrError, match=r"--external .*own is the dataset the run was trained on"):
+        check_external([str(own)], target, manifest)
+    with pytest.raises(CxrError, match=r"--external .*other was prepared with another transform"):
+        check_external([str(site), str(other)], target, manifest)
+
+
 def test_tta_views_are_mild_and_unflipped():
     from distributed.model.scorer import tta_views
 
