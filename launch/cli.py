@@ -23,6 +23,7 @@ COMMANDS = {
     "evaluate": ("distributed.evaluate", "evaluate a run: metrics with intervals, report, model card"),
     "predict": ("distributed.predict", "classify radiographs with a run or an exported model"),
     "ensemble": ("distributed.ensemble", "join trained runs into one calibrated model"),
+    "adapt": ("distributed.adapt", "adapt a run to a new site with its own images (calibration, threshold, AdaBN)"),
     "compress": ("optimize.prune_quantize", "prune and quantize a run, measure the variants"),
     "export": ("optimize.export", "export a run for TF Serving, ONNX Runtime/Triton and LiteRT"),
     "tune": ("optimize.tune", "search hyper-parameters with Ray Tune"),
