@@ -117,7 +117,7 @@ def measure(run_dir: Path, external: Path, shared_data: Path, work: Path, labell
         pick = np.concatenate([rng.choice(np.flatnonzero(y_ext == c), int(round(labelled * np.mean(y_ext == c))),
                                           replace=False) for c in (0, 1)])
         rest = np.setdiff1d(np.arange(len(y_ext)), pick)
-        site = adapt_site(y_ext[pick], z_ext[pick], head, method="platt", rule=parse_threshold("youden"),
+        site = adapt_site(y_ext[pick], z_ext[pick], head, method="temperature", rule=parse_threshold("youden"),
                           n_bootstrap=200, seed=seed + draw)
         cal = Calibration.from_dict(site["calibration"])
         figures = _quality(y_ext[rest], cal.apply(head, z_ext[rest])[:, 1], site["threshold"])

@@ -60,7 +60,7 @@ class AdaptConfig:
     labelled: str | None = None
     unlabelled: str | None = None
     adabn: bool = False
-    calibration: str = "platt"
+    calibration: str = "temperature"
     threshold: ThresholdRule = ThresholdRule("youden")
     bootstrap: int = DEFAULT_BOOTSTRAP
     seed: int = 0
@@ -198,9 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "the --labelled images)")
     parser.add_argument("--adabn", action="store_true",
                         help="re-estimate BatchNormalization statistics on the site's images first (AdaBN)")
-    parser.add_argument("--calibration", choices=[m for m in METHODS if m != "auto"], default="platt",
-                        help="calibration refitted on the labelled sample (default platt: its offset learns the "
-                             "site's own prevalence, which the labelled sample is drawn from)")
+    parser.add_argument("--calibration", choices=[m for m in METHODS if m != "auto"], default="temperature",
+                        help="calibration refitted on the labelled sample (default temperature; platt also learns "
+                             "the sample's prevalence, isotonic any monotone map: docs/evaluation.md compares them)")
     parser.add_argument("--threshold", type=parse_threshold, default=ThresholdRule("youden"),
                         help="operating point chosen on the labelled sample: youden (default), sensitivity:0.95 or "
                              "specificity:0.9")
