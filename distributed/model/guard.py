@@ -2,7 +2,7 @@
 
 A classifier answers for every input, a tibia or a photograph as readily as a chest film. The guard scores
 the model's input image itself, before the model, so it works the same for every model format (Keras,
-SavedModel, ONNX, TFLite) and costs microseconds per image:
+SavedModel, ONNX, TFLite) and needs neither TensorFlow nor the model:
 
 - Each prepared image becomes a small descriptor: its grey levels and its local edge energy (absolute
   Laplacian), each averaged down to `side` x `side`. The grey levels catch the wrong anatomy or framing,
@@ -13,8 +13,8 @@ SavedModel, ONNX, TFLite) and costs microseconds per image:
 - The threshold is a high quantile of the validation split's scores (never the test split's), so about
   1 - quantile of same-source images are flagged, and the share flagged on another site says how far it is.
 
-Chosen over the model's own outputs and features by measurement (docs/benchmarks.md, "Out-of-distribution
-guard"). No TensorFlow here.
+Chosen over the model's own outputs (its maximum probability, its energy score) by measurement
+(docs/benchmarks.md, "At another site"). No TensorFlow here.
 """
 from __future__ import annotations
 
