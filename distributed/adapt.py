@@ -166,11 +166,11 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
         write_json_atomic(output / "config.json", meta)
     log.info("adapted run written to %s", output)
     if not config.no_evaluate:
-        evaluate_adapted(output, run_config)
+        evaluate_adapted(output, run_config, config.bootstrap)
     return record
 
 
-def evaluate_adapted(output: Path, run_config: dict) -> None:
+def evaluate_adapted(output: Path, run_config: dict, bootstrap: int) -> None:
     """The adapted run's evaluation on its dataset's test split at the site's threshold (and so its model card),
     when that dataset is here."""
     data = Path(run_config["config"]["data"])
@@ -180,7 +180,7 @@ def evaluate_adapted(output: Path, run_config: dict) -> None:
         return
     from distributed.evaluate import EvaluateConfig, evaluate
 
-    evaluate(EvaluateConfig(run=str(output), no_gradcam=True))
+    evaluate(EvaluateConfig(run=str(output), no_gradcam=True, bootstrap=bootstrap))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="operating point chosen on the labelled sample: youden (default), sensitivity:0.95 or "
                              "specificity:0.9")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
-                        help=f"bootstrap rounds for the intervals (default {DEFAULT_BOOTSTRAP})")
+                        help=f"bootstrap rounds for the site's intervals and the adapted run's evaluation "
+                             f"(default {DEFAULT_BOOTSTRAP})")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--no-evaluate", action="store_true",
                         help="do not evaluate the adapted run on its dataset's test split afterwards")

@@ -310,8 +310,9 @@ def compare_splits(config: EvaluateConfig, target: Target, manifest: dict, score
     threshold = results["threshold"]["value"]
     rows = []
     for scores in ([val] if config.split == "val" else [val, test]):
+        known = results.get("at_threshold", {}).get("intervals") if scores is test else None
         row = split_row(scores, threshold, split_origin(manifest, scores.split), n_bootstrap=config.bootstrap,
-                        seed=config.seed)
+                        seed=config.seed, intervals=known)
         if guard is not None:
             row["flagged"] = results["guard"][f"{scores.split}_flagged"]
         rows.append(row)

@@ -159,15 +159,17 @@ def compute_metrics(val: SplitScores, test: SplitScores, classes: list[str], rul
 
 
 def split_row(scores: SplitScores, threshold: float | None, origin: str, *, n_bootstrap: int = DEFAULT_BOOTSTRAP,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, intervals: dict[str, Any] | None = None) -> dict[str, Any]:
     """One split's line of the side-by-side comparison: its size and origin, ROC-AUC, accuracy, sensitivity
-    and specificity at the (validation-chosen) threshold with bootstrap intervals, and ECE; K classes:
-    accuracy, macro ROC-AUC and top-label ECE."""
+    and specificity at the (validation-chosen) threshold with bootstrap intervals (`intervals`: already
+    computed for this split at this threshold), and ECE; K classes: accuracy and top-label ECE."""
     from distributed.model.calibration import probability_quality
 
     row: dict[str, Any] = {"split": scores.split, "origin": origin, "n": len(scores.labels),
                            "ece": probability_quality(scores.labels, scores.probs, scores.head)["ece"]}
-    if scores.head.binary and threshold is not None:
+    if scores.head.binary and threshold is not None and intervals is not None:
+        row["intervals"] = {k: intervals[k] for k in m.INTERVAL_METRICS if k in intervals}
+    elif scores.head.binary and threshold is not None:
         fns = m.binary_metric_functions(threshold)
         row["intervals"] = m.bootstrap_intervals({k: fns[k] for k in m.INTERVAL_METRICS}, scores.labels,
                                                  scores.probs[:, 1], n_resamples=n_bootstrap, seed=seed)

@@ -237,7 +237,7 @@ def test_a_killed_search_resumes_where_it_stopped(planted32, tmp_path):
     space = write_space(tmp_path / "space.json", {"lr": {"grid": [1e-3, 3e-3]}, "batch_size": 16,
                                                   "early_stopping_patience": 100})
     out = tmp_path / "killed"
-    args = ["--data", str(planted32), "--search", "grid", "--space", str(space), "--max-epochs", "12",
+    args = ["--data", str(planted32), "--search", "grid", "--space", str(space), "--max-epochs", "8",
             "--max-concurrent", "1", "--output", str(out), "-q"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TUNE_GLOBAL_CHECKPOINT_S="0.5")
     proc = subprocess.Popen([PYTHON, "-m", "optimize.tune", *args], cwd=REPO, env=env, start_new_session=True,
@@ -256,21 +256,21 @@ def test_a_killed_search_resumes_where_it_stopped(planted32, tmp_path):
         proc.wait()
     [first] = list(out.glob("trials/*"))
     done_before = len(read_numeric_csv(first / "history.csv"))
-    assert 3 <= done_before < 12 and not (first / "train_summary.json").exists()
+    assert 3 <= done_before < 8 and not (first / "train_summary.json").exists()
 
-    changed = run_tune(*[a if a != "12" else "13" for a in args])
+    changed = run_tune(*[a if a != "8" else "9" for a in args])
     assert changed.returncode == 2 and "holds a search with other settings (" in changed.stderr
     assert "max_epochs" in changed.stderr
 
     result = run_tune(*args)
     assert result.returncode == 0, quiet(result.stderr)[-3000:]
     rows = results(out)
-    assert len(rows) == 2 and all(r["status"] == "completed" and int(r["epochs"]) == 12 for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "completed" and int(r["epochs"]) == 8 for r in rows)
     resumed = next(r for r in rows if Path(r["run_dir"]) == first)
     log = (first / "train.log").read_text()
     assert "resuming after epoch" in log and log.count("best val AUC") == 1  # continued, not restarted
     history = read_numeric_csv(first / "history.csv")
-    assert [int(h["epoch"]) for h in history] == list(range(1, 13))
+    assert [int(h["epoch"]) for h in history] == list(range(1, 9))
     assert float(resumed["best_val_auc"]) == pytest.approx(max(h["val_auc"] for h in history))
 
     stamps = {p: p.stat().st_mtime for p in out.glob("trials/*/history.csv")}
