@@ -58,9 +58,8 @@ def _labelled_folder(folder: Path, params, classes: list[str]) -> tuple[np.ndarr
 def _quality(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
     from distributed.model import metrics as m
 
-    predicted = p >= threshold
-    return {"roc_auc": m.roc_auc(y, p), "accuracy": float(np.mean(predicted == (y == 1))),
-            "sensitivity": float(np.mean(predicted[y == 1])), "specificity": float(np.mean(~predicted[y == 0])),
+    return {"roc_auc": m.roc_auc(y, p), **{name: float(m.THRESHOLD_METRICS[name](y, p, threshold))
+                                           for name in ("accuracy", "sensitivity", "specificity")},
             "ece": m.expected_calibration_error(y, p)}
 
 

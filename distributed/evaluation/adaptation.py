@@ -41,12 +41,11 @@ def _stratified_resample(labels: np.ndarray, rng: np.random.Generator) -> np.nda
 
 
 def _at(labels: np.ndarray, probs: np.ndarray, threshold: float, head: Head) -> dict[str, float]:
-    y, p = labels, probs[:, 1]
-    predicted = p >= threshold
-    out = {"sensitivity": float(np.mean(predicted[y == 1])) if np.any(y == 1) else float("nan"),
-           "specificity": float(np.mean(~predicted[y == 0])) if np.any(y == 0) else float("nan"),
-           "accuracy": float(np.mean(predicted == (y == 1)))}
-    out["ece"] = probability_quality(y, probs, head)["ece"]
+    """Sensitivity, specificity and accuracy at `threshold`, and ECE, of images of both classes."""
+    p = probs[:, 1]
+    out = {name: float(m.THRESHOLD_METRICS[name](labels, p, threshold))
+           for name in ("sensitivity", "specificity", "accuracy")}
+    out["ece"] = probability_quality(labels, probs, head)["ece"]
     return out
 
 
@@ -91,8 +90,9 @@ def adapt_site(labels: np.ndarray, logits: np.ndarray, head: Head, *, method: st
             cal_b, t_b = fit_site(y[idx], z[idx], head, method, rule)
         except (ModelError, CxrError, m.MetricError):
             continue
+        measured = _at(y[out], cal_b.apply(head, z[out]), t_b, head)
         for key in rounds:
-            rounds[key].append(_at(y[out], cal_b.apply(head, z[out]), t_b, head)[key])
+            rounds[key].append(measured[key])
         # the round's threshold on the final calibration's scale: the logit where its own map crosses t_b
         crossing = positive[np.argmin(np.abs(cal_b.apply(head, z)[:, 1] - t_b))]
         thresholds.append(float(calibration.apply(Head("binary", 1), np.array([[crossing]]))[0, 1]))
