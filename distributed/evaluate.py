@@ -122,7 +122,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             log.warning("%s is not the dataset the run was trained on: its test split may overlap the training "
                         "data, which only the user can rule out", target.data_dir)
 
-    check_external(config.external, target, manifest)  # a bad --external fails before any scoring
+    externals = check_external(config.external, target, manifest)  # a bad one fails before any scoring
     log.info("scoring the val and %s splits of %s with %s", config.split, target.data_dir, target.model_path)
     val = score_split(scorer, target.data_dir, "val", config.batch_size, uncalibrated=config.split == "val")
     test = val if config.split == "val" else score_split(scorer, target.data_dir, config.split, config.batch_size,
@@ -137,7 +137,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                                            n_bootstrap=config.bootstrap, seed=config.seed)
     results["calibration"] = calibration_report(target, test, test.before_calibration())
     results["guard"], guard = guard_report(target.data_dir, config.split, target.output, config.guard_quantile)
-    results["splits"] = compare_splits(config, target, manifest, scorer, val, test, results, guard)
+    results["splits"] = compare_splits(config, manifest, externals, scorer, val, test, results, guard)
     results["tta"] = bool(config.tta)
     results["head"] = scorer.head.to_dict()
     results["model"] = {"path": str(target.model_path), "kind": scorer.kind, "input_shape": list(scorer.input_shape),
@@ -303,10 +303,11 @@ def check_external(folders: Sequence[str], target: Target, manifest: dict) -> li
     return out
 
 
-def compare_splits(config: EvaluateConfig, target: Target, manifest: dict, scorer, val: SplitScores,
-                   test: SplitScores, results: dict[str, Any], guard: Guard | None) -> list[dict[str, Any]]:
+def compare_splits(config: EvaluateConfig, manifest: dict, externals: list[tuple[Path, dict]], scorer,
+                   val: SplitScores, test: SplitScores, results: dict[str, Any],
+                   guard: Guard | None) -> list[dict[str, Any]]:
     """Every split this evaluation has, side by side at the validation-chosen threshold: val, the evaluated
-    split, and each --external dataset (all of its records, which the model never saw)."""
+    split, and each checked --external dataset (all of its records, which the model never saw)."""
     threshold = results["threshold"]["value"]
     rows = []
     for scores in ([val] if config.split == "val" else [val, test]):
@@ -316,7 +317,7 @@ def compare_splits(config: EvaluateConfig, target: Target, manifest: dict, score
         if guard is not None:
             row["flagged"] = results["guard"][f"{scores.split}_flagged"]
         rows.append(row)
-    for data_dir, external in check_external(config.external, target, manifest):
+    for data_dir, external in externals:
         splits = [s for s, c in (external.get("counts", {}).get("per_split") or {}).items() if c.get("total")]
         parts = [score_split(scorer, data_dir, s, config.batch_size) for s in splits]
         scores = SplitScores(f"external:{data_dir.name}", np.concatenate([p.labels for p in parts]),
