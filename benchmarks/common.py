@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / "benchmarks" / "results"
 HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")  # the venv's own, beside its python
 SUITES = ("preprocess", "input", "train", "optimize", "complexity", "scaling", "robustness", "serving", "trust",
-          "faults", "shift")
+          "faults", "shift", "split")
 
 
 class Suite(Protocol):

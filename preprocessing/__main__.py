@@ -8,7 +8,7 @@ from typing import Sequence
 
 from cxrscale.cli import OneLineParser, run_cli
 from cxrscale.console import setup_logging
-from preprocessing import audit, dicom, transform
+from preprocessing import audit, dicom, multilabel, transform
 from preprocessing.pipeline import PrepareConfig, prepare
 from preprocessing.split import OVERLAP_POLICIES, SPLIT_BY
 
@@ -20,9 +20,14 @@ EXAMPLES = """examples:
   python -m preprocessing --input labels.csv --output prepared/site-a --contrast equalize --resize stretch
   python -m preprocessing --input /shared/cxr --output /shared/prepared/cxr --address auto
 
+  python -m preprocessing --input Data_Entry_2017.csv --test-list test_list.txt --output prepared/nih14
+  python -m preprocessing --input CheXpert-v1.0-small/train.csv --uncertain ones --output prepared/chexpert
+
 inputs: a folder in the Kermany layout (train|val|test/CLASS/*), plain CLASS/* folders, or a CSV with
-columns path,label[,patient][,split]; JPEG, PNG (8/16-bit, grey/RGB/RGBA) and DICOM files (native, RLE,
-JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000: docs/dicom.md).
+columns path,label[,patient][,split]; multi-label: NIH ChestX-ray14's Data_Entry_2017.csv, or a CSV with
+path and one column per label valued 1, 0, -1 (uncertain) or blank, as CheXpert's (docs/multilabel.md).
+JPEG, PNG (8/16-bit, grey/RGB/RGBA) and DICOM files (native, RLE, JPEG baseline/extended/lossless, JPEG-LS,
+JPEG 2000: docs/dicom.md).
   python -m preprocessing --input pacs-export/ --output prepared/pacs --views PA,AP --modalities CR,DX
 Re-running the same command resumes an interrupted run; other arguments need --overwrite."""
 
@@ -69,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pool images sharing a patient or duplicate group with a given val/test split: exclude "
                         "them from train and val (default), or keep them in train (a leak, flagged in the "
                         "manifest); a given split always holds exactly its given images")
+    p.add_argument("--test-list", default=d.test_list, metavar="FILE",
+                   help="a file naming the images of a given test split, one file name (or input path) per line, "
+                        "kept exactly as given: NIH's test_list.txt")
+    p.add_argument("--labels", type=lambda text: tuple(s.strip() for s in text.split(",") if s.strip()),
+                   default=d.labels, metavar="A,B",
+                   help="multi-label CSV: the labels to keep, in this order (default: every label it has)")
+    p.add_argument("--uncertain", choices=multilabel.UNCERTAIN_POLICIES, default=d.uncertain,
+                   help="multi-label CSV: what an uncertain label (-1, CheXpert) becomes: ignore (masked out of the "
+                        "loss and the metrics; default), ones (positive) or zeros (negative)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="parallel Ray tasks (default: all CPUs of the local machine or cluster)")
     p.add_argument("--address", default=d.address,
@@ -113,10 +127,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = manifest["counts"]
     print(f"prepared {counts['written']} images ({counts['rejected']} rejected, {counts['excluded']} excluded, "
           f"of {counts['inputs']} inputs) in {Path(args.output)}")
-    classes = manifest["classes"]
-    print(f"  {'split':<6}" + "".join(f"{c:>12}" for c in classes) + f"{'total':>8}")
-    for split, row in counts["per_split"].items():
-        print(f"  {split:<6}" + "".join(f"{row[c]:>12}" for c in classes) + f"{row['total']:>8}")
+    classes, per_split = manifest["classes"], counts["per_split"]
+    if manifest.get("task") == "multi-label":  # a label per row: positive images per split
+        width = max(len(c) for c in classes) + 2
+        print(f"  {'positive images':<{width}}" + "".join(f"{split:>9}" for split in per_split))
+        for c in classes:
+            print(f"  {c:<{width}}" + "".join(f"{row[c]:>9}" for row in per_split.values()))
+        print(f"  {'images':<{width}}" + "".join(f"{row['total']:>9}" for row in per_split.values()))
+    else:
+        print(f"  {'split':<6}" + "".join(f"{c:>12}" for c in classes) + f"{'total':>8}")
+        for split, row in per_split.items():
+            print(f"  {split:<6}" + "".join(f"{row[c]:>12}" for c in classes) + f"{row['total']:>8}")
     audit_counts = manifest["audit"]
     print(f"  duplicates: {audit_counts['exact_duplicate_groups']} exact, {audit_counts['near_duplicate_groups']} "
           f"near (kept within one split); details in {Path(args.output) / 'audit.json'}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cxrscale.errors import CxrError
-from preprocessing import audit, dicom, split as splitting
+from preprocessing import audit, dicom, multilabel, split as splitting
 from preprocessing.transform import TransformParams
 
 
@@ -25,6 +25,9 @@ class PrepareConfig:
     split_by: str = "patient"
     test_sources: tuple[str, ...] = ()
     given_overlap: str = "exclude"
+    test_list: str | None = None
+    labels: tuple[str, ...] = ()
+    uncertain: str = "ignore"
     workers: int | None = None
     address: str | None = None
     seed: int = 0
@@ -66,6 +69,9 @@ class PrepareConfig:
         if self.given_overlap not in splitting.OVERLAP_POLICIES:
             raise CxrError(f"--given-overlap must be one of {', '.join(splitting.OVERLAP_POLICIES)}, "
                            f"got {self.given_overlap!r}")
+        if self.uncertain not in multilabel.UNCERTAIN_POLICIES:
+            raise CxrError(f"--uncertain must be one of {', '.join(multilabel.UNCERTAIN_POLICIES)}, "
+                           f"got {self.uncertain!r}")
         if self.shards is not None and self.shards < 1:
             raise CxrError(f"--shards must be at least 1, got {self.shards}")
         self.transform_params()

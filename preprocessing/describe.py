@@ -26,7 +26,8 @@ def write_description(output: Path, discovery: Discovery, config: PrepareConfig,
     """The three files that describe the written shards: split.csv, audit.json and, last (its presence
     means a finished dataset), manifest.json, which it returns."""
     shown = (lambda rel: keyed_hash(salt, "id", rel)) if config.redact_paths else (lambda rel: rel)
-    per_split = _class_counts(plan, discovery.classes)
+    per_split = (_label_counts(plan, discovery.classes) if discovery.multilabel
+                 else _class_counts(plan, discovery.classes))
     _write_split_csv(output, plan, hashes, shard_files, discovery.classes)
     near_components = _write_audit(output, plan, hashes, config, per_split, shown)
     return _write_manifest(output, discovery, config, params, fingerprint, salt_source, plan, shards, rejected,
@@ -45,20 +46,40 @@ def _class_counts(plan: SplitPlan, classes: list[str]) -> dict[str, dict[str, in
     return per_split
 
 
+def _label_counts(plan: SplitPlan, labels: list[str]) -> dict[str, dict[str, int]]:
+    """A multi-label dataset's {split: {label: positive images, "total": n, "unknown": {label: images whose
+    label is unknown}}} of the records written to each split."""
+    per_split: dict[str, dict] = {}
+    for split in schema.SPLITS:
+        targets = np.array([r.item.targets for r, s in zip(plan.records, plan.splits) if s == split])
+        if len(targets):
+            per_split[split] = {name: int((targets[:, k] == 1).sum()) for k, name in enumerate(labels)}
+            per_split[split]["total"] = len(targets)
+            per_split[split]["unknown"] = {name: int((targets[:, k] < 0).sum()) for k, name in enumerate(labels)}
+    return per_split
+
+
 def _write_split_csv(output: Path, plan: SplitPlan, hashes: RecordHashes, shard_files: list[str],
                      classes: list[str]) -> None:
-    """split.csv: one row per written record (id and patient hashes, split, label, shard, DICOM view position;
-    the view is empty for JPEG and PNG files), by split."""
+    """split.csv: one row per written record (id and patient hashes, split, label and class, or a multi-label
+    record's positive and unknown labels joined by |, shard, view position from the DICOM header or the CSV;
+    empty when neither gives one), by split."""
     records = plan.records
     lines = io.StringIO()
     writer = csv.writer(lines, lineterminator="\n")
-    writer.writerow(["id", "patient", "split", "label", "class", "shard", "view"])
+    multilabel = bool(records) and records[0].item.targets is not None
+    writer.writerow(["id", "patient", "split", *(("positive", "unknown") if multilabel else ("label", "class")),
+                     "shard", "view"])
     written = [k for k in range(len(records)) if plan.splits[k] in schema.SPLITS]
     order = sorted(written, key=lambda k: (schema.SPLITS.index(plan.splits[k]), records[k].item.rel))
     for k in order:
-        label = records[k].item.label
-        writer.writerow([hashes.ids[k], hashes.patients[k], plan.splits[k], label, classes[label], shard_files[k],
-                         records[k].view or ""])
+        item = records[k].item
+        if multilabel:
+            label = ["|".join(c for c, t in zip(classes, item.targets) if t == want) for want in (1, -1)]
+        else:
+            label = [item.label, classes[item.label]]
+        writer.writerow([hashes.ids[k], hashes.patients[k], plan.splits[k], *label, shard_files[k],
+                         records[k].view or item.view or ""])
     write_text_atomic(output / schema.SPLIT_CSV, lines.getvalue())
 
 
@@ -134,15 +155,18 @@ def _write_manifest(output: Path, discovery: Discovery, config: PrepareConfig, p
     if plan.kept_overlap:
         warnings.append(f"--given-overlap train: {plan.kept_overlap} train images share a patient or duplicate "
                         "group with a given held-out split; metrics on that split are optimistic")
+    multilabel = discovery.multilabel
     manifest = {
-        "schema_version": schema.SCHEMA_VERSION,
+        "schema_version": schema.MULTILABEL_SCHEMA_VERSION if multilabel else schema.SCHEMA_VERSION,
+        "task": schema.MULTILABEL if multilabel else "single-label",
         "created": utc_now(),
         "fingerprint": fingerprint,
         "libraries": library_versions(("cxrscale", "numpy", "opencv-python-headless", "pydicom", "ray")),
         "source": {"layout": discovery.layout, "inputs": n_inputs, "ignored": [shown(p) for p in discovery.ignored]},
         "classes": classes,
         "class_indices": {name: i for i, name in enumerate(classes)},
-        "positive_class": classes[1] if len(classes) == 2 else None,
+        "positive_class": classes[1] if len(classes) == 2 and not multilabel else None,
+        **({"labels": {"uncertain": config.uncertain, "blank": "negative"}} if multilabel else {}),
         "image_shape": [params.size, params.size, 1],
         "dtype": "uint8",
         "transform": params.to_dict(),

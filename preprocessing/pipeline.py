@@ -114,8 +114,10 @@ def process_chunk(index: int, files: list[tuple[int, str, str]], params: dict, s
 
 # --- stage 2: write one output shard (runs in a Ray worker) -----------------------------------------------
 
-def write_shard(output: str, staging: str, name: str, records: list[tuple[int, int, int, str, str]]) -> dict:
-    """Write shard `name` from staged images: records are (chunk, row, label, id hash, patient hash).
+def write_shard(output: str, staging: str, name: str,
+                records: list[tuple[int, int, int | tuple[int, ...], str, str]]) -> dict:
+    """Write shard `name` from staged images: records are (chunk, row, label, id hash, patient hash), the label a
+    class index or a multi-label record's targets.
 
     The shard appears atomically; a small .json in staging marks it done. Returns count, bytes, sha256.
     """
@@ -278,7 +280,8 @@ def prepare(config: PrepareConfig) -> dict:
     """Run the preprocessing stage; returns the manifest (also written to OUTPUT/manifest.json)."""
     config.validate()
     params = config.transform_params()
-    discovery = discover(config.input)
+    discovery = discover(config.input, uncertain=config.uncertain, labels=config.labels,
+                         test_list=config.test_list)
     output = Path(config.output)
     staging = output / STAGING
     carve, pooled = plan_pool(discovery, config)
@@ -299,7 +302,8 @@ def prepare(config: PrepareConfig) -> dict:
     salt = _load_salt(config, staging)
 
     items = discovery.items
-    log.info("%d inputs in %s layout, classes: %s", len(items), discovery.layout, ", ".join(discovery.classes))
+    log.info("%d inputs in %s layout, %s: %s", len(items), discovery.layout,
+             "labels" if discovery.multilabel else "classes", ", ".join(discovery.classes))
     with start_ray(config.address, config.workers, py_modules=[str(Path(__file__).resolve().parent)]):
         import ray
 
@@ -373,7 +377,8 @@ def _plan_splits(records: list[Record], discovery: Discovery, carve: dict[str, f
     groups = splitting.group_ids([r.patient_key for r in records], links)
     fixed = [None if (r.item.given_split is None or r.item.given_split in pooled) else r.item.given_split
              for r in records]
-    labels = np.array([r.item.label for r in records])
+    labels = (np.array([r.item.targets for r in records], dtype=np.int64).reshape(len(records), -1)
+              if discovery.multilabel else np.array([r.item.label for r in records]))
     test_origin = hold_out_test(records, groups, fixed, pooled, config)
     splits = splitting.assign_splits(labels, groups, fixed, carve, config.seed, config.given_overlap)
     overlapping = given_overlaps(records, groups, fixed)
@@ -463,7 +468,8 @@ def _stage_write(plan: SplitPlan, hashes: RecordHashes, output: Path, staging: P
             recs = []
             for k in part.tolist():
                 record = plan.records[k]
-                recs.append((record.chunk, record.row, record.item.label, hashes.ids[k], hashes.patients[k]))
+                label = record.item.targets if record.item.targets is not None else record.item.label
+                recs.append((record.chunk, record.row, label, hashes.ids[k], hashes.patients[k]))
                 shard_files[k] = name
             jobs.append((split, name, recs))
 

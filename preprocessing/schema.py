@@ -8,9 +8,16 @@ A prepared dataset is a folder holding
 
 Each Example holds:
   image     bytes   raw uint8 pixels, row-major, shape (height, width, channels)
-  height, width, channels, label   int64
+  height, width, channels   int64
+  label     int64   the class index (a single-label dataset, schema version 1)
+  labels    int64 x K   multi-hot: 1 where the label is positive (a multi-label dataset, schema version 2)
+  mask      int64 x K   1 where the label is known, 0 where it is not (masked out of the loss and the metrics)
   id        bytes   opaque stable hash of the input (salted; never a file or patient name)
   patient   bytes   salted hash of the patient key
+
+A single-label dataset is still written as version 1, so that every reader of version 1 takes it; a
+multi-label dataset is version 2 (manifest `task: multi-label`, its label names in `classes`), which a
+reader of version 1 refuses by its version.
 
 Writing needs no TensorFlow: the Example protobuf and the TFRecord framing are encoded here (byte-for-byte
 what TensorFlow writes; the tests compare against `tf.train.Example.SerializeToString(deterministic=True)`),
@@ -31,8 +38,10 @@ from cxrscale.files import read_json, sha256_file
 if TYPE_CHECKING:  # TensorFlow is imported lazily, only by readers
     import tensorflow as tf
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SCHEMA_VERSION = 1               # a single-label dataset
+MULTILABEL_SCHEMA_VERSION = 2    # a multi-label dataset: labels and mask instead of label
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+MULTILABEL = "multi-label"
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 SPLIT_CSV = "split.csv"
@@ -73,10 +82,17 @@ def _int64_feature(value: int) -> bytes:
     return _field(3, _field(1, _varint(value)))  # Feature.int64_list(3) -> packed Int64List.value(1)
 
 
-def encode_example(image: np.ndarray, label: int, record_id: str, patient: str) -> bytes:
+def _int64_list_feature(values: list[int]) -> bytes:
+    if any(v < 0 for v in values):
+        raise ValueError("only non-negative int64 features are written")
+    return _field(3, _field(1, b"".join(_varint(v) for v in values)))  # packed, as TensorFlow writes it
+
+
+def encode_example(image: np.ndarray, label: int | tuple[int, ...], record_id: str, patient: str) -> bytes:
     """Serialise one record as a `tf.train.Example` (deterministic: map keys sorted, as TensorFlow does).
 
-    image: uint8 array (H, W, C). label: class index. record_id, patient: hash strings.
+    image: uint8 array (H, W, C). label: class index, or a multi-label record's targets (1 positive, 0
+    negative, -1 unknown), written as `labels` and `mask`. record_id, patient: hash strings.
     """
     if image.dtype != np.uint8 or image.ndim != 3:
         raise ValueError(f"image must be uint8 (H, W, C), got {image.dtype} {image.shape}")
@@ -86,10 +102,14 @@ def encode_example(image: np.ndarray, label: int, record_id: str, patient: str) 
         "height": _int64_feature(height),
         "id": _bytes_feature(record_id.encode()),
         "image": _bytes_feature(np.ascontiguousarray(image).tobytes()),
-        "label": _int64_feature(int(label)),
         "patient": _bytes_feature(patient.encode()),
         "width": _int64_feature(width),
     }
+    if isinstance(label, (tuple, list)):
+        features["labels"] = _int64_list_feature([int(t == 1) for t in label])
+        features["mask"] = _int64_list_feature([int(t >= 0) for t in label])
+    else:
+        features["label"] = _int64_feature(int(label))
     entries = b"".join(_field(1, _field(1, key.encode()) + _field(2, value))
                        for key, value in sorted(features.items()))
     return _field(1, entries)  # Example.features(1) -> Features.feature(1) map entries
@@ -121,6 +141,10 @@ def read_manifest(prepared_dir: str | Path) -> dict:
     if version not in SUPPORTED_SCHEMA_VERSIONS:
         raise CxrError(f"{prepared_dir / MANIFEST} has schema version {version!r}; this cxrscale reads "
                        f"{', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}: re-run python -m preprocessing")
+    if (version == MULTILABEL_SCHEMA_VERSION) != (manifest.get("task") == MULTILABEL):
+        raise CxrError(f"{prepared_dir / MANIFEST} has schema version {version} but task "
+                       f"{manifest.get('task', 'single-label')!r}: version {MULTILABEL_SCHEMA_VERSION} is a "
+                       "multi-label dataset; re-run python -m preprocessing")
     return manifest
 
 
@@ -178,28 +202,45 @@ def worker_problems(prepared_dir: str | Path, manifest: dict, workers: int, batc
     return problems
 
 
-def feature_spec() -> dict:
+def feature_spec(num_labels: int | None = None) -> dict:
+    """The Example's features: `label` for a single-label dataset, `labels` and `mask` for `num_labels`."""
     import tensorflow as tf
 
-    return {
+    spec = {
         "image": tf.io.FixedLenFeature([], tf.string),
         "height": tf.io.FixedLenFeature([], tf.int64),
         "width": tf.io.FixedLenFeature([], tf.int64),
         "channels": tf.io.FixedLenFeature([], tf.int64),
-        "label": tf.io.FixedLenFeature([], tf.int64),
         "id": tf.io.FixedLenFeature([], tf.string),
         "patient": tf.io.FixedLenFeature([], tf.string),
     }
+    if num_labels is None:
+        spec["label"] = tf.io.FixedLenFeature([], tf.int64)
+    else:
+        spec["labels"] = tf.io.FixedLenFeature([num_labels], tf.int64)
+        spec["mask"] = tf.io.FixedLenFeature([num_labels], tf.int64)
+    return spec
 
 
-def parse_example(serialized: "tf.Tensor", image_shape: tuple[int, int, int]) -> dict[str, "tf.Tensor"]:
-    """Parse one serialised Example into {"image": uint8 (H, W, C), "label": int32, "id", "patient"}."""
+def parse_example(serialized: "tf.Tensor", image_shape: tuple[int, int, int],
+                  num_labels: int | None = None) -> dict[str, "tf.Tensor"]:
+    """Parse one serialised Example into {"image": uint8 (H, W, C), "label", "id", "patient"}: the label an
+    int32 class index, or for `num_labels` (a multi-label dataset: `label_count`) float32 (K,) targets, 1
+    positive, 0 negative, -1 unknown (the mask folded in, as the masked loss and metrics take it)."""
     import tensorflow as tf
 
-    parsed = tf.io.parse_single_example(serialized, feature_spec())
+    parsed = tf.io.parse_single_example(serialized, feature_spec(num_labels))
     image = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), image_shape)
-    return {"image": image, "label": tf.cast(parsed["label"], tf.int32),
-            "id": parsed["id"], "patient": parsed["patient"]}
+    if num_labels is None:
+        label = tf.cast(parsed["label"], tf.int32)
+    else:
+        label = tf.where(parsed["mask"] > 0, tf.cast(parsed["labels"], tf.float32), -1.0)
+    return {"image": image, "label": label, "id": parsed["id"], "patient": parsed["patient"]}
+
+
+def label_count(manifest: dict) -> int | None:
+    """K for a multi-label dataset (its labels are the manifest's `classes`), None for a single-label one."""
+    return len(manifest["classes"]) if manifest.get("task") == MULTILABEL else None
 
 
 def image_shape(manifest: dict) -> tuple[int, int, int]:
@@ -209,7 +250,8 @@ def image_shape(manifest: dict) -> tuple[int, int, int]:
 
 def dataset(prepared_dir: str | Path, split: str, *, files: list[Path] | None = None,
             with_ids: bool = False, num_parallel_reads: int | None = None) -> "tf.data.Dataset":
-    """`tf.data.Dataset` of (uint8 image (H, W, C), int32 label) from a prepared split, in file order.
+    """`tf.data.Dataset` of (uint8 image (H, W, C), label) from a prepared split, in file order: the label an
+    int32 class index, or a multi-label dataset's float32 (K,) targets (`parse_example`).
 
     files: read only these shard files (e.g. one Horovod worker's share); default: all of the split.
     with_ids: yield (image, label, id) instead, for evaluation reports that trace records.
@@ -223,7 +265,8 @@ def dataset(prepared_dir: str | Path, split: str, *, files: list[Path] | None = 
     autotune = tf.data.AUTOTUNE
     ds = tf.data.TFRecordDataset([str(p) for p in paths],
                                  num_parallel_reads=num_parallel_reads or (autotune if len(paths) > 1 else None))
-    ds = ds.map(lambda s: parse_example(s, shape), num_parallel_calls=autotune, deterministic=True)
+    num_labels = label_count(manifest)
+    ds = ds.map(lambda s: parse_example(s, shape, num_labels), num_parallel_calls=autotune, deterministic=True)
     if with_ids:
         return ds.map(lambda r: (r["image"], r["label"], r["id"]))
     return ds.map(lambda r: (r["image"], r["label"]))

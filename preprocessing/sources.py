@@ -6,13 +6,16 @@ folder-level problems (empty class folders) that count as rejected inputs.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrscale.errors import CxrError
+from preprocessing import multilabel
 from preprocessing.schema import SPLITS
 
 # Kermany file names carry the patient: person1372_bacteria_3501.jpeg, IM-0115-0001.jpeg,
@@ -23,6 +26,7 @@ _PATIENT_PATTERNS = (
     re.compile(r"^(IM-\d+)-", re.IGNORECASE),
 )
 _SKIP_DIRS = {"__MACOSX"}
+log = logging.getLogger("cxrscale.preprocessing")
 
 
 def patient_from_name(filename: str) -> str | None:
@@ -41,7 +45,9 @@ class InputItem:
     when only the file itself (or its DICOM header, read later) can tell. time: when it was acquired
     (YYYYMMDDHHMMSS, from a CSV `time` column; else the DICOM header, read later) and source: where it comes
     from (a CSV `source` column, or the folder right below its class folder), for --split-by; None when
-    the input does not say."""
+    the input does not say. targets: a multi-label input's target per label (1, 0, or -1 unknown:
+    `preprocessing.multilabel`), with label -1; None for a single-label input. view: the view position a CSV
+    gives (NIH's `View Position`, CheXpert's `AP/PA`), or None."""
 
     path: str
     rel: str
@@ -50,16 +56,22 @@ class InputItem:
     patient_key: str | None
     time: str | None = None
     source: str | None = None
+    targets: tuple[int, ...] | None = None
+    view: str | None = None
 
 
 @dataclass
 class Discovery:
+    """layout: "kermany", "class-folders", "csv", "nih" or "csv-columns". classes: the class names, or a
+    multi-label input's label names (`multilabel`)."""
+
     layout: str
     root: Path
     classes: list[str]
     items: list[InputItem]
     rejected: list[dict] = field(default_factory=list)  # folder-level: empty class folders
     ignored: list[str] = field(default_factory=list)    # not inputs: hidden files, stray files at the root
+    multilabel: bool = False
 
     def fingerprint(self) -> str:
         """Hash of every input's relative path, size and modification time: a changed input set changes it."""
@@ -71,7 +83,7 @@ class Discovery:
             except OSError:
                 stamp = "missing"
             digest.update(f"{item.rel}\0{item.label}\0{item.given_split}\0{item.patient_key}\0{item.time}\0"
-                          f"{item.source}\0{stamp}\n".encode())
+                          f"{item.source}\0{item.targets}\0{item.view}\0{stamp}\n".encode())
         for entry in self.rejected:
             digest.update(f"rejected\0{entry['input']}\n".encode())
         return digest.hexdigest()
@@ -151,25 +163,59 @@ def parse_time(text: str) -> str:
     return datetime.datetime.fromisoformat(text).strftime("%Y%m%d%H%M%S")
 
 
-def _from_csv(csv_path: Path) -> Discovery:
-    root = csv_path.parent
+def _read_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(header as written, rows keyed by lower-case column name with stripped values); a .csv.gz is read too."""
+    import gzip
+
+    opener = gzip.open if csv_path.suffix.lower() == ".gz" else open
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        with opener(csv_path, "rt", newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            header = [h.strip().lower() for h in (reader.fieldnames or [])]
-            missing = [c for c in ("path", "label") if c not in header]
-            if missing:
-                raise CxrError(f"--input {csv_path}: the CSV header must have columns path,label[,patient][,split]"
-                               "[,time][,source];"
-                               f" missing {', '.join(missing)} (header: {','.join(header) or 'empty'})")
+            header = [h.strip() for h in (reader.fieldnames or [])]
             rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
     except UnicodeDecodeError as err:
         raise CxrError(f"--input {csv_path} is not a UTF-8 CSV file ({err.reason})") from None
+    except (OSError, EOFError) as err:
+        raise CxrError(f"--input {csv_path} cannot be read ({err})") from None
+    if not rows:
+        raise CxrError(f"--input {csv_path} lists no images")
+    return header, rows
 
-    seen: dict[str, int] = {}
+
+def _from_csv(csv_path: Path, uncertain: str, labels: tuple[str, ...]) -> Discovery:
+    header, rows = _read_csv(csv_path)
+    form = multilabel.csv_form(header)
+    if form == "unknown":
+        lower = [h.lower() for h in header]
+        missing = [c for c in ("path", "label") if c not in lower]
+        raise CxrError(f"--input {csv_path}: the CSV header must have columns path,label[,patient][,split]"
+                       "[,time][,source] (one label per image), path and one column per label (multi-label), "
+                       f"or NIH's Image Index,Finding Labels; missing {', '.join(missing)} "
+                       f"(header: {','.join(header) or 'empty'})")
+    if form != "single-label":
+        return _multilabel_csv(csv_path, form, header, rows, uncertain, labels)
+    if labels:
+        raise CxrError(f"--labels chooses among the labels of a multi-label CSV; {csv_path} has one label per image")
+    root = csv_path.parent
     for line, row in enumerate(rows, start=2):
         if not row.get("path") or not row.get("label"):
             raise CxrError(f"--input {csv_path} line {line}: empty path or label")
+    _check_rows(csv_path, rows)
+    classes = sorted({row["label"] for row in rows})
+    items = []
+    for row in rows:
+        path = Path(row["path"]) if os.path.isabs(row["path"]) else root / row["path"]
+        key = f"csv:{row['patient']}" if row.get("patient") else _name_key(path.name)
+        items.append(InputItem(str(path), row["path"], classes.index(row["label"]),
+                               row.get("split", "").lower() or None, key, row.get("time") or None,
+                               row.get("source") or None, view=row.get("view") or None))
+    return Discovery("csv", root, classes, items)
+
+
+def _check_rows(csv_path: Path, rows: list[dict[str, str]], path_key: str = "path") -> None:
+    """Every row's split and time are valid (times made sortable, in place) and no path repeats."""
+    seen: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
         split = row.get("split", "").lower()
         if split and split not in SPLITS:
             raise CxrError(f"--input {csv_path} line {line}: split {row['split']!r} is not one of "
@@ -180,41 +226,79 @@ def _from_csv(csv_path: Path) -> Discovery:
             except ValueError:
                 raise CxrError(f"--input {csv_path} line {line}: time {row['time']!r} is not a date or date-time "
                                "(ISO 8601 such as 2019-03-01 or 2019-03-01T14:05, or DICOM's 20190301)") from None
-        if row["path"] in seen:
-            raise CxrError(f"--input {csv_path} line {line}: path {row['path']} repeats line {seen[row['path']]}")
-        seen[row["path"]] = line
-    if not rows:
-        raise CxrError(f"--input {csv_path} lists no images")
+        if row[path_key] in seen:
+            raise CxrError(f"--input {csv_path} line {line}: path {row[path_key]} repeats line {seen[row[path_key]]}")
+        seen[row[path_key]] = line
 
-    classes = sorted({row["label"] for row in rows})
+
+def _multilabel_csv(csv_path: Path, form: str, header: list[str], rows: list[dict[str, str]], uncertain: str,
+                    wanted: tuple[str, ...]) -> Discovery:
+    if form == "nih":
+        _check_rows(csv_path, rows, "image index")
+        labels, parsed = multilabel.nih_rows(csv_path, rows, wanted)
+    else:
+        _check_rows(csv_path, rows)
+        labels, parsed = multilabel.column_rows(csv_path, header, rows, wanted, uncertain)
     items = []
-    for row in rows:
-        path = Path(row["path"]) if os.path.isabs(row["path"]) else root / row["path"]
-        key = f"csv:{row['patient']}" if row.get("patient") else _name_key(path.name)
-        items.append(InputItem(str(path), row["path"], classes.index(row["label"]),
-                               row.get("split", "").lower() or None, key, row.get("time") or None,
-                               row.get("source") or None))
-    return Discovery("csv", root, classes, items)
+    for row in parsed:
+        key = f"csv:{row['patient']}" if row["patient"] else _name_key(Path(row["path"]).name)
+        items.append(InputItem(row["path"], row["rel"], -1, row.get("split", "").lower() or None, key,
+                               row.get("time") or None, row.get("source") or None, row["targets"],
+                               (row["view"] or "").upper() or None))
+    positives = [sum(item.targets[k] == multilabel.POSITIVE for item in items) for k in range(len(labels))]
+    if not any(positives):
+        raise CxrError(f"--input {csv_path}: no image is positive for any of {', '.join(labels)}")
+    return Discovery("nih" if form == "nih" else "csv-columns", csv_path.parent, labels, items, multilabel=True)
 
 
-def discover(input_path: str | Path) -> Discovery:
-    """Find every input under a folder (Kermany split layout or CLASS/* folders) or listed in a CSV file.
+def _given_test(found: Discovery, test_list: str) -> None:
+    """Put the items a split list names (by file name or by the path the input gives) in the test split, in
+    place; NIH publishes its official test split as such a list (test_list.txt)."""
+    names = multilabel.read_list(test_list, "--test-list")
+    matched = set()
+    for k, item in enumerate(found.items):
+        name = next((n for n in (item.rel, Path(item.rel).name) if n in names), None)
+        if name is None:
+            continue
+        if item.given_split not in (None, "test"):
+            raise CxrError(f"--test-list {test_list} names {name}, which the input already puts in its "
+                           f"{item.given_split} split")
+        found.items[k] = dataclasses.replace(item, given_split="test")
+        matched.add(name)
+    if not matched:
+        raise CxrError(f"--test-list {test_list}: none of its {len(names)} names is an input image "
+                       "(names are file names or the paths the input lists)")
+    if len(matched) < len(names):
+        log.warning("--test-list %s: %d of its %d names are not among the inputs", test_list,
+                    len(names) - len(matched), len(names))
+
+
+def discover(input_path: str | Path, *, uncertain: str = "ignore", labels: tuple[str, ...] = (),
+             test_list: str | None = None) -> Discovery:
+    """Find every input under a folder (Kermany split layout or CLASS/* folders) or listed in a CSV file
+    (one label per image, or multi-label: `preprocessing.multilabel`). uncertain, labels: a multi-label CSV's
+    uncertainty policy and the labels to keep; test_list: a file naming the images of a given test split.
 
     Raises `CxrError` when the path does not exist, or the layout or CSV is unusable, or fewer than two
-    classes have any file.
+    classes (a multi-label input: no label) have any file.
     """
     input_path = Path(input_path)
     if not input_path.exists():
         raise CxrError(f"--input {input_path} does not exist")
     if input_path.is_file():
-        if input_path.suffix.lower() != ".csv":
+        if not input_path.name.lower().endswith((".csv", ".csv.gz")):
             raise CxrError(f"--input {input_path} is a file but not a .csv list; pass a folder or a CSV")
-        found = _from_csv(input_path)
+        found = _from_csv(input_path, uncertain, labels)
     else:
+        if labels:
+            raise CxrError("--labels chooses among the labels of a multi-label CSV; class folders have one label "
+                           "per image")
         found = _from_folders(input_path)
-    if len(found.classes) < 2:
+    if not found.multilabel and len(found.classes) < 2:
         raise CxrError(f"--input {input_path} has {len(found.classes)} class(es) with files "
                        f"({', '.join(found.classes) or 'none'}); at least two are needed")
+    if test_list:
+        _given_test(found, test_list)
     return found
 
 

@@ -1,8 +1,9 @@
-"""Patient-grouped, class-stratified train/val/test assignment (pure functions).
+"""Patient-grouped, stratified train/val/test assignment (pure functions).
 
 A *group* is everything that must stay in one split: all images of a patient, joined with every image
-that duplicates one of them (exactly or nearly). Groups are found with a union-find, then placed greedily,
-largest first, into the split whose per-class counts move closest to their targets.
+that duplicates one of them (exactly or nearly). Groups are found with a union-find. With one class per image
+they are placed greedily, largest first, into the split whose per-class counts move closest to their
+targets; with several labels per image, by iterative stratification over groups (`iterative_groups`).
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray, fixed: Sequence[str | 
                   fractions: dict[str, float], seed: int, overlap: str = "exclude") -> np.ndarray:
     """Split name per item: "train", "val", "test", or `EXCLUDED`.
 
-    labels: (n,) class index per item. groups: (n,) group label per item (see `group_ids`).
+    labels: (n,) class index per item, or (n, K) targets of a multi-label item (1 positive; 0 or -1 not),
+        stratified by `iterative_groups`. groups: (n,) group label per item (see `group_ids`).
     fixed: the split an input layout already gives an item, or None for items in the pool to be split.
     fractions: the share of the pool each carved split receives, e.g. {"val": 0.1, "test": 0.1}; the rest
         of the pool goes to "train". Splits not named here are not carved.
@@ -76,7 +78,7 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray, fixed: Sequence[str | 
     labels = np.asarray(labels)
     groups = np.asarray(groups)
     n = len(labels)
-    n_classes = int(labels.max()) + 1 if n else 0
+    n_classes = int(labels.max()) + 1 if n and labels.ndim == 1 else 0
     out = np.array([s or "" for s in fixed], dtype=object)
     pool = out == ""
 
@@ -94,6 +96,14 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray, fixed: Sequence[str | 
 
     carved = [s for s in SPLIT_ORDER if s != "train" and fractions.get(s, 0) > 0]
     targets_for = ["train"] + carved
+    if labels.ndim == 2:
+        pool_groups, inverse = np.unique(groups[pool], return_inverse=True)
+        counts = np.zeros((len(pool_groups), labels.shape[1]), np.int64)
+        np.add.at(counts, inverse, (labels[pool] == 1).astype(np.int64))
+        shares = np.array([1.0 - sum(fractions[s] for s in carved)] + [fractions[s] for s in carved])
+        chosen = iterative_groups(counts, np.bincount(inverse), shares, seed)
+        out[np.flatnonzero(pool)] = np.array(targets_for, dtype=object)[chosen[inverse]]
+        return out.astype(str)
     class_totals = np.bincount(labels[pool], minlength=n_classes).astype(float)
     target = np.array([[0.0] * n_classes] + [list(fractions[s] * class_totals) for s in carved])
     target[0] = class_totals - target[1:].sum(axis=0)
@@ -113,6 +123,50 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray, fixed: Sequence[str | 
         current[best] += counts
         out[idx] = targets_for[best]
     return out.astype(str)
+
+
+def iterative_groups(counts: np.ndarray, sizes: np.ndarray, shares: np.ndarray, seed: int) -> np.ndarray:
+    """Split index per group by iterative stratification (Sechidis, Tsoumakas and Vlahavas, ECML PKDD 2011),
+    over groups weighted by their images: counts (G, K) positive images per group and label, sizes (G,) images
+    per group, shares (S,) each split's share of the images.
+
+    The label with the fewest positive images not yet placed goes first: each group holding it, the largest
+    first, joins the split that still wants the most of that label (ties: the most images, then at random),
+    and every split's wants drop by the group's counts. Groups with no positive go last, largest first, where
+    the most images are still wanted. Groups are weighed by their images because a patient may have one image
+    or hundreds: the `iterative-stratification` package stratifies samples and ignores groups, so it could only
+    be handed one row per patient (measured against this in `benchmarks.split`, docs/multilabel.md)."""
+    rng = np.random.default_rng(seed)
+    wanted = np.outer(shares, counts.sum(axis=0)).astype(float)
+    room = shares * sizes.sum()
+    out = np.full(len(sizes), -1, dtype=np.int64)
+    left = np.ones(len(sizes), dtype=bool)
+    tiebreak = rng.random(len(sizes))
+
+    def best_of(candidates: np.ndarray) -> int:
+        if len(candidates) > 1:
+            candidates = candidates[room[candidates] == room[candidates].max()]
+        return int(candidates[0] if len(candidates) == 1 else rng.choice(candidates))
+
+    while left.any():
+        remaining = counts[left].sum(axis=0)
+        if not remaining.any():
+            for g in np.flatnonzero(left)[np.lexsort((tiebreak[left], -sizes[left]))]:
+                split = best_of(np.flatnonzero(room == room.max()))
+                out[g] = split
+                room[split] -= sizes[g]
+            break
+        rarest = np.flatnonzero(remaining == remaining[remaining > 0].min())
+        label = int(rarest[0] if len(rarest) == 1 else rng.choice(rarest))
+        holders = np.flatnonzero(left & (counts[:, label] > 0))
+        for g in holders[np.lexsort((tiebreak[holders], -counts[holders, label]))]:
+            want = wanted[:, label]
+            split = best_of(np.flatnonzero(want == want.max()))
+            out[g] = split
+            wanted[split] -= counts[g]
+            room[split] -= sizes[g]
+            left[g] = False
+    return out
 
 
 def leaking_groups(groups: np.ndarray, splits: np.ndarray) -> list[int]:

@@ -35,6 +35,9 @@ def plan_data(prepared_dir: str | Path, rank: int, size: int, batch_size: int, m
     larger than the train split, an image size the model cannot take, or a missing validation split.
     """
     manifest = schema.read_manifest(prepared_dir)
+    if schema.label_count(manifest) is not None:
+        raise CxrError(f"--data {prepared_dir} is a multi-label dataset ({len(manifest['classes'])} labels); this "
+                       "cxrscale trains single-label datasets only (docs/multilabel.md)")
     shape = schema.image_shape(manifest)
     check_image_size(model, int(min(shape[:2])), source=f"--data {prepared_dir}")
     counts = manifest["counts"]["per_split"]

@@ -121,7 +121,7 @@ def test_external_datasets_are_checked_before_scoring(tmp_path):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "manifest.json").write_text(json.dumps({
-            "schema_version": schema.SUPPORTED_SCHEMA_VERSIONS[-1], "classes": ["NORMAL", "PNEUMONIA"],
+            "schema_version": schema.SCHEMA_VERSION, "classes": ["NORMAL", "PNEUMONIA"],
             "transform": TransformParams(size=size, body_parts=() if name == "site" else ("CHEST",)).to_dict()}))
         return folder
 

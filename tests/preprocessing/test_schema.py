@@ -71,3 +71,41 @@ def test_missing_shard_and_folder_are_named(tmp_path):
         schema.shard_paths(tmp_path, "train")
     with pytest.raises(CxrError, match="not found"):
         schema.read_manifest(tmp_path / "nope")
+
+
+def test_multilabel_example_bytes_match_tensorflow_and_read_back_with_the_mask(tmp_path):
+    import tensorflow as tf
+
+    image = np.random.default_rng(0).integers(0, 256, (6, 5, 1), dtype=np.uint8)
+    targets = (1, 0, -1, 1)  # positive, negative, unknown, positive
+    ours = schema.encode_example(image, targets, "id-abc", "patient-xyz")
+    feature = tf.train.Feature
+    theirs = tf.train.Example(features=tf.train.Features(feature={
+        "image": feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+        "height": feature(int64_list=tf.train.Int64List(value=[6])),
+        "width": feature(int64_list=tf.train.Int64List(value=[5])),
+        "channels": feature(int64_list=tf.train.Int64List(value=[1])),
+        "labels": feature(int64_list=tf.train.Int64List(value=[1, 0, 0, 1])),
+        "mask": feature(int64_list=tf.train.Int64List(value=[1, 1, 0, 1])),
+        "id": feature(bytes_list=tf.train.BytesList(value=[b"id-abc"])),
+        "patient": feature(bytes_list=tf.train.BytesList(value=[b"patient-xyz"])),
+    }))
+    assert ours == theirs.SerializeToString(deterministic=True)
+    parsed = schema.parse_example(tf.constant(ours), (6, 5, 1), num_labels=4)
+    np.testing.assert_array_equal(parsed["label"].numpy(), [1.0, 0.0, -1.0, 1.0])
+    np.testing.assert_array_equal(parsed["image"].numpy(), image)
+
+
+def test_schema_versions_step_with_the_task(tmp_path):
+    """A multi-label dataset is version 2 (which a reader of version 1 refuses by its version); a manifest whose
+    version and task disagree is refused naming both."""
+    make_prepared(tmp_path)
+    manifest = json.loads((tmp_path / schema.MANIFEST).read_text())
+    assert schema.read_manifest(tmp_path)["schema_version"] == 1 and schema.label_count(manifest) is None
+    for version, task in ((2, None), (1, schema.MULTILABEL)):
+        (tmp_path / schema.MANIFEST).write_text(json.dumps({**manifest, "schema_version": version,
+                                                            **({"task": task} if task else {})}))
+        with pytest.raises(CxrError, match=f"schema version {version} but task"):
+            schema.read_manifest(tmp_path)
+    (tmp_path / schema.MANIFEST).write_text(json.dumps({**manifest, "schema_version": 2, "task": schema.MULTILABEL}))
+    assert schema.label_count(schema.read_manifest(tmp_path)) == 2

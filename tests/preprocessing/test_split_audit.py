@@ -86,3 +86,58 @@ def test_exact_and_near_duplicates():
     pairs = {(i, j) for i, j, _ in near_duplicate_pairs(hashes, 24)}
     assert pairs == {(2, 6), (4, 7)}
     assert near_duplicate_pairs(hashes, -1) == []
+
+
+def multilabel_cohort(seed: int, patients: int = 3000, labels: int = 6):
+    """Patients with 1-30 images (a long tail, as NIH's), labels of very different prevalence, correlated within
+    a patient; one label rare (about 1 %), and some masked (-1) targets."""
+    rng = np.random.default_rng(seed)
+    prevalence = np.array([0.3, 0.15, 0.08, 0.05, 0.03, 0.01])[:labels]
+    targets, keys = [], []
+    for p in range(patients):
+        tendency = rng.random(labels) < prevalence * 2
+        for _ in range(int(min(rng.pareto(1.2) + 1, 30))):
+            row = (tendency & (rng.random(labels) < 0.5)).astype(int)
+            row[rng.random(labels) < 0.02] = -1
+            targets.append(row)
+            keys.append(f"p{p}")
+    return np.array(targets), keys
+
+
+def test_multilabel_splits_keep_patients_whole_and_every_labels_prevalence():
+    targets, patients = multilabel_cohort(0)
+    groups = group_ids(patients)
+    splits = assign_splits(targets, groups, [None] * len(targets), {"val": 0.1, "test": 0.2}, seed=2)
+    assert leaking_groups(groups, splits) == []
+    overall = (targets == 1).mean(axis=0)
+    for split, fraction in (("val", 0.1), ("test", 0.2), ("train", 0.7)):
+        chosen = splits == split
+        assert abs(chosen.mean() - fraction) < 0.01, (split, chosen.mean())
+        deviation = np.abs((targets[chosen] == 1).mean(axis=0) - overall) / overall
+        assert deviation[:-1].max() < 0.05 and deviation[-1] < 0.2, (split, deviation)
+    again = assign_splits(targets, groups, [None] * len(targets), {"val": 0.1, "test": 0.2}, seed=2)
+    other = assign_splits(targets, groups, [None] * len(targets), {"val": 0.1, "test": 0.2}, seed=3)
+    assert (again == splits).all() and not (other == splits).all()
+
+
+def test_multilabel_given_splits_are_kept_exactly():
+    targets, patients = multilabel_cohort(1, patients=300)
+    groups = group_ids(patients)
+    fixed = [("test" if k % 7 == 0 else None) for k in range(len(targets))]
+    splits = assign_splits(targets, groups, fixed, {"val": 0.1}, seed=0)
+    given = np.array([f == "test" for f in fixed])
+    assert (splits[given] == "test").all() and (splits[~given] != "test").all()
+    assert leaking_groups(groups, splits) == []  # a given test patient's pool images are excluded, not split
+    assert (splits[~given & np.isin(groups, groups[given])] == EXCLUDED).all()
+
+
+def test_iterative_stratification_weighs_groups_by_their_images():
+    """One patient with many images positive for a label weighs as many images, not one row: two patients with
+    9 positive images each and 18 single-image negatives split 1:1 put one big patient on each side."""
+    from preprocessing.split import iterative_groups
+
+    counts = np.array([[9], [9]] + [[0]] * 18)
+    sizes = np.array([9, 9] + [1] * 18)
+    chosen = iterative_groups(counts, sizes, np.array([0.5, 0.5]), seed=0)
+    assert sorted(chosen[:2].tolist()) == [0, 1]
+    assert [sizes[chosen == s].sum() for s in (0, 1)] == [18, 18]
