@@ -74,7 +74,8 @@ def measure(table: Path, seeds: int, val: float, test: float) -> dict:
         per_patient = splitting.iterative_groups((counts > 0).astype(np.int64), np.ones(len(counts), np.int64),
                                                  shares, seed)
         baseline = np.array(["train", "val", "test"])[per_patient][groups]
-        runs.append({"seed": seed, "seconds": seconds, "leaking_patients": len(splitting.leaking_groups(groups, splits)),
+        runs.append({"seed": seed, "seconds": seconds,
+                     "leaking_patients": len(splitting.leaking_groups(groups, splits)),
                      "shares": {s: float(np.mean(splits == s)) for s in ("train", "val", "test")},
                      "deviation": deviations(targets, splits), "baseline_deviation": deviations(targets, baseline),
                      "baseline_shares": {s: float(np.mean(baseline == s)) for s in ("train", "val", "test")}})

@@ -41,7 +41,7 @@ from distributed.model.builders import recalibrate_batchnorm
 from distributed.model.calibration import METHODS, Calibration, calibrated_model, logits_of
 from distributed.model.guard import GUARD_FILE
 from distributed.model.heads import Head
-from distributed.model.scoring import ADAPTATION_FILE, read_run_config, run_head, run_model_path
+from distributed.model.scoring import ADAPTATION_FILE, read_run_config, refuse_multilabel, run_head, run_model_path
 from preprocessing.sources import discover
 from preprocessing.transform import ImageRejected, TransformParams, transform
 
@@ -116,6 +116,7 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
 
     model = keras.models.load_model(str(model_path), compile=False)
     head = run_head(run_config) or Head.of_model(model)
+    refuse_multilabel(head, "distributed.adapt")
     logits_head = Head.of_logits(model)
     record: dict[str, Any] = {"site": config.site, "adapted_from": str(run_dir), "adabn": None}
     labelled = labelled_sample(config.labelled, classes, params) if config.labelled else None

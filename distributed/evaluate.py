@@ -29,7 +29,8 @@ from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, Thres
 from distributed.model.metrics import THRESHOLD_METRICS
 from distributed.model.calibration import probability_quality
 from distributed.model.guard import DEFAULT_QUANTILE, GUARD_FILE, Guard, fit_guard
-from distributed.model.scoring import adapted_threshold, load_scorer, read_run_config, run_head, run_model_path
+from distributed.model.scoring import (adapted_threshold, load_scorer, read_run_config, refuse_multilabel, run_head,
+                                       run_model_path)
 from cxrscale import tracking
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, config_from, run_cli
@@ -105,8 +106,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     target = resolve_target(config)
     manifest = schema.read_manifest(target.data_dir)
     classes = list(manifest["classes"])
+    refuse_multilabel(run_head(target.run_config) if target.run_config else None, "distributed.evaluate")
     check_writable_dir(target.output, "--output")
     scorer = load_scorer(target.model_path, head=run_head(target.run_config) if target.run_config else None)
+    refuse_multilabel(scorer.head, "distributed.evaluate")
     scorer.tta = config.tta
     if scorer.input_shape != schema.image_shape(manifest):
         raise CxrError(f"{target.model_path} takes {scorer.input_shape} images but {target.data_dir} holds "

@@ -28,7 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from distributed.model.guard import GUARD_FILE, OUTSIDE, Guard
-from distributed.model.scoring import adapted_threshold, load_scorer, read_run_config, run_head, run_model_path
+from distributed.model.scoring import (adapted_threshold, load_scorer, read_run_config, refuse_multilabel, run_head,
+                                       run_model_path)
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, config_from, run_cli
 from cxrscale.console import setup_logging
@@ -142,6 +143,7 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
     classes = list(manifest["classes"])
     recorded = run_dir is not None and (run_dir / "config.json").is_file()
     scorer = load_scorer(model_path, head=run_head(read_run_config(run_dir)) if recorded else None)
+    refuse_multilabel(scorer.head, "distributed.predict")
     scorer.tta = config.tta
     if scorer.input_shape != (params.size, params.size, 1):
         raise CxrError(f"{model_path} takes {scorer.input_shape} images but {manifest_path} prepares "

@@ -39,7 +39,8 @@ import tensorflow as tf
 from distributed.evaluation.model_card import CARD_NAME
 from distributed.model.guard import GUARD_FILE
 from distributed.model.heads import Head
-from distributed.model.scoring import load_scorer, read_run_config, run_head, run_model_path, tflite_scorer
+from distributed.model.scoring import (load_scorer, read_run_config, refuse_multilabel, run_head, run_model_path,
+                                       tflite_scorer)
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, config_from, int_at_least, run_cli
 from cxrscale.console import quiet_tensorflow, setup_logging
@@ -185,6 +186,7 @@ def export(config: ExportConfig) -> dict[str, Any]:
                            "pick another --model-version or leave it out for the next free one")
 
     scorer = load_scorer(model_path, head=run_head(run_config))
+    refuse_multilabel(scorer.head, "optimize.export")
     model = scorer.keras_model
     if scorer.input_shape != schema.image_shape(manifest):
         raise CxrError(f"{model_path} takes {scorer.input_shape} images but {data_dir} holds "

@@ -31,7 +31,7 @@ import numpy as np
 from distributed.evaluation.scores import ThresholdRule, compute_metrics, parse_threshold, score_split
 from distributed.model.builders import recalibrate_batchnorm
 from distributed.model.heads import Head
-from distributed.model.scoring import load_scorer, read_run_config, run_model_path
+from distributed.model.scoring import load_scorer, read_run_config, refuse_multilabel, run_model_path
 from distributed.training.data import balanced_class_weights, plan_data, train_dataset
 from distributed.training.hvd_utils import agree, configure_devices
 from cxrscale import tracking
@@ -258,6 +258,7 @@ def run(config: PruneQuantizeConfig) -> dict | None:
     manifest = schema.read_manifest(config.data)
     base = keras.models.load_model(str(run_model_path(config.run)), compile=False)
     head = Head.of_model(base)
+    refuse_multilabel(head, "optimize.prune_quantize")
     if not head.binary:
         raise CxrError(f"optimize compares variants by binary metrics; {config.run} has a {head.describe()} head "
                        f"over {len(manifest['classes'])} classes")

@@ -174,19 +174,30 @@ def l2_regularizer(factor: float):
 
 
 def transfer_classifier(spec: ModelSpec, constructor, head, image_size: int, num_classes: int, weights: str,
-                        freeze_base: bool, fine_tune_from: str | None) -> keras.Model:
+                        freeze_base: bool, fine_tune_from: str | None, multilabel: bool = False) -> keras.Model:
     """The frame the ImageNet transfer models share: checks, uint8 input with the backbone's own input
     scaling in the graph (`spec.input_scaling`), the keras.applications backbone (`constructor`) built flat
     on it, `head(backbone output) -> outputs`, weights file, trainable layers."""
     name = spec.name
     check_image_size(spec, image_size)
-    Head.for_classes(num_classes)  # refuses a count no head can take, before the backbone is built
+    Head.for_classes(num_classes, multilabel=multilabel)  # refuses a count no head can take, before the backbone
     x, image = imagenet_input(image_size, spec.input_scaling)
     base = _application(constructor, name, weights, x)
     model = keras.Model(image, head(base.output), name=f"{name}_classifier")
     load_weights_file_if_any(model, weights, allow_backbone_only=True)
     set_backbone_trainable(model, freeze_base=freeze_base, fine_tune_from=fine_tune_from)
     return model
+
+
+def pooled_head(num_classes: int, *, dropout: float, l2: float, multilabel: bool = False):
+    """The head the ImageNet backbones after VGG16 and ResNet50 take: global average pooling, dropout and the
+    logits (CheXNet's: DenseNet121's pooled features straight into one unit per finding). A function of the
+    backbone's output, for `transfer_classifier`."""
+    def head(base_output):
+        y = keras.layers.GlobalAveragePooling2D(name=f"{HEAD_PREFIX}global_avg_pool")(base_output)
+        y = keras.layers.Dropout(dropout, name=f"{HEAD_PREFIX}dropout")(y)
+        return Head.for_classes(num_classes, multilabel=multilabel).output(y, l2=l2)
+    return head
 
 
 def imagenet_input(image_size: int, scaling: str = "imagenet-caffe"):

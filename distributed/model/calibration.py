@@ -18,6 +18,9 @@ distributed.model.heads):
 - isotonic (binary; scikit-learn's IsotonicRegression on the logit): a monotone piecewise-linear map, the
   most flexible; it needs a few hundred validation images and can tie scores (AUC may drop slightly).
 
+A multi-label head is calibrated per label: a temperature for each, fitted on the images where that label is
+known (a label whose validation images are all of one kind keeps T = 1).
+
 The calibration is a few built-in layers after `logits` (Rescaling for temperature and Platt; frozen Dense +
 clipped ReLU segments for isotonic), named with the prefix "calibration_" and ending in the output layer
 "predictions", so that a SavedModel, every TFLite variant and any other consumer output the calibrated
@@ -48,8 +51,9 @@ _MAX_TEMPERATURE_LOG = 5.0  # T within e^-5 .. e^5
 
 @dataclass(frozen=True)
 class Calibration:
-    """A fitted calibration map. params: temperature {"temperature": T}; platt {"a", "b"}; isotonic {"x", "y"}
-    (the knots of the piecewise-linear map from logit to probability); none {}."""
+    """A fitted calibration map. params: temperature {"temperature": T} (a multi-label head: a list, one T per
+    label); platt {"a", "b"}; isotonic {"x", "y"} (the knots of the piecewise-linear map from logit to
+    probability); none {}."""
 
     method: str
     params: dict[str, Any] = field(default_factory=dict)
@@ -70,15 +74,14 @@ class Calibration:
             return positive.probabilities(np.interp(head.positive_logit(logits), self.params["x"], self.params["y"]))
         if self.method == "platt":
             return positive.probabilities(sigmoid(self.params["a"] * head.positive_logit(logits) + self.params["b"]))
-        scale = 1.0 / self.params["temperature"] if self.method == "temperature" else 1.0
+        scale = 1.0 / np.asarray(self.params["temperature"], np.float64) if self.method == "temperature" else 1.0
         return head.activate(np.asarray(logits, np.float64) * scale)
 
 
 def fit_calibration(method: str, labels: np.ndarray, logits: np.ndarray, head: Head) -> Calibration:
-    """Fit `method` on validation labels (n,) int and the logits (n, head.units) of a model with `head`.
-    Raises ModelError when the method does not fit the head (Platt and isotonic are binary) or the split
-    cannot support it."""
-    y = np.asarray(labels).astype(int).ravel()
+    """Fit `method` on validation labels (n,) int (a multi-label head: targets (n, K) of 1, 0 and -1 unknown)
+    and the logits (n, head.units) of a model with `head`. Raises ModelError when the method does not fit the
+    head (Platt and isotonic are binary) or the split cannot support it."""
     z = np.asarray(logits, np.float64)
     z = z[:, None] if z.ndim == 1 else z
     if method not in METHODS:
@@ -87,6 +90,12 @@ def fit_calibration(method: str, labels: np.ndarray, logits: np.ndarray, head: H
         method = "temperature"
     if method == "none":
         return Calibration("none")
+    if head.multilabel:
+        if method != "temperature":
+            raise ModelError(f"--calibration {method} is for two classes; a {head.describe()} head is calibrated "
+                             "by a temperature per label (--calibration temperature)")
+        return Calibration("temperature", {"temperature": _label_temperatures(np.asarray(labels), z)})
+    y = np.asarray(labels).astype(int).ravel()
     if len(np.unique(y)) < 2:
         raise ModelError(f"--calibration {method}: the validation split has only one class; nothing to fit on")
     if method in ("platt", "isotonic") and not head.binary:
@@ -115,18 +124,24 @@ def fit_calibration(method: str, labels: np.ndarray, logits: np.ndarray, head: H
 
 def calibration_summary(labels: np.ndarray, logits: np.ndarray, calibration: Calibration,
                         head: Head) -> dict[str, Any]:
-    """ECE, Brier and log loss of the positive class (K > 2: top-label ECE, multi-class Brier and log loss)
-    before and after `calibration`."""
-    y = np.asarray(labels).astype(int).ravel()
+    """ECE, Brier and log loss of the positive class (K > 2: top-label ECE, multi-class Brier and log loss;
+    multi-label: of every known label) before and after `calibration`."""
+    y = np.asarray(labels) if head.multilabel else np.asarray(labels).astype(int).ravel()
     return {"method": calibration.method, "n": int(len(y)),
             "before": probability_quality(y, head.activate(logits), head),
             "after": probability_quality(y, calibration.apply(head, logits), head)}
 
 
 def probability_quality(labels: np.ndarray, probs: np.ndarray, head: Head) -> dict[str, float]:
-    """ECE (10 equal-width bins), Brier score and log loss of probabilities (n, head.columns)."""
-    y = np.asarray(labels).astype(int).ravel()
+    """ECE (10 equal-width bins), Brier score and log loss of probabilities (n, head.columns); of a multi-label
+    head, over every known (image, label) pair pooled."""
     p = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
+    if head.multilabel:
+        targets = np.asarray(labels)
+        seen = m.known(targets)
+        y, p = targets[seen].astype(int), p[seen]
+        return {"ece": m.expected_calibration_error(y, p), "brier": m.brier(y, p), "log_loss": m.log_loss(y, p)}
+    y = np.asarray(labels).astype(int).ravel()
     if head.binary:
         return {"ece": m.expected_calibration_error(y, p[:, 1]), "brier": m.brier(y, p[:, 1]),
                 "log_loss": m.log_loss(y, p[:, 1])}
@@ -149,7 +164,9 @@ def fit_on_validation(model: keras.Model, data_dir, method: str, record_dir, *,
         labels.append(y)
     if not labels:
         raise ModelError(f"{data_dir} has no validation split to calibrate on")
-    labels, logits = np.concatenate(labels).astype(int).ravel(), np.concatenate(logits)
+    labels, logits = np.concatenate(labels), np.concatenate(logits)
+    if not head.multilabel:
+        labels = labels.astype(int).ravel()
     calibration = fit_calibration(method, labels, logits, head)
     summary = calibration_summary(labels, logits, calibration, head)
     write_json_atomic(Path(record_dir) / "calibration.json", {**calibration.to_dict(), "fitted_on": "val",
@@ -199,9 +216,10 @@ def calibrated_model(model: keras.Model, calibration: Calibration, *, head: Head
         p = _frozen_dense(ramps, np.diff(y)[:, None], np.array([y[0]]), f"{PREFIX}isotonic")
         out = keras.layers.ReLU(max_value=1.0, name=OUTPUT_NAME, dtype="float32")(p)
         return keras.Model(model.inputs, out, name=model.name)
-    if method == "temperature":
-        z = keras.layers.Rescaling(1.0 / float(params["temperature"]), name=f"{PREFIX}temperature",
-                                   dtype="float32")(z)
+    if method == "temperature":  # one T, or one per label (a per-channel scale over the last axis)
+        t = params["temperature"]
+        scale = [1.0 / float(v) for v in t] if isinstance(t, (list, tuple)) else 1.0 / float(t)
+        z = keras.layers.Rescaling(scale, name=f"{PREFIX}temperature", dtype="float32")(z)
     elif method == "platt":
         z = keras.layers.Rescaling(float(params["a"]), offset=float(params["b"]), name=f"{PREFIX}platt",
                                    dtype="float32")(z)
@@ -233,3 +251,15 @@ def _fit_temperature(y: np.ndarray, z: np.ndarray, head: Head) -> float:
     best = minimize_scalar(nll, bounds=(-_MAX_TEMPERATURE_LOG, _MAX_TEMPERATURE_LOG), method="bounded",
                            options={"xatol": 1e-4})
     return float(np.exp(best.x))
+
+
+def _label_temperatures(targets: np.ndarray, z: np.ndarray) -> list[float]:
+    """One temperature per label, minimising that label's validation log loss over the images where it is
+    known; 1.0 for a label whose known images are all positive or all negative (nothing to fit on)."""
+    out = []
+    single = Head("binary", 1)
+    for k in range(targets.shape[1]):
+        seen = targets[:, k] >= 0
+        y = targets[seen, k].astype(int)
+        out.append(_fit_temperature(y, z[seen, k:k + 1], single) if len(np.unique(y)) == 2 else 1.0)
+    return out

@@ -210,12 +210,16 @@ class Head:
                                     name=LOGITS_NAME)(features)
         return keras.layers.Activation(self.activation, dtype="float32", name=OUTPUT_NAME)(logits)
 
-    def loss(self, label_smoothing: float = 0.0):
+    def loss(self, label_smoothing: float = 0.0, label_weights: "list[tuple[float, float]] | None" = None):
         """The loss for this head's labels (`label_form`), on probabilities as the models output them.
         label_smoothing e (Szegedy et al. 2016): targets become y (1 - e) + e / K, so the model is never pushed
-        to certainty on a label that may be wrong or an image unlike the deployment site's."""
+        to certainty on a label that may be wrong or an image unlike the deployment site's.
+        A multi-label head's loss is `masked_binary_crossentropy`, with label_weights (negative, positive)
+        per label when given (`distributed.training.data.label_weights`)."""
         from distributed.model.kerasenv import keras
 
+        if self.multilabel:
+            return masked_binary_crossentropy(self.units, label_smoothing, label_weights)
         if self.activation == "sigmoid":
             return keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing, name="binary_crossentropy")
         if not label_smoothing:
@@ -231,9 +235,11 @@ class Head:
         return smoothed_sparse_categorical_crossentropy
 
     def accuracy(self):
-        """The training accuracy metric, named "accuracy" for every head."""
+        """The training accuracy metric, named "accuracy" for every head (multi-label: of the known labels)."""
         from distributed.model.kerasenv import keras
 
+        if self.multilabel:
+            return keras.metrics.MeanMetricWrapper(masked_binary_accuracy, name="accuracy")
         if self.activation == "sigmoid":
             return keras.metrics.BinaryAccuracy(name="accuracy")
         return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
@@ -259,3 +265,38 @@ class Head:
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, np.float64)))  # overflow-free
+
+
+def masked_binary_crossentropy(units: int, label_smoothing: float = 0.0,
+                               label_weights: "list[tuple[float, float]] | None" = None):
+    """A multi-label loss on sigmoid probabilities (n, K) against targets (n, K) of 1, 0 and -1 (unknown):
+    each known label's binary cross-entropy, weighted by its (negative, positive) weight, averaged over the
+    image's known labels; an unknown label adds nothing (an image with none adds 0). A plain function, so a
+    saved model needs no custom object to load."""
+    import tensorflow as tf
+
+    weights = np.ones((units, 2), np.float32) if label_weights is None else np.asarray(label_weights, np.float32)
+    if weights.shape != (units, 2):
+        raise ModelError(f"label weights must be (negative, positive) for each of {units} labels; got {weights.shape}")
+    negative, positive = tf.constant(weights[:, 0]), tf.constant(weights[:, 1])
+    epsilon = 1e-7
+
+    def masked_binary_crossentropy(y_true, y_pred):
+        y_true = tf.cast(y_true, tf.float32)
+        seen = tf.cast(y_true >= 0.0, tf.float32)
+        y = tf.clip_by_value(y_true, 0.0, 1.0) * (1.0 - label_smoothing) + 0.5 * label_smoothing
+        p = tf.clip_by_value(tf.cast(y_pred, tf.float32), epsilon, 1.0 - epsilon)
+        per_label = -(positive * y * tf.math.log(p) + negative * (1.0 - y) * tf.math.log(1.0 - p))
+        return tf.reduce_sum(per_label * seen, axis=-1) / tf.maximum(tf.reduce_sum(seen, axis=-1), 1.0)
+
+    return masked_binary_crossentropy
+
+
+def masked_binary_accuracy(y_true, y_pred):
+    """Per image: the share of its known labels (targets 0 or 1; -1 unknown) decided right at 0.5."""
+    import tensorflow as tf
+
+    y_true = tf.cast(y_true, tf.float32)
+    seen = tf.cast(y_true >= 0.0, tf.float32)
+    right = tf.cast(tf.equal(tf.cast(y_pred >= 0.5, tf.float32), y_true), tf.float32)
+    return tf.reduce_sum(right * seen, axis=-1) / tf.maximum(tf.reduce_sum(seen, axis=-1), 1.0)

@@ -304,3 +304,63 @@ def bootstrap_intervals(metrics: dict[str, Callable[[np.ndarray, np.ndarray], fl
         low, high = np.quantile(values[name], [alpha, 1 - alpha]) if values[name] else (np.nan, np.nan)
         out[name].update(low=float(low), high=float(high), confidence=confidence, resamples=n_resamples)
     return out
+
+
+# --- multi-label: targets (n, K) of 1 positive, 0 negative, -1 unknown; probabilities (n, K) ----------------
+
+def known(targets) -> np.ndarray:
+    """Where a multi-label target is known (0 or 1), (n, K) bool."""
+    return np.asarray(targets) >= 0
+
+
+def label_roc_aucs(targets, probs) -> list[float | None]:
+    """ROC-AUC of each label over the images where it is known; None where the label has no positive or no
+    negative among them."""
+    targets, probs = np.asarray(targets), np.asarray(probs, dtype=float)
+    out: list[float | None] = []
+    for k in range(targets.shape[1]):
+        seen = targets[:, k] >= 0
+        y = targets[seen, k].astype(int)
+        out.append(float(skm.roc_auc_score(y, probs[seen, k])) if len(np.unique(y)) == 2 else None)
+    return out
+
+
+def macro_roc_auc(targets, probs) -> float:
+    """The mean of the labels' ROC-AUCs (`label_roc_aucs`) over the labels where it is defined; MetricError
+    when none is."""
+    defined = [a for a in label_roc_aucs(targets, probs) if a is not None]
+    if not defined:
+        raise MetricError("macro ROC-AUC is undefined: no label has both positive and negative images")
+    return float(np.mean(defined))
+
+
+def micro_roc_auc(targets, probs) -> float:
+    """ROC-AUC of every known (image, label) pair pooled: dominated by the frequent labels."""
+    targets, probs = np.asarray(targets), np.asarray(probs, dtype=float)
+    seen = known(targets)
+    return roc_auc(targets[seen].astype(int), probs[seen])
+
+
+def masked_cross_entropy(targets, probs) -> float:
+    """Binary cross-entropy in nats of every known (image, label) pair, probabilities clipped as `log_loss`."""
+    targets, probs = np.asarray(targets), np.clip(np.asarray(probs, dtype=float), 1e-7, 1 - 1e-7)
+    seen = known(targets)
+    y, p = targets[seen], probs[seen]
+    if not len(y):
+        raise MetricError("no known labels to evaluate")
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def multilabel_validation_metrics(targets, probs) -> dict[str, float]:
+    """What training monitors for a multi-label head: val_loss (masked cross-entropy), val_accuracy (of the
+    known labels at 0.5) and val_auc, the macro ROC-AUC over the labels (NaN when undefined, as in
+    `validation_metrics`)."""
+    targets, probs = np.asarray(targets), np.asarray(probs, dtype=float)
+    seen = known(targets)
+    out = {"val_loss": masked_cross_entropy(targets, probs),
+           "val_accuracy": float(np.mean((probs[seen] >= 0.5) == (targets[seen] == 1)))}
+    try:
+        out["val_auc"] = macro_roc_auc(targets, probs)
+    except MetricError:
+        out["val_auc"] = float("nan")
+    return out

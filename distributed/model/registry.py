@@ -32,7 +32,7 @@ class ModelSpec:
     """One model of the zoo.
 
     name: what --model takes. summary: one line for --help and the docs. build: the builder,
-    (image_size, num_classes, *, weights, dropout, l2, freeze_base, fine_tune_from) -> an uncompiled
+    (image_size, num_classes, *, weights, dropout, l2, freeze_base, fine_tune_from, multilabel) -> an uncompiled
     keras.Model taking uint8 (s, s, 1) images (it imports Keras when called). min_image_size: the smallest
     side in pixels it takes. default_dropout: the head's dropout when --dropout is not given. imagenet:
     Keras has ImageNet weights for its backbone, so --weights auto means imagenet, and freezing, fine-tuning

@@ -83,6 +83,13 @@ def run_head(run_config: dict) -> Head | None:
     return Head.from_dict(head) if head else None
 
 
+def refuse_multilabel(head: Head | None, stage: str) -> None:
+    """CxrError naming `stage` for a multi-label model, which it does not take yet (training does)."""
+    if head is not None and head.multilabel:
+        raise CxrError(f"{stage} does not take a multi-label model yet ({head.describe()}); training and "
+                       "preparation do (docs/multilabel.md)")
+
+
 def litert_interpreter(path: str | Path, num_threads: int | None = None):
     """A LiteRT interpreter of a `.tflite` file (`ai_edge_litert.interpreter.Interpreter`), or a clear error."""
     from ai_edge_litert.interpreter import Interpreter

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from distributed.model.kerasenv import keras
 
-from distributed.model.metrics import validation_metrics
+from distributed.model.metrics import multilabel_validation_metrics, validation_metrics
 from distributed.model.builders import recalibrate_batchnorm
 from distributed.model.heads import Head
 from cxrscale.files import atomic_dir, write_json_atomic, write_text_atomic
@@ -206,7 +206,8 @@ class ExactValidation(keras.callbacks.Callback):
 
     Each rank predicts its own share of the records; the scores are gathered with Horovod and every rank
     computes loss, accuracy and ROC-AUC on all of them. (Averaging per-rank AUCs, as a metric-averaging
-    callback would, is not the AUC of the split.) Writes val_loss, val_accuracy and val_auc into the logs.
+    callback would, is not the AUC of the split.) Writes val_loss, val_accuracy and val_auc into the logs; a
+    multi-label head's val_auc is the macro ROC-AUC of its labels, its loss and accuracy over the known ones.
     """
 
     def __init__(self, dataset: tf.data.Dataset, labels: np.ndarray, allgather_object, head: Head):
@@ -220,9 +221,10 @@ class ExactValidation(keras.callbacks.Callback):
         outputs = self.model.predict(self.images, verbose=0)
         gathered = self.allgather_object((np.asarray(outputs, np.float32), self.labels))
         probs = self.head.probabilities(np.concatenate([g[0] for g in gathered]))
-        labels = np.concatenate([g[1] for g in gathered]).astype(int).ravel()
+        labels = np.concatenate([g[1] for g in gathered])
         if logs is not None:
-            logs.update(validation_metrics(labels, probs))
+            logs.update(multilabel_validation_metrics(labels, probs) if self.head.multilabel
+                        else validation_metrics(labels.astype(int).ravel(), probs))
 
 
 class Checkpointer(keras.callbacks.Callback):

@@ -25,7 +25,9 @@ class DataPlan:
     train_files: list[Path]      # this worker's files
     val_files: list[Path]        # all validation files (records are split between workers)
     steps_per_epoch: int
-    class_counts: list[int]
+    class_counts: list[int]      # train images per class; multi-label: positive train images per label
+    num_labels: int | None = None  # a multi-label dataset's K (its `classes` are the labels), else None
+    label_known: list[int] | None = None  # multi-label: train images whose label is known, per label
 
 
 def plan_data(prepared_dir: str | Path, rank: int, size: int, batch_size: int, model: str) -> DataPlan:
@@ -35,9 +37,6 @@ def plan_data(prepared_dir: str | Path, rank: int, size: int, batch_size: int, m
     larger than the train split, an image size the model cannot take, or a missing validation split.
     """
     manifest = schema.read_manifest(prepared_dir)
-    if schema.label_count(manifest) is not None:
-        raise CxrError(f"--data {prepared_dir} is a multi-label dataset ({len(manifest['classes'])} labels); this "
-                       "cxrscale trains single-label datasets only (docs/multilabel.md)")
     shape = schema.image_shape(manifest)
     check_image_size(model, int(min(shape[:2])), source=f"--data {prepared_dir}")
     counts = manifest["counts"]["per_split"]
@@ -51,14 +50,24 @@ def plan_data(prepared_dir: str | Path, rank: int, size: int, batch_size: int, m
         raise CxrError(f"{prepared_dir} has no validation split; prepare it with --val-fraction > 0")
     train_count = counts["train"]["total"]
     global_batch = batch_size * size
+    num_labels = schema.label_count(manifest)
+    unknown = counts["train"].get("unknown", {}) if num_labels else {}
     return DataPlan(shape, classes, train_count, counts["val"]["total"], train_files[rank::size], val_files,
-                    train_count // global_batch, [counts["train"].get(c, 0) for c in classes])
+                    train_count // global_batch, [counts["train"].get(c, 0) for c in classes], num_labels,
+                    [train_count - unknown.get(c, 0) for c in classes] if num_labels else None)
 
 
 def balanced_class_weights(class_counts: list[int]) -> dict[int, float]:
     """n / (K * n_c) per class, as scikit-learn's "balanced"; a class with no images gets weight 0."""
     total, k = sum(class_counts), len(class_counts)
     return {i: (total / (k * n) if n else 0.0) for i, n in enumerate(class_counts)}
+
+
+def label_weights(positives: list[int], known: list[int]) -> list[tuple[float, float]]:
+    """(negative, positive) loss weights of each label of a multi-label dataset: `balanced_class_weights` of
+    its negative and positive images among those where it is known, so a rare finding's positives weigh as
+    much in all as its negatives (CheXNet's weighted cross-entropy, in scikit-learn's scale)."""
+    return [tuple(balanced_class_weights([n - pos, pos]).values()) for pos, n in zip(positives, known)]
 
 
 @dataclass(frozen=True)
@@ -184,7 +193,7 @@ def train_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, *, 
     ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(plan.train_files)),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.map(lambda s: _pair(s, plan.image_shape, label_form), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda s: _pair(s, plan, label_form), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
     if augment:  # in parallel, in order: each batch draws from its own seed
         ds = ds.enumerate().map(augmenter(seed), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -194,35 +203,36 @@ def train_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, *, 
 def val_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, rank: int, size: int) -> tf.data.Dataset:
     """This worker's share (every size-th record) of the validation split, in order, as (image, label)."""
     ds = tf.data.TFRecordDataset([str(p) for p in plan.val_files]).shard(size, rank)
-    ds = ds.map(lambda s: _pair(s, plan.image_shape, "index"), num_parallel_calls=tf.data.AUTOTUNE)
+    form = "multihot" if plan.num_labels else "index"
+    ds = ds.map(lambda s: _pair(s, plan, form), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def ordered_dataset(files: list[Path], plan: DataPlan, batch_size: int, label_form: str) -> tf.data.Dataset:
     """The records of `files` once, in file order, batched as (image, label): for feature caching."""
     ds = tf.data.TFRecordDataset([str(p) for p in files])
-    ds = ds.map(lambda s: _pair(s, plan.image_shape, label_form), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda s: _pair(s, plan, label_form), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def sample_images(files: list[Path], shape: tuple[int, int, int], n: int, seed: int):
-    """Up to n uint8 images (n, H, W, C) drawn at random (seeded) from the records of `files`, as a numpy
-    array: the train images BatchNormalization statistics are re-estimated on."""
+def sample_images(files: list[Path], shape: tuple[int, int, int], n: int, seed: int, num_labels: int | None = None):
+    """Up to n uint8 images (n, H, W, C) drawn at random (seeded) from the records of `files` (of a dataset
+    with `num_labels`, `DataPlan`), as a numpy array: the train images BatchNormalization statistics are
+    re-estimated on."""
     ds = tf.data.TFRecordDataset([str(p) for p in files]).shuffle(4096, seed=seed, reshuffle_each_iteration=False)
-    ds = ds.take(n).map(lambda s: schema.parse_example(s, shape)["image"]).batch(256)
+    ds = ds.take(n).map(lambda s: schema.parse_example(s, shape, num_labels)["image"]).batch(256)
     batches = list(ds.as_numpy_iterator())
     return np.concatenate(batches) if batches else np.zeros((0, *shape), np.uint8)
 
 
-def _pair(serialized: tf.Tensor, shape: tuple[int, int, int], label_form: str):
+def _pair(serialized: tf.Tensor, plan: DataPlan, label_form: str):
     """(image, label) with the label as the head takes it: "binary", float (1,) for one sigmoid unit;
-    "index", the int class index."""
-    record = schema.parse_example(serialized, shape)
+    "index", the int class index; "multihot", float (K,) of 1, 0 and -1 (unknown) for a multi-label head."""
+    if (label_form == "multihot") != bool(plan.num_labels):
+        raise CxrError(f"a {label_form!r} head cannot train on a {'multi' if plan.num_labels else 'single'}-label "
+                       "dataset")
+    record = schema.parse_example(serialized, plan.image_shape, plan.num_labels)
     label = record["label"]
     if label_form == "binary":
         label = tf.cast(tf.reshape(label, (1,)), tf.float32)
-    elif label_form != "index":
-        raise ValueError(f"prepared datasets hold one class index per image; a {label_form!r} head needs "
-                         "multi-label records")
     return record["image"], label
-

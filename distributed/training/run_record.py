@@ -22,7 +22,7 @@ from distributed.model.heads import Head
 from distributed.training import callbacks as cb
 from distributed.training import hvd_utils
 from distributed.training.config import TrainConfig
-from distributed.training.data import DataPlan, balanced_class_weights
+from distributed.training.data import DataPlan, balanced_class_weights, label_weights
 from cxrscale.errors import CxrError
 from cxrscale.files import atomic_dir, read_numeric_csv, sha256_file, write_json_atomic
 from cxrscale.provenance import git_commit, library_versions
@@ -69,9 +69,11 @@ def write_run_record(run_dir: Path, config: TrainConfig, plan: DataPlan, model, 
                      "image_shape": list(plan.image_shape), "loss": getattr(loss, "name", None) or loss.__name__,
                      "label_smoothing": config.label_smoothing, "output_units": Head.of_model(model).units,
                      "train_class_counts": dict(zip(plan.classes, plan.class_counts)),
-                     # the loss weight of each class index, as fit() gets them (None: unweighted)
-                     "class_weights": balanced_class_weights(plan.class_counts)
-                     if config.class_weights == "auto" else None},
+                     # the loss weight of each class index, as fit() gets them (None: unweighted); a
+                     # multi-label run's (negative, positive) weight of each label, in its loss
+                     **(_label_weight_record(config, plan) if plan.num_labels else {
+                         "class_weights": balanced_class_weights(plan.class_counts)
+                         if config.class_weights == "auto" else None})},
         "head": Head.of_model(model).to_dict(),
         "libraries": library_versions(("tensorflow", "tf-keras", "horovod", "numpy", "cxrscale")),
         "git_commit": git_commit(), "manifest_sha256": sha256_file(data_dir / schema.MANIFEST)}
@@ -84,6 +86,14 @@ def write_run_record(run_dir: Path, config: TrainConfig, plan: DataPlan, model, 
     shutil.copyfile(data_dir / schema.MANIFEST, run_dir / "dataset_manifest.json")
 
 
+def _label_weight_record(config: TrainConfig, plan: DataPlan) -> dict[str, Any]:
+    """A multi-label run's record: its labels' known train images, and their loss weights."""
+    weights = label_weights(plan.class_counts, plan.label_known) if config.class_weights == "auto" else None
+    return {"train_label_known": dict(zip(plan.classes, plan.label_known)),
+            "label_weights": None if weights is None else {c: {"negative": w[0], "positive": w[1]}
+                                                            for c, w in zip(plan.classes, weights)}}
+
+
 def export_model(config: TrainConfig, plan: DataPlan, weights: list[np.ndarray], target: Path,
                  calibration=None) -> None:
     """Save the model with `weights` as a float32 SavedModel (portable: float16 kernels are missing on
@@ -93,7 +103,7 @@ def export_model(config: TrainConfig, plan: DataPlan, weights: list[np.ndarray],
     keras.mixed_precision.set_global_policy("float32")
     try:
         model = build_model(config.model, plan.image_shape[0], len(plan.classes), weights="none",
-                            **config.model_options())
+                            multilabel=bool(plan.num_labels), **config.model_options())
         model.set_weights(weights)
         if calibration is not None:
             model = calibrated_model(model, calibration)

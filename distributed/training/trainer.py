@@ -30,8 +30,8 @@ from distributed.model.zoo import build_model
 from distributed.model.heads import Head
 from distributed.training import callbacks as cb, hvd_utils, run_record
 from distributed.training.config import TrainConfig
-from distributed.training.data import (DataPlan, balanced_class_weights, ordered_dataset, plan_data, sample_images,
-                                       train_dataset, val_dataset)
+from distributed.training.data import (DataPlan, balanced_class_weights, label_weights, ordered_dataset, plan_data,
+                                       sample_images, train_dataset, val_dataset)
 from distributed.training.features import cached_train_dataset, compute_features, split_at_head
 from preprocessing import schema
 
@@ -61,7 +61,8 @@ class Datasets:
 @dataclass
 class TrainingRun:
     """One training run on this worker (see the module docstring). `model` is what is checkpointed and
-    exported; `averaging` is the per-step weight average (--ema), None when off."""
+    exported; `loss` is the head's loss (a multi-label head's weighs each label, `open_run`); `averaging` is
+    the per-step weight average (--ema), None when off."""
 
     config: TrainConfig
     hvd: Any
@@ -70,6 +71,7 @@ class TrainingRun:
     policy: str
     model: Any
     head: Head
+    loss: Any
     optimizer: Any
     scaled_lr: float
     checkpoint: tf.train.Checkpoint
@@ -136,7 +138,7 @@ class TrainingRun:
         if hvd.rank() == 0:
             run_record.write_run_record(self.run_dir, config, plan, self.model, policy=self.policy,
                                         workers=hvd.size(), gpus=self.gpus, scaled_lr=self.scaled_lr,
-                                        loss=self.head.loss(config.label_smoothing), state=state, restored=restored)
+                                        loss=self.loss, state=state, restored=restored)
         return Start(epoch, float(state["best"]) if state else -float("inf"), finishing)
 
     def _resume(self, state: dict) -> str:
@@ -156,11 +158,18 @@ class TrainingRun:
 
     # --- fitting ----------------------------------------------------------------------------------------
 
+    def class_weight(self, plan: DataPlan) -> dict[int, float] | None:
+        """fit()'s class weights: balanced with --class-weights auto, for a head of one class per image (a
+        multi-label head's weights are in its loss, `open_run`)."""
+        if self.config.class_weights != "auto" or self.head.multilabel:
+            return None
+        return balanced_class_weights(plan.class_counts)
+
     def compile(self, fit_model) -> None:
-        """Compile what is fitted (the model, or its head on cached features) with the head's loss and
-        accuracy."""
-        fit_model.compile(optimizer=self.optimizer, loss=self.head.loss(self.config.label_smoothing),
-                          metrics=[self.head.accuracy()], jit_compile=self.config.xla)
+        """Compile what is fitted (the model, or its head on cached features) with the run's loss and the
+        head's accuracy."""
+        fit_model.compile(optimizer=self.optimizer, loss=self.loss, metrics=[self.head.accuracy()],
+                          jit_compile=self.config.xla)
 
     def callbacks(self, plan: DataPlan, ds_val: tf.data.Dataset, *, epoch: int, best: float,
                   broadcast: bool = True) -> list:
@@ -176,7 +185,8 @@ class TrainingRun:
         bn_images = None
         if config.bn_samples and not config.cache_features and any(
                 isinstance(layer, keras.layers.BatchNormalization) and layer.trainable for layer in model.layers):
-            bn_images = sample_images(plan.train_files, plan.image_shape, -(-config.bn_samples // size), config.seed)
+            bn_images = sample_images(plan.train_files, plan.image_shape, -(-config.bn_samples // size), config.seed,
+                                      plan.num_labels)
         if bn_images is not None or size > 1:
             callbacks.append(cb.BatchNormStatistics(model, bn_images, hvd_utils.rank_average(hvd)))
         val_labels = np.concatenate([y for _, y in ds_val.as_numpy_iterator()])
@@ -214,8 +224,7 @@ class TrainingRun:
         history = fit_model.fit(ds_train, initial_epoch=epoch, callbacks=callbacks,
                                 steps_per_epoch=plan.steps_per_epoch, epochs=config.epochs,
                                 verbose=(1 if sys.stderr.isatty() else 2) if rank == 0 else 0,
-                                class_weight=balanced_class_weights(plan.class_counts)
-                                if config.class_weights == "auto" else None)
+                                class_weight=self.class_weight(plan))
         return len(history.epoch)
 
     # --- the end ----------------------------------------------------------------------------------------
@@ -260,7 +269,7 @@ def open_run(config: TrainConfig) -> TrainingRun:
     plan = plan_data(Path(config.data), rank, size, config.batch_size, config.model)  # the shape and classes
     keras.utils.set_random_seed(config.seed)
     model = build_model(config.model, plan.image_shape[0], len(plan.classes), weights=config.resolved_weights(),
-                        seed=config.seed, **config.model_options())
+                        seed=config.seed, multilabel=bool(plan.num_labels), **config.model_options())
     # Horovod: the rate scales with the workers (their batches add up), reached by a warm-up from one's rate
     scaled_lr = config.lr * size
     warm = config.warmup_epochs > 0 and (size > 1 or config.schedule == "cosine")
@@ -271,7 +280,13 @@ def open_run(config: TrainConfig) -> TrainingRun:
         # Outside the Horovod optimizer: gradients are allreduced while still scaled, then unscaled and
         # checked for inf/NaN identically on every rank, so all ranks skip or apply the same steps.
         optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+    head = Head.of_model(model)
+    # a multi-label head weighs each label's negatives and positives in its loss, as class weights do for one
+    # label per image (--class-weights auto); the counts are the manifest's, the same on every rank
+    weights = (label_weights(plan.class_counts, plan.label_known)
+               if head.multilabel and config.class_weights == "auto" else None)
     return TrainingRun(config=config, hvd=hvd, run_dir=config.resolved_output(), gpus=gpus, policy=policy,
-                       model=model, head=Head.of_model(model), optimizer=optimizer, scaled_lr=scaled_lr,
+                       model=model, head=head, loss=head.loss(config.label_smoothing, weights),
+                       optimizer=optimizer, scaled_lr=scaled_lr,
                        checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer),
                        averaging=cb.WeightAverage(config.ema) if config.ema else None)

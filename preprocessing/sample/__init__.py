@@ -21,20 +21,27 @@ Determinism: image ``i`` of class ``c`` in split ``s`` is rendered from
 how many other images are requested, and JPEGs are encoded with fixed settings,
 so two runs with the same parameters produce byte-identical files.
 
+The multi-label sample (``--findings``) renders Cardiomegaly, Consolidation,
+Effusion and Pneumothorax into the images, several per image, and writes
+``OUT/images/NNNNN.jpeg`` and ``OUT/labels.csv`` (path, patient, a 0/1 column
+per finding) for ``python -m preprocessing`` to read as a multi-label CSV.
+
 CLI::
 
     python -m preprocessing.sample --output data/sample [--normal 60]
         [--pneumonia 180] [--size 256] [--seed 0] [--with-test] [--aspect-jitter]
+    python -m preprocessing.sample --findings --output data/sample-findings [--images 800]
 """
 
 from __future__ import annotations
 
 from preprocessing.sample.cli import build_parser, main
-from preprocessing.sample.folder import (MARKER_NAME, MIN_SIZE, README_NAME, README_SIGNATURE, SampleError,
-                                         generate_sample)
+from preprocessing.sample.folder import (FINDINGS_CSV, MARKER_NAME, MIN_SIZE, README_NAME, README_SIGNATURE,
+                                         SampleError, generate_findings_sample, generate_sample)
 from preprocessing.sample.plan import CLASSES, PlannedImage, image_rng, plan_sample, render_planned, split_counts
-from preprocessing.sample.render import encode_jpeg, render_radiograph
+from preprocessing.sample.render import FINDINGS, encode_jpeg, render_findings, render_radiograph
 
-__all__ = ["CLASSES", "MARKER_NAME", "MIN_SIZE", "PlannedImage", "README_NAME", "README_SIGNATURE", "SampleError",
-           "build_parser", "encode_jpeg", "generate_sample", "image_rng", "main", "plan_sample", "render_planned",
-           "render_radiograph", "split_counts"]
+__all__ = ["CLASSES", "FINDINGS", "FINDINGS_CSV", "MARKER_NAME", "MIN_SIZE", "PlannedImage", "README_NAME",
+           "README_SIGNATURE", "SampleError", "build_parser", "encode_jpeg", "generate_findings_sample",
+           "generate_sample", "image_rng", "main", "plan_sample", "render_planned",
+           "render_findings", "render_radiograph", "split_counts"]

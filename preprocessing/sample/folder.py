@@ -6,14 +6,15 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from cxrscale.errors import CxrError
 from cxrscale.files import write_text_atomic
-from preprocessing.sample.plan import (CLASSES, KNOWN_SPLITS, PlannedImage, ordered_splits, plan_sample,
-                                       render_planned, split_counts)
+from preprocessing.sample.plan import (CLASSES, KNOWN_SPLITS, ordered_splits, plan_findings, plan_sample,
+                                       render_planned, render_planned_findings, split_counts)
+from preprocessing.sample.render import FINDINGS
 
 GENERATOR = "cxrscale.preprocessing.sample"
 FORMAT_VERSION = 1
@@ -107,9 +108,16 @@ def _foreign_error(out: Path, paths: Sequence[str]) -> SampleError:
         "or new folder")
 
 
-def _prepare_folder(out: Path, plan: list[PlannedImage], params: dict,
-                    splits: Sequence[str]) -> bool:
-    """Check ``out`` and clear stale files of a previous sample.
+def _marker_dirs(marker: dict) -> set[str]:
+    """The folders a previous sample's marker says it made (older markers: its splits' class folders)."""
+    if isinstance(marker.get("dirs"), list):
+        return set(marker["dirs"])
+    return _layout_dirs(marker.get("params", {}).get("splits", []))
+
+
+def _prepare_folder(out: Path, planned: set[str], params: dict, layout: set[str]) -> bool:
+    """Check ``out`` and clear stale files of a previous sample; ``planned``: the files this call writes,
+    ``layout``: the folders it makes.
 
     Returns True if ``out`` already holds exactly this sample (nothing to do).
     Raises SampleError if the folder holds anything that is not ours. Only files
@@ -122,21 +130,20 @@ def _prepare_folder(out: Path, plan: list[PlannedImage], params: dict,
     files, dirs = _tree(out)
     if not files and not dirs:
         return False
-    planned = {p.relpath for p in plan}
     marker = _read_marker(out)
     if marker is None:
         # No marker: only an interrupted run of ours (README first, marker last)
         # whose images are all ones this call will overwrite is acceptable.
         extra = {f for f in files - planned - {README_NAME} if not _marker_leftover(f)}
-        extra_dirs = dirs - _layout_dirs(splits)
+        extra_dirs = dirs - layout
         if not _is_our_readme(out) or extra or extra_dirs:
             raise _foreign_error(out, sorted(extra | extra_dirs) or sorted(files))
         return False
 
     owned: dict[str, str] = marker["files"]
-    old_splits = marker.get("params", {}).get("splits", [])
+    old_layout = _marker_dirs(marker)
     extra = {f for f in files - set(owned) - {README_NAME, MARKER_NAME} if not _marker_leftover(f)}
-    extra_dirs = dirs - _layout_dirs(splits) - _layout_dirs(old_splits)
+    extra_dirs = dirs - layout - old_layout
     if extra or extra_dirs:
         raise _foreign_error(out, sorted(extra | extra_dirs))
     present = {rel for rel in owned if rel in files}
@@ -154,7 +161,7 @@ def _prepare_folder(out: Path, plan: list[PlannedImage], params: dict,
     (out / MARKER_NAME).unlink()
     for rel in sorted(present - planned):
         (out / rel).unlink()
-    for d in sorted(_layout_dirs(old_splits) - _layout_dirs(splits), reverse=True):
+    for d in sorted(old_layout - layout, reverse=True):
         try:
             (out / d).rmdir()  # only if empty; never recursive
         except OSError:
@@ -207,25 +214,76 @@ def generate_sample(output_dir: str | os.PathLike, n_normal: int = 60,
     params = {"n_normal": n_normal, "n_pneumonia": n_pneumonia, "size": size, "seed": seed,
               "splits": list(splits), "aspect_jitter": bool(aspect_jitter)}
     counts = {s: split_counts(s, n_normal, n_pneumonia) for s in splits}
-    out = Path(output_dir)
     plan = plan_sample(n_normal, n_pneumonia, seed, splits)
-    if _prepare_folder(out, plan, params, splits):
-        return counts
+    files = [(item.relpath, lambda item=item: render_planned(item, size, seed, aspect_jitter)) for item in plan]
+    _write_sample(Path(output_dir), files, params, counts, _layout_dirs(splits), _readme_text(params))
+    return counts
 
+
+def _write_sample(out: Path, files: list[tuple[str, Callable[[], bytes]]], params: dict, counts: dict,
+                  layout: set[str], readme: str) -> None:
+    """Write `files` (relative path, its bytes when called) into `out` safely and idempotently (see
+    `_prepare_folder`), the README first and the marker SAMPLE.json last."""
+    if _prepare_folder(out, {rel for rel, _ in files}, params, layout):
+        return
     out.mkdir(parents=True, exist_ok=True)
     # README first: a half-written folder is still labelled synthetic and is
     # recognised as ours on the next run.
-    (out / README_NAME).write_text(_readme_text(params), encoding="utf-8")
-    for d in sorted(_layout_dirs(splits)):
+    (out / README_NAME).write_text(readme, encoding="utf-8")
+    for d in sorted(layout):
         (out / d).mkdir(parents=True, exist_ok=True)
     hashes: dict[str, str] = {}
-    for item in plan:
-        data = render_planned(item, size, seed, aspect_jitter)
-        (out / item.relpath).write_bytes(data)
-        hashes[item.relpath] = hashlib.sha256(data).hexdigest()
+    for rel, render in files:
+        data = render()
+        (out / rel).write_bytes(data)
+        hashes[rel] = hashlib.sha256(data).hexdigest()
 
     marker = {"generator": GENERATOR, "format": FORMAT_VERSION, "synthetic": True,
               "note": "synthetic images, not real radiographs",
-              "params": params, "counts": counts, "files": hashes}
+              "params": params, "counts": counts, "files": hashes, "dirs": sorted(layout)}
     write_text_atomic(out / MARKER_NAME, json.dumps(marker, indent=1, sort_keys=True) + "\n")  # means "complete"
+
+
+FINDINGS_CSV = "labels.csv"
+
+
+def generate_findings_sample(output_dir: str | os.PathLike, n_images: int = 800, size: int = 256,
+                             seed: int = 0) -> dict[str, int]:
+    """Write the synthetic multi-label sample into ``output_dir``: ``images/NNNNN.jpeg`` rendered with the
+    findings of `render.FINDINGS` (each present in about a third of the images, several per image, two images
+    per patient) and ``labels.csv`` (path, patient and one 0/1 column per finding), which
+    ``python -m preprocessing`` reads as a multi-label CSV. Safe and idempotent as `generate_sample`.
+
+    Returns the positive images of each finding and the image count ("images")."""
+    _validate(0, n_images, size, seed, ("train",))
+    if n_images < 1:
+        raise SampleError(f"n_images must be at least 1, got {n_images!r}")
+    n_images, size, seed = int(n_images), int(size), int(seed)
+    plan = plan_findings(n_images, seed)
+    lines = ["path,patient," + ",".join(FINDINGS)]
+    lines += [f"{item.relpath},{item.patient}," + ",".join(str(int(f in item.findings)) for f in FINDINGS)
+              for item in plan]
+    table = ("\n".join(lines) + "\n").encode()
+    files = [(item.relpath, lambda item=item: render_planned_findings(item, size, seed)) for item in plan]
+    files.append((FINDINGS_CSV, lambda: table))
+    params = {"kind": "findings", "n_images": n_images, "size": size, "seed": seed}
+    counts = {f: sum(f in item.findings for item in plan) for f in FINDINGS} | {"images": n_images}
+    _write_sample(Path(output_dir), files, params, counts, {"images"}, _findings_readme(params))
     return counts
+
+
+def _findings_readme(params: dict) -> str:
+    return (
+        f"{README_SIGNATURE}\n"
+        "\n"
+        "These images are SYNTHETIC. They were drawn by a program from simple\n"
+        "shapes and noise, with the findings listed in labels.csv rendered into\n"
+        f"them ({', '.join(FINDINGS)}); they are NOT real radiographs, contain no\n"
+        "patient data, and must not be used or presented as real clinical data\n"
+        "or to report model performance. They exist so demos and tests of\n"
+        "multi-label models run without a real dataset.\n"
+        "\n"
+        f"Parameters: {json.dumps(params, sort_keys=True)}\n"
+        f"Regenerate: python -m preprocessing.sample --findings --output <this folder> "
+        f"--images {params['n_images']} --size {params['size']} --seed {params['seed']}\n"
+    )

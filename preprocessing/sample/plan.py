@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from preprocessing.sample.render import encode_jpeg, render_radiograph, stamp_synthetic
+from preprocessing.sample.render import FINDINGS, encode_jpeg, render_findings, render_radiograph, stamp_synthetic
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 KNOWN_SPLITS = ("train", "val", "test")
@@ -24,6 +24,8 @@ _CLASS_CODE = {"NORMAL": 0, "PNEUMONIA": 1}
 # SeedSequence treats trailing zero words as absent: [1, 2, 3] == [1, 2, 3, 0].)
 _STREAM_IMAGE = 0
 _STREAM_NAMES = 1
+_STREAM_FINDINGS = 2
+FINDING_PREVALENCE = 0.35   # each finding's share of the multi-label sample, drawn independently
 
 
 # --------------------------------------------------------------------------- #
@@ -156,3 +158,36 @@ def render_planned(item: PlannedImage, size: int, seed: int, aspect_jitter: bool
     hw = _image_size(rng, size, aspect_jitter)
     img = render_radiograph(rng, hw, item.label == "PNEUMONIA", pattern=item.pattern)
     return encode_jpeg(stamp_synthetic(img))
+
+
+# --------------------------------------------------------------------------- #
+# The multi-label sample
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class PlannedFindings:
+    """One image of the multi-label sample: relpath (images/NNNNN.jpeg), index, patient (two images each) and
+    the findings it shows (a subset of `render.FINDINGS`)."""
+
+    relpath: str
+    index: int
+    patient: str
+    findings: tuple[str, ...]
+
+
+def plan_findings(n_images: int, seed: int) -> list[PlannedFindings]:
+    """Every image of the multi-label sample, in order: each finding drawn independently with probability
+    `FINDING_PREVALENCE` from the image's own seed, so an image does not depend on how many are asked for."""
+    plan = []
+    for i in range(n_images):
+        rng = np.random.default_rng([seed, _STREAM_FINDINGS, i, 1])
+        findings = tuple(f for f in FINDINGS if rng.random() < FINDING_PREVALENCE)
+        plan.append(PlannedFindings(f"images/{i:05d}.jpeg", i, f"p{i // 2:05d}", findings))
+    return plan
+
+
+def render_planned_findings(item: PlannedFindings, size: int, seed: int) -> bytes:
+    """JPEG bytes of one image of the multi-label sample (pure function of its arguments)."""
+    rng = np.random.default_rng([seed, _STREAM_FINDINGS, item.index, 2])
+    return encode_jpeg(stamp_synthetic(render_findings(rng, size, item.findings)))

@@ -1,7 +1,9 @@
-"""The synthetic radiograph renderer: anatomy from analytic shapes plus noise, opacities for PNEUMONIA, and
-the JPEG encoding with its SYNTHETIC marks (pure functions of a numpy Generator)."""
+"""The synthetic radiograph renderer: anatomy from analytic shapes plus noise, opacities for PNEUMONIA, the
+findings of the multi-label sample (`FINDINGS`), and the JPEG encoding with its SYNTHETIC marks (pure functions
+of a numpy Generator)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -362,9 +364,10 @@ def _draw_opacities(cv: _Canvas, an: _Anatomy, lungs_hard: np.ndarray,
     return layer
 
 
-def _compose_chest(cv: _Canvas, an: _Anatomy,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(density image, hard lung mask), both float32 canvas shape, of a clear chest."""
+def _compose_chest(cv: _Canvas, an: _Anatomy, rng: np.random.Generator,
+                   no_markings: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(density image, hard lung mask), both float32 canvas shape, of a clear chest; no vessel markings where
+    `no_markings` is 1 (the air of a pneumothorax)."""
     Y = cv.ys[:, None]
     edge = 0.012 * cv.unit  # pixels; softness of organ borders
     body = _body_thickness(cv, an)
@@ -398,7 +401,10 @@ def _compose_chest(cv: _Canvas, an: _Anatomy,
     spine_vis = np.clip(1.0 - 1.8 * (Y - an.right_lung.cy + 0.1), 0.3, 1.0)
     img += 0.08 * _soft(_draw_spine(cv), 0.006 * cv.unit) * body * spine_vis
     hila, vessels = _draw_hila_and_vessels(cv, an, rng)
-    img += (0.06 * _soft(hila, 3 * edge) + 0.07 * _soft(vessels, 0.004 * cv.unit)) * lungs
+    vessels = _soft(vessels, 0.004 * cv.unit)
+    if no_markings is not None:
+        vessels *= 1.0 - no_markings
+    img += (0.06 * _soft(hila, 3 * edge) + 0.07 * vessels) * lungs
     return img, lungs_hard
 
 
@@ -465,6 +471,82 @@ def render_radiograph(rng: np.random.Generator, size: int | tuple[int, int],
         opac = _draw_opacities(cv, an, lungs_hard, rng, pattern or "bacteria")
         # Opacities stop at the pleura and mediastinum (silhouette sign).
         img += opac * _soft(lungs_hard, 0.024 * cv.unit)
+    return _film(_random_pose(img, rng, (h, w)), rng)
+
+
+# The findings the multi-label sample renders, each drawn as a radiologist would see it.
+FINDINGS = ("Cardiomegaly", "Consolidation", "Effusion", "Pneumothorax")
+
+
+def _enlarged_heart(an: _Anatomy, rng: np.random.Generator) -> _Anatomy:
+    """Cardiomegaly: the cardiac silhouette widened (cardiothoracic ratio well above 0.5) and dropped a little,
+    its apex pushed towards the left chest wall."""
+    k = rng.uniform(1.35, 1.5)
+    (hx, hy), (ax, ay) = an.heart_c, an.heart_ax
+    return dataclasses.replace(an, heart_c=(hx + 0.03 * k, hy + 0.02), heart_ax=(ax * k, ay * (0.85 + 0.2 * k)))
+
+
+def _draw_effusion(cv: _Canvas, an: _Anatomy, lungs_hard: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Pleural effusion layer (float32 density, canvas shape): fluid filling one lung's base up to a meniscus
+    that rises towards the chest wall, which blunts the costophrenic angle. Fluid replaces aerated lung, so it
+    adds density only where the lung field was."""
+    which = int(rng.integers(0, 2))
+    lung = (an.right_lung, an.left_lung)[which]
+    lateral = -1.0 if which == 0 else 1.0          # the chest wall side of this lung, in x
+    X, Y = cv.xs[None, :], cv.ys[:, None]
+    base = lung.cy + lung.b * lung.base            # where the diaphragm meets the chest wall
+    height = rng.uniform(0.09, 0.17)
+    across = np.clip((X - (lung.cx - lateral * lung.a)) * lateral / (2 * lung.a), 0.0, 1.0)
+    top = base - height * (0.35 + 0.65 * across ** 2)   # the meniscus: higher laterally
+    inside = (np.abs(X - lung.cx) < lung.a * 1.05) & (Y > top)
+    return rng.uniform(0.26, 0.32) * _soft((inside * lungs_hard).astype(np.float32), 0.01 * cv.unit)
+
+
+def _pneumothorax(cv: _Canvas, an: _Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(air, visceral pleural line, collapsed lung) masks (float32, canvas shape) of a pneumothorax: one lung
+    pulled away from the apex and the chest wall, leaving a rim of air without vessel markings, its edge a thin
+    bright line."""
+    which = int(rng.integers(0, 2))
+    lung = (an.right_lung, an.left_lung)[which]
+    lateral = -1.0 if which == 0 else 1.0
+    gap = rng.uniform(0.05, 0.09)
+    shrunk = _Lung(cx=lung.cx - lateral * 0.6 * gap, cy=lung.cy + 0.6 * gap, a=lung.a - gap,
+                   b=lung.b - 0.8 * gap, dome=lung.dome, base=lung.base)
+    full, inner = _lung_mask(cv, lung), _lung_mask(cv, shrunk)
+    air = np.clip(full - inner, 0.0, 1.0)
+    kernel = np.ones((3, 3), np.uint8)
+    edge = cv2.morphologyEx(inner, cv2.MORPH_GRADIENT, kernel) * cv2.dilate(air, kernel)
+    edge *= (cv.ys < lung.cy + 0.5 * lung.b).astype(np.float32)[:, None]  # the apex and the side, not the base
+    return air, edge, inner
+
+
+def render_findings(rng: np.random.Generator, size: int | tuple[int, int], findings) -> np.ndarray:
+    """Render one synthetic frontal chest radiograph showing `findings` (any of `FINDINGS`, several at once):
+    an enlarged heart, a lobar consolidation, a pleural effusion with its meniscus, a pneumothorax's
+    collapsed lung edge. uint8 (height, width), as `render_radiograph`."""
+    findings = set(findings)
+    unknown = findings - set(FINDINGS)
+    if unknown:
+        raise ValueError(f"unknown findings {sorted(unknown)}; the sample renders {', '.join(FINDINGS)}")
+    h, w = _as_hw(size)
+    an = _sample_anatomy(rng)
+    if "Cardiomegaly" in findings:
+        an = _enlarged_heart(an, rng)
+    H, W = int(round(h * 1.3)), int(round(w * 1.3))
+    cv = _Canvas((H, W), (W / 2.0, H / 2.0), float(min(h, w)))
+    air = line = collapsed = None
+    if "Pneumothorax" in findings:
+        air, line, collapsed = _pneumothorax(cv, an, rng)
+    img, lungs_hard = _compose_chest(cv, an, rng, no_markings=None if air is None else _soft(air, 0.006 * cv.unit))
+    pleura = _soft(lungs_hard, 0.024 * cv.unit)
+    if "Consolidation" in findings:
+        img += _draw_opacities(cv, an, lungs_hard, rng, "bacteria") * pleura
+    if air is not None:
+        img -= 0.05 * _soft(air, 0.004 * cv.unit)                     # air alone: darker than lung
+        img += 0.05 * _soft(collapsed, 0.01 * cv.unit) * pleura        # the collapsed lung: denser
+        img += 0.12 * _soft(line, 0.003 * cv.unit)                     # the visceral pleural line
+    if "Effusion" in findings:
+        img += _draw_effusion(cv, an, lungs_hard, rng)
     return _film(_random_pose(img, rng, (h, w)), rng)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +91,8 @@ def chexpert_folder(root: Path) -> Path:
     table = base / "train.csv"
     with open(table, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "Edema", "Pleural Effusion", "Support Devices"])
+        writer.writerow(["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "Edema", "Pleural Effusion",
+                         "Support Devices"])
         writer.writerows(rows)
     return table
 

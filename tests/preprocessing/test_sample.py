@@ -296,3 +296,30 @@ def test_cli_writes_and_reports(tmp_path, capsys):
     assert len(lines) == 1
     assert str(out) in lines[0] and "NORMAL=2" in lines[0] and "PNEUMONIA=3" in lines[0]
     assert (out / "test" / "NORMAL").is_dir() and (out / MARKER_NAME).is_file()
+
+
+# --------------------------------------------------------------------------- #
+# The multi-label sample
+# --------------------------------------------------------------------------- #
+
+
+def test_findings_sample_is_deterministic_idempotent_and_a_multilabel_csv(tmp_path):
+    from preprocessing.sample import FINDINGS, FINDINGS_CSV, generate_findings_sample
+    from preprocessing.sources import discover
+
+    counts = generate_findings_sample(tmp_path / "a", 60, 96, seed=3)
+    assert counts["images"] == 60 and all(0 < counts[f] < 60 for f in FINDINGS)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    assert generate_findings_sample(tmp_path / "a", 60, 96, seed=3) == counts  # same request: nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*") if p.is_file()} == stamps
+    generate_findings_sample(tmp_path / "b", 30, 96, seed=3)  # fewer images: the first 30 are the same files
+    assert _files(tmp_path / "b")["images/00007.jpeg"] == _files(tmp_path / "a")["images/00007.jpeg"]
+    found = discover(tmp_path / "a" / FINDINGS_CSV)
+    assert found.multilabel and found.classes == list(FINDINGS)
+    assert [sum(item.targets[k] for item in found.items) for k in range(4)] == [counts[f] for f in FINDINGS]
+    assert len({item.patient_key for item in found.items}) == 30  # two images per patient
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "mine.txt").write_text("not a sample")
+    with pytest.raises(ValueError, match="not a previous cxrscale sample"):
+        generate_findings_sample(tmp_path / "c", 10, 96)
+

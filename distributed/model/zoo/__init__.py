@@ -47,7 +47,7 @@ def check_image_size(name: str, image_size: int, minimum: int | None = None, sou
 
 def build_model(name: str, image_size: int, num_classes: int = 2, *, weights: str = "none",
                 dropout: float | None = None, l2: float = 1e-4, freeze_base: bool = False,
-                fine_tune_from: str | None = None, seed: int | None = None):
+                fine_tune_from: str | None = None, seed: int | None = None, multilabel: bool = False):
     """Build model `name` of the zoo for uint8 (batch, image_size, image_size, 1) input: an uncompiled
     keras.Model whose head (`Head.of_model`) gives its loss, accuracy and probabilities.
 
@@ -56,6 +56,7 @@ def build_model(name: str, image_size: int, num_classes: int = 2, *, weights: st
         image_size: input side in pixels; at least `min_image_size(name)`.
         num_classes: K >= 2. For K == 2 the heads are the thesis's (VGG16: 2-unit softmax, ResNet50 and the
             CNN: 1-unit sigmoid); for K > 2 every model ends in a K-unit softmax.
+        multilabel: K >= 1 labels, each its own sigmoid unit (a multi-label dataset's head).
         weights: "none" (random init, seeded by `seed`), "imagenet" (models with `spec.imagenet`; Keras
             downloads the notop file), or a path to a weights file (.h5, .keras, .weights.h5, a TF checkpoint
             prefix or a SavedModel directory) saved from the same architecture, or, for an ImageNet model, a
@@ -81,4 +82,4 @@ def build_model(name: str, image_size: int, num_classes: int = 2, *, weights: st
         keras.utils.set_random_seed(int(seed))
     return spec.build(image_size, num_classes, weights=weights,
                       dropout=spec.default_dropout if dropout is None else dropout, l2=l2, freeze_base=freeze_base,
-                      fine_tune_from=fine_tune_from)
+                      fine_tune_from=fine_tune_from, multilabel=multilabel)

@@ -15,7 +15,7 @@ BN_MOMENTUM = 0.9
 
 
 def build_thesis_cnn(image_size: int = 150, num_classes: int = 2, *, dropout: float = 0.2, l2: float = 1e-4,
-                     filters: Sequence[int] = FILTERS, convs_per_block: int = 1):
+                     filters: Sequence[int] = FILTERS, convs_per_block: int = 1, multilabel: bool = False):
     """The thesis's small CNN for 150 x 150 x 1 radiographs, sized to train on CPU.
 
     Architecture with the defaults (s = image_size; blocks b = 1, 2, 3 with 64, 128, 256 filters):
@@ -32,7 +32,8 @@ def build_thesis_cnn(image_size: int = 150, num_classes: int = 2, *, dropout: fl
         head_dense_128        Dense 128, ReLU, L2(l2)
         head_dropout          Dropout(dropout)
         logits                Dense 1 (K = 2) or K (K > 2), float32
-        predictions           sigmoid (K = 2: P(class 1)) or softmax (K > 2), float32
+        predictions           sigmoid (K = 2: P(class 1)) or softmax (K > 2), float32; `multilabel`: K
+                              sigmoid units
 
     404,033 parameters (403,137 trainable + 896 BatchNormalization moving statistics) at every image side,
     128 and 150 px alike, because global average pooling makes the head independent of the side.
@@ -53,7 +54,7 @@ def build_thesis_cnn(image_size: int = 150, num_classes: int = 2, *, dropout: fl
     if not filters or convs_per_block < 1:
         raise ModelError("the cnn needs at least one block and one convolution per block")
     check_image_size(SPEC, image_size, 2 ** len(filters))
-    head = Head.for_classes(num_classes)
+    head = Head.for_classes(num_classes, multilabel=multilabel)
     image = keras.Input((image_size, image_size, 1), dtype="uint8", name=INPUT_NAME)
     # float32 even under a mixed policy: the scaling is exact there and the first conv casts as it needs.
     x = keras.layers.Rescaling(1.0 / 255.0, name="pixels_to_unit", dtype="float32")(image)
@@ -71,11 +72,11 @@ def build_thesis_cnn(image_size: int = 150, num_classes: int = 2, *, dropout: fl
 
 
 def build(image_size: int, num_classes: int = 2, *, weights: str = "none", dropout: float = 0.2, l2: float = 1e-4,
-          freeze_base: bool = False, fine_tune_from: str | None = None):
+          freeze_base: bool = False, fine_tune_from: str | None = None, multilabel: bool = False):
     """`build_thesis_cnn` with the zoo's options: a weights file saved from a cnn run, and freezing."""
     from distributed.model.builders import load_weights_file_if_any, set_backbone_trainable
 
-    model = build_thesis_cnn(image_size, num_classes, dropout=dropout, l2=l2)
+    model = build_thesis_cnn(image_size, num_classes, dropout=dropout, l2=l2, multilabel=multilabel)
     load_weights_file_if_any(model, weights, allow_backbone_only=False)
     return set_backbone_trainable(model, freeze_base=freeze_base, fine_tune_from=fine_tune_from)
 

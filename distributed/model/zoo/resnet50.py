@@ -8,7 +8,7 @@ from distributed.model.registry import COMMON_TUNE_SPACE, ModelSpec, register
 
 def build_resnet50_classifier(image_size: int, num_classes: int = 2, *, weights: str = "none",
                               dropout: float = 0.5, l2: float = 1e-4, freeze_base: bool = False,
-                              fine_tune_from: str | None = None):
+                              fine_tune_from: str | None = None, multilabel: bool = False):
     """The thesis's ResNet50 transfer model (its Table 2), on uint8 greyscale input.
 
     image (s, s, 1) uint8 -> pixels_to_float -> grey_to_rgb (s, s, 3) -> imagenet_caffe_norm
@@ -16,9 +16,9 @@ def build_resnet50_classifier(image_size: int, num_classes: int = 2, *, weights:
     -> head_global_avg_pool (2048) -> head_dense_1024 (ReLU, L2) -> head_dropout_1
     -> head_dense_512 (ReLU, L2) -> head_dropout_2 -> logits (1 or K) -> predictions (sigmoid or softmax).
 
-    With K = 2 the output is one sigmoid unit, P(class 1), as in the thesis. 26,211,201 parameters at any
-    image size (base 23,587,712 of which 53,120 are BatchNormalization moving statistics, dense layers
-    2,098,176 + 524,800 + 513); the preprocessing layers add none.
+    With K = 2 the output is one sigmoid unit, P(class 1), as in the thesis; `multilabel`: K sigmoid units.
+    26,211,201 parameters at any image size (base 23,587,712 of which 53,120 are BatchNormalization moving
+    statistics, dense layers 2,098,176 + 524,800 + 513); the preprocessing layers add none.
     """
     from distributed.model.builders import l2_regularizer, transfer_classifier
     from distributed.model.kerasenv import keras
@@ -30,10 +30,10 @@ def build_resnet50_classifier(image_size: int, num_classes: int = 2, *, weights:
         y = keras.layers.Dropout(dropout, name="head_dropout_1")(y)
         y = keras.layers.Dense(512, activation="relu", kernel_regularizer=l2_regularizer(l2), name="head_dense_512")(y)
         y = keras.layers.Dropout(dropout, name="head_dropout_2")(y)
-        return Head.for_classes(num_classes).output(y, l2=l2)
+        return Head.for_classes(num_classes, multilabel=multilabel).output(y, l2=l2)
 
     return transfer_classifier(SPEC, keras.applications.ResNet50, head, image_size, num_classes, weights,
-                               freeze_base, fine_tune_from)
+                               freeze_base, fine_tune_from, multilabel)
 
 
 # Downsamples by 32 (five stride-2 stages): below 32 px the last stage would get an empty map.

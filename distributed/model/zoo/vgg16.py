@@ -8,14 +8,15 @@ from distributed.model.registry import COMMON_TUNE_SPACE, ModelSpec, register
 
 def build_vgg16_classifier(image_size: int, num_classes: int = 2, *, weights: str = "none",
                            dropout: float = 0.5, l2: float = 1e-4, freeze_base: bool = False,
-                           fine_tune_from: str | None = None):
+                           fine_tune_from: str | None = None, multilabel: bool = False):
     """The thesis's VGG16 transfer model (its Table 1), on uint8 greyscale input.
 
     image (s, s, 1) uint8 -> pixels_to_float -> grey_to_rgb (s, s, 3) -> imagenet_caffe_norm
     -> VGG16 base without top (block1_conv1 .. block5_pool: (s/32, s/32, 512))
     -> head_flatten -> head_dense_1024 (ReLU, L2) -> head_dropout -> logits (K) -> predictions (softmax).
 
-    With K = 2 this is a 2-unit softmax as in the thesis. At 224 px: 40,407,874 parameters (base 14,714,688,
+    With K = 2 this is a 2-unit softmax as in the thesis; `multilabel`: K sigmoid units. At 224 px:
+    40,407,874 parameters (base 14,714,688,
     head_dense_1024 25,691,136, logits 2,050); the preprocessing layers add none. The Flatten head makes
     the parameter count grow with the image side ((s/32)^2 * 512 * 1024 for the first dense layer).
     """
@@ -27,10 +28,10 @@ def build_vgg16_classifier(image_size: int, num_classes: int = 2, *, weights: st
         y = keras.layers.Dense(1024, activation="relu", kernel_regularizer=l2_regularizer(l2),
                                name="head_dense_1024")(y)
         y = keras.layers.Dropout(dropout, name="head_dropout")(y)
-        return Head.for_classes(num_classes, two_unit_softmax=True).output(y, l2=l2)
+        return Head.for_classes(num_classes, two_unit_softmax=True, multilabel=multilabel).output(y, l2=l2)
 
     return transfer_classifier(SPEC, keras.applications.VGG16, head, image_size, num_classes, weights, freeze_base,
-                               fine_tune_from)
+                               fine_tune_from, multilabel)
 
 
 # Downsamples by 32 (five stride-2 stages): below 32 px the last stage would get an empty map.

@@ -273,7 +273,8 @@ def test_same_seed_gives_the_same_model():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(name="inception", image_size=64),
-     r"--model 'inception' is not a known model; choose one of cnn, resnet50, vgg16"),
+     r"--model 'inception' is not a known model; choose one of cnn, densenet121, efficientnetv2-b0, "
+     r"efficientnetv2-s, resnet50, vgg16"),
     (dict(name="vgg16", image_size=16), r"--model vgg16 needs images of at least 32 px; the data is 16 px"),
     (dict(name="resnet50", image_size=16), r"--model resnet50 needs images of at least 32 px; the data is 16 px"),
     (dict(name="cnn", image_size=4), r"--model cnn needs images of at least 8 px"),
@@ -289,7 +290,8 @@ def test_user_mistakes_raise_model_error_naming_the_option(kwargs, message):
 
 
 def test_min_image_size():
-    assert {n: min_image_size(n) for n in model_names()} == {"cnn": 8, "resnet50": 32, "vgg16": 32}
+    assert {n: min_image_size(n) for n in model_names()} == {"cnn": 8, "densenet121": 32, "efficientnetv2-b0": 32,
+                                                             "efficientnetv2-s": 32, "resnet50": 32, "vgg16": 32}
     build_model("cnn", min_image_size("cnn"))  # the minimum itself builds
     with pytest.raises(ModelError):
         min_image_size("alexnet")

@@ -13,7 +13,9 @@ from tests.conftest import PYTHON, REPO
 
 def test_the_zoo_names_every_model_file_and_needs_no_tensorflow():
     names = {p.stem for p in (REPO / "distributed" / "model" / "zoo").glob("*.py") if p.stem != "__init__"}
-    assert set(zoo.model_names()) == names == {"cnn", "resnet50", "vgg16"}
+    assert set(zoo.model_names()) == {"cnn", "densenet121", "efficientnetv2-b0", "efficientnetv2-s", "resnet50",
+                                      "vgg16"}
+    assert names == {"cnn", "densenet121", "efficientnetv2", "resnet50", "vgg16"}  # B0 and S share a file
     code = ("import sys; from distributed.model import zoo; from distributed.training import config; "
             "import benchmarks.train; zoo.model_spec('vgg16'); print('tensorflow' in sys.modules)")
     out = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -35,7 +37,8 @@ def test_a_spec_gives_what_config_tuning_and_benchmarks_read():
 
 
 def test_unknown_names_sizes_and_weights_are_refused_by_name():
-    with pytest.raises(ModelError, match="--model 'alexnet' is not a known model; choose one of cnn, resnet50, vgg16"):
+    with pytest.raises(ModelError, match="--model 'alexnet' is not a known model; choose one of cnn, densenet121, "
+                                         "efficientnetv2-b0, efficientnetv2-s, resnet50, vgg16"):
         zoo.model_spec("alexnet")
     with pytest.raises(ModelError, match="--model cnn needs images of at least 8 px; --data x is 4 px"):
         zoo.check_image_size("cnn", 4, source="--data x")
@@ -48,3 +51,26 @@ def test_a_name_is_registered_once():
     assert register(spec) is spec  # a module imported twice registers the same spec
     with pytest.raises(ValueError, match="two models registered as 'cnn'"):
         register(ModelSpec(**{**spec.__dict__, "summary": "another cnn"}))
+
+
+# Keras's published parameter counts of each backbone without its top (keras.io/api/applications: the total
+# with the ImageNet top minus its classifier Dense of 1,000 units), which the classifier adds its head to.
+PUBLISHED = {"densenet121": (8_062_504, 1024), "efficientnetv2-b0": (7_200_312, 1280),
+             "efficientnetv2-s": (21_612_360, 1280)}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_new_backbones_have_keras_published_parameter_counts_and_a_multilabel_head(name):
+    from distributed.model.builders import last_conv_layer_name
+    from distributed.model.heads import Head
+
+    with_top, features = PUBLISHED[name]
+    backbone = with_top - (features * 1000 + 1000)  # the top is pooling and a 1,000-way Dense
+    model = zoo.build_model(name, 64, 14, weights="none", multilabel=True, seed=0)
+    assert Head.of_model(model) == Head("multilabel", 14)
+    assert model.count_params() == backbone + features * 14 + 14  # the pooled head: dropout, then the logits
+    assert last_conv_layer_name(model) in {"relu", "top_activation"}
+    single = zoo.build_model(name, 32, 2, weights="none")
+    assert Head.of_model(single) == Head("binary", 1) and single.count_params() == backbone + features + 1
+    with pytest.raises(ModelError, match=f"--model {name} needs images of at least 32 px"):
+        zoo.build_model(name, 16, 2, weights="none")
