@@ -45,8 +45,11 @@ def test_preprocessing_and_tune_join_a_running_cluster_with_address_auto(running
     assert f":{port} (--address auto): 1 nodes, 2 CPUs" in prep.stderr, prep.stderr[-2000:]
     counts = json.loads((prepared / "manifest.json").read_text())["counts"]
     assert counts["written"] == counts["inputs"] == 128
+    space = tmp_path / "space.json"  # one trial: joining the cluster is what is tested, not the search
+    space.write_text(json.dumps({"lr": {"grid": [1e-3]}, "augment": False}))
     tune = subprocess.run([PYTHON, "-m", "optimize.tune", "--data", str(prepared), "--model", "cnn", "--search", "grid",
-                           "--max-epochs", "1", "--output", str(tmp_path / "tune"), "--address", "auto", "-q"],
+                           "--space", str(space), "--max-epochs", "1", "--output", str(tmp_path / "tune"),
+                           "--address", "auto", "-q"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert tune.returncode == 0, quiet(tune.stderr)
     summary = json.loads((tmp_path / "tune" / "summary.json").read_text())
