@@ -7,6 +7,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cxrscale-installed
 SAMPLE ?= data/sample
 RUN    ?= runs/demo
+FINDINGS ?= data/sample-findings
+FINDINGS_RUN ?= runs/demo-findings
 TUNE   ?= runs/tune-sample
 NP     ?= 2
 
@@ -52,7 +54,9 @@ demo: install
 	$(PY) -m optimize.prune_quantize --run $(RUN)/final --fine-tune-epochs 1 -q
 	$(PY) -m optimize.export --run $(RUN)/final -q
 	$(PY) -m optimize.tune --data $(RUN)/prepared --model cnn --search grid --max-epochs 2 --output $(TUNE) -q
-	@echo "demo: prepared dataset in $(RUN)/prepared; ensemble of two CNNs in $(RUN)/final (calibrated); evaluation report in $(RUN)/final/eval/report.html and model card $(RUN)/final/model_card.md; serving exports (TF Serving, ONNX, TFLite) in $(RUN)/final/export; compressed variants in $(RUN)/final/optimized/report.md; hyper-parameter search in $(TUNE)/report.md"
+	$(PY) -m preprocessing.sample --findings --output $(FINDINGS)
+	$(PY) -m launch.pipeline --recipe findings-sample --input $(FINDINGS)/labels.csv --output $(FINDINGS_RUN) --np $(NP)
+	@echo "demo: prepared dataset in $(RUN)/prepared; ensemble of two CNNs in $(RUN)/final (calibrated); evaluation report in $(RUN)/final/eval/report.html and model card $(RUN)/final/model_card.md; serving exports (TF Serving, ONNX, TFLite) in $(RUN)/final/export; compressed variants in $(RUN)/final/optimized/report.md; hyper-parameter search in $(TUNE)/report.md; multi-label findings model and its per-finding report in $(FINDINGS_RUN)/final/eval/report.html"
 
 test: install
 	$(PY) -m pytest
@@ -61,4 +65,4 @@ bench: install
 	$(PY) -m benchmarks --suite all --quick
 
 clean:
-	rm -rf $(SAMPLE) $(RUN) $(TUNE) .pytest_cache $(LOCK_VENV)
+	rm -rf $(SAMPLE) $(RUN) $(TUNE) $(FINDINGS) $(FINDINGS_RUN) .pytest_cache $(LOCK_VENV)

@@ -22,6 +22,8 @@ import numpy as np
 from distributed.model.kerasenv import keras  # noqa: F401  first: chooses tf_keras before TensorFlow loads
 
 from distributed.evaluation import report
+from distributed.evaluation.findings import (finding_curves, finding_summary, report_blocks as findings_report_blocks,
+                                             write_finding_scores)
 from distributed.evaluation.model_card import write_model_card
 from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, ThresholdRule, compute_metrics,
                                            gallery_picks, load_records, parse_threshold, per_view_metrics,
@@ -29,8 +31,7 @@ from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, Thres
 from distributed.model.metrics import THRESHOLD_METRICS
 from distributed.model.calibration import probability_quality
 from distributed.model.guard import DEFAULT_QUANTILE, GUARD_FILE, Guard, fit_guard
-from distributed.model.scoring import (adapted_threshold, load_scorer, read_run_config, refuse_multilabel, run_head,
-                                       run_model_path)
+from distributed.model.scoring import adapted_threshold, load_scorer, read_run_config, run_head, run_model_path
 from cxrscale import tracking
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, config_from, run_cli
@@ -106,10 +107,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     target = resolve_target(config)
     manifest = schema.read_manifest(target.data_dir)
     classes = list(manifest["classes"])
-    refuse_multilabel(run_head(target.run_config) if target.run_config else None, "distributed.evaluate")
     check_writable_dir(target.output, "--output")
     scorer = load_scorer(target.model_path, head=run_head(target.run_config) if target.run_config else None)
-    refuse_multilabel(scorer.head, "distributed.evaluate")
     scorer.tta = config.tta
     if scorer.input_shape != schema.image_shape(manifest):
         raise CxrError(f"{target.model_path} takes {scorer.input_shape} images but {target.data_dir} holds "
@@ -125,6 +124,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             log.warning("%s is not the dataset the run was trained on: its test split may overlap the training "
                         "data, which only the user can rule out", target.data_dir)
 
+    if scorer.head.multilabel:
+        return evaluate_findings(config, target, manifest, scorer, started, same_data)
     externals = check_external(config.external, target, manifest)  # a bad one fails before any scoring
     log.info("scoring the val and %s splits of %s with %s", config.split, target.data_dir, target.model_path)
     val = score_split(scorer, target.data_dir, "val", config.batch_size, uncalibrated=config.split == "val")
@@ -173,11 +174,75 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     return results
 
 
+def evaluate_findings(config: EvaluateConfig, target: Target, manifest: dict, scorer, started: float,
+                      same_data: bool | None) -> dict[str, Any]:
+    """A multi-label model's evaluation, finding by finding (distributed.evaluation.findings): metrics.json,
+    report.md/html, scores.csv, the per-finding ROC and precision-recall figures, the guard and the model card."""
+    findings = list(manifest["classes"])
+    if config.external:
+        raise CxrError("--external compares the splits of a single-label model; evaluate a multi-label model on "
+                       "another site's prepared dataset with --data instead")
+    log.info("scoring the val and %s splits of %s with %s (%d findings)", config.split, target.data_dir,
+             target.model_path, len(findings))
+    val = score_split(scorer, target.data_dir, "val", config.batch_size, uncalibrated=config.split == "val")
+    test = val if config.split == "val" else score_split(scorer, target.data_dir, config.split, config.batch_size,
+                                                       uncalibrated=True)
+    rule = config.threshold or ThresholdRule("youden")
+    summary = finding_summary(val.labels, val.probs, test.labels, test.probs, findings, rule, split=config.split,
+                              n_bootstrap=config.bootstrap, seed=config.seed)
+    results: dict[str, Any] = {
+        "task": schema.MULTILABEL, "split": config.split, "n": int(len(test.labels)), "classes": findings,
+        "findings": summary, "tta": bool(config.tta), "head": scorer.head.to_dict(),
+        "threshold": {"rule": str(rule), "description": rule.describe(), "value": None, "per_finding": True},
+        "calibration": calibration_report(target, test, test.before_calibration()),
+        "model": {"path": str(target.model_path), "kind": scorer.kind, "input_shape": list(scorer.input_shape),
+                  "size_bytes": _size(target.model_path)},
+        "run": ({"dir": str(target.run_dir), "model": target.run_config["config"]["model"],
+                 "config": target.run_config["config"], "resolved": target.run_config["resolved"],
+                 "ensemble": target.run_config.get("ensemble")} if target.run_config else None),
+        "data": {"dir": str(target.data_dir), "fingerprint": manifest.get("fingerprint"),
+                 "same_as_training": same_data, "transform": manifest.get("transform"),
+                 "counts": manifest.get("counts", {}).get("per_split"), "source": manifest.get("source"),
+                 "split": manifest.get("split"), "excluded": manifest.get("counts", {}).get("excluded", 0),
+                 "warnings": manifest.get("warnings", [])},
+        "output": str(target.output)}
+    results["calibration"].pop("before_probs", None)
+    results["guard"], _ = guard_report(target.data_dir, config.split, target.output, config.guard_quantile)
+    target.output.mkdir(parents=True, exist_ok=True)
+    write_finding_scores(target.output / "scores.csv", test.ids, test.labels, test.probs, findings,
+                         [row["threshold"] for row in summary["findings"]])
+    results["plots"] = {}
+    if summary["measured"]:
+        for kind in ("roc", "pr"):
+            finding_curves(test.labels, test.probs, summary, target.output / f"{kind}.png", kind=kind)
+            results["plots"][kind] = f"{kind}.png"
+    results["seconds"] = time.perf_counter() - started
+    report.write_report(target.output, results, findings_report_blocks(results))
+    card = write_model_card(target.output / "metrics.json", dataset_credit=config.dataset_credit)
+    macro = summary.get("macro_roc_auc") or {}
+    log.info("%s split: macro ROC-AUC %s over %d findings; report in %s, model card %s (%.0f s)", config.split,
+             "undefined" if not macro else f"{macro['value']:.3f}", len(summary["measured"]),
+             target.output / "report.html", card, results["seconds"])
+    track_evaluation(config, target, results, card)
+    return results
+
+
 def evaluation_metrics(results: dict[str, Any]) -> dict[str, float]:
     """The evaluation's numbers as flat MLflow metric names: SPLIT_METRIC at the chosen threshold with
     SPLIT_METRIC_ci_low/_ci_high, SPLIT_METRIC_at_0.5, the threshold, calibration before/after, and
     SPLIT_VIEW_METRIC per DICOM view."""
     split, out = results["split"], {}
+    if results.get("task") == schema.MULTILABEL:  # SPLIT_macro_roc_auc, SPLIT_FINDING_roc_auc, ...
+        summary = results["findings"]
+        for key in ("macro_roc_auc", "micro_roc_auc"):
+            if summary.get(key):
+                out[f"{split}_{key}"] = summary[key]["value"]
+        for row in summary["findings"]:
+            for key, interval in (row.get("intervals") or {}).items():
+                if interval.get("value") is not None:
+                    out[f"{split}_{row['finding'].replace(' ', '_')}_{key}"] = interval["value"]
+        out[f"{split}_images"] = results["n"]
+        return tracking.numeric(out)
 
     def add(prefix: str, summary: dict[str, Any], suffix: str = "", only: Sequence[str] | None = None) -> None:
         for key, value in summary.items():

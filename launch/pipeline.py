@@ -247,6 +247,11 @@ def run_pipeline(recipe: Recipe, p: Plan, *, command: Sequence[str], settings: d
     record["final"] = {"run": str(final), "threshold": metrics["threshold"]["value"],
                        "test": {k: at.get(k) for k in ("roc_auc", "accuracy", "sensitivity", "specificity", "ece")},
                        "calibration": metrics.get("calibration")}
+    if metrics.get("findings"):  # a multi-label model: each finding's test ROC-AUC, and the macro one
+        summary = metrics["findings"]
+        record["final"]["test"] = {"macro_roc_auc": (summary.get("macro_roc_auc") or {}).get("value"),
+                                   **{f"{row['finding']} roc_auc": row["intervals"]["roc_auc"]["value"]
+                                      for row in summary["findings"] if row.get("measured")}}
     # every invocation: the card then matches the last evaluation and says how the pipeline made the model
     record["final"]["model_card"] = str(write_model_card(final / "eval" / "metrics.json", pipeline=record))
     write_json_atomic(record_path, record)
@@ -296,7 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                           settings=json.loads(json.dumps(settings)))
     final = record["final"]
     test = final["test"]
-    print(f"final model: {final['run']} (threshold {final['threshold']:.4f} chosen on validation); test split: "
+    chosen = ("a threshold per finding" if final["threshold"] is None
+              else f"threshold {final['threshold']:.4f}") + " chosen on validation"
+    print(f"final model: {final['run']} ({chosen}); test split: "
           + ", ".join(f"{k} {v:.3f}" for k, v in test.items() if v is not None)
           + f"; report: {Path(final['run']) / 'eval' / 'report.html'}")
     print(json.dumps({"seconds": record["seconds_this_invocation"]}))

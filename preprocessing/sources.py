@@ -209,7 +209,15 @@ def _from_csv(csv_path: Path, uncertain: str, labels: tuple[str, ...]) -> Discov
         items.append(InputItem(str(path), row["path"], classes.index(row["label"]),
                                row.get("split", "").lower() or None, key, row.get("time") or None,
                                row.get("source") or None, view=row.get("view") or None))
-    return Discovery("csv", root, classes, items)
+    return Discovery("csv", root, classes, items, ignored=_sample_marker(root))
+
+
+def _sample_marker(root: Path) -> list[str]:
+    """The built-in sample's marker file beside a CSV, as an ignored file: it is how the manifest, and so the
+    model card, know the images are synthetic (a folder input lists its stray files the same way)."""
+    from preprocessing.sample.folder import MARKER_NAME
+
+    return [MARKER_NAME] if (root / MARKER_NAME).is_file() else []
 
 
 def _check_rows(csv_path: Path, rows: list[dict[str, str]], path_key: str = "path") -> None:
@@ -248,7 +256,8 @@ def _multilabel_csv(csv_path: Path, form: str, header: list[str], rows: list[dic
     positives = [sum(item.targets[k] == multilabel.POSITIVE for item in items) for k in range(len(labels))]
     if not any(positives):
         raise CxrError(f"--input {csv_path}: no image is positive for any of {', '.join(labels)}")
-    return Discovery("nih" if form == "nih" else "csv-columns", csv_path.parent, labels, items, multilabel=True)
+    return Discovery("nih" if form == "nih" else "csv-columns", csv_path.parent, labels, items,
+                     ignored=_sample_marker(csv_path.parent), multilabel=True)
 
 
 def _given_test(found: Discovery, test_list: str) -> None:

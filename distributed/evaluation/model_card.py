@@ -71,17 +71,20 @@ def model_card(metrics: dict[str, Any], metrics_file: Path, *, pipeline: dict[st
     lines += _preprocessing(data.get("transform") or {})
     lines += _model(metrics, run, run_dir, pipeline)
     lines += _adaptation(run_dir)
-    lines += _performance(metrics)
+    multilabel = head.multilabel
+    lines += _findings_performance(metrics) if multilabel else _performance(metrics)
     lines += _calibration(metrics.get("calibration") or {})
     lines += _guard(metrics.get("guard") or {}, metrics.get("split", "test"))
-    lines += _subgroups(metrics, classes)
+    lines += [] if multilabel else _subgroups(metrics, classes)
     lines += _limitations(metrics, data, synthetic)
     lines += _provenance(metrics, run, run_dir, metrics_file)
     return "\n".join(lines).rstrip() + "\n"
 
 
 def _intended_use(classes: list[str], head: Head) -> list[str]:
-    task = (f"tells {classes[1]} from {classes[0]}" if head.binary else f"assigns one of {', '.join(classes)}")
+    task = (f"tells {classes[1]} from {classes[0]}" if head.binary
+            else f"says which of {', '.join(classes)} a radiograph shows, several at once" if head.multilabel
+            else f"assigns one of {', '.join(classes)}")
     return ["## Intended use", "",
             f"A classifier that {task} on frontal chest radiographs prepared with the transform below. It is for "
             "research, for engineering the training, compression and deployment of such models, and, after a "
@@ -302,6 +305,22 @@ def _guard(guard: dict, split: str) -> list[str]:
         + (f" and {flagged:.1%} of the {split} split" if flagged is not None and split != "val" else "") + ". "
         "It looks at the image, not the patient: a radiograph of another body part, a photograph or a "
         "rendering is flagged, and an adult chest film may or may not be (docs/evaluation.md).", ""]
+
+
+def _findings_performance(metrics: dict) -> list[str]:
+    """A multi-label model's performance, finding by finding (distributed.evaluation.findings)."""
+    from distributed.evaluation.findings import finding_table, summary_lines
+
+    summary = metrics["findings"]
+    out = ["## Performance", "", f"On the **{metrics['split']}** split, never used to train, stop, calibrate or "
+           "choose a threshold. 95 % intervals: stratified bootstrap per finding, images resampled for the macro "
+           "and micro AUC.", ""]
+    for line in summary_lines(summary, metrics["split"], metrics["n"]):
+        out += [line, ""]
+    head, rows = finding_table(summary)
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return out + [""]
 
 
 def _subgroups(metrics: dict, classes: list[str]) -> list[str]:

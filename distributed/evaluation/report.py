@@ -136,10 +136,10 @@ def write_gallery(out: Path, picks: list[dict], images: dict[int, np.ndarray], c
 
 # --- the report -----------------------------------------------------------------------------------------
 
-def write_report(out: Path, results: dict) -> None:
-    """metrics.json, report.md and report.html."""
+def write_report(out: Path, results: dict, blocks: list[tuple] | None = None) -> None:
+    """metrics.json, report.md and report.html (of `blocks`, by default the single-label report's)."""
     write_json_atomic(out / "metrics.json", _finite(results))
-    blocks = report_blocks(results)
+    blocks = blocks if blocks is not None else report_blocks(results)
     write_text_atomic(out / "report.md", render_markdown(blocks))
     write_text_atomic(out / "report.html", render_html(blocks, out))
 

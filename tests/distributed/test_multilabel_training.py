@@ -47,7 +47,7 @@ def test_masked_loss_and_metrics_ignore_unknown_labels():
 
 
 @pytest.mark.slow
-def test_two_workers_train_resume_and_export_a_multilabel_cnn(findings32, tmp_path):
+def test_two_workers_train_resume_evaluate_and_export_a_multilabel_cnn(findings32, tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--data", str(findings32), "--model", "cnn", "--batch-size", "16", "--output", str(run),
               "--class-weights", "auto", "--lr", "0.003"]
@@ -91,12 +91,58 @@ def test_two_workers_train_resume_and_export_a_multilabel_cnn(findings32, tmp_pa
     best = int(summary["best_epoch"])
     # per-label temperatures keep each label's ranking, so the served model's macro AUC is the best epoch's
     assert m.macro_roc_auc(targets, probs) == pytest.approx(float(rows[best - 1]["val_auc"]), abs=1e-4)
-    # the stages that do not take a multi-label model yet say so by name, before doing anything
+    # evaluate reads it finding by finding; the stages that do not take a multi-label model yet say so by name
     import subprocess
 
     from tests.conftest import PYTHON, REPO
 
-    refused = subprocess.run([PYTHON, "-m", "distributed.evaluate", "--run", str(run)], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "distributed.evaluate does not take a multi-label model yet" in refused.stderr
-    assert not (run / "eval").exists()
+    evaluated = subprocess.run([PYTHON, "-m", "distributed.evaluate", "--run", str(run), "--split", "val",
+                                "--bootstrap", "50", "--no-gradcam"], cwd=REPO, capture_output=True, text=True,
+                               timeout=300)
+    assert evaluated.returncode == 0, quiet(evaluated.stderr)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["task"] == "multi-label" and [r["finding"] for r in metrics["findings"]["findings"]] == labels
+    aucs = [r["intervals"]["roc_auc"]["value"] for r in metrics["findings"]["findings"] if r["measured"]]
+    assert m.label_roc_aucs(targets, probs) == pytest.approx(
+        [r["intervals"]["roc_auc"]["value"] if r["measured"] else None for r in metrics["findings"]["findings"]])
+    assert metrics["findings"]["macro_roc_auc"]["value"] == pytest.approx(np.mean(aucs))
+    with open(run / "eval" / "scores.csv") as fh:
+        scored = list(csv.DictReader(fh))
+    assert len(scored) == len(targets) and f"p_{labels[0]}" in scored[0]
+    card = (run / "model_card.md").read_text()
+    assert all(f"| {name} |" in card for name in labels) and "Macro ROC-AUC" in card
+    from optimize.export import main as export_main
+    from tests.launch.cli import run_main
+
+    code, _, err = run_main(export_main, ["--run", str(run)], capsys)  # the CLI's main, in this process
+    assert code == 2 and "optimize.export does not take a multi-label model yet" in err
+
+
+def test_each_finding_is_measured_on_its_known_images_or_said_too_rare():
+    from distributed.evaluation.findings import MIN_CASES, finding_summary, finding_table, summary_lines
+    from distributed.evaluation.scores import ThresholdRule
+
+    rng = np.random.default_rng(0)
+    n = 300
+    targets = np.stack([rng.random(n) < 0.4, rng.random(n) < 0.3, np.arange(n) < MIN_CASES - 2], axis=1).astype(int)
+    targets[rng.random(n) < 0.1, 1] = -1  # unknown for some images
+    probs = np.clip(targets * 0.5 + rng.random((n, 3)) * 0.6, 0, 1)
+    probs[:, 0] = rng.random(n)  # finding 0: no signal
+    summary = finding_summary(targets, probs, targets, probs, ["A", "B", "Rare"], ThresholdRule("youden"),
+                              n_bootstrap=100)
+    a, b, rare = summary["findings"]
+    assert a["measured"] and 0.4 < a["intervals"]["roc_auc"]["value"] < 0.6
+    seen = targets[:, 1] >= 0
+    assert b["n"] == seen.sum() and b["unknown"] == (~seen).sum() and b["positives"] == targets[seen, 1].sum()
+    from sklearn.metrics import roc_auc_score
+
+    assert b["intervals"]["roc_auc"]["value"] == pytest.approx(roc_auc_score(targets[seen, 1], probs[seen, 1]))
+    assert b["intervals"]["roc_auc"]["low"] <= b["intervals"]["roc_auc"]["value"] <= b["intervals"]["roc_auc"]["high"]
+    assert not rare["measured"] and "too few to measure" in rare["reason"]
+    assert f"{MIN_CASES - 2} positive" in rare["reason"]
+    assert summary["measured"] == ["A", "B"]
+    assert summary["macro_roc_auc"]["value"] == pytest.approx(
+        np.mean([a["intervals"]["roc_auc"]["value"], b["intervals"]["roc_auc"]["value"]]))
+    _, rows = finding_table(summary)
+    assert rows[2][3] == "too few to measure"
+    assert any(line.startswith("**Rare: too few to measure") for line in summary_lines(summary, "test", n))
