@@ -143,11 +143,12 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
     classes = list(manifest["classes"])
     recorded = run_dir is not None and (run_dir / "config.json").is_file()
     scorer = load_scorer(model_path, head=run_head(read_run_config(run_dir)) if recorded else None)
-    refuse_multilabel(scorer.head, "distributed.predict")
     scorer.tta = config.tta
     if scorer.input_shape != (params.size, params.size, 1):
         raise CxrError(f"{model_path} takes {scorer.input_shape} images but {manifest_path} prepares "
                        f"{params.size}x{params.size}x1: the manifest is not this model's")
+    if config.gradcam and scorer.head.multilabel:
+        refuse_multilabel(scorer.head, "distributed.predict --gradcam")
     if config.gradcam and scorer.keras_model is None:
         raise CxrError(f"--gradcam needs a Keras model; {model_path} is {scorer.kind}: use --run or the "
                        "SavedModel for heat-maps")
@@ -161,6 +162,11 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
         threshold, why = default_threshold(run_dir / "eval" / "metrics.json" if run_dir else exported, config.tta)
     if binary:
         log.info("threshold %.4f: %s", threshold, why)
+    thresholds = None
+    if scorer.head.multilabel:  # a threshold per finding
+        thresholds, why = finding_thresholds(run_dir / "eval" / "metrics.json" if run_dir else exported, classes,
+                                             config.threshold)
+        log.info("a threshold per finding: %s", why)
     guard = find_guard(run_dir, None if run_dir else exported or find_export_record(model_path.resolve()))
     if guard is not None and guard.fitted.get("image_size") not in (0, params.size):
         raise CxrError(f"the out-of-distribution guard beside {model_path} was fitted on "
@@ -179,10 +185,15 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
         if images:
             batch = np.stack(images)
             probs = scorer.predict(batch, config.batch_size)
-            pred = scorer.head.decide(probs, threshold if binary else None)
-            for row, p, c in zip(chunk_rows, probs, pred):
-                row.update(predicted=classes[c], probability=float(p[1] if binary else p[c]),
-                           threshold=threshold if binary else "argmax")
+            if thresholds is not None:
+                for row, p in zip(chunk_rows, probs):
+                    row.update(finding_row(p, classes, thresholds))
+                pred = None
+            else:
+                pred = scorer.head.decide(probs, threshold if binary else None)
+                for row, p, c in zip(chunk_rows, probs, pred):
+                    row.update(predicted=classes[c], probability=float(p[1] if binary else p[c]),
+                               threshold=threshold if binary else "argmax")
             if guard is not None:
                 ood = guard.scores(batch)
                 for row, score, outside in zip(chunk_rows, ood, guard.outside(ood)):
@@ -196,6 +207,34 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
                     "to be trusted", flagged, sum("error" not in r for r in rows), OUTSIDE, guard.threshold)
     order = {str(f): i for i, f in enumerate(files)}
     return sorted(rows, key=lambda r: order[r["file"]])
+
+
+def finding_thresholds(metrics_file: Path | None, findings: list[str],
+                       fixed: float | None) -> tuple[list[float], str]:
+    """A multi-label model's threshold per finding: --threshold for every finding when given, else each chosen
+    on validation by the run's evaluation (its eval/metrics.json, or the export.json that carries them), else
+    0.5."""
+    if fixed is not None:
+        return [fixed] * len(findings), "--threshold for every finding"
+    if metrics_file and metrics_file.is_file():
+        record = read_json(metrics_file, "evaluation metrics")
+        chosen = record.get("finding_thresholds") or {
+            r["finding"]: r["threshold"] for r in (record.get("findings") or {}).get("findings", [])}
+        if all(chosen.get(f) is not None for f in findings):
+            return [float(chosen[f]) for f in findings], f"chosen on validation ({metrics_file})"
+    return [0.5] * len(findings), "0.5 for every finding (no evaluation of this run found: run python -m " \
+                                  "distributed.evaluate to choose one per finding)"
+
+
+def finding_row(probs: np.ndarray, findings: list[str], thresholds: list[float]) -> dict[str, Any]:
+    """One image of a multi-label model: the findings at or above their thresholds (joined by |, or "none"),
+    and each finding's probability and decision."""
+    positive = [f for f, p, t in zip(findings, probs, thresholds) if p >= t]
+    row: dict[str, Any] = {"predicted": "|".join(positive) or "none"}
+    for f, p, t in zip(findings, probs, thresholds):
+        row[f"p_{f}"] = float(p)
+        row[f"positive_{f}"] = bool(p >= t)
+    return row
 
 
 def write_gradcams(folder: Path, model, images: np.ndarray, pred: np.ndarray, rows: list[dict],
@@ -222,7 +261,11 @@ def write_rows(rows: list[dict[str, Any]], fmt: str, out) -> None:
         json.dump(rows, out, indent=2)
         out.write("\n")
         return
-    columns = ["file", "predicted", "probability", "threshold"]
+    columns = ["file", "predicted"]
+    columns += [c for r in rows for c in r if c.startswith(("p_", "positive_"))]  # a multi-label model's
+    columns = list(dict.fromkeys(columns))
+    if any("probability" in r for r in rows) or not any(c.startswith("p_") for c in columns):
+        columns += ["probability", "threshold"]
     columns += [c for c in ("ood_score", "outside", "gradcam") if any(c in r for r in rows)] + ["error"]
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()

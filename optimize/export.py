@@ -39,8 +39,7 @@ import tensorflow as tf
 from distributed.evaluation.model_card import CARD_NAME
 from distributed.model.guard import GUARD_FILE
 from distributed.model.heads import Head
-from distributed.model.scoring import (load_scorer, read_run_config, refuse_multilabel, run_head, run_model_path,
-                                       tflite_scorer)
+from distributed.model.scoring import load_scorer, read_run_config, run_head, run_model_path, tflite_scorer
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, config_from, int_at_least, run_cli
 from cxrscale.console import quiet_tensorflow, setup_logging
@@ -186,7 +185,6 @@ def export(config: ExportConfig) -> dict[str, Any]:
                            "pick another --model-version or leave it out for the next free one")
 
     scorer = load_scorer(model_path, head=run_head(run_config))
-    refuse_multilabel(scorer.head, "optimize.export")
     model = scorer.keras_model
     if scorer.input_shape != schema.image_shape(manifest):
         raise CxrError(f"{model_path} takes {scorer.input_shape} images but {data_dir} holds "
@@ -204,10 +202,15 @@ def export(config: ExportConfig) -> dict[str, Any]:
         "model_sha256": sha256_file(model_path / "saved_model.pb"),
         "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [None, *scorer.input_shape]},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, scorer.head.columns],
-                   "meaning": "calibrated class probabilities, columns in the order of classes"},
+                   "meaning": ("calibrated probability of each finding, independent, columns in the order of "
+                               "classes" if scorer.head.multilabel
+                               else "calibrated class probabilities, columns in the order of classes")},
         "head": scorer.head.to_dict(),
         "classes": list(manifest["classes"]), "transform": manifest["transform"],
         "threshold": evaluation.get("threshold"), "tta": bool(evaluation.get("tta")),
+        # a multi-label model's threshold of each finding, chosen on validation (distributed.predict reads it)
+        **({"finding_thresholds": {r["finding"]: r["threshold"] for r in evaluation["findings"]["findings"]}}
+           if evaluation.get("findings") else {}),
         "checked_on": {"data": str(data_dir), "split": config.split, "images": int(len(images)),
                        "tolerance": config.tolerance},
     })

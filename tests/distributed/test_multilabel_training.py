@@ -91,7 +91,8 @@ def test_two_workers_train_resume_evaluate_and_export_a_multilabel_cnn(findings3
     best = int(summary["best_epoch"])
     # per-label temperatures keep each label's ranking, so the served model's macro AUC is the best epoch's
     assert m.macro_roc_auc(targets, probs) == pytest.approx(float(rows[best - 1]["val_auc"]), abs=1e-4)
-    # evaluate reads it finding by finding; the stages that do not take a multi-label model yet say so by name
+    # evaluate reads it finding by finding, predict and export take it; a stage that does not take a
+    # multi-label model yet says so by name
     import subprocess
 
     from tests.conftest import PYTHON, REPO
@@ -111,11 +112,31 @@ def test_two_workers_train_resume_evaluate_and_export_a_multilabel_cnn(findings3
     assert len(scored) == len(targets) and f"p_{labels[0]}" in scored[0]
     card = (run / "model_card.md").read_text()
     assert all(f"| {name} |" in card for name in labels) and "Macro ROC-AUC" in card
+    from distributed.predict import main as predict_main
     from optimize.export import main as export_main
     from tests.launch.cli import run_main
 
-    code, _, err = run_main(export_main, ["--run", str(run)], capsys)  # the CLI's main, in this process
-    assert code == 2 and "optimize.export does not take a multi-label model yet" in err
+    images_dir = findings32.parent / "sample" / "images"
+    code, out, err = run_main(predict_main, ["--run", str(run), str(images_dir / "00000.jpeg"),
+                                             str(images_dir / "00001.jpeg")], capsys)
+    assert code == 0, err
+    predicted = list(csv.DictReader(out.splitlines()))
+    thresholds = [r["threshold"] for r in metrics["findings"]["findings"]]
+    for row in predicted:  # one probability column per finding, and the decision at that finding's threshold
+        for name, t in zip(labels, thresholds):
+            assert row[f"positive_{name}"] == ("yes" if float(row[f"p_{name}"]) >= t else "no")
+        assert row["predicted"] == ("|".join(n for n in labels if row[f"positive_{n}"] == "yes") or "none")
+
+    code, _, err = run_main(export_main, ["--run", str(run), "--split", "val"], capsys)  # in this process
+    assert code == 0, err
+    record = json.loads((run / "export" / "export.json").read_text())
+    assert set(record["formats"]) == {"serving", "onnx", "tflite"}
+    assert all(f["parity"]["max_abs_difference"] < 1e-4 for f in record["formats"].values())
+    assert record["finding_thresholds"] == dict(zip(labels, thresholds))
+    from distributed.ensemble import main as ensemble_main
+
+    code, _, err = run_main(ensemble_main, ["--runs", str(run), str(run), "--output", str(tmp_path / "ens")], capsys)
+    assert code == 2 and "distributed.ensemble does not take a multi-label model yet" in err
 
 
 def test_each_finding_is_measured_on_its_known_images_or_said_too_rare():
