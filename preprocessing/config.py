@@ -79,4 +79,8 @@ class PrepareConfig:
     def output_defining(self) -> dict[str, Any]:
         """The options that decide the output's content (not how fast or where it runs)."""
         skip = {"input", "output", "workers", "address", "overwrite", "salt_file"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        # the multi-label options only when set: a dataset prepared before they existed keeps its fingerprint,
+        # so the same command still finds it done (or resumes it) instead of asking for --overwrite
+        defaults = {"test_list": None, "labels": (), "uncertain": "ignore"}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in skip and not (k in defaults and v == defaults[k])}

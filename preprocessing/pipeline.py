@@ -289,7 +289,7 @@ def prepare(config: PrepareConfig) -> dict:
     salt_source = _salt_source(config)
     fingerprint = hashlib.sha256(repr((schema.SCHEMA_VERSION, config.output_defining(), salt_source,
                                        discovery.fingerprint())).encode()).hexdigest()
-    scanned = None if discovery.layout == "csv" else discovery.root
+    scanned = None if discovery.layout in ("csv", "nih", "csv-columns") else discovery.root  # a CSV names its files
     state = prepare_output(output, scanned, fingerprint, config.overwrite)
     if state == "done":
         log.info("%s is already prepared with these inputs and arguments; nothing to do", output)

@@ -82,8 +82,11 @@ class Discovery:
                 stamp = f"{st.st_size}:{st.st_mtime_ns}"
             except OSError:
                 stamp = "missing"
+            # multi-label targets and a CSV's view only when present: a single-label input keeps the
+            # fingerprint older versions gave it, so their prepared folders still resume
+            extra = "".join(f"{v}\0" for v in (item.targets, item.view) if v is not None)
             digest.update(f"{item.rel}\0{item.label}\0{item.given_split}\0{item.patient_key}\0{item.time}\0"
-                          f"{item.source}\0{item.targets}\0{item.view}\0{stamp}\n".encode())
+                          f"{item.source}\0{extra}{stamp}\n".encode())
         for entry in self.rejected:
             digest.update(f"rejected\0{entry['input']}\n".encode())
         return digest.hexdigest()
