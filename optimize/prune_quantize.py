@@ -31,8 +31,8 @@ import numpy as np
 from distributed.evaluation.scores import ThresholdRule, compute_metrics, parse_threshold, score_split
 from distributed.model.builders import recalibrate_batchnorm
 from distributed.model.heads import Head
-from distributed.model.scoring import load_scorer, read_run_config, refuse_multilabel, run_model_path
-from distributed.training.data import balanced_class_weights, plan_data, train_dataset
+from distributed.model.scoring import load_scorer, read_run_config, run_model_path
+from distributed.training.data import balanced_class_weights, label_weights, plan_data, train_dataset
 from distributed.training.hvd_utils import agree, configure_devices
 from cxrscale import tracking
 from cxrscale.errors import CxrError
@@ -122,14 +122,19 @@ class PruneQuantizeConfig:
 
 
 def fine_tune(model: keras.Model, config: PruneQuantizeConfig, hvd, plan, extra_callbacks: list,
-              class_weight: dict | None) -> None:
-    """A few epochs of data-parallel training of a wrapped (pruning / QAT) model on the train split."""
+              class_weight: dict | list | None) -> None:
+    """A few epochs of data-parallel training of a wrapped (pruning / QAT) model on the train split.
+    class_weight: fit()'s class weights, or a multi-label head's (negative, positive) weight per label."""
     size = hvd.size()
     optimizer = keras.optimizers.Adam(learning_rate=config.lr * size)
     if size > 1:
         optimizer = hvd.DistributedOptimizer(optimizer)
     head = Head.of_model(model)
-    model.compile(optimizer=optimizer, loss=head.loss())
+    if head.multilabel:  # the run's masked, per-label weighted loss; fit() takes no class weights for it
+        model.compile(optimizer=optimizer, loss=head.loss(label_weights=class_weight))
+        class_weight = None
+    else:
+        model.compile(optimizer=optimizer, loss=head.loss())
     ds = train_dataset(config.data, plan, config.batch_size, seed=config.seed + hvd.rank(), shuffle_buffer=1024,
                        augment=False, label_form=head.label_form)
     callbacks = [hvd.callbacks.BroadcastGlobalVariablesCallback(0), *extra_callbacks]
@@ -163,13 +168,42 @@ def build_fine_tuned(variant: Variant, base: keras.Model, config: PruneQuantizeC
 
 # --- evaluate and measure -------------------------------------------------------------------------------
 
+def finding_quality(val, test, findings: list[str], config: PruneQuantizeConfig,
+                    baseline_probs: np.ndarray | None) -> dict:
+    """A multi-label variant's figures: the macro ROC-AUC of validation and test (with its interval), each
+    finding's test AUC (None where too few images measure it), and how far its test probabilities are from
+    the fp32 model's, over every finding."""
+    from distributed.evaluation.findings import finding_summary
+    from distributed.model import metrics as mt
+
+    summary = finding_summary(val.labels, val.probs, test.labels, test.probs, findings, config.threshold,
+                              n_bootstrap=config.bootstrap, seed=config.seed)
+    macro = summary.get("macro_roc_auc") or {}
+    if not macro:
+        raise CxrError(f"{config.data}: no finding has {summary['min_cases']} positive and negative test images, "
+                       "so the variants cannot be compared on it")
+    out = {"val_auc": mt.macro_roc_auc(val.labels, val.probs), "test_auc": macro["value"],
+           "test_auc_ci": [macro.get("low"), macro.get("high")],
+           "test_auc_per_finding": {r["finding"]: (r["intervals"]["roc_auc"]["value"] if r["measured"] else None)
+                                    for r in summary["findings"]},
+           "test_accuracy": None, "test_sensitivity": None, "test_specificity": None, "threshold": None}
+    if baseline_probs is not None:
+        diff = np.abs(test.probs - baseline_probs)
+        out["max_prob_diff_vs_fp32"] = float(diff.max())
+        out["mean_prob_diff_vs_fp32"] = float(diff.mean())
+    return out
+
+
 def evaluate_variant(path: Path, config: PruneQuantizeConfig, classes: list[str],
-                     baseline_probs: np.ndarray | None) -> dict:
+                     baseline_probs: np.ndarray | None, head: Head | None = None) -> dict:
     """Validation and test metrics at the validation-chosen threshold, and how far its test probabilities
-    are from the fp32 model's."""
-    scorer = load_scorer(path, num_threads=2)
+    are from the fp32 model's; for a multi-label model, the macro AUC and each finding's test AUC. head: the
+    model's (a .tflite file does not say whether K sigmoid units are a multi-label head)."""
+    scorer = load_scorer(path, num_threads=2, head=head)
     val = score_split(scorer, config.data, "val", config.batch_size)
     test = score_split(scorer, config.data, "test", config.batch_size)
+    if scorer.head.multilabel:
+        return finding_quality(val, test, classes, config, baseline_probs)
     m = compute_metrics(val, test, classes, config.threshold, n_bootstrap=config.bootstrap, seed=config.seed)
     at = m["at_threshold"]
     out = {"val_auc": m["validation_at_threshold"]["roc_auc"], "test_auc": at["roc_auc"],
@@ -258,15 +292,17 @@ def run(config: PruneQuantizeConfig) -> dict | None:
     manifest = schema.read_manifest(config.data)
     base = keras.models.load_model(str(run_model_path(config.run)), compile=False)
     head = Head.of_model(base)
-    refuse_multilabel(head, "optimize.prune_quantize")
-    if not head.binary:
+    if not head.binary and not head.multilabel:
         raise CxrError(f"optimize compares variants by binary metrics; {config.run} has a {head.describe()} head "
                        f"over {len(manifest['classes'])} classes")
     classes = list(manifest["classes"])
     variants = expand_variants(config.variants, config.sparsity)
     plan = plan_data(config.data, rank, hvd.size(), config.batch_size, run_config["config"]["model"])
-    class_weight = balanced_class_weights(plan.class_counts) if run_config["config"].get("class_weights") == "auto" \
-        else None
+    weighted = run_config["config"].get("class_weights") == "auto"
+    if head.multilabel:  # the (negative, positive) weight of each label, as its training weighed them
+        class_weight = label_weights(plan.class_counts, plan.label_known) if weighted else None
+    else:
+        class_weight = balanced_class_weights(plan.class_counts) if weighted else None
     rep_images, rep_ids = representative_images(Path(config.data), config.representative_samples, config.seed)
     representative = compress.representative_from(rep_images)
     # read once, and only if a pruned variant is built
@@ -305,15 +341,16 @@ def run(config: PruneQuantizeConfig) -> dict | None:
         agree(hvd, lambda: None)  # the others wait while rank 0 converts
     if rank != 0:
         return None
-    return compare(out, variants, records, config, classes, rep_ids)
+    return compare(out, variants, records, config, classes, rep_ids, head)
 
 
 def compare(out: Path, variants: list[Variant], skipped: dict[str, dict], config: PruneQuantizeConfig,
-            classes: list[str], rep_ids: list[str]) -> dict:
+            classes: list[str], rep_ids: list[str], head: Head | None = None) -> dict:
     """Evaluate and measure every built variant (rank 0), then write comparison.json, report.md and plots."""
     rows = []
     base_record = done_record(out, Variant(BASELINE))
-    baseline_probs = score_split(load_scorer(out / base_record["file"]), config.data, "test", config.batch_size).probs \
+    baseline_probs = score_split(load_scorer(out / base_record["file"], head=head), config.data, "test",
+                                 config.batch_size).probs \
         if base_record else None
     stamp = measurement_key(config)
     for variant in variants:
@@ -326,7 +363,7 @@ def compare(out: Path, variants: list[Variant], skipped: dict[str, dict], config
         if "test_auc" not in record or {k: record.get("measured", {}).get(k) for k in stamp} != stamp:
             # never report a figure measured with other latency settings or by other code than this run's
             log.info("evaluating and measuring %s", variant.name)
-            quality = evaluate_variant(out / record["file"], config, classes, baseline_probs)
+            quality = evaluate_variant(out / record["file"], config, classes, baseline_probs, head)
             record.update(quality, **measure_variant(out / record["file"], config),
                           measured={**stamp, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
             write_json_atomic(out / "variants" / f"{variant.name}.json", record)
@@ -340,6 +377,10 @@ def compare(out: Path, variants: list[Variant], skipped: dict[str, dict], config
             row["gzip_ratio_vs_fp32"] = base["gzip_bytes"] / row["gzip_bytes"]
             row["size_ratio_vs_fp32"] = base["bytes"] / row["bytes"]
             row["test_auc_drop"] = base["test_auc"] - row["test_auc"]
+            if "test_auc_per_finding" in row and "test_auc_per_finding" in base:  # a multi-label model's
+                row["test_auc_drop_per_finding"] = {
+                    f: (None if a is None or base["test_auc_per_finding"].get(f) is None
+                        else base["test_auc_per_finding"][f] - a) for f, a in row["test_auc_per_finding"].items()}
             row["val_auc_drop"] = base["val_auc"] - row["val_auc"]
             row["speedup_1_thread"] = base["latency"]["1"]["median_ms"] / row["latency"]["1"]["median_ms"] \
                 if "1" in row["latency"] and "1" in base["latency"] else None
@@ -394,6 +435,16 @@ def render_report(c: dict, best: dict | None) -> str:
             _f(r["test_accuracy"], ".3f"), _f(r["test_sensitivity"], ".3f"), _f(r["test_specificity"], ".3f"),
             lat.get("1", ""), lat.get("2", ""), f"{r['peak_rss_delta_mb']:.1f}",
             f"{r['measured']['at']}, {r['measured']['code'][:12]}" if "measured" in r else ""]) + " |")
+    per_finding = [r for r in c["variants"] if r.get("test_auc_per_finding")]
+    if per_finding:  # a multi-label model: its AUC above is the macro AUC; here each finding's
+        findings = list(per_finding[0]["test_auc_per_finding"])
+        lines += ["", "Test ROC-AUC of each finding (its drop from fp32 in brackets; the AUC above is their "
+                      "macro mean):", "", "| variant | " + " | ".join(findings) + " |", "|" + "---|" * (len(findings) + 1)]
+        for r in per_finding:
+            drops = r.get("test_auc_drop_per_finding") or {}
+            lines.append("| " + " | ".join([r["name"], *[
+                "too few to measure" if r["test_auc_per_finding"][f] is None
+                else f"{r['test_auc_per_finding'][f]:.4f} ({_f(drops.get(f), '+.4f')})" for f in findings]]) + " |")
     lines += ["", "![AUC vs size](auc_vs_size.png)", "", "![AUC vs latency](auc_vs_latency.png)", ""]
     if best:
         lines.append(f"**Recommendation:** `{best['name']}`, the smallest variant (gzip {best['gzip_bytes'] / 1e6:.2f} MB, "

@@ -15,8 +15,8 @@ from tests.training_fixtures import prepare, quiet, run_train
 
 @pytest.fixture(scope="module")
 def findings32(tmp_path_factory) -> Path:
-    """The multi-label sample (four rendered findings), 160 images at 32 px, two train shards, some labels
-    made unknown (-1) to exercise the mask."""
+    """The multi-label sample (four rendered findings), 160 images at 32 px, two train shards and a test
+    split, some labels made unknown (-1) to exercise the mask."""
     from preprocessing.sample import generate_findings_sample
 
     root = tmp_path_factory.mktemp("findings")
@@ -25,7 +25,7 @@ def findings32(tmp_path_factory) -> Path:
     rows = [table[0]] + [line if k % 9 else line.rsplit(",", 1)[0] + ",-1" for k, line in enumerate(table[1:])]
     (root / "sample" / "masked.csv").write_text("\n".join(rows) + "\n")
     return prepare(root / "sample" / "masked.csv", root / "p32", "--size", "32", "--shards", "2",
-                   "--val-fraction", "0.25", "--test-fraction", "0")
+                   "--val-fraction", "0.25", "--test-fraction", "0.2")
 
 
 def test_masked_loss_and_metrics_ignore_unknown_labels():
@@ -133,6 +133,16 @@ def test_two_workers_train_resume_evaluate_and_export_a_multilabel_cnn(findings3
     assert set(record["formats"]) == {"serving", "onnx", "tflite"}
     assert all(f["parity"]["max_abs_difference"] < 1e-4 for f in record["formats"].values())
     assert record["finding_thresholds"] == dict(zip(labels, thresholds))
+    compressed = subprocess.run([PYTHON, "-m", "optimize.prune_quantize", "--run", str(run), "--variants",
+                                 "ptq-int8", "--bootstrap", "20", "--latency-runs", "3", "-q"], cwd=REPO,
+                                capture_output=True, text=True, timeout=600)
+    assert compressed.returncode == 0, quiet(compressed.stderr)
+    comparison = json.loads((run / "optimized" / "comparison.json").read_text())
+    rows = {r["name"]: r for r in comparison["variants"]}
+    assert set(rows) == {"fp32", "ptq-int8"} and list(rows["ptq-int8"]["test_auc_per_finding"]) == labels
+    measured = [v for v in rows["fp32"]["test_auc_per_finding"].values() if v is not None]
+    assert rows["fp32"]["test_auc"] == pytest.approx(np.mean(measured))  # the macro AUC of the measured findings
+    assert "Test ROC-AUC of each finding" in (run / "optimized" / "report.md").read_text()
     from distributed.ensemble import main as ensemble_main
 
     code, _, err = run_main(ensemble_main, ["--runs", str(run), str(run), "--output", str(tmp_path / "ens")], capsys)
