@@ -216,6 +216,9 @@ def evaluate_findings(config: EvaluateConfig, target: Target, manifest: dict, sc
         for kind in ("roc", "pr"):
             finding_curves(test.labels, test.probs, summary, target.output / f"{kind}.png", kind=kind)
             results["plots"][kind] = f"{kind}.png"
+    results["gallery"] = []
+    if not config.no_gradcam and scorer.keras_model is not None:
+        results["gallery"] = finding_gradcams(target, test, findings, scorer)
     results["seconds"] = time.perf_counter() - started
     report.write_report(target.output, results, findings_report_blocks(results))
     card = write_model_card(target.output / "metrics.json", dataset_credit=config.dataset_credit)
@@ -225,6 +228,28 @@ def evaluate_findings(config: EvaluateConfig, target: Target, manifest: dict, sc
              target.output / "report.html", card, results["seconds"])
     track_evaluation(config, target, results, card)
     return results
+
+
+def finding_gradcams(target: Target, test: SplitScores, findings: list[str], scorer) -> list[dict[str, Any]]:
+    """For each finding, its most confident true positive in the split with the Grad-CAM of that finding's
+    output: where the model looks when it says so. OUTPUT/gradcam/FINDING.png."""
+    from distributed.evaluation.gradcam import gradcam, overlay
+
+    picks = []
+    for k, name in enumerate(findings):
+        positive = np.flatnonzero(test.labels[:, k] == 1)
+        if len(positive):
+            picks.append((k, name, int(positive[np.argmax(test.probs[positive, k])])))
+    images = load_records(target.data_dir, test.split, [index for _, _, index in picks])
+    folder = target.output / "gradcam"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for k, name, index in picks:
+        heat = gradcam(scorer.keras_model, images[index][None], np.array([k]))[0]
+        file = f"gradcam/{''.join(c if c.isalnum() else '_' for c in name)}.png"
+        report.write_png(target.output / file, overlay(images[index], heat))
+        out.append({"finding": name, "file": file, "index": index, "probability": float(test.probs[index, k])})
+    return out
 
 
 def evaluation_metrics(results: dict[str, Any]) -> dict[str, float]:

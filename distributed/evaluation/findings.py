@@ -193,4 +193,10 @@ def report_blocks(results: dict) -> list[tuple]:
                          ("pr", "Precision-recall curve of each measured finding")):
         if key in results.get("plots", {}):
             blocks.append(("img", results["plots"][key], caption))
+    if results.get("gallery"):
+        blocks.append(("h2", "Where the model looks, finding by finding"))
+        blocks.append(("p", "Each finding's most confident true positive in the split, with the Grad-CAM of that "
+                            "finding's output (Selvaraju et al. 2017): red is what raised its probability."))
+        for pick in results["gallery"]:
+            blocks.append(("img", pick["file"], f"{pick['finding']}: probability {pick['probability']:.3f}"))
     return blocks

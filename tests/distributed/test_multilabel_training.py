@@ -98,8 +98,7 @@ def test_two_workers_train_resume_evaluate_and_export_a_multilabel_cnn(findings3
     from tests.conftest import PYTHON, REPO
 
     evaluated = subprocess.run([PYTHON, "-m", "distributed.evaluate", "--run", str(run), "--split", "val",
-                                "--bootstrap", "50", "--no-gradcam"], cwd=REPO, capture_output=True, text=True,
-                               timeout=300)
+                                "--bootstrap", "50"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert evaluated.returncode == 0, quiet(evaluated.stderr)
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["task"] == "multi-label" and [r["finding"] for r in metrics["findings"]["findings"]] == labels
@@ -110,6 +109,9 @@ def test_two_workers_train_resume_evaluate_and_export_a_multilabel_cnn(findings3
     with open(run / "eval" / "scores.csv") as fh:
         scored = list(csv.DictReader(fh))
     assert len(scored) == len(targets) and f"p_{labels[0]}" in scored[0]
+    gallery = [g["finding"] for g in metrics["gallery"]]  # a Grad-CAM per finding with a positive image
+    assert gallery == [n for k, n in enumerate(labels) if (targets[:, k] == 1).any()]
+    assert all((run / "eval" / g["file"]).stat().st_size > 500 for g in metrics["gallery"])
     card = (run / "model_card.md").read_text()
     assert all(f"| {name} |" in card for name in labels) and "Macro ROC-AUC" in card
     from distributed.predict import main as predict_main
