@@ -495,11 +495,11 @@ def _draw_effusion(cv: _Canvas, an: _Anatomy, lungs_hard: np.ndarray, rng: np.ra
     lateral = -1.0 if which == 0 else 1.0          # the chest wall side of this lung, in x
     X, Y = cv.xs[None, :], cv.ys[:, None]
     base = lung.cy + lung.b * lung.base            # where the diaphragm meets the chest wall
-    height = rng.uniform(0.12, 0.22)
+    height = rng.uniform(0.15, 0.25)
     across = np.clip((X - (lung.cx - lateral * lung.a)) * lateral / (2 * lung.a), 0.0, 1.0)
     top = base - height * (0.35 + 0.65 * across ** 2)   # the meniscus: higher laterally
     inside = (np.abs(X - lung.cx) < lung.a * 1.05) & (Y > top)
-    return rng.uniform(0.34, 0.4) * _soft((inside * lungs_hard).astype(np.float32), 0.01 * cv.unit)
+    return rng.uniform(0.42, 0.48) * _soft((inside * lungs_hard).astype(np.float32), 0.01 * cv.unit)
 
 
 def _pneumothorax(cv: _Canvas, an: _Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
