@@ -142,21 +142,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     results["calibration"] = calibration_report(target, test, test.before_calibration())
     results["guard"], guard = guard_report(target.data_dir, config.split, target.output, config.guard_quantile)
     results["splits"] = compare_splits(config, manifest, externals, scorer, val, test, results, guard)
-    results["tta"] = bool(config.tta)
-    results["head"] = scorer.head.to_dict()
-    results["model"] = {"path": str(target.model_path), "kind": scorer.kind, "input_shape": list(scorer.input_shape),
-                        "size_bytes": _size(target.model_path)}
-    results["run"] = ({"dir": str(target.run_dir), "model": target.run_config["config"]["model"],
-                       "config": target.run_config["config"], "resolved": target.run_config["resolved"],
-                       "ensemble": target.run_config.get("ensemble")}
-                      if target.run_config else None)
-    results["data"] = {"dir": str(target.data_dir), "fingerprint": manifest.get("fingerprint"),
-                       "same_as_training": same_data, "transform": manifest.get("transform"),
-                       "counts": manifest.get("counts", {}).get("per_split"), "source": manifest.get("source"),
-                       "split": manifest.get("split"),
-                       "excluded": manifest.get("counts", {}).get("excluded", 0),
-                       "warnings": manifest.get("warnings", [])}
-    results["output"] = str(target.output)
+    results.update(provenance(config, target, manifest, scorer, same_data))
     target.output.mkdir(parents=True, exist_ok=True)
     report.write_scores(target.output / "scores.csv", test, classes, results["threshold"]["value"])
     history = target.run_dir / "history.csv" if target.run_dir else None
@@ -192,20 +178,10 @@ def evaluate_findings(config: EvaluateConfig, target: Target, manifest: dict, sc
                               n_bootstrap=config.bootstrap, seed=config.seed)
     results: dict[str, Any] = {
         "task": schema.MULTILABEL, "split": config.split, "n": int(len(test.labels)), "classes": findings,
-        "findings": summary, "tta": bool(config.tta), "head": scorer.head.to_dict(),
+        "findings": summary,
         "threshold": {"rule": str(rule), "description": rule.describe(), "value": None, "per_finding": True},
         "calibration": calibration_report(target, test, test.before_calibration()),
-        "model": {"path": str(target.model_path), "kind": scorer.kind, "input_shape": list(scorer.input_shape),
-                  "size_bytes": _size(target.model_path)},
-        "run": ({"dir": str(target.run_dir), "model": target.run_config["config"]["model"],
-                 "config": target.run_config["config"], "resolved": target.run_config["resolved"],
-                 "ensemble": target.run_config.get("ensemble")} if target.run_config else None),
-        "data": {"dir": str(target.data_dir), "fingerprint": manifest.get("fingerprint"),
-                 "same_as_training": same_data, "transform": manifest.get("transform"),
-                 "counts": manifest.get("counts", {}).get("per_split"), "source": manifest.get("source"),
-                 "split": manifest.get("split"), "excluded": manifest.get("counts", {}).get("excluded", 0),
-                 "warnings": manifest.get("warnings", [])},
-        "output": str(target.output)}
+        **provenance(config, target, manifest, scorer, same_data)}
     results["calibration"].pop("before_probs", None)
     results["guard"], _ = guard_report(target.data_dir, config.split, target.output, config.guard_quantile)
     target.output.mkdir(parents=True, exist_ok=True)
@@ -228,6 +204,25 @@ def evaluate_findings(config: EvaluateConfig, target: Target, manifest: dict, sc
              target.output / "report.html", card, results["seconds"])
     track_evaluation(config, target, results, card)
     return results
+
+
+def provenance(config: EvaluateConfig, target: Target, manifest: dict, scorer,
+               same_data: bool | None) -> dict[str, Any]:
+    """What every evaluation's metrics.json records of where its numbers come from: the model, the run, the
+    dataset, TTA, the head and the output folder."""
+    return {
+        "tta": bool(config.tta), "head": scorer.head.to_dict(),
+        "model": {"path": str(target.model_path), "kind": scorer.kind, "input_shape": list(scorer.input_shape),
+                  "size_bytes": _size(target.model_path)},
+        "run": ({"dir": str(target.run_dir), "model": target.run_config["config"]["model"],
+                 "config": target.run_config["config"], "resolved": target.run_config["resolved"],
+                 "ensemble": target.run_config.get("ensemble")} if target.run_config else None),
+        "data": {"dir": str(target.data_dir), "fingerprint": manifest.get("fingerprint"),
+                 "same_as_training": same_data, "transform": manifest.get("transform"),
+                 "counts": manifest.get("counts", {}).get("per_split"), "source": manifest.get("source"),
+                 "split": manifest.get("split"), "excluded": manifest.get("counts", {}).get("excluded", 0),
+                 "warnings": manifest.get("warnings", [])},
+        "output": str(target.output)}
 
 
 def finding_gradcams(target: Target, test: SplitScores, findings: list[str], scorer) -> list[dict[str, Any]]:

@@ -154,7 +154,9 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
                        "SavedModel for heat-maps")
     binary = scorer.head.binary
     used_names: set[str] = set()
-    if config.threshold is not None:
+    if scorer.head.multilabel:
+        threshold, why = None, ""  # a threshold per finding, below
+    elif config.threshold is not None:
         threshold, why = config.threshold, "--threshold"
     elif run_dir and not (run_dir / "eval" / "metrics.json").is_file() and adapted_threshold(run_dir):
         threshold, why = adapted_threshold(run_dir)  # an adapted run not evaluated since
