@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-label CSV: what an uncertain label (-1, CheXpert) becomes: ignore (masked out of the "
                         "loss and the metrics; default), ones (positive) or zeros (negative)")
     p.add_argument("--workers", type=int, default=d.workers,
-                   help="parallel Ray tasks (default: all CPUs of the local machine or cluster)")
+                   help="parallel Ray tasks (default: all CPUs of the local machine or cluster); 1 without "
+                        "--address runs in this process, without Ray")
     p.add_argument("--address", default=d.address,
                    help="Ray cluster to use ('auto' for the running one); default: a private local Ray")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the split and shard order")

@@ -10,6 +10,7 @@ resumed by running the same command again: finished chunks and shards are skippe
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -17,6 +18,7 @@ import math
 import os
 import secrets
 import shutil
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -146,11 +148,23 @@ def write_shard(output: str, staging: str, name: str,
 
 # --- Ray plumbing ---------------------------------------------------------------------------------------
 
+def uses_ray(config: PrepareConfig) -> bool:
+    """Whether the run starts or joins Ray: not for `--workers 1` on this machine (no --address), which runs
+    every task in this process and saves Ray's start-up (seconds; more than a small dataset's whole work). A
+    Ray the caller has already started is used all the same (`run_tasks`)."""
+    return bool(config.address) or config.workers != 1
+
+
 def run_tasks(fn: Callable, arg_lists: list[tuple], in_flight: int, on_done: Callable[[Any], None]) -> None:
     """Run `fn(*args)` as Ray tasks, at most `in_flight` at once, calling `on_done` with each result as it
     finishes (in completion order). Bounded in-flight work keeps memory flat and lets `--workers` cap use
-    of an already-running Ray."""
-    import ray
+    of an already-running Ray. Without a running Ray (`uses_ray` said no), one after the other in this
+    process: the same function on the same arguments, so the same files."""
+    ray = sys.modules.get("ray")  # not imported at all on the in-process path
+    if ray is None or not ray.is_initialized():
+        for args in arg_lists:
+            on_done(fn(*args))
+        return
 
     remote = ray.remote(num_cpus=1, max_retries=2)(fn)
     pending = list(arg_lists)[::-1]
@@ -304,10 +318,9 @@ def prepare(config: PrepareConfig) -> dict:
     items = discovery.items
     log.info("%d inputs in %s layout, %s: %s", len(items), discovery.layout,
              "labels" if discovery.multilabel else "classes", ", ".join(discovery.classes))
-    with start_ray(config.address, config.workers, py_modules=[str(Path(__file__).resolve().parent)]):
-        import ray
-
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+    with (start_ray(config.address, config.workers, py_modules=[str(Path(__file__).resolve().parent)])
+          if uses_ray(config) else contextlib.nullcontext()):
+        cpus = int(sys.modules["ray"].cluster_resources().get("CPU", 1)) if uses_ray(config) else 1
         in_flight = max(1, min(config.workers or cpus, cpus))
         clock = time.perf_counter()
         records, rejected = _stage_transform(items, params, salt, staging, in_flight)

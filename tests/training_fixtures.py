@@ -35,8 +35,10 @@ def run_train(*args: str, np_: int = 1, timeout: float = 900) -> subprocess.Comp
 
 
 def prepare(input_path: Path, output: Path, *args: str) -> Path:
+    """`python -m preprocessing` with --workers 1: in its own process without Ray, the same files Ray writes
+    (tests/preprocessing/test_prepare.py checks this) without Ray's start-up."""
     result = subprocess.run([PYTHON, "-m", "preprocessing", "--input", str(input_path), "--output", str(output),
-                             "--workers", "2", "-q", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+                             "--workers", "1", "-q", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     return output
 

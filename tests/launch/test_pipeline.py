@@ -9,8 +9,7 @@ import pytest
 
 from launch.pipeline import load_recipe, plan, recipe_names, with_overrides
 from cxrscale.errors import CxrError
-from tests.conftest import PYTHON, REPO
-from tests.launch.cli import run_module
+from tests.launch.cli import run_in_process, run_module
 from tests.training_fixtures import quiet
 
 
@@ -59,7 +58,7 @@ def test_tracking_reaches_every_training_and_the_evaluation(tmp_path):
 
 
 def small_recipe(path, members: int = 2):
-    lines = ["description: a small test recipe", "prepare: {size: 64, shards: 4}",
+    lines = ["description: a small test recipe", "prepare: {size: 64, shards: 4, workers: 1}",
              "train: {model: cnn, epochs: 1, batch_size: 16, augment: true, schedule: cosine}", "members:"]
     lines += [f"  - {{name: s{i}, seed: {i}}}" for i in range(members)]
     lines += ["evaluate: {bootstrap: 50, no_gradcam: true}"]
@@ -89,8 +88,8 @@ def test_pipeline_runs_every_stage_and_resumes_stage_by_stage(sample_images, tmp
     assert metrics["threshold"]["chosen_on"] == "val" and metrics["calibration"]["method"] == "temperature"
     assert record["final"]["threshold"] == metrics["threshold"]["value"]
 
-    predicted = run_module("distributed.predict", "--run", str(out / "final"), str(sample_images / "train" / "NORMAL"),
-                           "--format", "json", timeout=300)
+    predicted = run_in_process("distributed.predict", "--run", str(out / "final"),
+                               str(sample_images / "train" / "NORMAL"), "--format", "json")
     assert predicted.returncode == 0, quiet(predicted.stderr)
     assert f"{metrics['threshold']['value']:.4f}" in predicted.stderr  # the final run's own threshold
 

@@ -319,12 +319,19 @@ def shards_of(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_shards(tmp_path, salt_file):
+    """A run on Ray killed mid-way and resumed writes the bytes an uninterrupted run writes, and so does
+    --workers 1, which runs in its own process without Ray."""
     sample = tmp_path / "sample"
     generate_sample(sample, n_normal=100, n_pneumonia=300, size=384)
-    common = ["--input", str(sample), "--size", "128", "--salt-file", str(salt_file), "--workers", "1"]
-    reference = run_cli(*common, "--output", str(tmp_path / "reference"))
+    common = ["--input", str(sample), "--size", "128", "--salt-file", str(salt_file)]
+    check = "import runpy, sys; runpy.run_module('preprocessing', run_name='__main__')"
+    reference = subprocess.run([PYTHON, "-c", "import atexit, sys; atexit.register(lambda: print('ray' in sys.modules,"
+                                " file=sys.stderr)); " + check, *common, "--workers", "1", "--output",
+                                str(tmp_path / "reference")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr
+    assert reference.stderr.strip().splitlines()[-1] == "False"  # Ray was never imported
 
+    common += ["--workers", "2"]
     out = tmp_path / "killed"
     proc = subprocess.Popen([PYTHON, "-m", "preprocessing", *common, "--output", str(out)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
