@@ -14,16 +14,18 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-from distributed.training.trainer import open_run  # first: chooses tf_keras before TensorFlow loads
-
 from cxrscale import tracking
 from cxrscale.cli import run_cli
-from distributed.training import callbacks as cb, elastic, hvd_utils
 from distributed.training.config import TrainConfig, parse_config
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train on this process's Horovod rank; returns the run summary (rank 0; {} on the others)."""
+    # TensorFlow and Horovod load here, after the command line is read: --help, --version and a mistake in
+    # the options answer at once instead of after TensorFlow's few seconds of start-up
+    from distributed.training.trainer import open_run  # first: chooses tf_keras before TensorFlow loads
+    from distributed.training import callbacks as cb, elastic, hvd_utils
+
     run = open_run(config)  # Horovod: init, pin, precision, model, scaled rate, wrapped optimizer
     if config.elastic:
         return elastic.run(run)
