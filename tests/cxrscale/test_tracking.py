@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from cxrscale import tracking
 from cxrscale.files import sha256_file
 from tests.conftest import PYTHON, REPO
+from tests.launch.cli import run_in_process, run_module
 from tests.training_fixtures import closed_port_uri, quiet, run_train
 
 
@@ -22,8 +23,7 @@ def runs_of(client: MlflowClient, experiment: str) -> list:
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "distributed.evaluate", "--no-gradcam", "--bootstrap", "50", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    return run_in_process("distributed.evaluate", "--no-gradcam", "--bootstrap", "50", *args)
 
 
 def test_resolve_uri_makes_folders_absolute_and_names_the_option(tmp_path, monkeypatch):
@@ -39,12 +39,15 @@ def test_resolve_uri_makes_folders_absolute_and_names_the_option(tmp_path, monke
 
 
 def test_two_worker_training_its_evaluation_and_resume_share_one_mlflow_run(prepared64, mlflow_server, tmp_path):
+    """Two workers started by launch.local (horovodrun on this node) log one MLflow run; the evaluation and a
+    resume on one worker add to it."""
     client = MlflowClient(mlflow_server)
     run = tmp_path / "tracked"
     tracked = ("--tracking-uri", mlflow_server, "--experiment", "two-workers")
-    result = run_train("--data", str(prepared64), "--epochs", "2", "--batch-size", "16", "--output", str(run),
-                       *tracked, np_=2)
-    assert result.returncode == 0, quiet(result.stderr)[-3000:]
+    result = run_module("launch.local", "--np", "2", "--", "distributed.train", "--data", str(prepared64), "--epochs",
+                        "2", "--batch-size", "16", "--output", str(run), *tracked, timeout=600)
+    assert result.returncode == 0, quiet(result.stderr + result.stdout)[-3000:]
+    assert "starting:" in result.stderr and "horovodrun -np 2" in result.stderr
     [logged] = runs_of(client, "two-workers")  # rank 0 alone: one run, not one per worker
     record = json.loads((run / tracking.RECORD).read_text())
     assert record["run_id"] == logged.info.run_id and logged.info.status == "FINISHED"

@@ -14,10 +14,13 @@ from distributed.model.heads import Head
 from cxrscale.errors import CxrError
 from preprocessing import schema
 from tests.conftest import PYTHON, REPO
+from tests.launch.cli import IN_PROCESS, run_in_process
 from tests.training_fixtures import quiet, run_train
 
 
 def cli(module: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    if module in IN_PROCESS:
+        return run_in_process(module, *args)
     return subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 

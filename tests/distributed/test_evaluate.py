@@ -18,12 +18,15 @@ from distributed.model.heads import Head
 from preprocessing.records import keyed_hash
 from benchmarks.ood_set import write_ood_set
 from tests.conftest import PYTHON, REPO, radiograph_like, shared_data_root, write_image
+from tests.launch.cli import IN_PROCESS, run_in_process
 from tests.training_fixtures import quiet
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
 
 
 def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    if module in IN_PROCESS:
+        return run_in_process(module, *args)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=env)

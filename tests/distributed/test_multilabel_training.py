@@ -96,9 +96,9 @@ def test_two_workers_train_resume_evaluate_and_export_a_multilabel_cnn(findings3
     import subprocess
 
     from tests.conftest import PYTHON, REPO
+    from tests.launch.cli import run_in_process
 
-    evaluated = subprocess.run([PYTHON, "-m", "distributed.evaluate", "--run", str(run), "--split", "val",
-                                "--bootstrap", "50"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    evaluated = run_in_process("distributed.evaluate", "--run", str(run), "--split", "val", "--bootstrap", "50")
     assert evaluated.returncode == 0, quiet(evaluated.stderr)
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["task"] == "multi-label" and [r["finding"] for r in metrics["findings"]["findings"]] == labels

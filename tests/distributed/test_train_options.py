@@ -6,13 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import PYTHON, REPO
+from tests.launch.cli import run_in_process
 from tests.training_fixtures import (prepare, prepared32_fullbatch, prepared64, quiet, run_train,  # noqa: F401
                                      sample_images)
 
@@ -86,22 +85,8 @@ def test_three_classes_with_class_weights_and_warm_up_train_and_evaluate(three_c
     # warm-up on 2 workers: from the single-worker rate to 2 x 0.001 over two epochs, then held
     assert lrs[0] < lrs[1] <= lrs[2] and lrs[2] == pytest.approx(0.002)
     assert serve(run, np.zeros((2, 64, 64, 1), np.uint8)).shape == (2, 3)
-    evaluated = subprocess.run([PYTHON, "-m", "distributed.evaluate", "--run", str(run), "--bootstrap", "50"],
-                               cwd=REPO, capture_output=True, text=True, timeout=600)
+    evaluated = run_in_process("distributed.evaluate", "--run", str(run), "--bootstrap", "50")
     assert evaluated.returncode == 0, quiet(evaluated.stderr)
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["classes"] == manifest["classes"]
     assert metrics["n"] == manifest["counts"]["per_split"]["test"]["total"]
-
-
-@pytest.mark.slow
-def test_cached_features_on_two_workers(prepared32_fullbatch, tmp_path):
-    run = tmp_path / "run"
-    result = run_train("--data", str(prepared32_fullbatch), "--model", "vgg16", "--weights", "none",
-                       "--freeze-base", "--cache-features", "--epochs", "2", "--batch-size", "16",
-                       "--output", str(run), np_=2)
-    assert result.returncode == 0, quiet(result.stderr)
-    assert "cached backbone features" in result.stderr
-    rows = history(run)
-    assert len(rows) == 2 and rows[0]["workers"] == 2 and all(np.isfinite(r["loss"]) for r in rows)
-    assert serve(run, np.zeros((2, 32, 32, 1), np.uint8)).shape[0] == 2

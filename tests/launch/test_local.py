@@ -1,4 +1,5 @@
-"""launch.local: every problem is listed before anything starts; then a real horovodrun -np 2 over Gloo."""
+"""launch.local: every problem is listed before anything starts. Its real horovodrun -np 2 over Gloo runs in
+tests/cxrscale/test_tracking.py (a tracked run) and tests/distributed/test_faults.py (lost workers)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ from launch.common import ERROR, EntryPoint, INFO, OK, WARNING, data_checks, dat
 from launch.local import build_checks, gpu_checks, horovod_build, main, visible_gpus
 from cxrscale.errors import CxrError
 from tests.launch.cli import run_main, run_module
-from tests.training_fixtures import quiet
 
 
 def test_too_many_workers_for_the_shards_stops_before_horovodrun(prepared64, tmp_path, capsys):
@@ -100,16 +100,6 @@ def test_prune_quantize_reads_the_data_of_its_run(prepared64, tmp_path):
     assert (target.path, target.batch_size) == (prepared64, 4)
     (level, message), = data_checks(target, 5, "use --np {n}")
     assert level == ERROR and "4 train shard files for 5 workers" in message and "use --np 4" in message
-
-
-@pytest.mark.slow
-def test_two_workers_train_for_real(prepared32_fullbatch, tmp_path):
-    run = tmp_path / "run"
-    result = run_module("launch.local", "--np", "2", "--", "distributed.train", "--data", str(prepared32_fullbatch),
-                        "--model", "cnn", "--epochs", "1", "--batch-size", "8", "--output", str(run), timeout=600)
-    assert result.returncode == 0, quiet(result.stderr + result.stdout)[-3000:]
-    assert "starting:" in result.stderr and "horovodrun -np 2" in result.stderr
-    assert (run / "model" / "saved_model.pb").is_file()
 
 
 def test_train_data_and_batch_come_from_its_config_file(prepared64, tmp_path):

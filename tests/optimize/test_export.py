@@ -12,12 +12,15 @@ import pytest
 from distributed.model.scoring import load_scorer
 from preprocessing import schema
 from tests.conftest import PYTHON, REPO
+from tests.launch.cli import IN_PROCESS, run_in_process
 from tests.training_fixtures import quiet
 
 pytestmark = pytest.mark.slow
 
 
 def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    if module in IN_PROCESS:
+        return run_in_process(module, *args)
     return subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 

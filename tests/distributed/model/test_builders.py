@@ -273,8 +273,8 @@ def test_same_seed_gives_the_same_model():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(name="inception", image_size=64),
-     r"--model 'inception' is not a known model; choose one of cnn, densenet121, efficientnetv2-b0, "
-     r"efficientnetv2-s, resnet50, vgg16"),
+     r"--model 'inception' is not a known model; choose one of cnn, convnext-tiny, densenet121, "
+     r"efficientnetv2-b0, efficientnetv2-s, resnet50, vgg16"),
     (dict(name="vgg16", image_size=16), r"--model vgg16 needs images of at least 32 px; the data is 16 px"),
     (dict(name="resnet50", image_size=16), r"--model resnet50 needs images of at least 32 px; the data is 16 px"),
     (dict(name="cnn", image_size=4), r"--model cnn needs images of at least 8 px"),
@@ -290,7 +290,8 @@ def test_user_mistakes_raise_model_error_naming_the_option(kwargs, message):
 
 
 def test_min_image_size():
-    assert {n: min_image_size(n) for n in model_names()} == {"cnn": 8, "densenet121": 32, "efficientnetv2-b0": 32,
+    assert {n: min_image_size(n) for n in model_names()} == {"cnn": 8, "convnext-tiny": 32, "densenet121": 32,
+                                                             "efficientnetv2-b0": 32,
                                                              "efficientnetv2-s": 32, "resnet50": 32, "vgg16": 32}
     build_model("cnn", min_image_size("cnn"))  # the minimum itself builds
     with pytest.raises(ModelError):
@@ -299,14 +300,18 @@ def test_min_image_size():
 
 # --- mixed precision -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, size, first_conv", [("cnn", 64, "block1_conv1"), ("resnet50", 32, "conv1_conv")])
-def test_mixed_bfloat16_computes_in_bfloat16_and_outputs_float32(bfloat16_policy, name, size, first_conv):
+# a training step in bfloat16 on the CNN; ResNet50's (about 10 s on 2 cores) adds nothing the CNN's
+# BatchNormalization layers do not already exercise, so for it the dtypes and a prediction are checked
+@pytest.mark.parametrize("name, size, first_conv, train", [("cnn", 64, "block1_conv1", True),
+                                                           ("resnet50", 32, "conv1_conv", False)])
+def test_mixed_bfloat16_computes_in_bfloat16_and_outputs_float32(bfloat16_policy, name, size, first_conv, train):
     model = build_model(name, size, seed=9)
     assert model.get_layer(first_conv).compute_dtype == "bfloat16"
     assert model.output.dtype == "float32"
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=Head.of_model(model).loss())
-    loss = model.train_on_batch(_uint8_images(4, size, seed=9), np.array([0, 1, 1, 0]))
-    assert np.isfinite(loss)
+    if train:
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=Head.of_model(model).loss())
+        loss = model.train_on_batch(_uint8_images(4, size, seed=9), np.array([0, 1, 1, 0]))
+        assert np.isfinite(loss)
     assert model.predict(_uint8_images(2, size), verbose=0).dtype == np.float32
 
 
