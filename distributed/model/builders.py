@@ -77,12 +77,12 @@ def last_conv_layer_name(model: keras.Model) -> str:
     """Name of the last convolutional feature map, the layer Grad-CAM differentiates against.
 
     Walks the layers from the output back and returns the first one whose output is 4-D (batch, h, w, c)
-    and that is a convolution or an activation (a ReLU closing a conv block, or ResNet's post-add
-    activation); pooling and dropout are passed over. VGG16 gives 'block5_conv3', ResNet50
-    'conv5_block3_out', the thesis CNN 'block3_relu1'.
+    and that is a convolution, an activation (a ReLU closing a conv block, or ResNet's post-add
+    activation) or a residual sum; pooling and dropout are passed over. VGG16 gives 'block5_conv3', ResNet50
+    'conv5_block3_out', the thesis CNN 'block3_relu1', ConvNeXt-Tiny 'convnext_tiny_stage_3_block_2_add'.
     """
     feature_types = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
-                     keras.layers.Activation, keras.layers.ReLU)
+                     keras.layers.Activation, keras.layers.ReLU, keras.layers.Add)
     for layer in reversed(model.layers):
         if isinstance(layer, feature_types) and len(layer.output.shape) == 4:
             return layer.name
@@ -182,7 +182,7 @@ def transfer_classifier(spec: ModelSpec, constructor, head, image_size: int, num
     check_image_size(spec, image_size)
     Head.for_classes(num_classes, multilabel=multilabel)  # refuses a count no head can take, before the backbone
     x, image = imagenet_input(image_size, spec.input_scaling)
-    base = _application(constructor, name, weights, x)
+    base = keras_application(constructor, name, weights, input_tensor=x)
     model = keras.Model(image, head(base.output), name=f"{name}_classifier")
     load_weights_file_if_any(model, weights, allow_backbone_only=True)
     set_backbone_trainable(model, freeze_base=freeze_base, fine_tune_from=fine_tune_from)
@@ -223,17 +223,20 @@ def imagenet_input(image_size: int, scaling: str = "imagenet-caffe"):
     return x, image
 
 
-def _application(constructor, name: str, weights: str, x):
-    """The keras.applications base without top, built on tensor `x` so its layers join our graph flat."""
+def keras_application(constructor, name: str, weights: str, **arguments):
+    """The keras.applications model `constructor(weights=..., **arguments)`, without top unless `arguments`
+    say otherwise (built on input_tensor=x, its layers join our graph flat); "imagenet" weights are Keras's
+    download, with an error that says what to do without internet."""
+    arguments = {"include_top": False, **arguments}
     choice = str(weights).strip()
     if choice.lower() == "imagenet":
         try:
-            return constructor(include_top=False, weights="imagenet", input_tensor=x)
+            return constructor(weights="imagenet", **arguments)
         except Exception as err:  # keras.utils.get_file raises a bare Exception on a failed download
             raise ModelError(f"--weights imagenet: could not get the {name} ImageNet weights ({err}); put "
                              f"Keras's {name} 'notop' .h5 file in ~/.keras/models/ or pass its path as "
                              "--weights") from err
-    return constructor(include_top=False, weights=None, input_tensor=x)
+    return constructor(weights=None, **arguments)
 
 
 def _block_starts(layers, limit: int = 8) -> list[str]:

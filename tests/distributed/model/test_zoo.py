@@ -13,9 +13,9 @@ from tests.conftest import PYTHON, REPO
 
 def test_the_zoo_names_every_model_file_and_needs_no_tensorflow():
     names = {p.stem for p in (REPO / "distributed" / "model" / "zoo").glob("*.py") if p.stem != "__init__"}
-    assert set(zoo.model_names()) == {"cnn", "densenet121", "efficientnetv2-b0", "efficientnetv2-s", "resnet50",
-                                      "vgg16"}
-    assert names == {"cnn", "densenet121", "efficientnetv2", "resnet50", "vgg16"}  # B0 and S share a file
+    assert set(zoo.model_names()) == {"cnn", "convnext-tiny", "densenet121", "efficientnetv2-b0", "efficientnetv2-s",
+                                      "resnet50", "vgg16"}
+    assert names == {"cnn", "convnext", "densenet121", "efficientnetv2", "resnet50", "vgg16"}  # B0, S share a file
     code = ("import sys; from distributed.model import zoo; from distributed.training import config; "
             "import benchmarks.train; zoo.model_spec('vgg16'); print('tensorflow' in sys.modules)")
     out = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -37,8 +37,8 @@ def test_a_spec_gives_what_config_tuning_and_benchmarks_read():
 
 
 def test_unknown_names_sizes_and_weights_are_refused_by_name():
-    with pytest.raises(ModelError, match="--model 'alexnet' is not a known model; choose one of cnn, densenet121, "
-                                         "efficientnetv2-b0, efficientnetv2-s, resnet50, vgg16"):
+    with pytest.raises(ModelError, match="--model 'alexnet' is not a known model; choose one of cnn, convnext-tiny, "
+                                         "densenet121, efficientnetv2-b0, efficientnetv2-s, resnet50, vgg16"):
         zoo.model_spec("alexnet")
     with pytest.raises(ModelError, match="--model cnn needs images of at least 8 px; --data x is 4 px"):
         zoo.check_image_size("cnn", 4, source="--data x")
@@ -55,8 +55,9 @@ def test_a_name_is_registered_once():
 
 # Keras's published parameter counts of each backbone without its top (keras.io/api/applications: the total
 # with the ImageNet top minus its classifier Dense of 1,000 units), which the classifier adds its head to.
-PUBLISHED = {"densenet121": (8_062_504, 1024), "efficientnetv2-b0": (7_200_312, 1280),
-             "efficientnetv2-s": (21_612_360, 1280)}
+# ConvNeXt's top is pooling, a norm and the Dense: its norm is part of our head.
+PUBLISHED = {"convnext-tiny": (28_589_128, 768), "densenet121": (8_062_504, 1024),
+             "efficientnetv2-b0": (7_200_312, 1280), "efficientnetv2-s": (21_612_360, 1280)}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -69,8 +70,36 @@ def test_new_backbones_have_keras_published_parameter_counts_and_a_multilabel_he
     model = zoo.build_model(name, 64, 14, weights="none", multilabel=True, seed=0)
     assert Head.of_model(model) == Head("multilabel", 14)
     assert model.count_params() == backbone + features * 14 + 14  # the pooled head: dropout, then the logits
-    assert last_conv_layer_name(model) in {"relu", "top_activation"}
+    assert last_conv_layer_name(model) in {"relu", "top_activation", "convnext_tiny_stage_3_block_2_add"}
     single = zoo.build_model(name, 32, 2, weights="none")
     assert Head.of_model(single) == Head("binary", 1) and single.count_params() == backbone + features + 1
     with pytest.raises(ModelError, match=f"--model {name} needs images of at least 32 px"):
         zoo.build_model(name, 16, 2, weights="none")
+
+
+def test_convnext_tiny_computes_keras_own_network_from_its_weights_file(tmp_path):
+    """Our flat built-in-layer ConvNeXt-Tiny loaded from Keras's own notop weights file (random weights here,
+    ImageNet's for users) gives Keras's pooled features; the whole model saves and loads as any other."""
+    import numpy as np
+
+    from distributed.model.kerasenv import keras
+
+    reference = keras.applications.ConvNeXtTiny(include_top=False, include_preprocessing=True, pooling="avg",
+                                                input_shape=(32, 32, 3), weights=None)
+    rng = np.random.default_rng(0)
+    # perturbed, so the layer scales (1e-6 at init) and norms carry weight in the comparison
+    reference.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in reference.get_weights()])
+    reference.save_weights(tmp_path / "convnext_tiny_notop.h5")
+    model = zoo.build_model("convnext-tiny", 32, 3, weights=str(tmp_path / "convnext_tiny_notop.h5"),
+                            fine_tune_from="convnext_tiny_downsampling_layernorm_2")
+    images = rng.integers(0, 256, (3, 32, 32, 1)).astype("uint8")
+    features = keras.Model(model.input, model.get_layer("head_layernorm").output)(images).numpy()
+    expected = reference(np.repeat(images.astype("float32"), 3, axis=-1)).numpy()
+    np.testing.assert_allclose(features, expected, atol=1e-4 * np.abs(expected).max())
+    assert not model.get_layer("convnext_tiny_stage_2_block_8_add").trainable
+    assert model.get_layer("convnext_tiny_downsampling_conv_2").trainable
+    model.save_weights(tmp_path / "ours.h5")
+    again = zoo.build_model("convnext-tiny", 32, 3, weights=str(tmp_path / "ours.h5"))
+    np.testing.assert_array_equal(again.predict(images, verbose=0), model.predict(images, verbose=0))
+    with pytest.raises(ModelError, match="nor is it Keras's ConvNeXt-Tiny notop weights file"):
+        zoo.build_model("convnext-tiny", 32, 2, weights=str(tmp_path / "ours.h5"))  # a 3-class file
