@@ -115,6 +115,19 @@ def export_serving(serve, model: keras.Model, target: Path, images: np.ndarray, 
     return {"path": str(target), "sha256": sha256_file(target / "saved_model.pb"), "parity": check}
 
 
+def _erfc_as_one_minus_erf(ctx, node, name, args) -> None:
+    """tf2onnx's handler for TensorFlow's Erfc, which ONNX lacks: erfc(x) = 1 - erf(x). TensorFlow's exact
+    GELU (keras's "gelu", ConvNeXt's activation) is written with Erfc, which tf2onnx 1.17 leaves in the graph
+    as an op no runtime knows (onnx/tensorflow-onnx#2347)."""
+    from tf2onnx import utils
+
+    erf = ctx.make_node("Erf", [node.input[0]], op_name_scope=name)
+    dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.input[0]))
+    one = ctx.make_const(utils.make_name(f"{name}_one"), np.array(1, dtype=dtype))
+    node.type = "Sub"
+    ctx.replace_inputs(node, [one.output[0], erf.output[0]])
+
+
 def export_onnx(serve, target: Path, images: np.ndarray, want: np.ndarray, tolerance: float) -> dict[str, Any]:
     import onnxruntime
     import tf2onnx
@@ -123,6 +136,7 @@ def export_onnx(serve, target: Path, images: np.ndarray, want: np.ndarray, toler
         spec = serve.input_signature
         with quiet_tensorflow():
             tf2onnx.convert.from_function(serve, input_signature=spec, opset=ONNX_OPSET,
+                                          custom_op_handlers={"Erfc": (_erfc_as_one_minus_erf, [])},
                                           output_path=str(tmp / target.name))
         session = onnxruntime.InferenceSession(str(tmp / target.name), providers=["CPUExecutionProvider"])
         got = batched(lambda b: session.run([OUTPUT_NAME], {INPUT_NAME: b})[0], images)
