@@ -46,6 +46,15 @@ def _describe(layer) -> str:
     return f"layer {layer.name!r} ({type(layer).__name__})"
 
 
+def pruned_weights(layer):
+    """The weights tfmot's magnitude pruning zeroes in a layer of PRUNABLE_TYPES, as its PruneRegistry names
+    them: a convolution's or dense layer's kernel, a separable convolution's pointwise kernel, and none of a
+    depthwise convolution (EfficientNetV2's, ConvNeXt's: tfmot leaves those few weights whole)."""
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        return None
+    return layer.pointwise_kernel if isinstance(layer, keras.layers.SeparableConv2D) else layer.kernel
+
+
 # --- pruning --------------------------------------------------------------------------------------------
 
 def prune_targets(model: keras.Model) -> list[str]:
@@ -61,8 +70,9 @@ def prune_targets(model: keras.Model) -> list[str]:
             raise VariantSkipped(f"{_describe(layer)} is not supported by tfmot pruning (a custom layer must "
                                  "implement tfmot.sparsity.keras.PrunableLayer)")
         fixed_map = is_calibration_layer(layer) or is_ensemble_combination(layer)
-        if isinstance(layer, PRUNABLE_TYPES) and member_layer_name(layer.name) != LOGITS_NAME and not fixed_map \
-                and int(np.prod(layer.kernel.shape)) >= MIN_PRUNED_WEIGHTS:
+        weights = pruned_weights(layer) if isinstance(layer, PRUNABLE_TYPES) else None
+        if weights is not None and member_layer_name(layer.name) != LOGITS_NAME and not fixed_map \
+                and int(np.prod(weights.shape)) >= MIN_PRUNED_WEIGHTS:
             targets.append(layer.name)
     if not targets:
         raise VariantSkipped(f"model {model.name!r} has no convolution or dense layer to prune")
@@ -94,8 +104,8 @@ def strip_pruning(model: keras.Model) -> keras.Model:
 
 def layer_sparsity(model: keras.Model) -> dict[str, float]:
     """Measured fraction of exactly-zero kernel weights of every convolution / dense layer."""
-    return {layer.name: float(np.mean(layer.kernel.numpy() == 0)) for layer in model.layers
-            if isinstance(layer, PRUNABLE_TYPES)}
+    return {layer.name: float(np.mean(pruned_weights(layer).numpy() == 0)) for layer in model.layers
+            if isinstance(layer, PRUNABLE_TYPES) and pruned_weights(layer) is not None}
 
 
 # --- quantization-aware training ------------------------------------------------------------------------

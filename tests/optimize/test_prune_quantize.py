@@ -119,6 +119,25 @@ def test_an_unsupported_layer_skips_the_variant_naming_it():
     assert compress.to_tflite(model, "fp32")  # post-training conversion still works for this model
 
 
+def test_depthwise_convolutions_are_left_whole_as_tfmot_leaves_them():
+    """EfficientNetV2's and ConvNeXt's depthwise convolutions hold a depthwise kernel, which tfmot's registry
+    does not prune; the pointwise layers around them are pruned."""
+    image = keras.Input((16, 16, 1), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(1 / 255, name="pixels_to_unit")(image)
+    x = keras.layers.Conv2D(32, 3, padding="same", name="conv")(x)
+    x = keras.layers.DepthwiseConv2D(7, padding="same", name="depthwise")(x)  # 7 x 7 x 32 = 1,568 weights
+    x = keras.layers.Dense(64, name="pointwise")(x)  # 32 x 64 = 2,048 weights
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(image, keras.layers.Dense(1, activation="sigmoid", name="logits")(x))
+    assert compress.prune_targets(model) == ["pointwise"]
+    wrapped = compress.prune_wrap(model, 0.5, total_steps=8)
+    wrapped.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
+    x, y = random_batch(64, 16)
+    wrapped.fit(x, y, batch_size=8, epochs=1, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()], verbose=0)
+    measured = compress.layer_sparsity(compress.strip_pruning(wrapped))
+    assert measured["pointwise"] == pytest.approx(0.5, abs=0.01) and "depthwise" not in measured
+
+
 def run_optimize(*args: str, np_: int = 1, timeout: float = 900) -> subprocess.CompletedProcess:
     command = [PYTHON, "-m", "optimize.prune_quantize", *args]
     if np_ > 1:
