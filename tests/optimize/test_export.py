@@ -104,3 +104,23 @@ def test_export_refuses_a_run_without_a_model(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "no exported model" in result.stderr and str(tmp_path / "run") in result.stderr
     assert not (tmp_path / "run" / "export").exists()
+
+
+def test_onnx_takes_tensorflows_exact_gelu(tmp_path):
+    """keras's "gelu" (ConvNeXt's activation) is written by TensorFlow with Erfc, which ONNX lacks; the ONNX
+    export still computes the Keras model's probabilities."""
+    from distributed.model.heads import Head
+    from distributed.model.kerasenv import keras
+    from optimize.export import export_onnx, serving_function
+
+    image = keras.Input((8, 8, 1), dtype="uint8", name="image")
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 64)(image))
+    x = keras.layers.Activation("gelu")(keras.layers.Dense(16)(x))
+    logits = keras.layers.Dense(1, name="logits")(x)
+    model = keras.Model(image, keras.layers.Activation("sigmoid", name="predictions")(logits))
+    images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+    p = model.predict(images, verbose=0)
+    want = np.concatenate([1 - p, p], axis=1)  # the served columns of one sigmoid unit
+    record = export_onnx(serving_function(model, Head("binary", 1)), tmp_path / "onnx" / "model.onnx", images,
+                         want, 1e-5)
+    assert record["parity"]["max_abs_difference"] < 1e-5
