@@ -30,7 +30,7 @@ def summary(run: Path) -> dict:
 def test_two_workers_follow_one_worker_with_twice_the_batch(prepared32_fullbatch, tmp_path):
     """Full-batch steps (64 images) on 1 worker vs 2 workers x 32: same data, same averaged gradient, so
     the same loss trajectory; VGG16 has no batch normalisation and dropout is set to 0. Fine-tuned from its
-    fourth block, as a transfer run is (ResNet50 built, trained a step and frozen: test_builders.py)."""
+    fourth block, as a transfer run is (ResNet50's graph and frozen BatchNormalization: test_builders.py)."""
     common = ["--data", str(prepared32_fullbatch), "--model", "vgg16", "--weights", "none", "--dropout", "0",
               "--epochs", "3", "--warmup-epochs", "0", "--seed", "3", "--lr", "1e-4", "--fine-tune-from",
               "block4_conv1"]
