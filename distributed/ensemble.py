@@ -21,7 +21,7 @@ from distributed.model.kerasenv import keras  # first: chooses tf_keras before T
 from distributed.model.builders import LOGITS_NAME, LOGIT_DIFFERENCE_NAME, MEAN_LOGITS_NAME, MEMBER_PREFIX
 from distributed.model.calibration import METHODS, calibrated_model, fit_on_validation, logits_model
 from distributed.model.heads import Head
-from distributed.model.scoring import read_run_config, refuse_multilabel, run_model_path
+from distributed.model.scoring import read_run_config, run_model_path
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, run_cli
 from cxrscale.console import setup_logging
@@ -38,11 +38,10 @@ def join_members(models: Sequence[keras.Model]) -> keras.Model:
 
     Each member is cloned onto a shared input with its layers renamed MEMBER_PREFIX + name (weights copied),
     its calibration layers dropped. Binary members with different heads (VGG16's 2-unit softmax, ResNet50's
-    sigmoid) are averaged on the positive-class logit. The result ends in a layer named `logits` (the mean),
+    sigmoid) are averaged on the positive-class logit; multi-label members finding by finding. The result ends in a layer named `logits` (the mean),
     so calibration, evaluation and the optimize stage treat it like a single model."""
     shapes = {tuple(m.input_shape[1:]) for m in models}
     heads = [Head.of_logits(m) for m in models]
-    refuse_multilabel(heads[0], "distributed.ensemble")
     # binary heads mix: a sigmoid unit's logit and a 2-unit softmax's z1 - z0 are the same quantity
     mixed_binary = all(h.binary for h in heads) and len(set(heads)) > 1
     if len(shapes) != 1 or (len(set(heads)) != 1 and not mixed_binary):

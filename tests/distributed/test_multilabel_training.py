@@ -145,10 +145,19 @@ def test_two_workers_train_resume_evaluate_and_export_a_multilabel_cnn(findings3
     measured = [v for v in rows["fp32"]["test_auc_per_finding"].values() if v is not None]
     assert rows["fp32"]["test_auc"] == pytest.approx(np.mean(measured))  # the macro AUC of the measured findings
     assert "Test ROC-AUC of each finding" in (run / "optimized" / "report.md").read_text()
-    from distributed.ensemble import main as ensemble_main
-
-    code, _, err = run_main(ensemble_main, ["--runs", str(run), str(run), "--output", str(tmp_path / "ens")], capsys)
-    assert code == 2 and "distributed.ensemble does not take a multi-label model yet" in err
+    # an ensemble averages the members' logits finding by finding and fits its own temperature per finding:
+    # of two copies of one member, the member's own rankings, so its per-finding AUCs
+    ensembled = run_in_process("distributed.ensemble", "--runs", str(run), str(run), "--output",
+                               str(tmp_path / "ens"), "-q")
+    assert ensembled.returncode == 0, ensembled.stderr
+    assert json.loads((tmp_path / "ens" / "config.json").read_text())["head"] == {"kind": "multilabel", "units": 4}
+    assert len(json.loads((tmp_path / "ens" / "calibration.json").read_text())["params"]["temperature"]) == 4
+    evaluated = run_in_process("distributed.evaluate", "--run", str(tmp_path / "ens"), "--split", "val",
+                               "--bootstrap", "50", "--no-gradcam")
+    assert evaluated.returncode == 0, evaluated.stderr
+    joined = json.loads((tmp_path / "ens" / "eval" / "metrics.json").read_text())["findings"]["findings"]
+    assert [r["intervals"]["roc_auc"]["value"] if r["measured"] else None for r in joined] == pytest.approx(
+        [r["intervals"]["roc_auc"]["value"] if r["measured"] else None for r in metrics["findings"]["findings"]])
 
 
 def test_each_finding_is_measured_on_its_known_images_or_said_too_rare():
