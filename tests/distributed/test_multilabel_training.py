@@ -91,8 +91,7 @@ def test_two_workers_train_resume_evaluate_and_export_a_multilabel_cnn(findings3
     best = int(summary["best_epoch"])
     # per-label temperatures keep each label's ranking, so the served model's macro AUC is the best epoch's
     assert m.macro_roc_auc(targets, probs) == pytest.approx(float(rows[best - 1]["val_auc"]), abs=1e-4)
-    # evaluate reads it finding by finding, predict and export take it; a stage that does not take a
-    # multi-label model yet says so by name
+    # evaluate reads it finding by finding; predict, export, prune_quantize and ensemble take it
     import subprocess
 
     from tests.conftest import PYTHON, REPO
