@@ -127,6 +127,12 @@ def test_two_workers_train_resume_evaluate_and_export_a_multilabel_cnn(findings3
         for name, t in zip(labels, thresholds):
             assert row[f"positive_{name}"] == ("yes" if float(row[f"p_{name}"]) >= t else "no")
         assert row["predicted"] == ("|".join(n for n in labels if row[f"positive_{n}"] == "yes") or "none")
+    # test-time augmentation averages each finding's probability over the views
+    code, out, err = run_main(predict_main, ["--run", str(run), "--tta", str(images_dir / "00000.jpeg")], capsys)
+    assert code == 0, err
+    [augmented] = list(csv.DictReader(out.splitlines()))
+    assert all(0 <= float(augmented[f"p_{n}"]) <= 1 for n in labels)
+    assert [augmented[f"p_{n}"] for n in labels] != [predicted[0][f"p_{n}"] for n in labels]
 
     code, _, err = run_main(export_main, ["--run", str(run), "--split", "val"], capsys)  # in this process
     assert code == 0, err

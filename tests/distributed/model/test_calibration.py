@@ -53,14 +53,31 @@ def test_bad_requests_are_clear():
         C.fit_calibration("beta", y, z, BINARY)
 
 
-# VGG16's 2-unit softmax once, through the logit difference (isotonic); temperature on a softmax is the
-# three-class run's calibration (tests/distributed/test_train_options.py)
-@pytest.mark.parametrize("name, method", [("cnn", "temperature"), ("cnn", "platt"), ("cnn", "isotonic"),
-                                          ("vgg16", "isotonic")])
+def small_model(units: int) -> keras.Model:
+    """A small model with a binary head of `units` (1: a sigmoid, as the CNN's; 2: a softmax, VGG16's), named as
+    the builders name theirs: the calibration graph depends on the head alone, and a small model saves and
+    converts quickly."""
+    keras.utils.set_random_seed(0)
+    image = keras.Input((32, 32, 1), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(1 / 255, name="pixels_to_unit")(image)
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="block1_conv1")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="head_global_avg_pool")(x)
+    logits = keras.layers.Dense(units, name="logits", dtype="float32")(x)
+    activation = "sigmoid" if units == 1 else "softmax"
+    return keras.Model(image, keras.layers.Activation(activation, name="predictions", dtype="float32")(logits))
+
+
+# Each map on a small sigmoid model, isotonic also on the real CNN, and a 2-unit softmax (VGG16's head) once,
+# through the logit difference; temperature on a softmax is the three-class run's calibration
+# (tests/distributed/test_train_options.py)
+@pytest.mark.parametrize("name, method", [("sigmoid", "temperature"), ("sigmoid", "platt"), ("cnn", "isotonic"),
+                                          ("softmax-pair", "isotonic")])
 def test_the_calibrated_graph_computes_the_fitted_map_in_savedmodel_and_tflite(tmp_path, name, method):
     import tensorflow as tf
 
-    model = build_model(name, 32, weights="none", seed=0)
+    model = {"sigmoid": lambda: small_model(1), "softmax-pair": lambda: small_model(2),
+             "cnn": lambda: build_model("cnn", 32, weights="none", seed=0)}[name]()
+    assert Head.of_model(model).units == (2 if name == "softmax-pair" else 1)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 32, 32, 1), dtype=np.uint8)
     z = C.logits_of(model, images)

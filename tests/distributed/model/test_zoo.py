@@ -66,12 +66,11 @@ def test_new_backbones_have_keras_published_parameter_counts_and_a_multilabel_he
 
     with_top, features = PUBLISHED[name]
     backbone = with_top - (features * 1000 + 1000)  # the top is pooling and a 1,000-way Dense
-    model = zoo.build_model(name, 64, 14, weights="none", multilabel=True, seed=0)
+    # one build each (seconds apiece); the binary head on these backbones is the same pooled head with 1 unit
+    model = zoo.build_model(name, 32, 14, weights="none", multilabel=True, seed=0)
     assert Head.of_model(model) == Head("multilabel", 14)
     assert model.count_params() == backbone + features * 14 + 14  # the pooled head: dropout, then the logits
     assert last_conv_layer_name(model) in {"relu", "top_activation"}
-    single = zoo.build_model(name, 32, 2, weights="none")
-    assert Head.of_model(single) == Head("binary", 1) and single.count_params() == backbone + features + 1
     with pytest.raises(ModelError, match=f"--model {name} needs images of at least 32 px"):
         zoo.build_model(name, 16, 2, weights="none")
 
