@@ -38,8 +38,9 @@ def join_members(models: Sequence[keras.Model]) -> keras.Model:
 
     Each member is cloned onto a shared input with its layers renamed MEMBER_PREFIX + name (weights copied),
     its calibration layers dropped. Binary members with different heads (VGG16's 2-unit softmax, ResNet50's
-    sigmoid) are averaged on the positive-class logit; multi-label members finding by finding. The result ends in a layer named `logits` (the mean),
-    so calibration, evaluation and the optimize stage treat it like a single model."""
+    sigmoid) are averaged on the positive-class logit; multi-label members finding by finding. The result
+    ends in a layer named `logits` (the mean), so calibration, evaluation and the optimize stage treat it
+    like a single model."""
     shapes = {tuple(m.input_shape[1:]) for m in models}
     heads = [Head.of_logits(m) for m in models]
     # binary heads mix: a sigmoid unit's logit and a 2-unit softmax's z1 - z0 are the same quantity
