@@ -32,6 +32,7 @@ from distributed.model.registry import ModelSpec, check_image_size
 
 INPUT_NAME = "image"
 HEAD_PREFIX = "head_"
+HEAD_NORM_NAME = f"{HEAD_PREFIX}layernorm"  # pooled_head's optional norm of the pooled features
 PREPROCESSING_LAYER_NAMES = frozenset({"pixels_to_float", "grey_to_rgb", "imagenet_caffe_norm", "imagenet_torch_norm",
                                        "pixels_to_unit"})
 MEMBER_PREFIX = "m{}_"  # an ensemble member's layers are renamed m0_..., m1_... (distributed.ensemble)
@@ -189,12 +190,16 @@ def transfer_classifier(spec: ModelSpec, constructor, head, image_size: int, num
     return model
 
 
-def pooled_head(num_classes: int, *, dropout: float, l2: float, multilabel: bool = False):
+def pooled_head(num_classes: int, *, dropout: float, l2: float, multilabel: bool = False,
+                norm_epsilon: float | None = None):
     """The head the ImageNet backbones after VGG16 and ResNet50 take: global average pooling, dropout and the
-    logits (CheXNet's: DenseNet121's pooled features straight into one unit per finding). A function of the
-    backbone's output, for `transfer_classifier`."""
+    logits (CheXNet's: DenseNet121's pooled features straight into one unit per finding); with
+    `norm_epsilon`, a LayerNormalization of the pooled features before the dropout (HEAD_NORM_NAME,
+    ConvNeXt's classifier). A function of the backbone's output."""
     def head(base_output):
         y = keras.layers.GlobalAveragePooling2D(name=f"{HEAD_PREFIX}global_avg_pool")(base_output)
+        if norm_epsilon is not None:
+            y = keras.layers.LayerNormalization(epsilon=norm_epsilon, name=HEAD_NORM_NAME)(y)
         y = keras.layers.Dropout(dropout, name=f"{HEAD_PREFIX}dropout")(y)
         return Head.for_classes(num_classes, multilabel=multilabel).output(y, l2=l2)
     return head

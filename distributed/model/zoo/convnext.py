@@ -22,7 +22,6 @@ DEPTHS = (3, 3, 9, 3)
 WIDTHS = (96, 192, 384, 768)
 LAYER_SCALE_INIT = 1e-6  # Keras's and the paper's layer_scale_init_value
 EPSILON = 1e-6
-HEAD_NORM = "head_layernorm"  # ConvNeXt's classifier normalises the pooled features before the logits
 
 
 def build_convnext_tiny_classifier(image_size: int, num_classes: int = 2, *, weights: str = "none",
@@ -40,18 +39,16 @@ def build_convnext_tiny_classifier(image_size: int, num_classes: int = 2, *, wei
     weights: "none", "imagenet" (Keras's convnext_tiny_notop.h5, downloaded once), a weights file this
     toolkit saved for the whole model, or Keras's ConvNeXt-Tiny notop .h5 file.
     """
-    from distributed.model.builders import (HEAD_PREFIX, Head, ModelError, check_image_size, imagenet_input,
-                                            keras_application, load_weights_file_if_any, set_backbone_trainable)
+    from distributed.model.builders import (Head, ModelError, check_image_size, imagenet_input, keras_application,
+                                            load_weights_file_if_any, pooled_head, set_backbone_trainable)
     from distributed.model.kerasenv import keras
 
     check_image_size(SPEC, image_size)
-    head = Head.for_classes(num_classes, multilabel=multilabel)
+    Head.for_classes(num_classes, multilabel=multilabel)  # refuses a count no head can take, before the backbone
     x, image = imagenet_input(image_size, SPEC.input_scaling)
-    features = _backbone(keras, x)
-    y = keras.layers.GlobalAveragePooling2D(name=f"{HEAD_PREFIX}global_avg_pool")(features)
-    y = keras.layers.LayerNormalization(epsilon=EPSILON, name=HEAD_NORM)(y)
-    y = keras.layers.Dropout(dropout, name=f"{HEAD_PREFIX}dropout")(y)
-    model = keras.Model(image, head.output(y, l2=l2), name=f"{SPEC.name}_classifier")
+    # ConvNeXt's classifier normalises the pooled features before the logits
+    head = pooled_head(num_classes, dropout=dropout, l2=l2, multilabel=multilabel, norm_epsilon=EPSILON)
+    model = keras.Model(image, head(_backbone(keras, x)), name=f"{SPEC.name}_classifier")
 
     choice = str(weights).strip()
     if choice.lower() == "imagenet":
@@ -108,7 +105,7 @@ def copy_keras_weights(keras_model, model) -> None:
     """Copy a keras.applications ConvNeXt-Tiny (built with `_keras_args`) into our classifier `model`:
     every weighted layer of its backbone by name, the grouped convs and layer scales reshaped, and its final
     norm into our head_layernorm. Refuses (ModelError) unless every weight on both sides is used."""
-    from distributed.model.builders import ModelError
+    from distributed.model.builders import HEAD_NORM_NAME, ModelError
 
     source = {}
     for layer in keras_model.layers:  # the stem and downsampling blocks are nested Sequential models
@@ -118,9 +115,9 @@ def copy_keras_weights(keras_model, model) -> None:
     final_norms = [name for name in source if name.startswith("layer_normalization")]
     if len(final_norms) != 1:
         raise ModelError(f"not Keras's ConvNeXt-Tiny: expected one final norm, found {final_norms}")
-    source[HEAD_NORM] = source.pop(final_norms[0])
+    source[HEAD_NORM_NAME] = source.pop(final_norms[0])
     targets = {layer.name: layer for layer in model.layers
-               if layer.weights and (layer.name.startswith(KERAS_NAME) or layer.name == HEAD_NORM)}
+               if layer.weights and (layer.name.startswith(KERAS_NAME) or layer.name == HEAD_NORM_NAME)}
     if set(source) != set(targets):
         unmatched = sorted(set(source) ^ set(targets))
         raise ModelError(f"not Keras's ConvNeXt-Tiny: {len(unmatched)} layers differ, e.g. {', '.join(unmatched[:3])}")
