@@ -318,9 +318,10 @@ def prepare(config: PrepareConfig) -> dict:
     items = discovery.items
     log.info("%d inputs in %s layout, %s: %s", len(items), discovery.layout,
              "labels" if discovery.multilabel else "classes", ", ".join(discovery.classes))
+    ray_used = uses_ray(config)
     with (start_ray(config.address, config.workers, py_modules=[str(Path(__file__).resolve().parent)])
-          if uses_ray(config) else contextlib.nullcontext()):
-        cpus = int(sys.modules["ray"].cluster_resources().get("CPU", 1)) if uses_ray(config) else 1
+          if ray_used else contextlib.nullcontext()):
+        cpus = int(sys.modules["ray"].cluster_resources().get("CPU", 1)) if ray_used else 1
         in_flight = max(1, min(config.workers or cpus, cpus))
         clock = time.perf_counter()
         records, rejected = _stage_transform(items, params, salt, staging, in_flight)
