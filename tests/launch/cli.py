@@ -21,12 +21,18 @@ IN_PROCESS = frozenset({"distributed.evaluate", "distributed.predict", "distribu
                         "optimize.export"})
 
 
-def run_main(main: Callable, argv: Sequence[str], capsys) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `python -m launch.X ARGV`, run in this process."""
+def exit_status(main: Callable, argv: Sequence[str]) -> int:
+    """The exit status `python -m MODULE ARGV` would end with: `main` under `run_cli`, in this process."""
     try:
         run_cli(main, list(argv))
     except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
+        return 0 if done.code is None else done.code if isinstance(done.code, int) else 1
+    return 0
+
+
+def run_main(main: Callable, argv: Sequence[str], capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `python -m launch.X ARGV`, run in this process."""
+    code = exit_status(main, argv)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -50,13 +56,9 @@ def run_in_process(module: str, *args: str) -> subprocess.CompletedProcess:
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     root.handlers = [handler]  # what setup_logging's basicConfig would have given a fresh process
-    code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                run_cli(main, list(args))
-            except SystemExit as done:
-                code = 0 if done.code is None else done.code if isinstance(done.code, int) else 1
+            code = exit_status(main, args)
     finally:
         root.handlers = saved_handlers
         root.setLevel(saved_level)
