@@ -35,13 +35,14 @@ from cxrscale.console import setup_logging
 from cxrscale.errors import CxrError
 from cxrscale.files import atomic_dir, check_writable_dir, read_json, write_json_atomic
 from cxrscale.provenance import git_commit
-from distributed.evaluation.adaptation import adapt_site
+from distributed.evaluation.adaptation import adapt_findings, adapt_site
 from distributed.evaluation.scores import DEFAULT_BOOTSTRAP, ThresholdRule, parse_threshold
 from distributed.model.builders import recalibrate_batchnorm
 from distributed.model.calibration import METHODS, Calibration, calibrated_model, logits_of
 from distributed.model.guard import GUARD_FILE
 from distributed.model.heads import Head
-from distributed.model.scoring import ADAPTATION_FILE, read_run_config, refuse_multilabel, run_head, run_model_path
+from distributed.model.scoring import ADAPTATION_FILE, read_run_config, run_head, run_model_path
+from preprocessing import multilabel
 from preprocessing.sources import discover
 from preprocessing.transform import ImageRejected, TransformParams, transform
 
@@ -96,6 +97,29 @@ def labelled_sample(folder: str, classes: list[str], params: TransformParams) ->
     return images, labels
 
 
+def labelled_findings(table: str, findings: list[str], params: TransformParams,
+                      uncertain: str) -> tuple[np.ndarray, np.ndarray]:
+    """A site's labelled images for a multi-label model: a CSV in any form preprocessing reads (NIH, one column
+    per finding, CheXpert's), as images and targets (n, K) in the run's finding order (1, 0, -1 unknown). A
+    finding the CSV does not name is unknown for a column CSV and negative for an NIH table (whose Finding
+    Labels name what is present); a label the run does not know is left out, with a warning."""
+    if not Path(table).is_file():
+        raise CxrError(f"--labelled {table}: a multi-label model's site sample is a CSV (NIH's form, or path and "
+                       "one column per finding), not a folder")
+    found = discover(table, uncertain=uncertain)
+    if not found.multilabel:
+        raise CxrError(f"--labelled {table} has one label per image; this model has findings "
+                       f"{', '.join(findings)}: give a multi-label CSV")
+    extra = [c for c in found.classes if c not in findings]
+    if extra:
+        log.warning("--labelled %s: %s not findings of this model, left out", table, ", ".join(extra))
+    missing = multilabel.NEGATIVE if found.layout == "nih" else multilabel.UNKNOWN
+    columns = [found.classes.index(f) if f in found.classes else None for f in findings]
+    images, kept = load_images([Path(item.path) for item in found.items], params, "labelled")
+    targets = np.array([[found.items[k].targets[c] if c is not None else missing for c in columns] for k in kept])
+    return images, targets
+
+
 def unlabelled_images(folder: str, params: TransformParams) -> np.ndarray:
     from distributed.predict import expand_inputs
 
@@ -116,10 +140,19 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
 
     model = keras.models.load_model(str(model_path), compile=False)
     head = run_head(run_config) or Head.of_model(model)
-    refuse_multilabel(head, "distributed.adapt")
+    if head.multilabel and config.calibration != "temperature":
+        raise CxrError(f"--calibration {config.calibration} is for two classes; a multi-label model is "
+                       "recalibrated by a temperature per finding (--calibration temperature)")
     logits_head = Head.of_logits(model)
     record: dict[str, Any] = {"site": config.site, "adapted_from": str(run_dir), "adabn": None}
-    labelled = labelled_sample(config.labelled, classes, params) if config.labelled else None
+    run_calibration = Calibration.from_dict(read_json(run_dir / "calibration.json", "calibration record"))
+    if not config.labelled:
+        labelled = None
+    elif head.multilabel:
+        labelled = labelled_findings(config.labelled, classes, params,
+                                     manifest.get("labels", {}).get("uncertain", "ignore"))
+    else:
+        labelled = labelled_sample(config.labelled, classes, params)
     if config.adabn:
         images = unlabelled_images(config.unlabelled, params) if config.unlabelled else labelled[0]
         layers = recalibrate_batchnorm(model, images)
@@ -128,7 +161,24 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
         record["adabn"] = {"images": int(len(images)), "layers": layers,
                            "from": "unlabelled" if config.unlabelled else "labelled (labels unused)"}
         log.info("AdaBN: %d BatchNormalization layers re-estimated on %d site images", layers, len(images))
-    if labelled is not None:
+    if labelled is not None and head.multilabel:
+        images, targets = labelled
+        run_t = run_calibration.params.get("temperature") if run_calibration.method == "temperature" else None
+        site = adapt_findings(targets, logits_of(model, images), classes,
+                              list(np.broadcast_to(1.0 if run_t is None else run_t, len(classes))),
+                              rule=config.threshold, n_bootstrap=config.bootstrap, seed=config.seed)
+        calibration = Calibration("temperature", {"temperature": site["temperature"]})
+        record["labelled"] = site
+        for row in site["findings"]:
+            if row["adapted"]:
+                oob = row["out_of_bag"]
+                log.info("site %s, %s: threshold %.3f (%.3f-%.3f) on %d labelled images; out of bag sensitivity "
+                         "%.3f, specificity %.3f", config.site, row["finding"], row["threshold"],
+                         row["threshold_interval"]["low"], row["threshold_interval"]["high"], row["n"],
+                         oob["sensitivity"]["value"], oob["specificity"]["value"])
+            else:
+                log.warning("site %s, %s not adapted: %s", config.site, row["finding"], row["reason"])
+    elif labelled is not None:
         images, labels = labelled
         site = adapt_site(labels, logits_of(model, images), logits_head, method=config.calibration,
                           rule=config.threshold, n_bootstrap=config.bootstrap, seed=config.seed)
@@ -141,7 +191,7 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
                  oob["sensitivity"]["value"], oob["sensitivity"]["low"], oob["sensitivity"]["high"],
                  oob["specificity"]["value"], oob["specificity"]["low"], oob["specificity"]["high"])
     else:
-        calibration = Calibration.from_dict(read_json(run_dir / "calibration.json", "calibration record"))
+        calibration = run_calibration
         log.warning("no --labelled sample: the run's own calibration and threshold are kept; only the "
                     "normalisation statistics are adapted")
     final = calibrated_model(model, calibration, head=logits_head)
@@ -153,8 +203,11 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
     if (run_dir / "eval" / GUARD_FILE).is_file():  # the guard looks at the images, which adaptation leaves alone
         (output / "eval").mkdir(exist_ok=True)
         shutil.copyfile(run_dir / "eval" / GUARD_FILE, output / "eval" / GUARD_FILE)
-    fitted_on = f"site {config.site}: {record['labelled']['n']} labelled images" if labelled is not None else \
-        read_json(run_dir / "calibration.json", "calibration record").get("fitted_on", "val")
+    fitted_on = read_json(run_dir / "calibration.json", "calibration record").get("fitted_on", "val")
+    if labelled is not None:
+        kept = [r["finding"] for r in record["labelled"].get("findings", []) if not r["adapted"]]
+        fitted_on = f"site {config.site}: {record['labelled']['n']} labelled images" + \
+            (f" ({', '.join(kept)}: {fitted_on}, too few site labels)" if kept else "")
     write_json_atomic(output / "calibration.json", {**calibration.to_dict(), "fitted_on": fitted_on})
     record["git_commit"] = git_commit()
     write_json_atomic(output / ADAPTATION_FILE, record)

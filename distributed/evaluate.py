@@ -31,7 +31,8 @@ from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, Thres
 from distributed.model.metrics import THRESHOLD_METRICS
 from distributed.model.calibration import probability_quality
 from distributed.model.guard import DEFAULT_QUANTILE, GUARD_FILE, Guard, fit_guard
-from distributed.model.scoring import adapted_threshold, load_scorer, read_run_config, run_head, run_model_path
+from distributed.model.scoring import (adapted_finding_thresholds, adapted_threshold, load_scorer, read_run_config,
+                                       run_head, run_model_path)
 from cxrscale import tracking
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, config_from, run_cli
@@ -173,13 +174,14 @@ def evaluate_findings(config: EvaluateConfig, target: Target, manifest: dict, sc
     val = score_split(scorer, target.data_dir, "val", config.batch_size, uncalibrated=config.split == "val")
     test = val if config.split == "val" else score_split(scorer, target.data_dir, config.split, config.batch_size,
                                                        uncalibrated=True)
-    rule = config.threshold or ThresholdRule("youden")
+    rule = config.threshold or finding_rules(target.run_dir, findings)
     summary = finding_summary(val.labels, val.probs, test.labels, test.probs, findings, rule, split=config.split,
                               n_bootstrap=config.bootstrap, seed=config.seed)
     results: dict[str, Any] = {
         "task": schema.MULTILABEL, "split": config.split, "n": int(len(test.labels)), "classes": findings,
         "findings": summary,
-        "threshold": {"rule": str(rule), "description": rule.describe(), "value": None, "per_finding": True},
+        "threshold": {"rule": summary["rule"], "description": summary["rule_description"], "value": None,
+                      "per_finding": True},
         "calibration": calibration_report(target, test, test.before_calibration()),
         **provenance(config, target, manifest, scorer, same_data)}
     results["calibration"].pop("before_probs", None)
@@ -333,6 +335,15 @@ def default_rule(run_dir: Path | None) -> ThresholdRule:
     (distributed.adapt), any other run gets Youden's on validation."""
     adapted = adapted_threshold(run_dir) if run_dir else None
     return ThresholdRule("fixed", adapted[0], adapted[1]) if adapted else ThresholdRule("youden")
+
+
+def finding_rules(run_dir: Path | None, findings: list[str]) -> list[ThresholdRule]:
+    """A multi-label model's threshold rule per finding without --threshold: an adapted run keeps the
+    thresholds its site chose (distributed.adapt) for the findings it had enough labels of, every other finding
+    gets Youden's on validation."""
+    adapted = adapted_finding_thresholds(run_dir) if run_dir else None
+    chosen, source = adapted or ({}, None)
+    return [ThresholdRule("fixed", chosen[f], source) if f in chosen else ThresholdRule("youden") for f in findings]
 
 
 def guard_report(data_dir: Path, split: str, output: Path, quantile: float) -> tuple[dict[str, Any], Guard | None]:

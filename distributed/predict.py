@@ -28,8 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from distributed.model.guard import GUARD_FILE, OUTSIDE, Guard
-from distributed.model.scoring import (adapted_threshold, load_scorer, read_run_config, refuse_multilabel, run_head,
-                                       run_model_path)
+from distributed.model.scoring import (adapted_finding_thresholds, adapted_threshold, load_scorer, read_run_config,
+                                       run_head, run_model_path)
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, config_from, run_cli
 from cxrscale.console import setup_logging
@@ -92,20 +92,29 @@ def find_guard(run_dir: Path | None, exported: Path | None) -> Guard | None:
     return None
 
 
+def read_evaluation(metrics_file: Path | None, tta: bool) -> dict[str, Any] | None:
+    """The run's evaluation record (its eval/metrics.json, or the export.json that carries its thresholds),
+    with a warning when its thresholds were chosen with or without test-time augmentation and this prediction
+    runs the other way (the probabilities the thresholds were chosen on are then not these)."""
+    if not (metrics_file and metrics_file.is_file()):
+        return None
+    metrics = read_json(metrics_file, "evaluation metrics")
+    if bool(metrics.get("tta")) != tta:
+        log.warning("the threshold was chosen by an evaluation %s test-time augmentation, and this prediction "
+                    "runs %s it: pass the same --tta to both", "with" if metrics.get("tta") else "without",
+                    "with" if tta else "without")
+    return metrics
+
+
 def default_threshold(metrics_file: Path | None, tta: bool = False) -> tuple[float, str]:
     """The operating threshold chosen on validation by the run's evaluation (its eval/metrics.json, or the
     export.json that carries it), else 0.5."""
-    if metrics_file and metrics_file.is_file():
-        metrics = read_json(metrics_file, "evaluation metrics")
-        chosen = metrics.get("threshold", {})
-        if bool(metrics.get("tta")) != tta:
-            log.warning("the threshold was chosen by an evaluation %s test-time augmentation, and this prediction "
-                        "runs %s it: pass the same --tta to both", "with" if metrics.get("tta") else "without",
-                        "with" if tta else "without")
-        if chosen and chosen.get("value") is not None:
-            where = chosen.get("chosen_on") or "val"
-            return float(chosen["value"]), f"{chosen['rule']} on {'validation' if where == 'val' else where} " \
-                                           f"({metrics_file})"
+    metrics = read_evaluation(metrics_file, tta)
+    chosen = (metrics or {}).get("threshold", {})
+    if chosen and chosen.get("value") is not None:
+        where = chosen.get("chosen_on") or "val"
+        return float(chosen["value"]), f"{chosen['rule']} on {'validation' if where == 'val' else where} " \
+                                       f"({metrics_file})"
     return 0.5, "0.5 (no evaluation of this run found: run python -m distributed.evaluate to choose one)"
 
 
@@ -147,8 +156,6 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
     if scorer.input_shape != (params.size, params.size, 1):
         raise CxrError(f"{model_path} takes {scorer.input_shape} images but {manifest_path} prepares "
                        f"{params.size}x{params.size}x1: the manifest is not this model's")
-    if config.gradcam and scorer.head.multilabel:
-        refuse_multilabel(scorer.head, "distributed.predict --gradcam")
     if config.gradcam and scorer.keras_model is None:
         raise CxrError(f"--gradcam needs a Keras model; {model_path} is {scorer.kind}: use --run or the "
                        "SavedModel for heat-maps")
@@ -167,7 +174,8 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
     thresholds = None
     if scorer.head.multilabel:  # a threshold per finding
         thresholds, why = finding_thresholds(run_dir / "eval" / "metrics.json" if run_dir else exported, classes,
-                                             config.threshold)
+                                             config.threshold, config.tta,
+                                             adapted_finding_thresholds(run_dir) if run_dir else None)
         log.info("a threshold per finding: %s", why)
     guard = find_guard(run_dir, None if run_dir else exported or find_export_record(model_path.resolve()))
     if guard is not None and guard.fitted.get("image_size") not in (0, params.size):
@@ -201,7 +209,8 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
                 for row, score, outside in zip(chunk_rows, ood, guard.outside(ood)):
                     row.update(ood_score=float(score), outside=bool(outside))
             if config.gradcam:
-                write_gradcams(Path(config.gradcam), scorer.keras_model, batch, pred, chunk_rows, used_names)
+                write_gradcams(Path(config.gradcam), scorer.keras_model, batch, pred, chunk_rows, used_names,
+                               classes if thresholds is not None else None)
         rows += chunk_rows
     flagged = sum(bool(r.get("outside")) for r in rows)
     if flagged:
@@ -211,19 +220,26 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: order[r["file"]])
 
 
-def finding_thresholds(metrics_file: Path | None, findings: list[str],
-                       fixed: float | None) -> tuple[list[float], str]:
-    """A multi-label model's threshold per finding: --threshold for every finding when given, else each chosen
-    on validation by the run's evaluation (its eval/metrics.json, or the export.json that carries them), else
-    0.5."""
+def finding_thresholds(metrics_file: Path | None, findings: list[str], fixed: float | None, tta: bool = False,
+                       adapted: tuple[dict[str, float], str] | None = None) -> tuple[list[float], str]:
+    """A multi-label model's threshold per finding: --threshold for every finding when given, else the ones the
+    run's evaluation chose (its eval/metrics.json, or the export.json that carries them: on validation, or a
+    site's where distributed.adapt chose one), else those of an adapted run not evaluated since (`adapted`,
+    0.5 for the findings its site had too few labels of), else 0.5."""
     if fixed is not None:
         return [fixed] * len(findings), "--threshold for every finding"
-    if metrics_file and metrics_file.is_file():
-        record = read_json(metrics_file, "evaluation metrics")
+    record = read_evaluation(metrics_file, tta)
+    if record is not None:
+        summary = record.get("findings") or {}
         chosen = record.get("finding_thresholds") or {
-            r["finding"]: r["threshold"] for r in (record.get("findings") or {}).get("findings", [])}
+            r["finding"]: r["threshold"] for r in summary.get("findings", [])}
         if all(chosen.get(f) is not None for f in findings):
-            return [float(chosen[f]) for f in findings], f"chosen on validation ({metrics_file})"
+            how = summary.get("rule_description") or "chosen on validation"
+            return [float(chosen[f]) for f in findings], f"the evaluation's ({metrics_file}): {how}"
+    if adapted:
+        chosen, source = adapted
+        return [chosen.get(f, 0.5) for f in findings], \
+            f"{source} for {', '.join(f for f in findings if f in chosen)}, 0.5 for any other (not evaluated since)"
     return [0.5] * len(findings), "0.5 for every finding (no evaluation of this run found: run python -m " \
                                   "distributed.evaluate to choose one per finding)"
 
@@ -239,23 +255,33 @@ def finding_row(probs: np.ndarray, findings: list[str], thresholds: list[float])
     return row
 
 
-def write_gradcams(folder: Path, model, images: np.ndarray, pred: np.ndarray, rows: list[dict],
-                   used: set[str]) -> None:
-    """One Grad-CAM overlay of the predicted class per image: FOLDER/<file stem>-gradcam.png."""
+def write_gradcams(folder: Path, model, images: np.ndarray, pred: np.ndarray | None, rows: list[dict],
+                   used: set[str], findings: list[str] | None = None) -> None:
+    """Grad-CAM overlays under FOLDER: one of the predicted class per image (<file stem>-gradcam.png), or for a
+    multi-label model one per finding called positive (<file stem>-<finding>-gradcam.png; none when no finding
+    is). The row's "gradcam" names them, joined by | for several findings."""
     from distributed.evaluation.gradcam import gradcam, overlay  # TensorFlow: a Keras model is loaded already
     from distributed.evaluation.report import write_png
 
     folder.mkdir(parents=True, exist_ok=True)
-    heat = gradcam(model, images, pred)
-    for row, image, h in zip(rows, images, heat):
-        stem = Path(row["file"]).stem
-        name, n = f"{stem}-gradcam.png", 1
+    if findings is None:
+        pairs = [(i, int(c), "") for i, c in enumerate(pred)]
+    else:
+        pairs = [(i, k, "-" + "".join(c if c.isalnum() else "_" for c in name))
+                 for i, row in enumerate(rows) for k, name in enumerate(findings) if row[f"positive_{name}"]]
+    if not pairs:
+        return
+    index = np.array([i for i, _, _ in pairs])
+    heat = gradcam(model, images[index], np.array([k for _, k, _ in pairs], np.int32))
+    for (i, _, tag), h in zip(pairs, heat):
+        stem = Path(rows[i]["file"]).stem
+        name, n = f"{stem}{tag}-gradcam.png", 1
         while name in used:  # same stem in two folders
             n += 1
-            name = f"{stem}-{n}-gradcam.png"
+            name = f"{stem}-{n}{tag}-gradcam.png"
         used.add(name)
-        write_png(folder / name, overlay(image, h))
-        row["gradcam"] = str(folder / name)
+        write_png(folder / name, overlay(images[i], h))
+        rows[i]["gradcam"] = "|".join(filter(None, [rows[i].get("gradcam"), str(folder / name)]))
 
 
 def write_rows(rows: list[dict[str, Any]], fmt: str, out) -> None:
@@ -290,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=None,
                         help="probability threshold for the positive class (default: the one the run's evaluation "
                              "chose on validation, else 0.5)")
-    parser.add_argument("--gradcam", metavar="OUT_DIR", help="also write a Grad-CAM overlay per image here")
+    parser.add_argument("--gradcam", metavar="OUT_DIR",
+                        help="also write a Grad-CAM overlay per image here (a multi-label model: one per finding "
+                             "called positive)")
     parser.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default csv)")
     parser.add_argument("--output", help="write the rows to this file instead of standard output")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -114,3 +114,39 @@ def adapt_site(labels: np.ndarray, logits: np.ndarray, head: Head, *, method: st
                                    "high": float(np.percentile(thresholds, 97.5))},
             "narrowing": narrowing, "target_half_width": TARGET_HALF_WIDTH,
             "auc": float(m.roc_auc(y, sigmoid(positive)))}
+
+
+def adapt_findings(targets: np.ndarray, logits: np.ndarray, findings: list[str], run_temperatures: list[float],
+                   *, rule: ThresholdRule, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """A multi-label model's site adaptation, finding by finding: `adapt_site` on each finding's known labels
+    (targets (n, K) of 1, 0 and -1 unknown) with its own logit column, a temperature per finding. A finding
+    with fewer than MIN_PER_CLASS positive or negative labelled images keeps the run's temperature and its
+    validation threshold, and says so.
+
+    Returns {"findings": [per finding: {"finding", "adapted", and adapt_site's figures or "reason"}],
+    "temperature": [one per finding], "n", "rule", "rule_description"}."""
+    targets = np.asarray(targets).astype(int)
+    z = np.asarray(logits, np.float64)
+    rows, temperatures = [], []
+    for k, name in enumerate(findings):
+        known = targets[:, k] >= 0
+        y = targets[known, k]
+        counts = [int(np.sum(y == 0)), int(np.sum(y == 1))]
+        if min(counts) < MIN_PER_CLASS:
+            rows.append({"finding": name, "adapted": False, "class_counts": counts,
+                         "reason": f"{counts[0]} negative and {counts[1]} positive labelled images; at least "
+                                   f"{MIN_PER_CLASS} of each are needed, so the run's calibration and validation "
+                                   "threshold stay"})
+            temperatures.append(float(run_temperatures[k]))
+            continue
+        site = adapt_site(y, z[known, k:k + 1], Head("binary", 1), method="temperature", rule=rule,
+                          n_bootstrap=n_bootstrap, seed=seed + k)
+        rows.append({"finding": name, "adapted": True, **site})
+        temperatures.append(float(site["calibration"]["params"]["temperature"]))
+    if not any(r["adapted"] for r in rows):
+        raise CxrError(f"no finding has {MIN_PER_CLASS} positive and {MIN_PER_CLASS} negative labelled images: "
+                       "nothing to adapt (" + "; ".join(f"{r['finding']}: {r['class_counts'][1]} positive, "
+                                                        f"{r['class_counts'][0]} negative" for r in rows) + ")")
+    return {"findings": rows, "temperature": temperatures, "n": int(len(targets)), "min_per_class": MIN_PER_CLASS,
+            "rule": str(rule),
+            "rule_description": rule.describe().replace("on validation", "on the site's labelled sample")}

@@ -30,7 +30,8 @@ def finding_summary(val_targets: np.ndarray, val_probs: np.ndarray, targets: np.
                     seed: int = 0) -> dict[str, Any]:
     """The per-finding table and the macro and micro AUC (see the module docstring). targets: (n, K) of 1, 0
     and -1 unknown; probs: (n, K); rule: a `scores.ThresholdRule`, applied to each finding's validation
-    scores."""
+    scores, or a list of them, one per finding (an adapted run: the site's fixed thresholds)."""
+    rules = list(rule) if isinstance(rule, (list, tuple)) else [rule] * len(findings)
     rows, measured = [], []
     for k, name in enumerate(findings):
         seen, val_seen = targets[:, k] >= 0, val_targets[:, k] >= 0
@@ -40,7 +41,9 @@ def finding_summary(val_targets: np.ndarray, val_probs: np.ndarray, targets: np.
                                "unknown": int((~seen).sum()),
                                "prevalence": positives / len(y) if len(y) else None}
         try:
-            row["threshold"] = rule.choose(val_targets[val_seen, k].astype(int), val_probs[val_seen, k])
+            row["threshold"] = rules[k].choose(val_targets[val_seen, k].astype(int), val_probs[val_seen, k])
+            if len(set(map(str, rules))) > 1:  # an adapted run: the site's thresholds, the rest validation's
+                row["threshold_rule"] = rules[k].describe()
         except CxrError as err:
             row["threshold"], row["threshold_undefined"] = None, str(err)
         if min(positives, negatives) < MIN_CASES:
@@ -59,7 +62,9 @@ def finding_summary(val_targets: np.ndarray, val_probs: np.ndarray, targets: np.
         rows.append(row)
         measured.append(k)
     out: dict[str, Any] = {"findings": rows, "measured": [findings[k] for k in measured],
-                           "min_cases": MIN_CASES, "rule": str(rule), "rule_description": rule.describe()}
+                           "min_cases": MIN_CASES,
+                           "rule": " / ".join(dict.fromkeys(map(str, rules))),
+                           "rule_description": "; ".join(dict.fromkeys(r.describe() for r in rules))}
     if measured:
         out["macro_roc_auc"] = _resampled(lambda t, q: m.macro_roc_auc(t, q), targets[:, measured],
                                           probs[:, measured], n_bootstrap, seed)
@@ -156,8 +161,11 @@ def finding_table(summary: dict) -> tuple[list[str], list[list[str]]]:
 def summary_lines(summary: dict, split: str, n: int) -> list[str]:
     """Sentences before the table: the images, the macro and micro AUC, the thresholds' rule, and a line for
     each finding too rare in the split to measure."""
+    rules = f"{summary['rule']}, which {summary['rule_description']}"
+    if any("threshold_rule" in r for r in summary["findings"]):  # an adapted run: the site's, else validation's
+        rules = "; ".join(f"{r['finding']} {r['threshold_rule']}" for r in summary["findings"])
     lines = [f"{n} images of the {split} split; each finding is measured on the images where its label is known. "
-             f"Thresholds: one per finding, {summary['rule']}, which {summary['rule_description']}."]
+             f"Thresholds: one per finding, {rules}."]
     if summary.get("macro_roc_auc"):
         lines.append(f"**Macro ROC-AUC {_cell(summary['macro_roc_auc'])}** over the {len(summary['measured'])} "
                      f"measured findings; micro ROC-AUC {_cell(summary['micro_roc_auc'])} (every known "

@@ -217,7 +217,9 @@ def _adaptation(run_dir: Path | None) -> list[str]:
         out.append(f"- BatchNormalization statistics re-estimated on {record['adabn']['images']} of the site's "
                    f"images ({record['adabn']['from']}).")
     site = record.get("labelled")
-    if site:
+    if site and "findings" in site:
+        out += _adapted_findings(site)
+    elif site:
         oob, cal = site["out_of_bag"], site["calibration"]
         out += [f"- Calibration `{cal['method']}` and the operating threshold ({site['rule_description']}) were "
                 f"fitted on {site['n']} labelled images of the site ({site['class_counts'][0]} negative, "
@@ -236,6 +238,29 @@ def _adaptation(run_dir: Path | None) -> list[str]:
                 "the figures in Performance below are on the original dataset's splits, at the site's threshold."]
     else:
         out.append("- No labelled sample: the original calibration and threshold are kept.")
+    return out + [""]
+
+
+def _adapted_findings(site: dict) -> list[str]:
+    """A multi-label run's adaptation: each finding's site threshold and what to expect with it, or why the
+    finding kept the run's calibration and validation threshold."""
+    out = [f"- A temperature and an operating threshold ({site['rule_description']}) were fitted per finding on "
+           f"{site['n']} labelled images of the site, where it had at least {site['min_per_class']} positive "
+           f"and {site['min_per_class']} negative ones. "
+           "Expected figures: bootstrap rounds refitting on a resample and measuring on the images it left out "
+           "(95 % intervals).", "",
+           "| finding | site labels (negative / positive) | threshold | sensitivity | specificity |",
+           "|---|---|---|---|---|"]
+    for r in site["findings"]:
+        counts = f"{r['class_counts'][0]} / {r['class_counts'][1]}"
+        if not r["adapted"]:
+            out.append(f"| {r['finding']} | {counts} | not adapted: too few labels | - | - |")
+            continue
+        oob, ti = r["out_of_bag"], r["threshold_interval"]
+        cells = [f"{oob[k]['value']:.3f} ({oob[k]['low']:.3f}-{oob[k]['high']:.3f})"
+                 for k in ("sensitivity", "specificity")]
+        out.append(f"| {r['finding']} | {counts} | {r['threshold']:.3f} ({ti['low']:.3f}-{ti['high']:.3f}) | "
+                   + " | ".join(cells) + " |")
     return out + [""]
 
 

@@ -70,10 +70,24 @@ def adapted_threshold(run_dir: Path) -> tuple[float, str] | None:
         return None
     record = read_json(path, "adaptation record")
     site = record.get("labelled")
-    if not site:
+    if not site or "threshold" not in site:  # none, or a multi-label model's (adapted_finding_thresholds)
         return None
     return float(site["threshold"]), (f"{site['rule']} on {site['n']} labelled images of site {record['site']} "
                                       "(distributed.adapt)")
+
+
+def adapted_finding_thresholds(run_dir: Path) -> tuple[dict[str, float], str] | None:
+    """({finding: threshold}, where they came from) of a multi-label run adapted with a labelled sample
+    (RUN/adaptation.json): the findings that had enough site labels; the others keep their validation rule."""
+    path = Path(run_dir) / ADAPTATION_FILE
+    if not path.is_file():
+        return None
+    record = read_json(path, "adaptation record")
+    site = record.get("labelled") or {}
+    chosen = {r["finding"]: float(r["threshold"]) for r in site.get("findings", []) if r["adapted"]}
+    if not chosen:
+        return None
+    return chosen, f"{site['rule']} on {site['n']} labelled images of site {record['site']} (distributed.adapt)"
 
 
 def run_head(run_config: dict) -> Head | None:
@@ -81,13 +95,6 @@ def run_head(run_config: dict) -> Head | None:
     says which it has)."""
     head = run_config.get("head")
     return Head.from_dict(head) if head else None
-
-
-def refuse_multilabel(head: Head | None, stage: str) -> None:
-    """CxrError naming `stage` for a multi-label model, which it does not take yet (training does)."""
-    if head is not None and head.multilabel:
-        raise CxrError(f"{stage} does not take a multi-label model yet ({head.describe()}); training and "
-                       "preparation do (docs/multilabel.md)")
 
 
 def litert_interpreter(path: str | Path, num_threads: int | None = None):

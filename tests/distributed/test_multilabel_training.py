@@ -127,6 +127,16 @@ def test_two_workers_train_resume_evaluate_and_export_a_multilabel_cnn(findings3
         for name, t in zip(labels, thresholds):
             assert row[f"positive_{name}"] == ("yes" if float(row[f"p_{name}"]) >= t else "no")
         assert row["predicted"] == ("|".join(n for n in labels if row[f"positive_{n}"] == "yes") or "none")
+    # Grad-CAM of each finding predict calls positive, named by its file and the finding
+    code, out, err = run_main(predict_main, ["--run", str(run), "--gradcam", str(tmp_path / "cams"),
+                                             str(images_dir / "00000.jpeg"), str(images_dir / "00001.jpeg")], capsys)
+    assert code == 0, err
+    for row in csv.DictReader(out.splitlines()):
+        positive = [n for n in labels if row[f"positive_{n}"] == "yes"]
+        stem = Path(row["file"]).stem
+        maps = [str(tmp_path / "cams" / f"{stem}-{n}-gradcam.png") for n in positive]
+        assert row["gradcam"] == "|".join(maps)
+        assert all(Path(f).stat().st_size > 200 for f in maps)
     # test-time augmentation averages each finding's probability over the views
     code, out, err = run_main(predict_main, ["--run", str(run), "--tta", str(images_dir / "00000.jpeg")], capsys)
     assert code == 0, err
@@ -150,6 +160,31 @@ def test_two_workers_train_resume_evaluate_and_export_a_multilabel_cnn(findings3
     measured = [v for v in rows["fp32"]["test_auc_per_finding"].values() if v is not None]
     assert rows["fp32"]["test_auc"] == pytest.approx(np.mean(measured))  # the macro AUC of the measured findings
     assert "Test ROC-AUC of each finding" in (run / "optimized" / "report.md").read_text()
+    # site adaptation, finding by finding: a temperature and threshold for each finding with enough site labels
+    # (here the sample's own images, as a plumbing check), the run's for the one without (Pneumothorax: all but
+    # 12 of its labels unknown), and the adapted run's evaluation and predict use the site's thresholds
+    table = (findings32.parent / "sample" / "labels.csv").read_text().splitlines()
+    site_rows = [table[0]] + [line if k < 12 else line.rsplit(",", 1)[0] + ",-1" for k, line in enumerate(table[1:])]
+    (findings32.parent / "sample" / "site.csv").write_text("\n".join(site_rows) + "\n")
+    adapted = run_in_process("distributed.adapt", "--run", str(run), "--labelled",
+                             str(findings32.parent / "sample" / "site.csv"), "--site", "b", "--output",
+                             str(tmp_path / "site"), "--bootstrap", "100")
+    assert adapted.returncode == 0, adapted.stderr
+    assert "Pneumothorax not adapted" in adapted.stderr
+    record = json.loads((tmp_path / "site" / "adaptation.json").read_text())["labelled"]
+    assert [r["adapted"] for r in record["findings"]] == [True, True, True, False]
+    before = json.loads((run / "calibration.json").read_text())["params"]["temperature"]
+    after = json.loads((tmp_path / "site" / "calibration.json").read_text())["params"]["temperature"]
+    assert after[3] == before[3] and after[:3] != before[:3]
+    site_eval = json.loads((tmp_path / "site" / "eval" / "metrics.json").read_text())["findings"]["findings"]
+    assert [r["threshold"] for r in site_eval[:3]] == [r["threshold"] for r in record["findings"][:3]]
+    assert site_eval[3]["threshold"] == pytest.approx(thresholds[3], abs=1e-4)  # Youden's on validation again
+    assert "| Pneumothorax | " in (tmp_path / "site" / "model_card.md").read_text()
+    code, out, err = run_main(predict_main, ["--run", str(tmp_path / "site"), str(images_dir / "00000.jpeg")], capsys)
+    assert code == 0, err
+    [row] = list(csv.DictReader(out.splitlines()))
+    assert all(row[f"positive_{n}"] == ("yes" if float(row[f"p_{n}"]) >= r["threshold"] else "no")
+               for n, r in zip(labels, site_eval) if abs(float(row[f"p_{n}"]) - r["threshold"]) > 1e-5)  # not a tie
     # an ensemble averages the members' logits finding by finding and fits its own temperature per finding:
     # of two copies of one member, the member's own rankings, so its per-finding AUCs
     ensembled = run_in_process("distributed.ensemble", "--runs", str(run), str(run), "--output",
