@@ -98,15 +98,16 @@ def labelled_sample(folder: str, classes: list[str], params: TransformParams) ->
 
 
 def labelled_findings(table: str, findings: list[str], params: TransformParams,
-                      uncertain: str) -> tuple[np.ndarray, np.ndarray]:
+                      policies: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
     """A site's labelled images for a multi-label model: a CSV in any form preprocessing reads (NIH, one column
     per finding, CheXpert's), as images and targets (n, K) in the run's finding order (1, 0, -1 unknown). A
     finding the CSV does not name is unknown for a column CSV and negative for an NIH table (whose Finding
-    Labels name what is present); a label the run does not know is left out, with a warning."""
+    Labels name what is present); a label the run does not know is left out, with a warning. The run's
+    policies for uncertain and blank labels (its dataset manifest) apply."""
     if not Path(table).is_file():
         raise CxrError(f"--labelled {table}: a multi-label model's site sample is a CSV (NIH's form, or path and "
                        "one column per finding), not a folder")
-    found = discover(table, uncertain=uncertain)
+    found = discover(table, uncertain=policies.get("uncertain", "ignore"), blank=policies.get("blank", "negative"))
     if not found.multilabel:
         raise CxrError(f"--labelled {table} has one label per image; this model has findings "
                        f"{', '.join(findings)}: give a multi-label CSV")
@@ -150,7 +151,7 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
         labelled = None
     elif head.multilabel:
         labelled = labelled_findings(config.labelled, classes, params,
-                                     manifest.get("labels", {}).get("uncertain", "ignore"))
+                                     manifest.get("labels", {}))
     else:
         labelled = labelled_sample(config.labelled, classes, params)
     if config.adabn:

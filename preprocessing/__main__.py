@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertain", choices=multilabel.UNCERTAIN_POLICIES, default=d.uncertain,
                    help="multi-label CSV: what an uncertain label (-1, CheXpert) becomes: ignore (masked out of the "
                         "loss and the metrics; default), ones (positive) or zeros (negative)")
+    p.add_argument("--blank", choices=multilabel.BLANK_POLICIES, default=d.blank,
+                   help="multi-label CSV with a column per label: what a blank label (not mentioned, CheXpert) "
+                        "becomes: negative (default, as CheXpert's labeller means it) or ignore (masked out, as "
+                        "TorchXRayVision reads it)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="parallel Ray tasks (default: all CPUs of the local machine or cluster); 1 without "
                         "--address runs in this process, without Ray")

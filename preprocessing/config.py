@@ -28,6 +28,7 @@ class PrepareConfig:
     test_list: str | None = None
     labels: tuple[str, ...] = ()
     uncertain: str = "ignore"
+    blank: str = "negative"
     workers: int | None = None
     address: str | None = None
     seed: int = 0
@@ -72,6 +73,8 @@ class PrepareConfig:
         if self.uncertain not in multilabel.UNCERTAIN_POLICIES:
             raise CxrError(f"--uncertain must be one of {', '.join(multilabel.UNCERTAIN_POLICIES)}, "
                            f"got {self.uncertain!r}")
+        if self.blank not in multilabel.BLANK_POLICIES:
+            raise CxrError(f"--blank must be one of {', '.join(multilabel.BLANK_POLICIES)}, got {self.blank!r}")
         if self.shards is not None and self.shards < 1:
             raise CxrError(f"--shards must be at least 1, got {self.shards}")
         self.transform_params()
@@ -81,6 +84,6 @@ class PrepareConfig:
         skip = {"input", "output", "workers", "address", "overwrite", "salt_file"}
         # the multi-label options only when set: a dataset prepared before they existed keeps its fingerprint,
         # so the same command still finds it done (or resumes it) instead of asking for --overwrite
-        defaults = {"test_list": None, "labels": (), "uncertain": "ignore"}
+        defaults = {"test_list": None, "labels": (), "uncertain": "ignore", "blank": "negative"}
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in skip and not (k in defaults and v == defaults[k])}

@@ -166,7 +166,7 @@ def _write_manifest(output: Path, discovery: Discovery, config: PrepareConfig, p
         "classes": classes,
         "class_indices": {name: i for i, name in enumerate(classes)},
         "positive_class": classes[1] if len(classes) == 2 and not multilabel else None,
-        **({"labels": {"uncertain": config.uncertain, "blank": "negative"}} if multilabel else {}),
+        **({"labels": {"uncertain": config.uncertain, "blank": config.blank}} if multilabel else {}),
         "image_shape": [params.size, params.size, 1],
         "dtype": "uint8",
         "transform": params.to_dict(),

@@ -45,6 +45,17 @@ def csv_form(header: list[str]) -> str:
     return "unknown"
 
 
+BLANK_POLICIES = ("negative", "ignore")
+
+
+def blank_target(policy: str) -> int:
+    """What a blank label (not mentioned in the report, CheXpert) becomes under `policy`: negative, as the
+    CheXpert labeller means it, or unknown (masked), as TorchXRayVision reads it."""
+    if policy not in BLANK_POLICIES:
+        raise CxrError(f"--blank must be one of {', '.join(BLANK_POLICIES)}, got {policy!r}")
+    return {"negative": NEGATIVE, "ignore": UNKNOWN}[policy]
+
+
 def uncertain_target(policy: str) -> int:
     """What an uncertain (-1) label becomes under `policy`."""
     if policy not in UNCERTAIN_POLICIES:
@@ -109,7 +120,7 @@ def _files_by_name(root: Path, names: set[str]) -> dict[str, Path | list[Path]]:
 
 
 def column_rows(csv_path: Path, header: list[str], rows: list[dict[str, str]], wanted: tuple[str, ...],
-                uncertain: str) -> tuple[list[str], list[dict]]:
+                uncertain: str, blank: str = "negative") -> tuple[list[str], list[dict]]:
     """(labels, rows) of a one-column-per-label CSV (CheXpert's form among them); each row as {"path", "rel",
     "targets", "patient", "view", "split", "time", "source"}."""
     found = [h.strip() for h in header if h.strip() and h.strip().lower() not in METADATA_COLUMNS]
@@ -117,7 +128,7 @@ def column_rows(csv_path: Path, header: list[str], rows: list[dict[str, str]], w
         raise CxrError(f"--input {csv_path}: no label columns (header: {','.join(header)}); a multi-label CSV has "
                        "path and one column per label valued 1, 0, -1 (uncertain) or blank")
     labels = choose_labels(found, wanted, str(csv_path))
-    as_uncertain = uncertain_target(uncertain)
+    as_uncertain, as_blank = uncertain_target(uncertain), blank_target(blank)
     root = csv_path.parent
     out = []
     for line, row in enumerate(rows, start=2):
@@ -131,7 +142,7 @@ def column_rows(csv_path: Path, header: list[str], rows: list[dict[str, str]], w
                 raise CxrError(f"--input {csv_path} line {line}: {name} = {value!r}; a label is 1, 0, -1 "
                                "(uncertain) or blank (not mentioned)")
             target = _VALUES[value]
-            targets.append(as_uncertain if target == UNKNOWN else target)
+            targets.append(as_blank if value == "" else as_uncertain if target == UNKNOWN else target)
         patient = row.get("patient") or _chexpert_patient(rel)
         out.append({"path": str(_resolve(root, rel)), "rel": rel, "line": line, "targets": tuple(targets),
                     "patient": patient, "view": row.get("view") or row.get("ap/pa") or None,

@@ -294,7 +294,7 @@ def prepare(config: PrepareConfig) -> dict:
     """Run the preprocessing stage; returns the manifest (also written to OUTPUT/manifest.json)."""
     config.validate()
     params = config.transform_params()
-    discovery = discover(config.input, uncertain=config.uncertain, labels=config.labels,
+    discovery = discover(config.input, uncertain=config.uncertain, blank=config.blank, labels=config.labels,
                          test_list=config.test_list)
     output = Path(config.output)
     staging = output / STAGING

@@ -185,7 +185,7 @@ def _read_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return header, rows
 
 
-def _from_csv(csv_path: Path, uncertain: str, labels: tuple[str, ...]) -> Discovery:
+def _from_csv(csv_path: Path, uncertain: str, labels: tuple[str, ...], blank: str = "negative") -> Discovery:
     header, rows = _read_csv(csv_path)
     form = multilabel.csv_form(header)
     if form == "unknown":
@@ -196,7 +196,7 @@ def _from_csv(csv_path: Path, uncertain: str, labels: tuple[str, ...]) -> Discov
                        f"or NIH's Image Index,Finding Labels; missing {', '.join(missing)} "
                        f"(header: {','.join(header) or 'empty'})")
     if form != "single-label":
-        return _multilabel_csv(csv_path, form, header, rows, uncertain, labels)
+        return _multilabel_csv(csv_path, form, header, rows, uncertain, labels, blank)
     if labels:
         raise CxrError(f"--labels chooses among the labels of a multi-label CSV; {csv_path} has one label per image")
     root = csv_path.parent
@@ -243,13 +243,13 @@ def _check_rows(csv_path: Path, rows: list[dict[str, str]], path_key: str = "pat
 
 
 def _multilabel_csv(csv_path: Path, form: str, header: list[str], rows: list[dict[str, str]], uncertain: str,
-                    wanted: tuple[str, ...]) -> Discovery:
+                    wanted: tuple[str, ...], blank: str = "negative") -> Discovery:
     if form == "nih":
         _check_rows(csv_path, rows, "image index")
         labels, parsed = multilabel.nih_rows(csv_path, rows, wanted)
     else:
         _check_rows(csv_path, rows)
-        labels, parsed = multilabel.column_rows(csv_path, header, rows, wanted, uncertain)
+        labels, parsed = multilabel.column_rows(csv_path, header, rows, wanted, uncertain, blank)
     items = []
     for row in parsed:
         key = f"csv:{row['patient']}" if row["patient"] else _name_key(Path(row["path"]).name)
@@ -286,10 +286,10 @@ def _given_test(found: Discovery, test_list: str) -> None:
 
 
 def discover(input_path: str | Path, *, uncertain: str = "ignore", labels: tuple[str, ...] = (),
-             test_list: str | None = None) -> Discovery:
+             test_list: str | None = None, blank: str = "negative") -> Discovery:
     """Find every input under a folder (Kermany split layout or CLASS/* folders) or listed in a CSV file
-    (one label per image, or multi-label: `preprocessing.multilabel`). uncertain, labels: a multi-label CSV's
-    uncertainty policy and the labels to keep; test_list: a file naming the images of a given test split.
+    (one label per image, or multi-label: `preprocessing.multilabel`). uncertain, blank, labels: a multi-label
+    CSV's policies for uncertain and blank labels and the labels to keep; test_list: a file naming the images of a given test split.
 
     Raises `CxrError` when the path does not exist, or the layout or CSV is unusable, or fewer than two
     classes (a multi-label input: no label) have any file.
@@ -300,7 +300,7 @@ def discover(input_path: str | Path, *, uncertain: str = "ignore", labels: tuple
     if input_path.is_file():
         if not input_path.name.lower().endswith((".csv", ".csv.gz")):
             raise CxrError(f"--input {input_path} is a file but not a .csv list; pass a folder or a CSV")
-        found = _from_csv(input_path, uncertain, labels)
+        found = _from_csv(input_path, uncertain, labels, blank)
     else:
         if labels:
             raise CxrError("--labels chooses among the labels of a multi-label CSV; class folders have one label "

@@ -105,6 +105,8 @@ def test_chexpert_form_applies_the_uncertainty_policy(tmp_path, policy, uncertai
     assert found.classes == ["Edema", "Pleural Effusion", "Support Devices"]  # metadata columns are not labels
     first = found.items[:4]
     assert [item.targets[0] for item in first] == [1, 0, uncertain, 0]  # blank: not mentioned, negative
+    masked = discover(table, uncertain=policy, blank="ignore").items[:4]  # or unknown, as TorchXRayVision reads it
+    assert [item.targets[0] for item in masked] == [1, 0, uncertain, -1]
     assert all(Path(item.path).is_file() for item in found.items)  # paths taken from the folder above the CSV
     assert first[0].patient_key == "csv:patient00000" and first[1].view == "AP"
     chosen = discover(table, labels=("pleural effusion", "Edema"))
@@ -138,6 +140,8 @@ def test_bad_multilabel_inputs_are_named(tmp_path):
         discover(table, labels=("Atelectasis",))
     with pytest.raises(CxrError, match="--uncertain must be one of"):
         PrepareConfig(str(table), str(tmp_path / "o"), uncertain="maybe").validate()
+    with pytest.raises(CxrError, match="--blank must be one of negative, ignore"):
+        PrepareConfig(str(table), str(tmp_path / "o"), blank="zero").validate()
     nih, _ = nih_folder(tmp_path / "nih", n=4)
     lines = nih.read_text().splitlines()
     nih.write_text("\n".join(lines[:2] + [lines[2].replace("Cardiomegaly", "No Finding|Cardiomegaly")]) + "\n")
