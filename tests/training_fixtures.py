@@ -57,6 +57,22 @@ def prepared64(sample_images, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def findings32(tmp_path_factory) -> Path:
+    """The multi-label sample (four rendered findings), 160 images at 32 px, two train shards and a test
+    split, some labels made unknown (-1) to exercise the mask. The rendered images and labels.csv are in
+    ../sample."""
+    from preprocessing.sample import generate_findings_sample
+
+    root = tmp_path_factory.mktemp("findings")
+    generate_findings_sample(root / "sample", 160, 96, seed=1)
+    table = (root / "sample" / "labels.csv").read_text().splitlines()
+    rows = [table[0]] + [line if k % 9 else line.rsplit(",", 1)[0] + ",-1" for k, line in enumerate(table[1:])]
+    (root / "sample" / "masked.csv").write_text("\n".join(rows) + "\n")
+    return prepare(root / "sample" / "masked.csv", root / "p32", "--size", "32", "--shards", "2",
+                   "--val-fraction", "0.25", "--test-fraction", "0.2")
+
+
+@pytest.fixture(scope="session")
 def prepared32_fullbatch(sample_images, tmp_path_factory) -> Path:
     """64 train images in exactly two shards of 32 and 16 validation images, at 32 px: a full-batch step
     then sees the same data on one worker (batch 64) as on two (batch 32 each)."""

@@ -58,11 +58,12 @@ def checkpointed(run: Path) -> int:
 
 
 @pytest.mark.slow
-def test_elastic_job_survives_a_killed_worker_and_grows_back_when_its_host_returns(prepared64, tmp_path):
+def test_elastic_job_survives_a_killed_worker_and_grows_back_when_its_host_returns(findings32, tmp_path):
+    # on the multi-label sample: its masked loss, label weights and macro AUC go through the elastic resets too
     hosts, run = tmp_path / "hosts", tmp_path / "run"
     hosts.write_text(BOTH)
     proc = launch(["--np", "2", "--min-np", "1", "--max-np", "2", "--hostfile", str(hosts), "--cooldown", "1", "2",
-                   "--", *train_args(prepared64, run, 10)])
+                   "--", *train_args(findings32, run, 10)])
     alive = lambda: proc.poll() is None  # noqa: E731
     wait_for(lambda: epochs_done(run) >= 2, 300, "two epochs on two workers", alive=alive)
     time.sleep(0.4)  # into epoch 3
@@ -82,6 +83,8 @@ def test_elastic_job_survives_a_killed_worker_and_grows_back_when_its_host_retur
     assert summary["ranks_in_sync"] and len(summary["weight_checksums_by_rank"]) == 2
     assert summary["elastic"]["workers_per_session"][:3] == [2, 1, 2], summary["elastic"]
     assert (run / "model" / "saved_model.pb").is_file()
+    config = json.loads((run / "config.json").read_text())
+    assert config["head"]["kind"] == "multilabel" and all(0 <= float(r["val_auc"]) <= 1 for r in rows)
     # the survivor went on from its last commit (in epoch 3, or 2 if the kill beat its end-of-epoch commit),
     # at the learning rate of one worker (1e-3), and at two workers' (2e-3) again once the host was back
     assert re.search(r"elastic reset: 1 worker\(s\) now; training goes on in epoch [23] after \d+ of its images", err)

@@ -10,22 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.training_fixtures import prepare, quiet, run_train
-
-
-@pytest.fixture(scope="module")
-def findings32(tmp_path_factory) -> Path:
-    """The multi-label sample (four rendered findings), 160 images at 32 px, two train shards and a test
-    split, some labels made unknown (-1) to exercise the mask."""
-    from preprocessing.sample import generate_findings_sample
-
-    root = tmp_path_factory.mktemp("findings")
-    generate_findings_sample(root / "sample", 160, 96, seed=1)
-    table = (root / "sample" / "labels.csv").read_text().splitlines()
-    rows = [table[0]] + [line if k % 9 else line.rsplit(",", 1)[0] + ",-1" for k, line in enumerate(table[1:])]
-    (root / "sample" / "masked.csv").write_text("\n".join(rows) + "\n")
-    return prepare(root / "sample" / "masked.csv", root / "p32", "--size", "32", "--shards", "2",
-                   "--val-fraction", "0.25", "--test-fraction", "0.2")
+from tests.training_fixtures import quiet, run_train
 
 
 def test_masked_loss_and_metrics_ignore_unknown_labels():

@@ -1,6 +1,7 @@
 """optimize.tune: the declared spaces, and real searches with Ray Tune over real distributed.train runs."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -307,11 +308,12 @@ def test_cli_refuses_bad_input_before_starting_ray(planted32, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failing_trial_is_reported_and_the_others_complete(planted32, tmp_path):
+def test_a_failing_trial_is_reported_and_the_others_complete(findings32, tmp_path):
+    # on the multi-label sample: a trial reads the macro validation AUC of its findings
     space = write_space(tmp_path / "space.json", {"weights": {"grid": ["none", str(tmp_path / "missing.h5")]},
                                                   "batch_size": 16})
     out = tmp_path / "failing"
-    result = run_tune("--data", str(planted32), "--search", "grid", "--space", str(space), "--max-epochs", "1",
+    result = run_tune("--data", str(findings32), "--search", "grid", "--space", str(space), "--max-epochs", "1",
                       "--max-failures", "0", "--output", str(out), "-q")
     assert result.returncode == 1, quiet(result.stderr)[-3000:]  # finished, with a failed trial to look at
     by_status = {r["status"]: r for r in results(out)}
@@ -319,3 +321,8 @@ def test_a_failing_trial_is_reported_and_the_others_complete(planted32, tmp_path
     assert "missing.h5" in by_status["error"]["error"]
     assert "## Failed trials" in (out / "report.md").read_text()
     assert json.loads((out / "best_config.json").read_text())["weights"] == "none"
+    completed = by_status["completed"]
+    assert json.loads((Path(completed["run_dir"]) / "config.json").read_text())["head"]["kind"] == "multilabel"
+    with open(Path(completed["run_dir"]) / "history.csv", newline="") as fh:
+        history = [float(r["val_auc"]) for r in csv.DictReader(fh)]
+    assert float(completed["best_val_auc"]) == pytest.approx(max(history)) and 0 <= max(history) <= 1
