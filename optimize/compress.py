@@ -121,7 +121,7 @@ def quantize_wrap(model: keras.Model, *, preserve_sparsity: bool = False) -> ker
                 layer.name == OUTPUT_NAME and any(is_calibration_layer(other) for other in model.layers))
 
     for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer) or stays_float(layer):
+        if isinstance(layer, keras.layers.InputLayer) or stays_float(layer) or isinstance(layer, FLOAT_LAYERS):
             continue
         # BatchNormalization is not quantized on its own: tfmot folds it into the convolution before it
         if not type(layer).__module__.startswith("tf_keras.") or not (
@@ -133,17 +133,47 @@ def quantize_wrap(model: keras.Model, *, preserve_sparsity: bool = False) -> ker
         fresh = layer.__class__.from_config(layer.get_config())
         if stays_float(layer):
             return fresh
+        if isinstance(layer, FLOAT_LAYERS):
+            return tfmot.quantization.keras.quantize_annotate_layer(fresh, quantize_config=FloatQuantizeConfig())
         return tfmot.quantization.keras.quantize_annotate_layer(fresh)
 
     annotated = _clone(model, wrap)
     scheme = _PrunePreserveScheme() if preserve_sparsity else None
     try:
-        with tfmot.quantization.keras.quantize_scope():
+        with tfmot.quantization.keras.quantize_scope({"FloatQuantizeConfig": FloatQuantizeConfig}):
             return tfmot.quantization.keras.quantize_apply(annotated, scheme) if scheme else \
                 tfmot.quantization.keras.quantize_apply(annotated)
     except (ValueError, RuntimeError, TypeError) as err:  # tfmot names the unsupported layer
         raise VariantSkipped(f"tfmot's 8-bit quantization cannot take this model: {str(err).splitlines()[0]}") \
             from None
+
+class FloatQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
+    """A layer left in float inside a quantization-aware model: no fake quantization of its weights or its
+    output (tfmot's documented way to keep a layer out, "Modify parts of layer to quantize"). The TFLite
+    converter then quantizes it from the calibration data like any float op, or keeps it float."""
+
+    def get_weights_and_quantizers(self, layer):
+        return []
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        pass
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return []
+
+    def get_config(self):
+        return {}
+
+
+# tfmot's 8-bit scheme has no configuration for these; they stay float (ConvNeXt's LayerNormalization)
+FLOAT_LAYERS = (keras.layers.LayerNormalization,)
+
 
 class _PrunePreserveRegistry(prune_preserve_quantize_registry.Default8bitPrunePreserveQuantizeRegistry):
     """tfmot's prune-preserving registry claims every weight-free layer, then cannot configure one the

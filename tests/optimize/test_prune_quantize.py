@@ -119,6 +119,31 @@ def test_an_unsupported_layer_skips_the_variant_naming_it():
     assert compress.to_tflite(model, "fp32")  # post-training conversion still works for this model
 
 
+def test_layer_normalization_stays_float_in_quantization_aware_training(tmp_path):
+    """ConvNeXt's LayerNormalization has no tfmot 8-bit configuration: it is annotated to stay float, the
+    convolution around it is fake-quantized, and the QAT model trains and converts to an int8 TFLite file."""
+    image = keras.Input((16, 16, 1), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(1 / 255, name="pixels_to_unit")(image)
+    x = keras.layers.Conv2D(16, 3, padding="same", name="conv")(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-6, name="norm")(x)
+    x = keras.layers.Activation("gelu", name="gelu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    model = keras.Model(image, keras.layers.Dense(1, activation="sigmoid", name="logits")(x))
+    qat = compress.quantize_wrap(model)
+    wrapped = {layer.layer.name: layer for layer in qat.layers if hasattr(layer, "quantize_config")}
+    assert isinstance(wrapped["norm"].quantize_config, compress.FloatQuantizeConfig)
+    # no quantizer range of its own: only the wrapper's step counter beside the layer's weights
+    assert [w.name.split("/")[-1] for w in wrapped["norm"].weights] == ["gamma:0", "beta:0", "optimizer_step:0"]
+    assert any("kernel_min" in w.name for w in wrapped["conv"].weights)  # the conv's weights are fake-quantized
+    x, y = random_batch(32, 16)
+    qat.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
+    qat.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    (tmp_path / "qat.tflite").write_bytes(compress.to_tflite(qat, "int8", compress.representative_from(list(x))))
+    got = load_scorer(tmp_path / "qat.tflite").predict(x)[:, 1]
+    expected = qat(x, training=False).numpy()[:, 0]
+    assert np.max(np.abs(got - expected)) <= TOLERANCE["int8"]
+
+
 def test_depthwise_convolutions_are_left_whole_as_tfmot_leaves_them():
     """EfficientNetV2's and ConvNeXt's depthwise convolutions hold a depthwise kernel, which tfmot's registry
     does not prune; the pointwise layers around them are pruned."""
