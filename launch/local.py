@@ -1,11 +1,18 @@
-"""python -m launch.local: check the machine and the data, then start a toolkit entry point under horovodrun.
+"""python -m launch.local: check the machine and the data, then start a toolkit entry point under horovodrun
+(or, with --backend tf, N tf.distribute workers of distributed.train on this machine).
 
     python -m launch.local --np 2 -- distributed.train --data prepared/sample --model cnn
+    python -m launch.local --backend tf --np 2 -- distributed.train --data prepared/sample --model cnn
 
 Before anything starts it checks, and lists every problem it finds (not only the first): that Horovod is
 built with TensorFlow and a controller (Gloo or MPI), which GPUs are visible, that horovodrun is installed,
 and that the prepared dataset has a train shard file for every worker. Then it runs
 `horovodrun -np N [-H hosts] PYTHON -m MODULE ARGS`, streams its output and returns its exit status.
+
+With --backend tf it starts N processes of `PYTHON -m distributed.train ARGS --backend tf` here, each with its
+TF_CONFIG (worker i of N on a free localhost port; worker 0 is the chief), instead of horovodrun; if one
+fails, the others are stopped and the exit status is the failed worker's. Several machines under tf.distribute
+are started by a scheduler, which gives each worker its TF_CONFIG: launch.slurm, launch.kubernetes, launch.ray.
 """
 from __future__ import annotations
 
@@ -145,8 +152,23 @@ def horovodrun_path(python: str = sys.executable) -> str | None:
     return shutil.which("horovodrun")
 
 
-def preflight(np: int, hosts: Sequence[Host] | None, entry: EntryPoint, python: str = sys.executable) -> list[Check]:
-    """Every check before a launch, as (level, message); ERROR entries stop it."""
+def preflight(np: int, hosts: Sequence[Host] | None, entry: EntryPoint, python: str = sys.executable,
+              backend: str = "horovod") -> list[Check]:
+    """Every check before a launch, as (level, message); ERROR entries stop it. Under --backend tf there is
+    no Horovod to check: the tf.distribute workers need only TensorFlow, which every entry point has."""
+    if backend == "tf":
+        checks = [] if np >= 1 else [(ERROR, f"--np must be at least 1, got {np}")]
+        gpus, how = visible_gpus()
+        checks += gpu_checks(np, gpus, how, hosts)
+        try:
+            target = data_target(entry)
+        except CxrError as err:
+            checks.append((ERROR, str(err)))
+            target = loose_data_target(entry)
+        if target is not None:
+            checks += data_checks(target, max(np, 1), "use --np {n}")
+        return [(OK, "tf.distribute: MultiWorkerMirroredStrategy, one worker process per device, TF_CONFIG "
+                     "on localhost ports")] + checks
     with ThreadPoolExecutor(1) as pool:  # the Horovod probe loads TensorFlow: run it while the rest is checked
         build = pool.submit(horovod_build, python)
         checks: list[Check] = []
@@ -212,6 +234,72 @@ def horovodrun_command(np: int, hosts: Sequence[Host] | None, entry: EntryPoint,
     if elastic and "--elastic" not in argv:
         argv.append("--elastic")
     return cmd + argv
+
+
+def tf_worker_commands(np: int, entry: EntryPoint, python: str = sys.executable,
+                       ports: Sequence[int] | None = None) -> list[tuple[list[str], dict[str, str]]]:
+    """(argv, extra environment) of each of np tf.distribute workers of `entry` on this machine: the same
+    command with --backend tf, and TF_CONFIG naming every worker's localhost port and this one's index."""
+    from distributed.training.backends import free_ports, tf_config  # no TensorFlow at import
+
+    argv = entry.argv(python)
+    if "--backend" in argv:
+        given = argv[argv.index("--backend") + 1:argv.index("--backend") + 2]
+        if given != ["tf"]:
+            raise CxrError(f"--backend tf launches tf.distribute workers, but the command asks for --backend "
+                           f"{' '.join(given) or '(nothing)'}: leave --backend out of the command after --")
+    else:
+        argv += ["--backend", "tf"]
+    ports = list(ports or free_ports(np))
+    addresses = [f"localhost:{port}" for port in ports]
+    return [(argv, {"TF_CONFIG": tf_config(addresses, index)}) for index in range(np)]
+
+
+def run_tf_workers(commands: list[tuple[list[str], dict[str, str]]], env: Mapping[str, str]) -> int:
+    """Start every worker, pass on their stderr without TensorFlow's start-up noise (each line of a worker
+    other than the chief marked [i]), and wait; when one fails, stop the others (they would wait for it
+    forever in their next collective) and return its status."""
+    import threading
+    import time
+
+    from cxrscale.console import is_start_up_noise, verbose
+
+    procs = [subprocess.Popen(argv, env={**env, **extra}, stderr=subprocess.PIPE, text=True, errors="replace",
+                              bufsize=1, start_new_session=True) for argv, extra in commands]
+
+    def relay(index: int, proc: subprocess.Popen) -> None:
+        for line in proc.stderr:
+            if verbose() or not is_start_up_noise(line):
+                sys.stderr.write(line if index == 0 else f"[{index}] {line}")
+                sys.stderr.flush()
+
+    threads = [threading.Thread(target=relay, args=(k, p), daemon=True) for k, p in enumerate(procs)]
+    for thread in threads:
+        thread.start()
+    failed: tuple[int, int] | None = None
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = failed or next(((k, p.returncode) for k, p in enumerate(procs)
+                                     if p.returncode not in (None, 0)), None)
+            if failed:
+                break
+            time.sleep(0.2)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM if failed is None else signal.SIGKILL)
+        for proc in procs:
+            proc.wait()
+        for thread in threads:
+            thread.join(timeout=5)
+    failed = failed or next(((k, p.returncode) for k, p in enumerate(procs) if p.returncode != 0), None)
+    if failed:
+        index, code = failed
+        print(f"error: tf.distribute worker {index} was lost ({_exit_text(code)}) and the job stopped; the run "
+              "keeps its last epoch checkpoint: re-run the same command with --resume to continue",
+              file=sys.stderr)
+        return 128 - code if code < 0 else code
+    return 0
 
 
 _LOST = re.compile(r"^Process (?P<rank>\d+) exit with status code (?P<code>-?\d+)\.")
@@ -304,11 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m launch.local --np 8 --hostfile hostfile -- distributed.train --config best.json "
                "--data prepared/kermany\n"
                "  python -m launch.local --np 2 -- optimize.prune_quantize --run runs/sample --fine-tune-epochs 1\n"
+               "  python -m launch.local --backend tf --np 2 -- distributed.train --data prepared/sample --model cnn\n"
                "  python -m launch.local --np 8 --min-np 4 --max-np 8 --hostfile hostfile -- distributed.train "
                "--data /shared/prepared/kermany   # elastic: edit hostfile to add or remove hosts\n"
                "\n"
                "Exit status: horovodrun's; 2 when a check fails (nothing is started then).")
     parser.add_argument("--np", type=int, required=True, help="number of worker processes (one per GPU)")
+    parser.add_argument("--backend", choices=("horovod", "tf"), default="horovod",
+                        help="horovod: horovodrun (default); tf: distributed.train's tf.distribute workers, started "
+                             "here with their TF_CONFIG (this machine only; docs/launching.md)")
     hosts = parser.add_mutually_exclusive_group()
     hosts.add_argument("-H", "--hosts", help="hosts and slots, e.g. node1:4,node2:4 (default: this machine)")
     hosts.add_argument("--hostfile", help="host file, one 'HOST slots=N' line per host (python -m launch.hostfile)")
@@ -362,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.hostfile:
         hosts = read_hostfile(args.hostfile)
 
+    if args.backend == "tf":
+        return main_tf(args, hosts, entry)
     folder = Path(tempfile.mkdtemp(prefix="cxrscale-launch-"))  # the discovery script lives as long as the job
     try:
         elastic, script = elastic_from_args(args, hosts, folder, entry.module)
@@ -397,6 +491,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def main_tf(args, hosts: Sequence[Host] | None, entry: EntryPoint) -> int:
+    """launch.local --backend tf: check, then start and watch the tf.distribute workers (`run_tf_workers`)."""
+    refused = [name for name, given in (("-H/--hostfile", hosts and not _all_local(hosts)),
+                                        ("--min-np/--max-np/--host-discovery-script",
+                                         args.min_np is not None or args.max_np is not None
+                                         or args.host_discovery_script)) if given]
+    if refused:
+        raise CxrError(f"--backend tf: {' and '.join(refused)} are Horovod's (other machines through ssh, elastic "
+                       "jobs); tf.distribute workers on several machines are started by a scheduler: "
+                       "python -m launch.slurm / launch.kubernetes / launch.ray --backend tf")
+    if entry.module != "distributed.train":
+        raise CxrError(f"--backend tf runs distributed.train; {entry.module} runs under Horovod (leave --backend out)")
+    python = sys.executable
+    checks = preflight(args.np, hosts, entry, python, backend="tf")
+    print_checks(checks, f"checks before starting {args.np} tf.distribute workers of {entry.module}:")
+    commands = tf_worker_commands(args.np, entry, python)
+    if args.dry_run:
+        for argv, extra in commands:
+            print(f"TF_CONFIG={shlex.quote(extra['TF_CONFIG'])} {shlex.join(argv)}")
+    stop_if_fatal(checks, "nothing was started")
+    if args.dry_run:
+        return 0
+    print(f"starting {args.np} tf.distribute workers: {shlex.join(commands[0][0])}", file=sys.stderr, flush=True)
+    env = dict(os.environ)
+    env.setdefault("TF_USE_LEGACY_KERAS", "1")
+    return run_tf_workers(commands, env)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -201,6 +202,17 @@ class BatchNormStatistics(keras.callbacks.Callback):
                     var.assign(self.average(var))
 
 
+class LambdaEpochEnd(keras.callbacks.Callback):
+    """`fn()` at every epoch end, in the callback list's order (Keras's LambdaCallback takes (epoch, logs))."""
+
+    def __init__(self, fn: Callable[[], None]):
+        super().__init__()
+        self.fn = fn
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.fn()
+
+
 class ExactValidation(keras.callbacks.Callback):
     """Validation metrics over the WHOLE validation split, identical on every rank.
 
@@ -210,15 +222,23 @@ class ExactValidation(keras.callbacks.Callback):
     multi-label head's val_auc is the macro ROC-AUC of its labels, its loss and accuracy over the known ones.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, labels: np.ndarray, allgather_object, head: Head):
+    def __init__(self, dataset: tf.data.Dataset, labels: np.ndarray, allgather_object, head: Head, *,
+                 model=None):
         super().__init__()
         self.images = dataset.map(lambda x, y: x)
         self.labels = labels
         self.allgather_object = allgather_object
         self.head = head
+        self.validated = model  # None: the model being fitted; under tf.distribute its plain copy
+        self._forward = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        outputs = self.model.predict(self.images, verbose=0)
+        if self.validated is None:
+            outputs = self.model.predict(self.images, verbose=0)
+        else:  # not predict(): inside fit's strategy scope it would shard and gather the data across workers
+            if self._forward is None:
+                self._forward = tf.function(lambda x: self.validated(x, training=False))
+            outputs = np.concatenate([self._forward(x).numpy() for x in self.images])
         gathered = self.allgather_object((np.asarray(outputs, np.float32), self.labels))
         probs = self.head.probabilities(np.concatenate([g[0] for g in gathered]))
         labels = np.concatenate([g[1] for g in gathered])
@@ -230,12 +250,17 @@ class ExactValidation(keras.callbacks.Callback):
 class Checkpointer(keras.callbacks.Callback):
     """Rank 0: after every epoch, an atomic checkpoint of weights, optimizer state, epoch and seeds in
     checkpoints/epoch-NNNN/ (written to a temporary folder, then renamed), `latest.json` pointing at it,
-    and the best weights so far by val_auc in checkpoints/best/. Keeps the last `keep` epoch checkpoints."""
+    and the best weights so far by val_auc in checkpoints/best/. Keeps the last `keep` epoch checkpoints.
+
+    `scratch`: a tf.distribute worker other than the chief. Writing the distributed model reads its
+    on-read variables, which all-reduces them, so every worker must write when the chief does (TensorFlow's
+    multi-worker saving); such a worker writes the same into a folder of its own and deletes it."""
 
     def __init__(self, run_dir: Path, checkpoint: tf.train.Checkpoint, full_model, seed: int,
-                 monitor: str = "val_auc", keep: int = 2, best_value: float = -math.inf):
+                 monitor: str = "val_auc", keep: int = 2, best_value: float = -math.inf, scratch: bool = False):
         super().__init__()
         self.full_model = full_model  # what is fitted may be the head alone (--cache-features)
+        self.scratch = scratch
         self.dir = run_dir / "checkpoints"
         self.checkpoint = checkpoint
         self.seed = seed
@@ -244,22 +269,28 @@ class Checkpointer(keras.callbacks.Callback):
         self.best = best_value
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = logs or {}
+        if not self.scratch:
+            self._write(epoch, logs or {}, self.dir)
+            return
+        with tempfile.TemporaryDirectory(prefix="cxr-worker-checkpoint-") as folder:  # taking part only
+            self._write(epoch, logs or {}, Path(folder))
+
+    def _write(self, epoch: int, logs: dict, folder: Path) -> None:
         done = epoch + 1
         value = float(logs.get(self.monitor, float("nan")))
         improved = not math.isnan(value) and value > self.best
         if improved:
             self.best = value
-            self._write_dir(self.dir / "best", lambda tmp: self.full_model.save_weights(str(tmp / "weights")),
+            self._write_dir(folder / "best", lambda tmp: self.full_model.save_weights(str(tmp / "weights")),
                             {"epoch": done, self.monitor: value})
         state = {"epoch": done, "seed": self.seed, "best": self.best, "monitor": self.monitor,
                  "weights_checksum": weight_checksum(self.full_model),
                  "learning_rate": float(keras.backend.get_value(self.model.optimizer.learning_rate)),
                  "metrics": {k: float(v) for k, v in logs.items() if np.isscalar(v)}}
         name = f"epoch-{done:04d}"
-        self._write_dir(self.dir / name, lambda tmp: self.checkpoint.write(str(tmp / "ckpt")), state)
-        write_json_atomic(self.dir / "latest.json", {"checkpoint": name, **state})
-        for old in sorted(self.dir.glob("epoch-*"))[:-self.keep]:
+        self._write_dir(folder / name, lambda tmp: self.checkpoint.write(str(tmp / "ckpt")), state)
+        write_json_atomic(folder / "latest.json", {"checkpoint": name, **state})
+        for old in sorted(folder.glob("epoch-*"))[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     @staticmethod

@@ -16,6 +16,7 @@ from distributed.model.zoo import model_names, model_spec
 PRECISIONS = ("auto", "fp32", "mixed_float16", "mixed_bfloat16")
 SCHEDULES = ("plateau", "cosine")
 CALIBRATIONS = ("auto", "temperature", "platt", "isotonic", "none")  # calibration.METHODS, without TensorFlow
+BACKENDS = ("horovod", "tf")  # distributed.training.backends.BACKENDS, without TensorFlow
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class TrainConfig:
     ema: float = 0.99
     elastic: bool = False
     commit_every: int = 20
+    backend: str = "horovod"
     tracking_uri: str | None = None
     experiment: str = tracking.DEFAULT_EXPERIMENT
 
@@ -91,6 +93,10 @@ class TrainConfig:
             (self.ema == 0 or 0.5 <= self.ema < 1, f"--ema must be 0 (off) or in [0.5, 1), got {self.ema}"),
             (self.bn_samples >= 0, f"--bn-samples must be >= 0, got {self.bn_samples}"),
             (self.commit_every >= 1, f"--commit-every must be at least 1 batch, got {self.commit_every}"),
+            (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
+            (not (self.elastic and self.backend == "tf"),
+             "--elastic is Horovod's (hvd.elastic: a job that loses or gains workers and goes on); tf.distribute "
+             "has no elastic mode, its jobs restart from the last checkpoint (--resume): use --backend horovod"),
             (not (self.elastic and self.cache_features),
              "--elastic re-plans each worker's data at every change of size, which --cache-features (features "
              "computed once per worker) cannot follow: leave one of them out"),
@@ -169,6 +175,11 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
     p.add_argument("--cache-features", action="store_true", default=None,
                    help="frozen backbone: compute its features once and train the head on them")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="how workers cooperate: horovod (horovodrun, launch.local, Slurm, MPI; elastic) or tf "
+                        "(tf.distribute.MultiWorkerMirroredStrategy: each worker's TF_CONFIG from launch.local "
+                        "--backend tf, Ray Train or the Kubernetes operator, or Slurm's srun; docs/training.md) "
+                        f"(default {d.backend})")
     p.add_argument("--elastic", action="store_true", default=None,
                    help="Horovod elastic training (run under horovodrun --min-np/--max-np --host-discovery-script): "
                         "survives a lost worker or host and grows when one joins (docs/training.md)")

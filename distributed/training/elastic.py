@@ -224,7 +224,8 @@ def run(training: TrainingRun) -> dict[str, Any]:
         resets.session_size(size)
         data = training.datasets(plan, seed=config.seed + 1000 * state.epoch + 100 * len(state.sizes) + rank,
                                  rank=rank, size=size)
-        callbacks = training.callbacks(plan, data.val, epoch=state.epoch, best=state.best, broadcast=False)
+        callbacks = training.callbacks(plan, data.val, epoch=state.epoch, best=state.best, broadcast=False,
+                                       val_model=data.val_model)
         # the rate for this many workers (a warm-up callback, if any, sets its own while it ramps)
         cb.set_learning_rate(optimizer, state.lr_per_worker * size)
         schedule = [c for c in callbacks if _counter_names(c)]

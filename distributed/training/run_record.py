@@ -55,7 +55,8 @@ def restore(checkpoint: tf.train.Checkpoint, state: dict, run_dir: Path) -> bool
 
 
 def write_run_record(run_dir: Path, config: TrainConfig, plan: DataPlan, model, *, policy: str, workers: int,
-                     gpus: list, scaled_lr: float, loss, state: dict | None, restored: str | None) -> None:
+                     gpus: list, scaled_lr: float, loss, state: dict | None, restored: str | None,
+                     controller: str | None = None) -> None:
     """RUN/config.json (what was asked, what it resolved to, library versions, git commit, the dataset's
     manifest hash; on resume, the sessions so far) and a copy of the dataset's manifest."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,8 @@ def write_run_record(run_dir: Path, config: TrainConfig, plan: DataPlan, model, 
     meta: dict[str, Any] = {
         "config": config.to_dict(),
         "resolved": {"output": str(run_dir), "weights": config.resolved_weights(), "precision": policy,
-                     "workers": workers, "device": "GPU" if gpus else "CPU", "controller": hvd_utils.controller(),
+                     "workers": workers, "device": "GPU" if gpus else "CPU", "backend": config.backend,
+                     "controller": controller or hvd_utils.controller(),
                      "global_batch": config.batch_size * workers, "scaled_lr": scaled_lr,
                      "steps_per_epoch": plan.steps_per_epoch, "classes": plan.classes,
                      "image_shape": list(plan.image_shape), "loss": getattr(loss, "name", None) or loss.__name__,
@@ -114,7 +116,7 @@ def export_model(config: TrainConfig, plan: DataPlan, weights: list[np.ndarray],
 
 
 def finish_run(run_dir: Path, config: TrainConfig, plan: DataPlan, model, *, epochs_run: int, seconds: float,
-               checksums: list[str], elastic: dict | None = None) -> dict[str, Any]:
+               checksums: list[str], elastic: dict | None = None, backend: str = "horovod") -> dict[str, Any]:
     """After the last epoch: load the best checkpoint, fit the calibration on validation, export the model
     and write RUN/train_summary.json, which it returns (with `elastic`: its resets and sizes)."""
     best_dir = run_dir / "checkpoints" / "best"
@@ -125,7 +127,7 @@ def finish_run(run_dir: Path, config: TrainConfig, plan: DataPlan, model, *, epo
     rows = read_numeric_csv(run_dir / "history.csv")
     best_row = max(rows, key=lambda r: r.get("val_auc", -1) if r.get("val_auc") == r.get("val_auc") else -1)
     workers = len(checksums)
-    summary = {"epochs_completed": int(rows[-1]["epoch"]), "epochs_this_session": epochs_run,
+    summary = {"backend": backend, "epochs_completed": int(rows[-1]["epoch"]), "epochs_this_session": epochs_run,
                "best_epoch": int(best_row["epoch"]), "best_val_auc": best_row.get("val_auc"), "seconds": seconds,
                "train_images_per_second": epochs_run * plan.steps_per_epoch * config.batch_size * workers
                / max(seconds, 1e-9),
