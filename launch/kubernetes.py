@@ -10,6 +10,11 @@ ssh keys the operator mounts. The image must hold OpenMPI, openssh-server, the t
 with MPI: the repository's Dockerfile builds exactly that (docker build -t cxrscale:0.2.0 .; docs/containers.md).
 With --launcher horovodrun the launcher runs `horovodrun --hostfile /etc/mpi/hostfile` instead, which also
 works with a Gloo-only build.
+
+With --backend tf it writes the Kubeflow training operator's TFJob (kubeflow.org/v1) instead: --workers pods
+of one process each (one GPU each, or CPU), each running `python -m distributed.train ARGS --backend tf`
+with the TF_CONFIG the operator gives it (tf.distribute's MultiWorkerMirroredStrategy); no MPI, ssh or
+Horovod in the image is needed for it.
 """
 from __future__ import annotations
 
@@ -114,6 +119,41 @@ def mpijob(*, name: str, image: str, workers: int, gpus_per_worker: int, slots_p
     }
 
 
+TFJOB_API = "kubeflow.org/v1"
+
+
+def tfjob(*, name: str, image: str, workers: int, gpus_per_worker: int, entry: EntryPoint,
+          namespace: str | None = None, pvc: str | None = None, mount: str = "/workspace", cpu: str | None = None,
+          memory: str | None = None) -> dict[str, Any]:
+    """The training operator's TFJob manifest for --backend tf: `workers` pods of one tf.distribute worker each.
+    The operator requires the container to be named "tensorflow" and writes each pod's TF_CONFIG; a failed
+    pod is not restarted on its own (its peers would wait in a collective): the job fails, and applying it
+    again with --resume continues from the run's last checkpoint."""
+    argv = entry.argv("python") + ([] if "--backend" in entry.args else ["--backend", "tf"])
+    container: dict[str, Any] = {"name": "tensorflow", "image": image, "command": argv,
+                                 "env": [{"name": key, "value": value} for key, value in ENV.items()],
+                                 "ports": [{"name": "tfjob-port", "containerPort": 2222}]}
+    limits: dict[str, Any] = {"nvidia.com/gpu": gpus_per_worker} if gpus_per_worker else {}
+    if cpu:
+        limits["cpu"] = cpu
+    if memory:
+        limits["memory"] = memory
+    if limits:
+        container["resources"] = {"limits": limits}
+    spec: dict[str, Any] = {"containers": [container]}
+    if pvc:
+        container["volumeMounts"] = [{"name": "data", "mountPath": mount}]
+        spec["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": pvc}}]
+    metadata: dict[str, Any] = {"name": name, "labels": {"app.kubernetes.io/name": "cxrscale",
+                                                         "app.kubernetes.io/component": entry.module}}
+    if namespace:
+        metadata["namespace"] = namespace
+    return {"apiVersion": TFJOB_API, "kind": "TFJob", "metadata": metadata,
+            "spec": {"runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": 0},
+                     "tfReplicaSpecs": {"Worker": {"replicas": workers, "restartPolicy": "Never",
+                                                   "template": {"spec": spec}}}}}
+
+
 def check_name(value: str, option: str, max_length: int = 63) -> str:
     if not _DNS_LABEL.match(value) or len(value) > max_length:
         raise CxrError(f"{option} {value!r} is not a Kubernetes name: use at most {max_length} lower-case letters, "
@@ -159,7 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-np", type=int, help="elastic (--launcher horovodrun): fewest worker processes the job "
                                                    "goes on with when pods are lost")
     parser.add_argument("--max-np", type=int, help="elastic: most worker processes (default: all)")
-    parser.add_argument("--output", default="mpijob.yaml", help="manifest to write (default mpijob.yaml)")
+    parser.add_argument("--backend", choices=("horovod", "tf"), default="horovod",
+                        help="horovod: an MPIJob (default); tf: a TFJob of tf.distribute workers, one process per "
+                             "pod (--gpus-per-worker 0 or 1)")
+    parser.add_argument("--output", default=None, help="manifest to write (default mpijob.yaml, tfjob.yaml with "
+                                                       "--backend tf)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing, different --output")
     return parser
 
@@ -169,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(own)
     if args.workers < 1:
         raise CxrError(f"--workers must be at least 1, got {args.workers}")
-    slots = processes_per_node(args.gpus_per_worker, args.slots_per_worker, "--gpus-per-worker",
-                               "--slots-per-worker", where="pod")
+    slots = 1 if args.backend == "tf" else processes_per_node(args.gpus_per_worker, args.slots_per_worker,
+                                                              "--gpus-per-worker", "--slots-per-worker", where="pod")
     if not args.image.strip() or re.search(r"\s", args.image):
         raise CxrError(f"--image {args.image!r} is not an image reference such as registry.example.com/cxrscale:1.0")
     # pods are named NAME-launcher and NAME-worker-I, which must stay valid names too
@@ -187,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     entry = parse_entry_point(tail, f"{PROG} --image IMAGE --workers {args.workers} "
                                     f"--gpus-per-worker {args.gpus_per_worker}")
     workers = args.workers * slots
+    args.output = args.output or ("tfjob.yaml" if args.backend == "tf" else "mpijob.yaml")
+    if args.backend == "tf":
+        return main_tf(args, entry)
     elastic = elastic_range(args.min_np, args.max_np, workers, args.launcher, entry.module)
     target = data_target(entry)
     checks = data_checks(target, workers, "use fewer --workers or --gpus-per-worker (at most {n} processes)",
@@ -209,6 +256,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = f" -n {args.namespace}" if args.namespace else ""
     print(f"apply it with: kubectl apply -f {args.output}\nfollow it with: kubectl logs -f{ns} "
           f"job/{args.name}-launcher")
+    return 0
+
+
+def main_tf(args, entry: EntryPoint) -> int:
+    """--backend tf: check, then write the TFJob (`tfjob`)."""
+    refused = [(given, why) for given, why in (
+        (args.gpus_per_worker > 1 or (args.slots_per_worker or 1) > 1,
+         f"one tf.distribute worker per pod and one GPU per worker: for {args.workers * max(args.gpus_per_worker, 1)}"
+         f" GPUs use --workers {args.workers * max(args.gpus_per_worker, args.slots_per_worker or 1)} "
+         "--gpus-per-worker 1"),
+        (args.min_np is not None or args.max_np is not None,
+         "--min-np/--max-np make a Horovod elastic job; tf.distribute has none (re-apply with --resume)"),
+        (entry.module != "distributed.train", f"--backend tf runs distributed.train, not {entry.module}"),
+        (args.launcher != "mpirun", "--launcher is the MPIJob's; a TFJob's pods start their worker themselves"))
+        if given]
+    if refused:
+        raise CxrError(f"--backend tf: {refused[0][1]}")
+    target = data_target(entry)
+    checks = data_checks(target, args.workers, "use fewer --workers (at most {n})", local=False)
+    print_checks(checks, f"checks for {args.workers} tf.distribute workers of {entry.module}:")
+    stop_if_fatal(checks, "no manifest was written")
+    manifest = tfjob(name=args.name, image=args.image, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                     entry=entry, namespace=args.namespace, pvc=args.pvc, mount=args.mount, cpu=args.cpu,
+                     memory=args.memory)
+    text = (f"# Written by {PROG}: {args.workers} tf.distribute worker pods of {entry.module} (Kubeflow training "
+            f"operator).\n# Apply with: kubectl apply -f {Path(args.output).name}\n"
+            + yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False))
+    written = write_generated(args.output, text, overwrite=args.overwrite)
+    print(f"{'wrote' if written else 'unchanged:'} {args.output} (TFJob {args.name}: {args.workers} workers)")
+    ns = f" -n {args.namespace}" if args.namespace else ""
+    print(f"apply it with: kubectl apply -f {args.output}\nfollow it with: kubectl logs -f{ns} {args.name}-worker-0")
     return 0
 
 

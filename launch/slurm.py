@@ -8,6 +8,10 @@ builds Horovod's host list from the job's nodes (`scontrol show hostnames`) and 
 `horovodrun -np N -H node1:4,node2:4 python -m MODULE ARGS` - or `srun --mpi=pmix python -m MODULE ARGS`
 with --launcher srun, which needs Horovod built with MPI (HOROVOD_WITH_MPI=1).
 
+With --backend tf the workers are tf.distribute's (`distributed.train --backend tf`): `srun python -m
+distributed.train ARGS --backend tf`, one Slurm task per GPU, each finding the others through TensorFlow's
+SlurmClusterResolver (no Horovod, no MPI).
+
 With --container IMAGE (an Apptainer .sif, or docker://..., docs/containers.md) no virtualenv is used: every
 worker runs in the image through `apptainer exec --nv IMAGE`. Across nodes that is `srun --mpi=pmix apptainer
 exec ...` (Apptainer's hybrid MPI model; the image's Horovod is built with MPI); horovodrun, which would start
@@ -56,6 +60,7 @@ class SlurmJob:
     nccl_socket_ifname: str | None = None
     elastic: tuple[int, int] | None = None  # (min, max) workers: a Horovod elastic job
     container: str | None = None  # an Apptainer image: every worker runs in it
+    backend: str = "horovod"  # or "tf": srun starts distributed.train's tf.distribute workers
 
     @property
     def workers(self) -> int:
@@ -134,6 +139,11 @@ def sbatch_script(job: SlurmJob, entry: EntryPoint) -> str:
             ]
         else:
             body.append(f'{run}horovodrun -np "$NP" -H "$HOSTS" {module_cmd}')
+    elif job.backend == "tf":
+        tf_cmd = module_cmd + ("" if "--backend" in entry.args else " --backend tf")
+        body += ["# tf.distribute: one Slurm task per worker (GPU); each finds the others through TensorFlow's",
+                 "# SlurmClusterResolver, on ports from CXR_TF_PORT (default 8888) up.",
+                 f"srun {run}{tf_cmd}"]
     else:
         body += ["# One Slurm task per worker; Horovod (built with MPI) takes its ranks from PMIx.",
                  f"srun --mpi=pmix {run}{module_cmd}"]
@@ -194,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--job-name", default="cxrscale", help="job name, also the log name %%x-%%j.out")
     parser.add_argument("--venv", default=".venv", help="virtualenv to activate, relative to the submit folder "
                                                        "(default .venv)")
-    parser.add_argument("--launcher", choices=LAUNCHERS, default="horovodrun", help="default horovodrun")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default=None,
+                        help="horovodrun (default) or srun (Horovod built with MPI); --backend tf always uses srun")
+    parser.add_argument("--backend", choices=("horovod", "tf"), default="horovod",
+                        help="horovod (default) or tf: distributed.train's tf.distribute workers, one srun task each")
     parser.add_argument("--container", metavar="IMAGE",
                         help="run every worker in this Apptainer image (a .sif file or docker://...; apptainer exec "
                              "--nv) instead of --venv; across nodes it needs --launcher srun")
@@ -222,20 +235,30 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
         raise CxrError(f"--mem {args.mem!r} is not a Slurm memory size: use e.g. 64G or 128000M")
     if args.nccl_socket_ifname is not None and not re.match(r"^\^?=?[A-Za-z0-9_.,:-]+$", args.nccl_socket_ifname):
         raise CxrError(f"--nccl-socket-ifname {args.nccl_socket_ifname!r} is not an interface name such as ib0")
+    if args.backend == "tf" and args.launcher == "horovodrun":
+        raise CxrError("--backend tf starts its workers with srun (TensorFlow's SlurmClusterResolver); leave out "
+                       "--launcher horovodrun")
+    launcher = "srun" if args.backend == "tf" else args.launcher or "horovodrun"
     if args.container is not None:
         if not args.container.strip() or re.search(r"\s", args.container):
             raise CxrError(f"--container {args.container!r} is not an image: give a .sif file or docker://REF")
-        if args.launcher == "horovodrun" and args.nodes > 1:
+        if launcher == "horovodrun" and args.nodes > 1:
             raise CxrError(f"--container with --launcher horovodrun runs on one node only (horovodrun would start "
                            f"the other nodes' workers over ssh, outside the image); use --launcher srun for "
                            f"{args.nodes} nodes (the image's Horovod is built with MPI), or --nodes 1")
     return SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=tasks,
                     time=check_time(args.time), cpus_per_task=args.cpus_per_gpu, job_name=args.job_name,
-                    venv=args.venv, launcher=args.launcher, partition=args.partition, account=args.account,
-                    mem=args.mem, nccl_socket_ifname=args.nccl_socket_ifname, container=args.container)
+                    venv=args.venv, launcher=launcher, partition=args.partition, account=args.account,
+                    mem=args.mem, nccl_socket_ifname=args.nccl_socket_ifname, container=args.container,
+                    backend=args.backend)
 
 
 def with_elastic(job: SlurmJob, args: argparse.Namespace, module: str) -> SlurmJob:
+    if job.backend == "tf" and (args.min_np is not None or args.max_np is not None):
+        raise CxrError("--min-np/--max-np make a Horovod elastic job; tf.distribute has no elastic mode (a job "
+                       "restarts from its last checkpoint with --resume): use --backend horovod")
+    if job.backend == "tf" and module != "distributed.train":
+        raise CxrError(f"--backend tf runs distributed.train; {module} runs under Horovod (leave --backend out)")
     rng = elastic_range(args.min_np, args.max_np, job.workers, job.launcher, module)
     if rng and job.container:
         raise CxrError("--min-np/--max-np with --container: an elastic job's horovodrun must reach every node and "
@@ -267,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = Path(args.output or f"{job.job_name}.sbatch")
     written = write_generated(output, sbatch_script(job, entry), overwrite=args.overwrite)
     print(f"{'wrote' if written else 'unchanged:'} {output} ({job.nodes} nodes x {job.tasks_per_node} workers, "
-          f"{job.launcher}{f' in {job.container}' if job.container else ''})")
+          f"{job.launcher}{', tf.distribute' if job.backend == 'tf' else ''}"
+          f"{f' in {job.container}' if job.container else ''})")
     if not args.submit:
         print(f"submit it with: sbatch {shlex.quote(str(output))}")
         return 0
