@@ -9,7 +9,8 @@ is partial, so re-running the same command after a crash or a lost node continue
 
   1. prepare    python -m preprocessing  -> OUT/prepared   (with OUT/salt, so benchmarks.robustness can
                                                              map the test split back to its files)
-  2. train      horovodrun -np N python -m distributed.train, once per ensemble member -> OUT/members/NAME
+  2. train      horovodrun -np N python -m distributed.train (or, with backend tf, launch.local --backend tf),
+                once per ensemble member -> OUT/members/NAME
   3. combine    python -m distributed.ensemble (two or more members; one member is copied) -> OUT/final,
                 calibrated on the validation split
   4. evaluate   python -m distributed.evaluate --run OUT/final   -> OUT/final/eval (the operating threshold
@@ -157,9 +158,14 @@ def plan(recipe: Recipe, input_path: Path, output: Path, np_: int, weights: str 
         args = ["--data", str(prepared), "--output", str(output / "members" / name),
                 *flags(options, skip=("data", "output", "resume", "tracking_uri", "experiment")), *tracked]
         entry = EntryPoint("distributed.train", tuple(args))
-        members[name] = (horovodrun_command(np_, [("localhost", np_)], entry, runner=horovodrun_path(python)
-                                            or "horovodrun", python=python, gloo=True)
-                         if np_ > 1 else entry.argv(python))
+        if np_ == 1:
+            members[name] = entry.argv(python)
+        elif options.get("backend") == "tf":  # tf.distribute workers, each with its TF_CONFIG
+            members[name] = [python, "-m", "launch.local", "--backend", "tf", "--np", str(np_), "--",
+                             "distributed.train", *args]
+        else:
+            members[name] = horovodrun_command(np_, [("localhost", np_)], entry, runner=horovodrun_path(python)
+                                               or "horovodrun", python=python, gloo=True)
     combine = None
     if len(members) > 1:
         combine = [python, "-m", "distributed.ensemble", "--runs",
@@ -270,7 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", required=True, help=f"a shipped recipe ({', '.join(recipe_names())}) or a YAML file")
     parser.add_argument("--input", required=True, help="radiographs: Kermany layout, class folders or a CSV")
     parser.add_argument("--output", required=True, help="the pipeline's folder (prepared/, members/, final/)")
-    parser.add_argument("--np", type=int, default=1, help="Horovod workers for each training (default 1)")
+    parser.add_argument("--np", type=int, default=1, help="workers for each training (default 1)")
+    parser.add_argument("--backend", choices=("horovod", "tf"),
+                        help="how the workers train together: horovod (horovodrun) or tf (tf.distribute, started by "
+                             "launch.local --backend tf); default: the recipe's train.backend, else horovod")
     parser.add_argument("--weights", help="override every member's --weights (e.g. none where ImageNet weights "
                                           "cannot be downloaded)")
     parser.add_argument("--set", action="append", default=[], metavar="STAGE.OPTION=VALUE",
@@ -288,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CxrError(f"--np must be at least 1, got {args.np}")
     if not Path(args.input).exists():
         raise CxrError(f"--input {args.input} does not exist")
-    recipe = with_overrides(load_recipe(args.recipe), args.set)
+    recipe = with_overrides(load_recipe(args.recipe), args.set + ([f"train.backend={args.backend}"]
+                                                                    if args.backend else []))
     p = plan(recipe, Path(args.input), Path(args.output), args.np, args.weights, tracking_uri=args.tracking_uri,
              experiment=args.experiment)
     if args.dry_run:
