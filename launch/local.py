@@ -264,8 +264,10 @@ def run_tf_workers(commands: list[tuple[list[str], dict[str, str]]], env: Mappin
 
     from cxrscale.console import is_start_up_noise, verbose
 
+    # in the launcher's process group, and told to stop when the launcher dies: a launcher killed with the
+    # job (kill -9, a scheduler's kill) leaves no worker behind to finish the run on its own
     procs = [subprocess.Popen(argv, env={**env, **extra}, stderr=subprocess.PIPE, text=True, errors="replace",
-                              bufsize=1, start_new_session=True) for argv, extra in commands]
+                              bufsize=1, preexec_fn=_stop_with_parent) for argv, extra in commands]
 
     def relay(index: int, proc: subprocess.Popen) -> None:
         for line in proc.stderr:
@@ -287,7 +289,7 @@ def run_tf_workers(commands: list[tuple[list[str], dict[str, str]]], env: Mappin
     finally:
         for proc in procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM if failed is None else signal.SIGKILL)
+                proc.send_signal(signal.SIGTERM if failed is None else signal.SIGKILL)
         for proc in procs:
             proc.wait()
         for thread in threads:
@@ -300,6 +302,16 @@ def run_tf_workers(commands: list[tuple[list[str], dict[str, str]]], env: Mappin
               file=sys.stderr)
         return 128 - code if code < 0 else code
     return 0
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: the process group still carries a kill of the job
+        pass
 
 
 _LOST = re.compile(r"^Process (?P<rank>\d+) exit with status code (?P<code>-?\d+)\.")
