@@ -19,7 +19,8 @@ from cxrscale.cli import version_line
 COMMANDS = {
     "sample": ("preprocessing.sample", "write the synthetic sample dataset"),
     "prepare": ("preprocessing", "prepare radiographs into patient-grouped, sharded TFRecords"),
-    "train": ("distributed.train", "train a model (under horovodrun, mpirun or srun for several workers)"),
+    "train": ("distributed.train", "train a model (under horovodrun, mpirun or srun for several workers; or "
+                                   "tf.distribute: --backend tf)"),
     "evaluate": ("distributed.evaluate", "evaluate a run: metrics with intervals, report, model card"),
     "predict": ("distributed.predict", "classify radiographs with a run or an exported model"),
     "ensemble": ("distributed.ensemble", "join trained runs into one calibrated model"),
@@ -28,9 +29,10 @@ COMMANDS = {
     "export": ("optimize.export", "export a run for TF Serving, ONNX Runtime/Triton and LiteRT"),
     "tune": ("optimize.tune", "search hyper-parameters with Ray Tune"),
     "pipeline": ("launch.pipeline", "run the whole pipeline from a recipe"),
-    "local": ("launch.local", "check and start a Horovod job on this machine or a host list"),
+    "local": ("launch.local", "check and start a Horovod (or tf.distribute) job on this machine or a host list"),
     "slurm": ("launch.slurm", "write (and submit) a Slurm batch script"),
-    "kubernetes": ("launch.kubernetes", "write an MPI-operator MPIJob manifest"),
+    "kubernetes": ("launch.kubernetes", "write an MPI-operator MPIJob (or a TFJob) manifest"),
+    "ray": ("launch.ray", "train on a Ray cluster with Ray Train (tf.distribute workers)"),
     "hostfile": ("launch.hostfile", "host lists and discovery scripts for Horovod"),
     "bench": ("benchmarks", "run the benchmark suites"),
 }

@@ -101,7 +101,7 @@ ENTRY_POINTS = ["preprocessing", "preprocessing.sample", "distributed.train", "d
                 "distributed.predict", "distributed.ensemble", "distributed.adapt", "optimize.prune_quantize",
                 "optimize.export",
                 "optimize.tune", "launch.cli",
-                "launch.local", "launch.slurm", "launch.kubernetes", "launch.hostfile", "launch.pipeline",
+                "launch.local", "launch.slurm", "launch.kubernetes", "launch.hostfile", "launch.pipeline", "launch.ray",
                 "benchmarks", "benchmarks.preprocess", "benchmarks.train", "benchmarks.optimize",
                 "benchmarks.complexity", "benchmarks.scaling", "benchmarks.robustness", "benchmarks.serving",
                 "benchmarks.faults", "benchmarks.input", "benchmarks.trust", "benchmarks.shift", "benchmarks.split"]

@@ -57,6 +57,25 @@ def test_horovodrun_launcher_on_cpu_pods(tmp_path, capsys):
     assert "resources" not in wc
 
 
+def test_tf_backend_writes_a_tfjob_of_one_worker_per_gpu(tmp_path, capsys):
+    code, out, _ = manifest(tmp_path, capsys, "--backend", "tf")
+    assert code == 2 and "--workers 8 --gpus-per-worker 1" in out  # one tf.distribute worker per GPU
+    out_file = tmp_path / "tfjob.yaml"
+    code, stdout, stderr = run_main(main, ["--image", IMAGE, "--workers", "8", "--gpus-per-worker", "1", "--backend",
+                                           "tf", "--pvc", "data", "--output", str(out_file), "--", "distributed.train",
+                                           "--data", "/workspace/prepared/kermany"], capsys)
+    assert code == 0, stdout + stderr
+    job = yaml.safe_load(out_file.read_text())
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "TFJob"
+    worker = job["spec"]["tfReplicaSpecs"]["Worker"]
+    [container] = worker["template"]["spec"]["containers"]
+    assert worker["replicas"] == 8 and worker["restartPolicy"] == "Never"
+    assert container["name"] == "tensorflow" and container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["command"] == ["python", "-m", "distributed.train", "--data", "/workspace/prepared/kermany",
+                                    "--backend", "tf"]
+    assert container["volumeMounts"] == [{"name": "data", "mountPath": "/workspace"}]
+
+
 def test_bad_name_exits_2(tmp_path):
     result = run_module("launch.kubernetes", "--image", IMAGE, "--workers", "2", "--gpus-per-worker", "4",
                         "--name", "CXR_train", "--output", str(tmp_path / "job.yaml"),

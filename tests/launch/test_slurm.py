@@ -71,6 +71,21 @@ def test_srun_script(prepared64, tmp_path, capsys):
     assert "horovodrun" not in text
 
 
+def test_tf_distribute_script_runs_one_srun_task_per_gpu(prepared64, tmp_path, capsys):
+    code, out, _, script = write_script(tmp_path, prepared64, capsys, "--backend", "tf")
+    assert code == 0, out
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "#SBATCH --ntasks-per-node=2" in text.splitlines()
+    assert (f"srun python -m distributed.train --data {prepared64} --output 'runs/my run' --batch-size 8 "
+            "--backend tf") in text
+    assert "horovodrun" not in text and "--mpi" not in text
+    for refused, message in ((["--launcher", "horovodrun"], "leave out --launcher horovodrun"),
+                             (["--min-np", "2"], "tf.distribute has no elastic mode")):
+        code, out, err, _ = write_script(tmp_path, prepared64, capsys, "--backend", "tf", *refused)
+        assert code == 2 and message in err, err
+
+
 @pytest.mark.parametrize("good", ["08:00:00", "90", "30:00", "2-00:00:00", "1-12", "1-12:30"])
 def test_time_limits_slurm_accepts(good):
     assert check_time(good) == good
