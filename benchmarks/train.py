@@ -6,7 +6,10 @@ thesis, both at 224 px) and each precision (fp32, mixed_bfloat16):
   np1    - `python -m distributed.train` on one Horovod worker: hvd.init, the toolkit's callbacks and input
            pipeline, but no DistributedOptimizer (one worker has nothing to average): the toolkit's overhead;
   np2    - `horovodrun -np 2 python -m distributed.train` (two workers sharing this machine's cores): np2 / np1
-           is the two-worker efficiency users pay for (allreduce included).
+           is the two-worker efficiency users pay for (allreduce included);
+  tf-np1, tf-np2 - the same under `--backend tf` (tf.distribute's MultiWorkerMirroredStrategy, two workers
+           started by `launch.local --backend tf`, ring all-reduce on CPU), with --backends horovod,tf (default):
+           each backend's np2 / np1, and tf-np2 / np2 between the backends.
 Throughput is images/s of the training steps, from the epochs after the first (which traces the graph).
 This machine's speed drifts by up to 10 % between runs of the same command (measured: plain fits of the CNN
 read 43-52 images/s), more than the few per cent these ratios judge. So each setup runs its three modes
@@ -68,13 +71,18 @@ def steady_rate(rows: list[dict]) -> float:
 
 
 def run_distributed(data: Path, model: str, precision: str, workers: int, batch: int, epochs: int, extra: list[str],
-                    out: Path) -> dict:
-    """One `distributed.train` run: {history (history.csv's rows), wall_seconds, feature_pass_seconds (with
-    --cache-features, from its log; else None)}."""
-    cmd = [sys.executable, "-m", "distributed.train", "--data", str(data), "--model", model, "--weights", "none",
-           "--precision", precision, "--epochs", str(epochs), "--batch-size", str(batch), "--output", str(out),
-           "--early-stopping-patience", "100", "--reduce-lr-patience", "100", *extra]
-    if workers > 1:
+                    out: Path, backend: str = "horovod") -> dict:
+    """One `distributed.train` run (under horovodrun, or tf.distribute workers from launch.local --backend tf):
+    {history (history.csv's rows), wall_seconds, feature_pass_seconds (with --cache-features, from its log; else
+    None)}."""
+    args = ["--data", str(data), "--model", model, "--weights", "none", "--precision", precision, "--epochs",
+            str(epochs), "--batch-size", str(batch), "--output", str(out), "--early-stopping-patience", "100",
+            "--reduce-lr-patience", "100", "--backend", backend, *extra]
+    cmd = [sys.executable, "-m", "distributed.train", *args]
+    if workers > 1 and backend == "tf":
+        cmd = [sys.executable, "-m", "launch.local", "--backend", "tf", "--np", str(workers), "--",
+               "distributed.train", *args]
+    elif workers > 1:
         cmd = [HOROVODRUN, "-np", str(workers), "--gloo", *cmd]
     started = time.perf_counter()
     proc = run_command(cmd, timeout=3600)
@@ -172,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is not counted")
     p.add_argument("--repeats", type=int, default=3,
                    help="side-by-side runs of each setup's three modes; ratios are the median over them (default 3)")
+    p.add_argument("--backends", default="horovod,tf",
+                   help="the distributed.train backends to measure at 1 and 2 workers (default horovod,tf)")
     p.add_argument("--quick", action="store_true", help="fp32 only, 3 epochs, 192 images")
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--child", choices=("plain", "flops"), help=argparse.SUPPRESS)
@@ -196,10 +206,12 @@ def measure(args: argparse.Namespace) -> dict:
         tmp = Path(tmp)
         datasets = {size: make_dataset(args.data, images, size, tmp / f"data{size}")
                     for size in sorted({SETUPS[m][0] for m in models})}
-        modes = ("plain", "np1", "np2")
-        # each repeat runs the three modes side by side, rotated, so a slow spell of the machine falls on each
-        jobs = [(m, p, modes[(i + rep) % 3], rep) for m in models for p in precisions for rep in range(args.repeats)
-                for i in range(3)]
+        backends = comma_list(args.backends, "--backends", ("horovod", "tf"))
+        modes = ("plain", *[f"{prefix}np{n}" for b, prefix in (("horovod", ""), ("tf", "tf-")) if b in backends
+                            for n in (1, 2)])
+        # each repeat runs every mode side by side, rotated, so a slow spell of the machine falls on each
+        jobs = [(m, p, modes[(i + rep) % len(modes)], rep) for m in models for p in precisions
+                for rep in range(args.repeats) for i in range(len(modes))]
         rates: dict[tuple, list[float]] = {}
         steal: dict[tuple, list[float]] = {}  # the share of the CPU the hypervisor took during each run
         for model in models:
@@ -218,7 +230,8 @@ def measure(args: argparse.Namespace) -> dict:
                 else:
                     workers = int(mode[-1])
                     run = run_distributed(data, model, precision, workers, args.batch_size, epochs, extra,
-                                          tmp / f"run-{model}-{precision}-{mode}-{rep}")
+                                          tmp / f"run-{model}-{precision}-{mode}-{rep}",
+                                          backend="tf" if mode.startswith("tf-") else "horovod")
                     rate = steady_rate(run["history"])
             rates.setdefault((model, precision, mode), []).append(rate)
             steal.setdefault((model, precision, mode), []).append(stolen.share)
@@ -244,7 +257,8 @@ def measure(args: argparse.Namespace) -> dict:
                 cache[f"{key}_all_epochs"] = sum(float(r["train_seconds"]) for r in run["history"])
                 if cached:
                     cache["feature_pass"] = run["feature_pass_seconds"]
-    return {"models": models, "precisions": precisions, "images": images, "epochs": epochs, "cores": os.cpu_count(),
+    return {"models": models, "precisions": precisions, "backends": backends, "images": images, "epochs": epochs,
+            "cores": os.cpu_count(),
             "repeats": args.repeats,
             "batch_size_per_worker": args.batch_size, "flops": flops, "runs": rows,
             "cache_features_epoch_seconds": cache}
@@ -277,6 +291,12 @@ def summarise(results: dict) -> tuple[list[dict], str]:
     checks += [ratio_check(f"np2 / np1 on the same {results.get('cores', 2)} cores", model, precision, "np2", "np1",
                            0.9)
                for (model, precision, mode) in at if mode == "np2" and (model, precision, "np1") in at]
+    # the same under tf.distribute, and the two backends' two-worker runs against each other
+    checks += [ratio_check(f"tf.distribute np2 / np1 on the same {results.get('cores', 2)} cores", model, precision,
+                           "tf-np2", "tf-np1", 0.9)
+               for (model, precision, mode) in at if mode == "tf-np2" and (model, precision, "tf-np1") in at]
+    checks += [ratio_check("tf.distribute np2 / Horovod np2", model, precision, "tf-np2", "np2", 0.9)
+               for (model, precision, mode) in at if mode == "tf-np2" and (model, precision, "np2") in at]
     cache = results["cache_features_epoch_seconds"]
     if cache:
         # the whole run's train time: the uncached epochs against the one-time feature pass plus the cached epochs
@@ -285,7 +305,7 @@ def summarise(results: dict) -> tuple[list[dict], str]:
                             ">=", 2))
     peak = next(iter(results["flops"].values()))["matmul_flops_per_second"] / 1e9 if results["flops"] else 0
     md = (f"Per-worker batch {results['batch_size_per_worker']}, {results['images']} real radiographs, "
-          f"{results['epochs']} epochs (the first not counted), each setup's three modes run "
+          f"{results['epochs']} epochs (the first not counted), each setup's modes run "
           f"{results.get('repeats', 1)} times side by side. Machine float32 matmul: {peak:.0f} GFLOP/s.\n\n"
           + table + "\n\n" + checks_table(checks))
     if cache:
