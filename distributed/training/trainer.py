@@ -128,7 +128,8 @@ class TrainingRun:
                                                       label_form=form), ds_val, self.served)
         extractor, head = split_at_head(self.served)  # the frozen backbone: the plain copy's under tf
         if self.plain is not None:
-            _, head_fitted = split_at_head(self.model)
+            with self.backend.scope():  # the fitted head is a model of the strategy's, like the whole one
+                _, head_fitted = split_at_head(self.model)
         else:
             head_fitted = head
         started = time.perf_counter()

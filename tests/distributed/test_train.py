@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import PYTHON, REPO
 from tests.training_fixtures import prepare, quiet, run_train, train_cmd
 
 
@@ -99,6 +99,14 @@ def test_cached_features_train_the_same_head(prepared32_fullbatch, tmp_path):
     assert history(tmp_path / "cached")[0]["workers"] == 2
     np.testing.assert_allclose([r["loss"] for r in history(tmp_path / "cached")],
                                [r["loss"] for r in history(tmp_path / "plain")], rtol=1e-3)
+    # the same two cached workers under tf.distribute (each caches through the plain copy of the model, the
+    # head it fits is the strategy's): Horovod's curve
+    on_tf = subprocess.run([PYTHON, "-m", "launch.local", "--backend", "tf", "--np", "2", "--", "distributed.train",
+                            *common, "--batch-size", "32", "--lr", "5e-4", "--cache-features", "--output",
+                            str(tmp_path / "tf")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert on_tf.returncode == 0, quiet(on_tf.stderr)[-3000:]
+    np.testing.assert_allclose([r["loss"] for r in history(tmp_path / "tf")],
+                               [r["loss"] for r in history(tmp_path / "cached")], rtol=1e-4)
     import tensorflow as tf
 
     images = tf.constant(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 1), dtype=np.uint8))
