@@ -82,6 +82,7 @@ def write_run_record(run_dir: Path, config: TrainConfig, plan: DataPlan, model, 
     if state:
         previous = json.loads((run_dir / "config.json").read_text())
         meta["resumed"] = previous.get("resumed", []) + [{"after_epoch": int(state["epoch"]), "workers": workers,
+                                                          "backend": config.backend,
                                                           "restored_weights_checksum": restored}]
         meta["config"] = {**previous["config"], "epochs": config.epochs, "resume": True}
     write_json_atomic(run_dir / "config.json", meta)

@@ -1,6 +1,7 @@
-"""distributed.train --backend tf against Horovod, with real processes: two tf.distribute workers on localhost
-ports (launch.local --backend tf, and Ray Train through launch.ray) and two Horovod workers (horovodrun), on the
-same prepared data, seed and global batch."""
+"""distributed.train --backend tf against Horovod, with real processes: tf.distribute workers on localhost
+ports (launch.local --backend tf, and Ray Train through launch.ray) and Horovod workers (horovodrun), on the
+same prepared data, seed and global batch. (tf.distribute's two workers from scratch against Horovod's:
+tests/distributed/test_train.py, test_cached_features_train_the_same_head.)"""
 from __future__ import annotations
 
 import csv
@@ -52,37 +53,15 @@ def predict_val(run: Path, data: Path) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_two_tf_workers_train_the_horovod_curve_and_export_the_same_model(prepared32_fullbatch, tmp_path):
-    data = prepared32_fullbatch
-    args = ["--data", str(data), "--epochs", "3", *COMMON]
-    horovod = run_train(*args, "--output", str(tmp_path / "hvd"), np_=2)
-    assert horovod.returncode == 0, quiet(horovod.stderr)
-    tf = launch("launch.local", "--backend", "tf", "--np", "2", "--", "distributed.train", *args,
-                "--output", str(tmp_path / "tf"))
-    assert tf.returncode == 0, quiet(tf.stderr)[-3000:]
-
-    same_curve(history(tmp_path / "hvd"), history(tmp_path / "tf"))
-    config = json.loads((tmp_path / "tf" / "config.json").read_text())
-    assert config["config"]["backend"] == "tf" and config["resolved"]["controller"] == "tf.distribute (ring)"
-    assert config["resolved"]["workers"] == 2 and config["resolved"]["global_batch"] == 32
-    summary = json.loads((tmp_path / "tf" / "train_summary.json").read_text())
-    assert summary["backend"] == "tf" and summary["ranks_in_sync"]
-    # every worker took part in each checkpoint, but only the chief's is in the run folder
-    assert sorted(p.name for p in (tmp_path / "tf" / "checkpoints").iterdir()) == \
-        sorted(p.name for p in (tmp_path / "hvd" / "checkpoints").iterdir())
-    # the exported, calibrated models score alike: evaluate, predict and export cannot tell them apart
-    np.testing.assert_allclose(predict_val(tmp_path / "tf", data), predict_val(tmp_path / "hvd", data), atol=1e-3)
-    assert json.loads((tmp_path / "tf" / "calibration.json").read_text())["method"] == "temperature"
-
-
-@pytest.mark.slow
-def test_a_killed_tf_run_resumes_under_ray_train_to_the_end_horovod_resumes_it_to(prepared32_fullbatch, tmp_path):
-    """Killed after its first epoch's checkpoint, the tf.distribute run resumes on Ray Train (launch.ray) to
-    the same end as Horovod resuming a copy of the same run folder: a checkpoint either backend wrote is one
-    run, and resuming is deterministic under both."""
+def test_a_killed_tf_run_resumes_on_two_workers_under_ray_train_and_horovod_to_one_end(prepared32_fullbatch,
+                                                                                       tmp_path):
+    """A one-worker tf.distribute run killed after its first epoch's checkpoint, resumed on two workers by Ray
+    Train (launch.ray, tf.distribute) and, from a copy of the same run folder, by horovodrun: both train the
+    same curve from the same checkpoint and export the same model (tf.distribute and Horovod agree, and a
+    checkpoint either wrote is one run). The run's record says who trained it."""
     data, run = prepared32_fullbatch, tmp_path / "run"
     args = ["--data", str(data), "--epochs", "3", *COMMON, "--output", str(run)]
-    proc = subprocess.Popen([PYTHON, "-m", "launch.local", "--backend", "tf", "--np", "2", "--",
+    proc = subprocess.Popen([PYTHON, "-m", "launch.local", "--backend", "tf", "--np", "1", "--",
                              "distributed.train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
@@ -92,10 +71,12 @@ def test_a_killed_tf_run_resumes_under_ray_train_to_the_end_horovod_resumes_it_t
         if latest.exists() and json.loads(latest.read_text())["epoch"] >= 1:
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its worker
     proc.wait()
     state = json.loads(latest.read_text())
     assert state["epoch"] == 1 and not (run / "model").exists(), "the run was not killed after its first epoch"
+    refused = run_train(*args, "--backend", "tf")  # without --resume an existing run is not overwritten
+    assert refused.returncode == 2 and "--resume" in refused.stderr
     shutil.copytree(run, tmp_path / "copy")
 
     on_ray = launch("launch.ray", "--np", "2", "--", "distributed.train", *args, "--resume")
@@ -104,11 +85,22 @@ def test_a_killed_tf_run_resumes_under_ray_train_to_the_end_horovod_resumes_it_t
     assert on_horovod.returncode == 0, quiet(on_horovod.stderr)
 
     rows = history(run)
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    resumed = json.loads((run / "config.json").read_text())["resumed"]
-    assert resumed[0]["after_epoch"] == 1 and resumed[0]["restored_weights_checksum"] == state["weights_checksum"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and [int(r["workers"]) for r in rows] == [1, 2, 2]
     same_curve(rows, history(tmp_path / "copy"))
-    assert json.loads((run / "train_summary.json").read_text())["backend"] == "tf"
+    for folder, backend in ((run, "tf"), (tmp_path / "copy", "horovod")):
+        config = json.loads((folder / "config.json").read_text())
+        assert config["resumed"][0]["after_epoch"] == 1 and config["resumed"][0]["workers"] == 2
+        assert config["resumed"][0]["restored_weights_checksum"] == state["weights_checksum"]
+        assert config["config"]["backend"] == "tf"  # as the run was started; this session's, in resolved:
+        assert config["resolved"]["backend"] == config["resumed"][0]["backend"] == backend
+        assert config["resolved"]["global_batch"] == 32
+        summary = json.loads((folder / "train_summary.json").read_text())
+        assert summary["backend"] == backend and summary["epochs_this_session"] == 2 and summary["ranks_in_sync"]
+    assert json.loads((run / "config.json").read_text())["resolved"]["controller"] == "tf.distribute (ring)"
+    # every worker took part in each checkpoint, but only the chief's is in the run folder
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "copy" / "checkpoints").iterdir())
+    # the exported, calibrated models score alike: evaluate, predict and export cannot tell them apart
     np.testing.assert_allclose(predict_val(run, data), predict_val(tmp_path / "copy", data), atol=1e-3)
 
 

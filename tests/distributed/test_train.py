@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import PYTHON, REPO
-from tests.training_fixtures import prepare, quiet, run_train, train_cmd
+from tests.training_fixtures import prepare, quiet, run_train
 
 
 def history(run: Path) -> list[dict]:
@@ -50,38 +48,6 @@ def test_two_workers_follow_one_worker_with_twice_the_batch(prepared32_fullbatch
     assert config["resolved"]["workers"] == 2 and config["resolved"]["global_batch"] == 64
     assert config["config"]["fine_tune_from"] == "block4_conv1"
     assert (tmp_path / "two" / "model" / "saved_model.pb").is_file()
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_from_its_checkpoint_on_more_workers(prepared64, tmp_path):
-    run = tmp_path / "run"
-    args = ["--data", str(prepared64), "--model", "cnn", "--epochs", "3", "--batch-size", "16",
-            "--output", str(run), "--early-stopping-patience", "10"]
-    proc = subprocess.Popen(train_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, text=True)
-    latest = run / "checkpoints" / "latest.json"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and json.loads(latest.read_text())["epoch"] >= 1:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    state = json.loads(latest.read_text())
-    assert state["epoch"] == 1, "the run was not killed after its first epoch"
-    assert not (run / "model").exists()
-
-    refused = run_train(*args)  # without --resume an existing run is not overwritten
-    assert refused.returncode == 2 and "--resume" in refused.stderr
-
-    resumed = run_train(*args, "--resume", np_=2)
-    assert resumed.returncode == 0, quiet(resumed.stderr + resumed.stdout)
-    config = json.loads((run / "config.json").read_text())
-    assert config["resumed"][0]["after_epoch"] == 1 and config["resumed"][0]["workers"] == 2
-    assert config["resumed"][0]["restored_weights_checksum"] == state["weights_checksum"]
-    assert [int(r["epoch"]) for r in history(run)] == [1, 2, 3]
-    assert summary(run)["epochs_this_session"] == 2 and summary(run)["ranks_in_sync"]
-    assert (run / "model" / "saved_model.pb").exists()
 
 
 @pytest.mark.slow
