@@ -1,10 +1,12 @@
 """`prepare`: inputs -> validated, audited, patient-split, sharded TFRecords with a manifest, on Ray.
 
 Two stages of Ray tasks, with only small metadata travelling back to the driver:
-  1. decode + transform chunks of files; each task writes its images to a staging .npy file and its
-     per-file metadata (digests, perceptual hash, rejection reason) to a .json beside it;
-  2. after the driver has audited duplicates and assigned splits, each task writes one output shard,
-     reading its records from the staging files.
+  1. decode + transform chunks of files; each task serialises its images as the finished TFRecord entries
+     (label, keyed id and patient hashes, checksums: everything a record holds is known from the file and
+     its input row) into a staging .rec file, with its per-file metadata (where each record lies, digests,
+     perceptual hash, rejection reason) in a .json beside it;
+  2. after the driver has audited duplicates and assigned splits, each task writes one output shard by
+     copying its records' bytes from the staging files, in the shard's order.
 Every file is written atomically, and a stage's output is its completion marker, so a killed run is
 resumed by running the same command again: finished chunks and shards are skipped.
 """
@@ -34,7 +36,7 @@ from preprocessing.config import PrepareConfig
 from preprocessing.describe import write_description
 from preprocessing.records import Record, RecordHashes, SplitPlan, keyed_hash, utc_now
 from preprocessing.sources import Discovery, InputItem, discover
-from preprocessing.transform import ImageRejected, TransformParams, decode, transform_decoded
+from preprocessing.transform import ImageRejected, TransformParams, decode, transform_steps
 
 log = logging.getLogger("cxrscale.preprocessing")
 
@@ -66,35 +68,46 @@ def shard_count(n_records: int, override: int | None = None) -> int:
 # --- stage 1: decode and transform a chunk of files (runs in a Ray worker) --------------------------------
 
 def _chunk_paths(staging: Path, index: int) -> tuple[Path, Path]:
-    return staging / "chunks" / f"chunk-{index:05d}.npy", staging / "chunks" / f"chunk-{index:05d}.json"
+    return staging / "chunks" / f"chunk-{index:05d}.rec", staging / "chunks" / f"chunk-{index:05d}.json"
 
 
-def process_chunk(index: int, files: list[tuple[int, str, str]], params: dict, salt: bytes,
+def process_chunk(index: int, files: list[tuple[int, str, str, Any, str | None]], params: dict, salt: bytes,
                   staging: str) -> dict:
-    """Transform one chunk of files [(item index, path, relative name)] and stage the results.
+    """Transform one chunk of files [(item index, path, relative name, label, input patient key)] and stage
+    the results.
 
-    Writes chunk-XXXXX.npy (accepted images, uint8 (k, S, S, 1)) and then chunk-XXXXX.json (per-file
-    metadata); the .json is the completion marker. Returns the metadata.
+    Writes chunk-XXXXX.rec (each accepted image's finished TFRecord entry, back to back; the label a class
+    index or a multi-label record's targets) and then chunk-XXXXX.json (per-file metadata, with each
+    record's byte span in the .rec); the .json is the completion marker. Returns the metadata.
     """
     import cv2
 
     cv2.setNumThreads(1)  # one Ray task per core already; OpenCV's own threads would oversubscribe
     tp = TransformParams.from_dict(params)
-    images, rows = [], []
-    for item_index, path, rel in files:
+    staged, rows, accepted = io.BytesIO(), [], 0
+    for item_index, path, rel, label, patient_key in files:
         row: dict[str, Any] = {"item": item_index}
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
             decoded = decode(data, tp.size, tp.resize, name=path, params=tp)
-            image = transform_decoded(decoded, tp)
-            row.update(ok=True, row=len(images), digest=audit.pixel_digest(decoded.pixels),
-                       phash=[int(w) for w in audit.perceptual_hash(decoded.pixels)],
+            resized, image = transform_steps(decoded, tp)
+            # the perceptual hash of the resized image: the same picture as the decoded pixels, already
+            # shrunk, so the hash's own shrinking costs a tenth; from the decoded pixels when the resized one
+            # is smaller than what the hash looks at (docs/benchmarks.md: the same findings either way)
+            hashed = resized if min(resized.shape) >= audit.HASH_SIDE else decoded.pixels
+            dicom_patient = keyed_hash(salt, "dicom", decoded.patient_id) if decoded.patient_id else None
+            start = staged.tell()
+            schema.write_record(staged, schema.encode_example(
+                image, label, keyed_hash(salt, "id", rel),
+                keyed_hash(salt, "patient", patient_key_of(patient_key, rel, dicom_patient)[0])))
+            row.update(ok=True, row=accepted, at=[start, staged.tell() - start],
+                       digest=audit.pixel_digest(decoded.pixels),
+                       phash=[int(w) for w in audit.perceptual_hash(hashed)],
                        shape=list(decoded.original_shape), fmt=decoded.fmt, modality=decoded.modality,
                        view=decoded.view, burned_in=decoded.burned_in, transfer_syntax=decoded.transfer_syntax,
-                       acquired=decoded.acquired,
-                       dicom_patient=keyed_hash(salt, "dicom", decoded.patient_id) if decoded.patient_id else None)
-            images.append(image)
+                       acquired=decoded.acquired, dicom_patient=dicom_patient)
+            accepted += 1
         except ImageRejected as err:
             row.update(ok=False, reason=str(err))
         except FileNotFoundError:
@@ -104,11 +117,8 @@ def process_chunk(index: int, files: list[tuple[int, str, str]], params: dict, s
         except Exception as err:  # noqa: BLE001 - one odd file must not sink the run; it is reported
             row.update(ok=False, reason=f"could not be processed ({type(err).__name__}: {err})")
         rows.append(row)
-    npy_path, json_path = _chunk_paths(Path(staging), index)
-    stacked = np.stack(images) if images else np.zeros((0, tp.size, tp.size, 1), np.uint8)
-    buf = io.BytesIO()
-    np.save(buf, stacked)
-    write_bytes_atomic(npy_path, buf.getvalue())
+    rec_path, json_path = _chunk_paths(Path(staging), index)
+    write_bytes_atomic(rec_path, staged.getvalue())
     meta = {"chunk": index, "rows": rows}
     write_json_atomic(json_path, meta)
     return meta
@@ -116,31 +126,29 @@ def process_chunk(index: int, files: list[tuple[int, str, str]], params: dict, s
 
 # --- stage 2: write one output shard (runs in a Ray worker) -----------------------------------------------
 
-def write_shard(output: str, staging: str, name: str,
-                records: list[tuple[int, int, int | tuple[int, ...], str, str]]) -> dict:
-    """Write shard `name` from staged images: records are (chunk, row, label, id hash, patient hash), the label a
-    class index or a multi-label record's targets.
+def write_shard(output: str, staging: str, name: str, records: list[tuple[int, int, int]]) -> dict:
+    """Write shard `name` from staged records: (chunk, byte offset, length) in its .rec file, in shard order.
 
     The shard appears atomically; a small .json in staging marks it done. Returns count, bytes, sha256.
     """
-    chunks: dict[int, np.ndarray] = {}
     digest = hashlib.sha256()
     size = 0
     target = Path(output) / name
-    with atomic_path(target) as tmp:
-        with open(tmp, "wb") as fh:
-            for chunk, row, label, record_id, patient in records:
-                if chunk not in chunks:
-                    chunks[chunk] = np.load(_chunk_paths(Path(staging), chunk)[0], mmap_mode="r")
-                buf = io.BytesIO()
-                schema.write_record(buf, schema.encode_example(np.asarray(chunks[chunk][row]), label,
-                                                               record_id, patient))
-                data = buf.getvalue()
-                digest.update(data)
-                size += len(data)
-                fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+    with contextlib.ExitStack() as stack:
+        chunks: dict[int, int] = {}  # chunk -> an open .rec file's descriptor
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb") as fh:
+                for chunk, offset, length in records:
+                    if chunk not in chunks:
+                        chunks[chunk] = stack.enter_context(open(_chunk_paths(Path(staging), chunk)[0], "rb")).fileno()
+                    data = os.pread(chunks[chunk], length, offset)
+                    if len(data) != length:
+                        raise OSError(f"staged chunk {chunk} ends before byte {offset + length}")
+                    digest.update(data)
+                    size += len(data)
+                    fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
     result = {"file": name, "records": len(records), "bytes": size, "sha256": digest.hexdigest()}
     write_json_atomic(Path(staging) / "shards" / f"{name}.json", result)
     return result
@@ -252,14 +260,19 @@ def _load_salt(config: PrepareConfig, staging: Path) -> bytes:
 # --- the driver -----------------------------------------------------------------------------------------
 
 def _patient_key(item: InputItem, dicom_patient: str | None) -> tuple[str, str]:
-    """Patient key and its source, by precedence: CSV column, DICOM PatientID, Kermany name, the file."""
-    if item.patient_key and item.patient_key.startswith("csv:"):
-        return item.patient_key, "csv"
+    return patient_key_of(item.patient_key, item.rel, dicom_patient)
+
+
+def patient_key_of(input_key: str | None, rel: str, dicom_patient: str | None) -> tuple[str, str]:
+    """Patient key and its source, by precedence: CSV column, DICOM PatientID (keyed hash), Kermany name,
+    the file."""
+    if input_key and input_key.startswith("csv:"):
+        return input_key, "csv"
     if dicom_patient:
         return f"dicom:{dicom_patient}", "dicom"
-    if item.patient_key:
-        return item.patient_key, "filename"
-    return f"file:{item.rel}", "file (no patient id found)"
+    if input_key:
+        return input_key, "filename"
+    return f"file:{rel}", "file (no patient id found)"
 
 
 def _progress(total: int, desc: str):
@@ -324,7 +337,7 @@ def prepare(config: PrepareConfig) -> dict:
         cpus = int(sys.modules["ray"].cluster_resources().get("CPU", 1)) if ray_used else 1
         in_flight = max(1, min(config.workers or cpus, cpus))
         clock = time.perf_counter()
-        records, rejected = _stage_transform(items, params, salt, staging, in_flight)
+        records, rejected, spans = _stage_transform(items, params, salt, staging, in_flight)
         log.info("stage 1 (decode, transform, hash): %.1f s", time.perf_counter() - clock)
         if not records:
             reasons = Counter(r["reason"] for r in rejected).most_common(3)
@@ -336,7 +349,7 @@ def prepare(config: PrepareConfig) -> dict:
         clock = time.perf_counter()
         hashes = RecordHashes([keyed_hash(salt, "id", r.item.rel) for r in records],
                               [keyed_hash(salt, "patient", r.patient_key) for r in records])
-        shards, shard_files = _stage_write(plan, hashes, output, staging, in_flight, config)
+        shards, shard_files = _stage_write(plan, spans, output, staging, in_flight, config)
         log.info("stage 2 (write %d shards): %.1f s", len(shards), time.perf_counter() - clock)
 
     manifest = write_description(output, discovery, config, params, fingerprint, salt_source, plan, hashes, shards,
@@ -346,13 +359,15 @@ def prepare(config: PrepareConfig) -> dict:
 
 
 def _stage_transform(items: list[InputItem], params: TransformParams, salt: bytes, staging: Path,
-                     in_flight: int) -> tuple[list[Record], list[dict]]:
+                     in_flight: int) -> tuple[list[Record], list[dict], dict[tuple[int, int], tuple[int, int]]]:
+    """Stage 1 over every chunk not staged yet; returns the accepted records, the rejected inputs and where each
+    record's staged bytes lie ((chunk, row) -> (offset, length))."""
     size = chunk_size(len(items))
     chunks = [list(range(start, min(start + size, len(items)))) for start in range(0, len(items), size)]
     metas: dict[int, dict] = {}
     for index in range(len(chunks)):
-        npy_path, json_path = _chunk_paths(staging, index)
-        if json_path.exists() and npy_path.exists():
+        rec_path, json_path = _chunk_paths(staging, index)
+        if json_path.exists() and rec_path.exists():
             metas[index] = read_json(json_path, "staged chunk metadata")
     todo = [i for i in range(len(chunks)) if i not in metas]
     if metas:
@@ -363,12 +378,15 @@ def _stage_transform(items: list[InputItem], params: TransformParams, salt: byte
         metas[meta["chunk"]] = meta
         bar.update(len(meta["rows"]))
 
-    args = [(i, [(k, items[k].path, items[k].rel) for k in chunks[i]], params.to_dict(), salt, str(staging))
-            for i in todo]
+    def label(item: InputItem):
+        return item.targets if item.targets is not None else item.label
+
+    args = [(i, [(k, items[k].path, items[k].rel, label(items[k]), items[k].patient_key) for k in chunks[i]],
+             params.to_dict(), salt, str(staging)) for i in todo]
     run_tasks(process_chunk, args, in_flight, done)
     bar.close()
 
-    records, rejected = [], []
+    records, rejected, spans = [], [], {}
     for index in range(len(chunks)):
         for row in metas[index]["rows"]:
             item = items[row["item"]]
@@ -376,10 +394,11 @@ def _stage_transform(items: list[InputItem], params: TransformParams, salt: byte
                 rejected.append({"input": item.rel, "reason": row["reason"]})
                 continue
             key, source = _patient_key(item, row.get("dicom_patient"))
+            spans[(index, row["row"])] = tuple(row["at"])
             records.append(Record(item, index, row["row"], row["digest"], row["phash"], tuple(row["shape"]),
                                   row["fmt"], key, source, row.get("modality"), row.get("view"),
                                   row.get("burned_in"), row.get("transfer_syntax"), row.get("acquired")))
-    return records, rejected
+    return records, rejected, spans
 
 
 def _plan_splits(records: list[Record], discovery: Discovery, carve: dict[str, float], pooled: set[str],
@@ -467,9 +486,10 @@ def given_overlaps(records: list[Record], groups: np.ndarray, fixed: list[str | 
     return out
 
 
-def _stage_write(plan: SplitPlan, hashes: RecordHashes, output: Path, staging: Path, in_flight: int,
-                 config: PrepareConfig) -> tuple[list[dict], list[str]]:
-    """Write every split's shards; returns the manifest's shard entries and each record's shard file."""
+def _stage_write(plan: SplitPlan, spans: dict[tuple[int, int], tuple[int, int]], output: Path, staging: Path,
+                 in_flight: int, config: PrepareConfig) -> tuple[list[dict], list[str]]:
+    """Write every split's shards from the staged records; returns the manifest's shard entries and each
+    record's shard file."""
     rng = np.random.default_rng(config.seed)
     jobs = []
     shard_files = [""] * len(plan.records)
@@ -482,8 +502,7 @@ def _stage_write(plan: SplitPlan, hashes: RecordHashes, output: Path, staging: P
             recs = []
             for k in part.tolist():
                 record = plan.records[k]
-                label = record.item.targets if record.item.targets is not None else record.item.label
-                recs.append((record.chunk, record.row, label, hashes.ids[k], hashes.patients[k]))
+                recs.append((record.chunk, *spans[(record.chunk, record.row)]))
                 shard_files[k] = name
             jobs.append((split, name, recs))
 

@@ -235,14 +235,20 @@ def pad_to_square(pixels: np.ndarray, size: int) -> np.ndarray:
 
 def transform_decoded(decoded: Decoded, params: TransformParams) -> np.ndarray:
     """Grey image -> model input uint8 (size, size, 1). Rejects images that are too small or blank."""
+    return transform_steps(decoded, params)[1]
+
+
+def transform_steps(decoded: Decoded, params: TransformParams) -> tuple[np.ndarray, np.ndarray]:
+    """`transform_decoded`, also returning the resized grey content before the contrast step and the padding
+    (preparation hashes it: a cheaper source for the perceptual hash than the decoded pixels)."""
     h, w = decoded.original_shape
     if min(h, w) < params.min_side:
         raise ImageRejected(f"image too small: {w}x{h} px, the shorter side must be >= {params.min_side} px")
     pixels = decoded.pixels
     if int(pixels.min()) == int(pixels.max()):
         raise ImageRejected("blank image (every pixel has the same value)")
-    content = apply_contrast(resize_content(pixels, params.size, params.resize), params)
-    return pad_to_square(content, params.size)[:, :, np.newaxis]
+    resized = resize_content(pixels, params.size, params.resize)
+    return resized, pad_to_square(apply_contrast(resized, params), params.size)[:, :, np.newaxis]
 
 
 def transform(data: bytes, params: TransformParams, name: str = "") -> np.ndarray:

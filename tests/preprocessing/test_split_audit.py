@@ -88,6 +88,43 @@ def test_exact_and_near_duplicates():
     assert near_duplicate_pairs(hashes, -1) == []
 
 
+def test_perceptual_hash_is_the_dct_hash_against_np_median():
+    """The hash compares its 256 low frequencies with their median, computed without np.median (whose generic
+    path cost more than the DCT): bit for bit the hash np.median gives, on images with ties and without."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (rng.integers(64, 400), rng.integers(64, 400)), dtype=np.uint8)
+              for _ in range(40)] + [radiograph_like(k) for k in range(5)] + [np.full((80, 90), 7, np.uint8)]
+    for image in images:
+        small = cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA).astype(np.float32)
+        low = cv2.dct(small)[:16, :16].ravel()
+        expected = np.packbits(low > np.median(low)).view(">u8").astype(np.uint64)
+        np.testing.assert_array_equal(perceptual_hash(image), expected)
+
+
+def test_the_resized_image_hashes_to_the_decoded_ones_findings_on_real_radiographs(shared_data):
+    """Preparation hashes the resized image (>= 64 px) instead of the decoded pixels, to save the hash's own
+    shrinking: on the shared full-resolution radiographs, at the sizes and resizes users pick, the near- and
+    exact-duplicate findings are the same, and different radiographs stay far beyond the near-duplicate
+    distance."""
+    from preprocessing.audit import DEFAULT_NEAR_DISTANCE
+    from preprocessing.transform import decode, resize_content
+
+    files = sorted((shared_data / "kermany-fullres").glob("*/*.jpeg"))
+    assert len(files) >= 400
+    for size, resize in ((224, "stretch"), (128, "letterbox")):
+        decoded = [decode(f.read_bytes(), size, resize, f.name).pixels for f in files]
+        before = np.array([perceptual_hash(d) for d in decoded])
+        after = np.array([perceptual_hash(resize_content(d, size, resize)) for d in decoded])
+        pairs = [near_duplicate_pairs(h, DEFAULT_NEAR_DISTANCE) for h in (before, after)]
+        assert [(i, j) for i, j, _ in pairs[0]] == [(i, j) for i, j, _ in pairs[1]]
+        # nothing near the line: the closest different pair of either is far beyond it
+        exact = {tuple(g) for g in exact_duplicate_groups([pixel_digest(d) for d in decoded])}
+        closest = [k for i, j, k in near_duplicate_pairs(after, 2 * DEFAULT_NEAR_DISTANCE) if (i, j) not in exact]
+        assert not closest or min(closest) > DEFAULT_NEAR_DISTANCE + 8, closest
+
+
 def multilabel_cohort(seed: int, patients: int = 3000, labels: int = 6):
     """Patients with 1-30 images (a long tail, as NIH's), labels of very different prevalence, correlated within
     a patient; one label rare (about 1 %), and some masked (-1) targets."""
