@@ -30,7 +30,7 @@ def test_checks_are_named_by_the_factor_measured(big):
 @pytest.mark.parametrize("ours, statuses", [
     (400.0, {"speedup_vs_thesis": "met", "cxrscale-2 / decode-bound ceiling (2 x serial decode)": "met",
              "per-image work beyond the decode, ms per worker (cxrscale-2)": "met"}),
-    (330.0, {"speedup_vs_thesis": "NOT MET", "cxrscale-2 / decode-bound ceiling (2 x serial decode)": "NOT MET",
+    (300.0, {"speedup_vs_thesis": "NOT MET", "cxrscale-2 / decode-bound ceiling (2 x serial decode)": "NOT MET",
              "per-image work beyond the decode, ms per worker (cxrscale-2)": "NOT MET"})])
 def test_speed_against_the_thesis_and_the_decode_bound_ceiling(ours, statuses):
     checks, md = summarise(results(2, {**RATES, "cxrscale-2": ours}))
@@ -41,3 +41,17 @@ def test_speed_against_the_thesis_and_the_decode_bound_ceiling(ours, statuses):
     assert got["per-image work beyond the decode, ms per worker (cxrscale-2)"]["measured"] == pytest.approx(
         1e3 * (2 / ours - 1 / 200))
     assert "2 workers are bound by 400.0 images/s" in md
+
+
+def test_ratios_pair_the_runs_of_one_round():
+    """A slow round slows every variant run in it: the ratio is the median of same-round ratios, not the ratio
+    of the medians."""
+    data = results(2, {**RATES, "cxrscale-2": 400.0})
+    for run in data["runs"]:
+        run["round_rates"] = [run["images_per_second"] * k for k in (1.0, 0.6, 1.1)]
+        if run["variant"] == "tfdata" and run["n_factor"] == 2:
+            run["round_rates"] = [200.0, 100.0, 300.0]  # median 200, but 400/200, 240/100, 440/300 in the rounds
+    checks, md = summarise(data)
+    got = {c["name"]: c["measured"] for c in checks}
+    assert got["speedup_vs_tfdata (decode + resize)"] == pytest.approx(2.0)  # median of 2.0, 2.4, 1.467
+    assert "each round" in md
