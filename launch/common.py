@@ -52,6 +52,19 @@ def split_tail(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
     return argv[:cut], argv[cut + 1:]
 
 
+def with_tf_backend(entry: EntryPoint, launcher: str) -> EntryPoint:
+    """`entry` (distributed.train) with --backend tf, as a launcher of tf.distribute workers starts it; a
+    command asking for another backend is refused, naming `launcher`."""
+    args = list(entry.args)
+    if "--backend" not in args:
+        return EntryPoint(entry.module, (*args, "--backend", "tf"))
+    given = args[args.index("--backend") + 1:args.index("--backend") + 2]
+    if given != ["tf"]:
+        raise CxrError(f"{launcher} starts tf.distribute workers, but the command asks for --backend "
+                       f"{' '.join(given) or '(nothing)'}: leave --backend out of the command after --")
+    return entry
+
+
 def parse_entry_point(tail: Sequence[str] | None, launcher: str) -> EntryPoint:
     """`distributed.train ARGS` or `python -m distributed.train ARGS` -> EntryPoint; anything else is refused.
 

@@ -29,7 +29,7 @@ import yaml
 
 from launch.common import (ELASTIC_COOLDOWN, EntryPoint, WARNING, data_checks, data_target, elastic_range,
                            parse_entry_point, print_checks, processes_per_node, split_tail, stop_if_fatal, tail_usage,
-                           write_generated)
+                           with_tf_backend, write_generated)
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, run_cli
 
@@ -129,7 +129,7 @@ def tfjob(*, name: str, image: str, workers: int, gpus_per_worker: int, entry: E
     The operator requires the container to be named "tensorflow" and writes each pod's TF_CONFIG; a failed
     pod is not restarted on its own (its peers would wait in a collective): the job fails, and applying it
     again with --resume continues from the run's last checkpoint."""
-    argv = entry.argv("python") + ([] if "--backend" in entry.args else ["--backend", "tf"])
+    argv = with_tf_backend(entry, f"{PROG} --backend tf").argv("python")
     container: dict[str, Any] = {"name": "tensorflow", "image": image, "command": argv,
                                  "env": [{"name": key, "value": value} for key, value in ENV.items()],
                                  "ports": [{"name": "tfjob-port", "containerPort": 2222}]}

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from launch.common import (Check, ERROR, EntryPoint, INFO, OK, WARNING, data_checks, data_target, elastic_range,
-                           loose_data_target, parse_entry_point, print_checks, split_tail, stop_if_fatal, tail_usage)
+                           loose_data_target, parse_entry_point, print_checks, split_tail, stop_if_fatal, tail_usage,
+                           with_tf_backend)
 from launch.hostfile import (Host, discovery_script, horovod_hosts_arg, parse_nodes, read_hostfile, total_slots,
                              write_discovery_script)
 from cxrscale.errors import CxrError
@@ -242,14 +243,7 @@ def tf_worker_commands(np: int, entry: EntryPoint, python: str = sys.executable,
     command with --backend tf, and TF_CONFIG naming every worker's localhost port and this one's index."""
     from distributed.training.backends import free_ports, tf_config  # no TensorFlow at import
 
-    argv = entry.argv(python)
-    if "--backend" in argv:
-        given = argv[argv.index("--backend") + 1:argv.index("--backend") + 2]
-        if given != ["tf"]:
-            raise CxrError(f"--backend tf launches tf.distribute workers, but the command asks for --backend "
-                           f"{' '.join(given) or '(nothing)'}: leave --backend out of the command after --")
-    else:
-        argv += ["--backend", "tf"]
+    argv = with_tf_backend(entry, f"{PROG} --backend tf").argv(python)
     ports = list(ports or free_ports(np))
     addresses = [f"localhost:{port}" for port in ports]
     return [(argv, {"TF_CONFIG": tf_config(addresses, index)}) for index in range(np)]

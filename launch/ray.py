@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from cxrscale.cli import OneLineParser, run_cli
 from cxrscale.errors import CxrError
 from launch.common import (ERROR, OK, Check, data_checks, data_target, parse_entry_point, print_checks, split_tail,
-                           stop_if_fatal, tail_usage)
+                           stop_if_fatal, tail_usage, with_tf_backend)
 
 PROG = "python -m launch.ray"
 REPO = Path(__file__).resolve().parents[1]
@@ -41,18 +41,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     code = main(loop_config["argv"])
     if code:
         raise RuntimeError(f"distributed.train exited with status {code}")
-
-
-def worker_argv(args: Sequence[str]) -> list[str]:
-    """distributed.train's arguments with --backend tf (refusing another backend)."""
-    argv = list(args)
-    if "--backend" in argv:
-        given = argv[argv.index("--backend") + 1:argv.index("--backend") + 2]
-        if given != ["tf"]:
-            raise CxrError(f"Ray Train runs tf.distribute workers, but the command asks for --backend "
-                           f"{' '.join(given) or '(nothing)'}: leave --backend out of the command after --")
-        return argv
-    return argv + ["--backend", "tf"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.np < 1 or args.cpus_per_worker <= 0 or args.gpus_per_worker < 0:
         raise CxrError(f"--np must be at least 1 and --cpus-per-worker positive, got --np {args.np} "
                        f"--cpus-per-worker {args.cpus_per_worker} --gpus-per-worker {args.gpus_per_worker}")
-    argv_worker = worker_argv(entry.args)
+    argv_worker = list(with_tf_backend(entry, PROG).args)
     checks = preflight(args.np, entry, local=args.address is None)
     print_checks(checks, f"checks before starting {args.np} Ray Train workers of {entry.module}:")
     stop_if_fatal(checks, "nothing was started")

@@ -32,7 +32,7 @@ from typing import Sequence
 
 from launch.common import (ELASTIC_COOLDOWN, EntryPoint, WARNING, data_checks, data_target, elastic_range,
                            parse_entry_point, print_checks, processes_per_node, split_tail, stop_if_fatal, tail_usage,
-                           write_generated)
+                           with_tf_backend, write_generated)
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, run_cli
 
@@ -140,7 +140,7 @@ def sbatch_script(job: SlurmJob, entry: EntryPoint) -> str:
         else:
             body.append(f'{run}horovodrun -np "$NP" -H "$HOSTS" {module_cmd}')
     elif job.backend == "tf":
-        tf_cmd = module_cmd + ("" if "--backend" in entry.args else " --backend tf")
+        tf_cmd = " ".join(q(word) for word in with_tf_backend(entry, f"{PROG} --backend tf").argv("python"))
         body += ["# tf.distribute: one Slurm task per worker (GPU); each finds the others through TensorFlow's",
                  "# SlurmClusterResolver, on ports from CXR_TF_PORT (default 8888) up.",
                  f"srun {run}{tf_cmd}"]
