@@ -289,7 +289,8 @@ def discover(input_path: str | Path, *, uncertain: str = "ignore", labels: tuple
              test_list: str | None = None, blank: str = "negative") -> Discovery:
     """Find every input under a folder (Kermany split layout or CLASS/* folders) or listed in a CSV file
     (one label per image, or multi-label: `preprocessing.multilabel`). uncertain, blank, labels: a multi-label
-    CSV's policies for uncertain and blank labels and the labels to keep; test_list: a file naming the images of a given test split.
+    CSV's policies for uncertain and blank labels and the labels to keep; test_list: a file naming the images
+    of a given test split.
 
     Raises `CxrError` when the path does not exist, or the layout or CSV is unusable, or fewer than two
     classes (a multi-label input: no label) have any file.

@@ -5,9 +5,9 @@
 tf.distribute cluster: `backends`), pin a device, choose the precision, read the data's shape, build the
 model with the same initial weights on every rank, scale the learning rate with the workers and wrap the
 optimizer. Under Horovod nothing in it calls a collective, so a worker that joins an elastic job mid-way
-opens the run the same way (under tf.distribute the workers start together, and fill the plain copy). The `TrainingRun` it returns then
-plans each worker's data for a size, starts the run folder (checks, resume, records), builds the datasets
-and callbacks, fits, and finishes (calibration, export, summary).
+opens the run the same way (tf.distribute's workers start together and fill the plain copy at the end). The
+`TrainingRun` it returns then plans each worker's data for a size, starts the run folder (checks, resume,
+records), builds the datasets and callbacks, fits, and finishes (calibration, export, summary).
 """
 from __future__ import annotations
 

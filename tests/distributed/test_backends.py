@@ -120,5 +120,6 @@ def test_what_stays_horovod_only_is_refused_by_name(prepared32_fullbatch, tmp_pa
                  str(prepared32_fullbatch))
     assert dry.returncode == 0, dry.stderr
     configs = [json.loads(line.split("'")[1]) for line in dry.stdout.splitlines() if line.startswith("TF_CONFIG=")]
-    assert [c["task"]["index"] for c in configs] == [0, 1] and len({tuple(c["cluster"]["worker"]) for c in configs}) == 1
+    assert [c["task"]["index"] for c in configs] == [0, 1]
+    assert len({tuple(c["cluster"]["worker"]) for c in configs}) == 1  # one cluster, both workers in it
     assert all(line.endswith("--backend tf") for line in dry.stdout.splitlines() if line.startswith("TF_CONFIG="))

@@ -6,8 +6,8 @@ import pytest
 from tests.launch.cli import run_module
 
 
-@pytest.mark.parametrize("module", ["launch.hostfile", "launch.local", "launch.slurm", "launch.kubernetes", "launch.ray",
-                                    "launch.pipeline"])
+@pytest.mark.parametrize("module", ["launch.hostfile", "launch.local", "launch.slurm", "launch.kubernetes",
+                                    "launch.ray", "launch.pipeline"])
 def test_help(module):
     result = run_module(module, "--help")
     assert result.returncode == 0, result.stderr
