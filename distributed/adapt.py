@@ -146,7 +146,10 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
                        "recalibrated by a temperature per finding (--calibration temperature)")
     logits_head = Head.of_logits(model)
     record: dict[str, Any] = {"site": config.site, "adapted_from": str(run_dir), "adabn": None}
-    run_calibration = Calibration.from_dict(read_json(run_dir / "calibration.json", "calibration record"))
+    calibration_file = run_dir / "calibration.json"  # every run's; none only in a folder made by hand
+    calibration_record = read_json(calibration_file, "calibration record") if calibration_file.is_file() else \
+        {"method": "none", "fitted_on": "nothing (no calibration.json)"}
+    run_calibration = Calibration.from_dict(calibration_record)
     if not config.labelled:
         labelled = None
     elif head.multilabel:
@@ -204,7 +207,7 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
     if (run_dir / "eval" / GUARD_FILE).is_file():  # the guard looks at the images, which adaptation leaves alone
         (output / "eval").mkdir(exist_ok=True)
         shutil.copyfile(run_dir / "eval" / GUARD_FILE, output / "eval" / GUARD_FILE)
-    fitted_on = read_json(run_dir / "calibration.json", "calibration record").get("fitted_on", "val")
+    fitted_on = calibration_record.get("fitted_on", "val")
     if labelled is not None:
         kept = [r["finding"] for r in record["labelled"].get("findings", []) if not r["adapted"]]
         fitted_on = f"site {config.site}: {record['labelled']['n']} labelled images" + \
