@@ -230,7 +230,7 @@ def provenance(config: EvaluateConfig, target: Target, manifest: dict, scorer,
 def finding_gradcams(target: Target, test: SplitScores, findings: list[str], scorer) -> list[dict[str, Any]]:
     """For each finding, its most confident true positive in the split with the Grad-CAM of that finding's
     output: where the model looks when it says so. OUTPUT/gradcam/FINDING.png."""
-    from distributed.evaluation.gradcam import gradcam, overlay
+    from distributed.evaluation.gradcam import file_stem, gradcam, overlay
 
     picks = []
     for k, name in enumerate(findings):
@@ -243,7 +243,7 @@ def finding_gradcams(target: Target, test: SplitScores, findings: list[str], sco
     out = []
     for k, name, index in picks:
         heat = gradcam(scorer.keras_model, images[index][None], np.array([k]))[0]
-        file = f"gradcam/{''.join(c if c.isalnum() else '_' for c in name)}.png"
+        file = f"gradcam/{file_stem(name)}.png"
         report.write_png(target.output / file, overlay(images[index], heat))
         out.append({"finding": name, "file": file, "index": index, "probability": float(test.probs[index, k])})
     return out

@@ -260,14 +260,14 @@ def write_gradcams(folder: Path, model, images: np.ndarray, pred: np.ndarray | N
     """Grad-CAM overlays under FOLDER: one of the predicted class per image (<file stem>-gradcam.png), or for a
     multi-label model one per finding called positive (<file stem>-<finding>-gradcam.png; none when no finding
     is). The row's "gradcam" names them, joined by | for several findings."""
-    from distributed.evaluation.gradcam import gradcam, overlay  # TensorFlow: a Keras model is loaded already
+    from distributed.evaluation.gradcam import file_stem, gradcam, overlay  # TensorFlow: a Keras model is loaded
     from distributed.evaluation.report import write_png
 
     folder.mkdir(parents=True, exist_ok=True)
     if findings is None:
         pairs = [(i, int(c), "") for i, c in enumerate(pred)]
     else:
-        pairs = [(i, k, "-" + "".join(c if c.isalnum() else "_" for c in name))
+        pairs = [(i, k, f"-{file_stem(name)}")
                  for i, row in enumerate(rows) for k, name in enumerate(findings) if row[f"positive_{name}"]]
     if not pairs:
         return

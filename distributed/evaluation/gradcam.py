@@ -53,6 +53,11 @@ def gradcam(model: keras.Model, images: np.ndarray, class_index: int | np.ndarra
     return np.divide(maps, peaks, out=np.zeros_like(maps), where=peaks > 0).astype(np.float32)
 
 
+def file_stem(name: str) -> str:
+    """A finding's or class's name as a file-name part: every character but letters and digits becomes _."""
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
 def overlay(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
     """Grey uint8 image (H, W) or (H, W, 1) with a JET-coloured heat-map (H, W) in [0, 1] -> RGB uint8 (H, W, 3).
 
