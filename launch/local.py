@@ -71,8 +71,58 @@ print("CXR-PROBE " + json.dumps(info))
 def horovod_build(python: str | None = None) -> dict:
     """What the Horovod installed for `python` (default: this one) was built with: {"version", "tensorflow",
     "gloo", "mpi", "nccl" (version or 0), "cuda", "rocm"}, or {"import_error"} / {"version", "tensorflow_error"}.
-    Asked once per process (it costs a TensorFlow import)."""
-    return dict(_probe_horovod(python or sys.executable))
+
+    Asking costs a TensorFlow import, so the answer is asked once per process and, for this interpreter, kept
+    on disk (`build_cache_file`) under a key made of the installed Horovod and TensorFlow files: a reinstall
+    of either asks again. A failed probe is never kept, so a repaired install is seen at once."""
+    python = python or sys.executable
+    cache = build_cache_file() if python == sys.executable else None
+    if cache is not None:
+        try:
+            return dict(json.loads(cache.read_text())["build"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # absent or unreadable: ask Horovod
+    build = dict(_probe_horovod(python))
+    if cache is not None and build.get("tensorflow"):
+        try:
+            from cxrscale.files import write_json_atomic
+
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(cache, {"python": python, "build": build})
+        except OSError:
+            pass  # a read-only cache folder costs the next launch a probe, nothing more
+    return build
+
+
+@lru_cache(maxsize=None)
+def build_cache_file() -> Path | None:
+    """Where this interpreter's Horovod build answer is kept: $XDG_CACHE_HOME/cxrscale (else ~/.cache/cxrscale)
+    /horovod-build-KEY.json, KEY a hash of the interpreter and of the name, size and modification time of
+    Horovod's compiled TensorFlow extension and of TensorFlow's own library. None when they cannot be found
+    (then every process asks Horovod)."""
+    import importlib.util
+
+    files: list[Path] = []
+    for package, patterns in (("horovod", ("tensorflow/mpi_lib*.so", "common/*.so", "__init__.py")),
+                              ("tensorflow", ("libtensorflow_framework.so*", "__init__.py"))):
+        spec = importlib.util.find_spec(package)  # finds the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        root = Path(list(spec.submodule_search_locations)[0])
+        found = sorted(f for pattern in patterns for f in root.glob(pattern))
+        if not found:
+            return None
+        files += found
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "cxrscale" / f"horovod-build-{install_key(sys.executable, files)}.json"
+
+
+def install_key(python: str, files: Sequence[Path]) -> str:
+    """A short hash of an interpreter and of the name, size and modification time of each file."""
+    import hashlib
+
+    parts = [os.path.realpath(python)] + [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 @lru_cache(maxsize=None)
@@ -219,12 +269,20 @@ class Elastic:
         return args
 
 
-def horovodrun_command(np: int, hosts: Sequence[Host] | None, entry: EntryPoint, *, runner: str = "horovodrun",
-                       python: str = sys.executable, gloo: bool = False, elastic: Elastic | None = None) -> list[str]:
-    """horovodrun -np N [--gloo] [-H a:4,b:4 | elastic options] PYTHON -m MODULE ARGS [--elastic]. The host
-    list is passed with -H even when it came from a file: horovodrun's own host-file reader cannot take
-    comments or blank lines. Elastic jobs find their hosts through the discovery script instead."""
-    cmd = [runner, "-np", str(np)]
+def horovod_launcher(python: str = sys.executable) -> list[str]:
+    """horovodrun as the toolkit starts it: `PYTHON -m launch.horovodrun`, Horovod's own launcher without its
+    per-launch build probe (launch/horovodrun.py)."""
+    return [python, "-m", "launch.horovodrun"]
+
+
+def horovodrun_command(np: int, hosts: Sequence[Host] | None, entry: EntryPoint, *,
+                       runner: Sequence[str] = ("horovodrun",), python: str = sys.executable, gloo: bool = False,
+                       elastic: Elastic | None = None) -> list[str]:
+    """RUNNER -np N [--gloo] [-H a:4,b:4 | elastic options] PYTHON -m MODULE ARGS [--elastic], RUNNER horovodrun
+    or `horovod_launcher`. The host list is passed with -H even when it came from a file: horovodrun's own
+    host-file reader cannot take comments or blank lines. Elastic jobs find their hosts through the discovery
+    script instead."""
+    cmd = [*runner, "-np", str(np)]
     if gloo:
         cmd.append("--gloo")
     if elastic:
@@ -471,11 +529,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"{f' (elastic, {elastic.min_np} to {elastic.max_np})' if elastic else ''}:")
         build = horovod_build(python)
         # Gloo whenever it is built, also beside MPI (horovodrun would pick MPI): the controller elastic runs need
-        # and the one the toolkit is tested on here; MPI is the route of mpirun (MPIJob) and srun. Saying so also
-        # spares horovodrun its own build probe (one more TensorFlow import).
+        # and the one the toolkit is tested on here; MPI is the route of mpirun (MPIJob) and srun.
         gloo = bool(build.get("gloo"))
-        command = horovodrun_command(args.np, hosts, entry, runner=horovodrun_path(python) or "horovodrun",
-                                     python=python, gloo=gloo, elastic=elastic)
+        command = horovodrun_command(args.np, hosts, entry, runner=horovod_launcher(python), python=python,
+                                     gloo=gloo, elastic=elastic)
         if args.dry_run:
             if script is not None:
                 print(f"# {elastic.discovery} (host discovery, asked every second):")

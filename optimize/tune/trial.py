@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.common import EntryPoint
-from launch.local import horovodrun_command, horovodrun_path
+from launch.local import horovod_launcher, horovodrun_command
 from cxrscale.files import read_numeric_csv, write_json_atomic
 
 log = logging.getLogger("cxrscale.tune")
@@ -29,10 +29,8 @@ def trial_command(config_file: Path, workers: int) -> list[str]:
     train = EntryPoint("distributed.train", ("--config", str(config_file)))
     if workers <= 1:
         return train.argv(sys.executable)
-    runner = horovodrun_path(sys.executable)
-    if runner is None:
-        raise RuntimeError("horovodrun was not found next to the Python interpreter or on PATH")
-    return horovodrun_command(workers, [("localhost", workers)], train, runner=runner, python=sys.executable, gloo=True)
+    return horovodrun_command(workers, [("localhost", workers)], train, runner=horovod_launcher(sys.executable),
+                              python=sys.executable, gloo=True)
 
 
 def die_with_parent():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import PYTHON, REPO
-from tests.training_fixtures import prepare, quiet, run_train
+from tests.training_fixtures import HOROVODRUN, prepare, quiet, run_train
 
 
 def history(run: Path) -> list[dict]:
@@ -110,7 +110,8 @@ def test_bad_input_exits_2_before_training(prepared64, tmp_path):
 def test_fewer_shards_than_workers_stops_every_worker(sample_images, tmp_path):
     data = prepare(sample_images, tmp_path / "one-shard", "--size", "32", "--shards", "1")
     started = time.time()
-    result = run_train("--data", str(data), "--output", str(tmp_path / "run"), np_=2, timeout=300)
+    result = run_train("--data", str(data), "--output", str(tmp_path / "run"), np_=2, timeout=300,
+                       runner=HOROVODRUN)  # the README's own horovodrun
     assert result.returncode != 0
     assert "1 train shard files for 2 workers" in result.stderr + result.stdout
     assert time.time() - started < 240  # no rank is left waiting for the other

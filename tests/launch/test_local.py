@@ -55,6 +55,54 @@ def test_horovod_here_is_built_with_tensorflow_and_gloo():
     assert level == OK and "built with TensorFlow" in message and "Gloo" in message
 
 
+def test_the_build_answer_is_kept_on_disk_and_launch_horovodrun_starts_jobs_with_it(tmp_path, monkeypatch):
+    """launch.horovodrun is horovodrun with its build probe answered from launch.local's kept answer: a kept
+    answer without Gloo makes it refuse --gloo as horovodrun refuses an install without Gloo, the real answer
+    starts two ranks, and a failed rank is reported and fails the launch as horovodrun reports it."""
+    import os
+    import subprocess
+
+    from launch import local
+    from tests.conftest import PYTHON, REPO
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    local.build_cache_file.cache_clear()
+    kept = local.build_cache_file()
+    assert kept is not None and kept.parent == tmp_path / "cache" / "cxrscale" and not kept.exists()
+    real = horovod_build()
+    assert json.loads(kept.read_text())["build"] == real  # asked once, kept
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PYTHON, "-m", "launch.horovodrun", "-np", "2", "--gloo", *command], cwd=REPO,
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ))
+
+    kept.write_text(json.dumps({"build": {**real, "gloo": False}}))
+    refused = run(PYTHON, "-c", "pass")
+    assert refused.returncode != 0 and "Gloo support has not been built" in refused.stderr
+    kept.write_text(json.dumps({"build": real}))
+    ranks = run(PYTHON, "-c", "import os; print('rank', os.environ['HOROVOD_RANK'], 'of', os.environ['HOROVOD_SIZE'])")
+    assert ranks.returncode == 0, ranks.stderr
+    assert {"[0]<stdout>:rank 0 of 2", "[1]<stdout>:rank 1 of 2"} <= set(ranks.stdout.splitlines())
+    failed = run(PYTHON, "-c", "import os, sys; sys.exit(3 if os.environ['HOROVOD_RANK'] == '1' else 0)")
+    assert failed.returncode == 1 and "Process name: 1\nExit code: 3" in failed.stderr
+    local.build_cache_file.cache_clear()
+
+
+def test_the_kept_build_answer_is_asked_again_after_a_reinstall(tmp_path):
+    import os
+
+    from launch.local import install_key
+
+    library = tmp_path / "mpi_lib.so"
+    library.write_bytes(b"x" * 10)
+    key = install_key("python", [library])
+    assert install_key("python", [library]) == key
+    os.utime(library, ns=(1, 2))
+    assert install_key("python", [library]) != key  # a reinstalled file: a new modification time
+    library.write_bytes(b"y" * 11)
+    assert len({key, install_key("python", [library]), install_key("/other/python", [library])}) == 3
+
+
 def test_build_check_verdicts():
     assert build_checks({"import_error": "ModuleNotFoundError"}, 0)[0][0] == ERROR
     assert build_checks({"version": "0.28.1", "tensorflow_error": "not built"}, 0)[0][0] == ERROR
