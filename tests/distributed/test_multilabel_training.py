@@ -32,7 +32,7 @@ def test_masked_loss_and_metrics_ignore_unknown_labels():
 
 
 @pytest.mark.slow
-def test_two_workers_train_resume_evaluate_and_export_a_multilabel_cnn(findings32, tmp_path, capsys):
+def test_two_workers_train_evaluate_and_export_a_multilabel_cnn(findings32, tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--data", str(findings32), "--model", "cnn", "--batch-size", "16", "--output", str(run),
               "--class-weights", "auto", "--lr", "0.003"]
@@ -49,12 +49,11 @@ def test_two_workers_train_resume_evaluate_and_export_a_multilabel_cnn(findings3
         weights = config["resolved"]["label_weights"][name]
         assert weights["positive"] == pytest.approx(known / (2 * train[name]))
         assert weights["negative"] == pytest.approx(known / (2 * (known - train[name])))
-    resumed = run_train(*common, "--epochs", "3", "--resume", np_=2)
-    assert resumed.returncode == 0, quiet(resumed.stderr)
-    assert "resuming after epoch 2" in resumed.stderr
+    # (a checkpoint holds the model and optimizer whatever the head, so --resume is tested on binary runs; the
+    # multi-label sample goes through elastic resets from its commits in tests/distributed/test_faults.py)
     with open(run / "history.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(0 <= float(r["val_auc"]) <= 1 and np.isfinite(float(r["val_loss"])) for r in rows)
 
     # the validation AUC in the history is the macro AUC of every validation record (both ranks' halves)
