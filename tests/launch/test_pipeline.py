@@ -39,7 +39,8 @@ def test_gpu_recipe_is_the_thesis_setting_with_mixed_precision(tmp_path):
     p = plan(load_recipe("kermany-gpu"), tmp_path / "in", tmp_path / "out", 4, None)
     assert "--size 224" in " ".join(p.prepare)
     vgg, resnet = p.members["vgg16"], p.members["resnet50"]
-    assert vgg[:5] == [vgg[0], "-np", "4", "--gloo", "-H"] and "--precision auto" in " ".join(vgg)
+    assert vgg[:7] == [vgg[0], "-m", "launch.horovodrun", "-np", "4", "--gloo", "-H"]  # horovodrun, by launch.local
+    assert "--precision auto" in " ".join(vgg)
     assert "--model vgg16" in " ".join(vgg) and "--model resnet50" in " ".join(resnet)
     assert "--weights imagenet" in " ".join(resnet) and p.combine and "distributed.ensemble" in p.combine
     # --weights overrides every member's (the members' joined heads: tests/distributed/test_ensemble.py)
