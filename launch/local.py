@@ -103,18 +103,22 @@ def build_cache_file() -> Path | None:
     import importlib.util
 
     files: list[Path] = []
-    for package, patterns in (("horovod", ("tensorflow/mpi_lib*.so", "common/*.so", "__init__.py")),
-                              ("tensorflow", ("libtensorflow_framework.so*", "__init__.py"))):
-        spec = importlib.util.find_spec(package)  # finds the package without importing it
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        root = Path(list(spec.submodule_search_locations)[0])
-        found = sorted(f for pattern in patterns for f in root.glob(pattern))
-        if not found:
-            return None
-        files += found
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "cxrscale" / f"horovod-build-{install_key(sys.executable, files)}.json"
+    try:
+        for package, patterns in (("horovod", ("tensorflow/mpi_lib*.so", "common/*.so", "__init__.py")),
+                                  ("tensorflow", ("libtensorflow_framework.so*", "__init__.py"))):
+            spec = importlib.util.find_spec(package)  # finds the package without importing it
+            if spec is None or not spec.submodule_search_locations:
+                return None
+            root = Path(list(spec.submodule_search_locations)[0])
+            found = sorted(f for pattern in patterns for f in root.glob(pattern))
+            if not found:
+                return None
+            files += found
+        # Path.home() fails for a user without a home (some containers run an arbitrary uid)
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return base / "cxrscale" / f"horovod-build-{install_key(sys.executable, files)}.json"
+    except (OSError, ValueError, ImportError, RuntimeError, KeyError):
+        return None
 
 
 def install_key(python: str, files: Sequence[Path]) -> str:
