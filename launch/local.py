@@ -273,20 +273,14 @@ class Elastic:
         return args
 
 
-def horovod_launcher(python: str = sys.executable) -> list[str]:
-    """horovodrun as the toolkit starts it: `PYTHON -m launch.horovodrun`, Horovod's own launcher without its
-    per-launch build probe (launch/horovodrun.py)."""
-    return [python, "-m", "launch.horovodrun"]
-
-
-def horovodrun_command(np: int, hosts: Sequence[Host] | None, entry: EntryPoint, *,
-                       runner: Sequence[str] = ("horovodrun",), python: str = sys.executable, gloo: bool = False,
-                       elastic: Elastic | None = None) -> list[str]:
-    """RUNNER -np N [--gloo] [-H a:4,b:4 | elastic options] PYTHON -m MODULE ARGS [--elastic], RUNNER horovodrun
-    or `horovod_launcher`. The host list is passed with -H even when it came from a file: horovodrun's own
+def horovodrun_command(np: int, hosts: Sequence[Host] | None, entry: EntryPoint, *, python: str = sys.executable,
+                       gloo: bool = False, elastic: Elastic | None = None) -> list[str]:
+    """PYTHON -m launch.horovodrun -np N [--gloo] [-H a:4,b:4 | elastic options] PYTHON -m MODULE ARGS [--elastic]:
+    horovodrun as the toolkit starts it, Horovod's own launcher without its per-launch build probe
+    (launch/horovodrun.py). The host list is passed with -H even when it came from a file: horovodrun's own
     host-file reader cannot take comments or blank lines. Elastic jobs find their hosts through the discovery
     script instead."""
-    cmd = [*runner, "-np", str(np)]
+    cmd = [python, "-m", "launch.horovodrun", "-np", str(np)]
     if gloo:
         cmd.append("--gloo")
     if elastic:
@@ -535,8 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Gloo whenever it is built, also beside MPI (horovodrun would pick MPI): the controller elastic runs need
         # and the one the toolkit is tested on here; MPI is the route of mpirun (MPIJob) and srun.
         gloo = bool(build.get("gloo"))
-        command = horovodrun_command(args.np, hosts, entry, runner=horovod_launcher(python), python=python,
-                                     gloo=gloo, elastic=elastic)
+        command = horovodrun_command(args.np, hosts, entry, python=python, gloo=gloo, elastic=elastic)
         if args.dry_run:
             if script is not None:
                 print(f"# {elastic.discovery} (host discovery, asked every second):")

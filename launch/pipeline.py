@@ -38,7 +38,7 @@ from typing import Any, Sequence
 from distributed.evaluation.model_card import write_model_card
 from cxrscale import tracking
 from launch.common import EntryPoint
-from launch.local import horovod_launcher, horovodrun_command
+from launch.local import horovodrun_command
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, run_cli
 from cxrscale.console import setup_logging
@@ -164,8 +164,7 @@ def plan(recipe: Recipe, input_path: Path, output: Path, np_: int, weights: str 
             members[name] = [python, "-m", "launch.local", "--backend", "tf", "--np", str(np_), "--",
                              "distributed.train", *args]
         else:
-            members[name] = horovodrun_command(np_, [("localhost", np_)], entry, runner=horovod_launcher(python),
-                                               python=python, gloo=True)
+            members[name] = horovodrun_command(np_, [("localhost", np_)], entry, python=python, gloo=True)
     combine = None
     if len(members) > 1:
         combine = [python, "-m", "distributed.ensemble", "--runs",

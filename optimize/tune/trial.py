@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.common import EntryPoint
-from launch.local import horovod_launcher, horovodrun_command
+from launch.local import horovodrun_command
 from cxrscale.files import read_numeric_csv, write_json_atomic
 
 log = logging.getLogger("cxrscale.tune")
@@ -29,8 +29,7 @@ def trial_command(config_file: Path, workers: int) -> list[str]:
     train = EntryPoint("distributed.train", ("--config", str(config_file)))
     if workers <= 1:
         return train.argv(sys.executable)
-    return horovodrun_command(workers, [("localhost", workers)], train, runner=horovod_launcher(sys.executable),
-                              python=sys.executable, gloo=True)
+    return horovodrun_command(workers, [("localhost", workers)], train, python=sys.executable, gloo=True)
 
 
 def die_with_parent():
