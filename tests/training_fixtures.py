@@ -24,18 +24,17 @@ def quiet(text: str) -> str:
 
 
 # Several workers start as the toolkit's launchers start them (launch.horovodrun: horovodrun without its
-# per-launch build probe); the README's plain `horovodrun` is run by the tests that pass runner=HOROVODRUN.
+# per-launch build probe); the README's plain `horovodrun` is run by the tests that pass runner=(HOROVODRUN,).
 LAUNCHER = (PYTHON, "-m", "launch.horovodrun")
 
 
-def train_cmd(*args: str, np_: int = 1, runner: str | tuple[str, ...] = LAUNCHER) -> list[str]:
+def train_cmd(*args: str, np_: int = 1, runner: tuple[str, ...] = LAUNCHER) -> list[str]:
     base = [PYTHON, "-m", "distributed.train", *args]
-    runner = (runner,) if isinstance(runner, str) else runner
     return [*runner, "-np", str(np_), "--gloo", *base] if np_ > 1 else base
 
 
 def run_train(*args: str, np_: int = 1, timeout: float = 900,
-              runner: str | tuple[str, ...] = LAUNCHER) -> subprocess.CompletedProcess:
+              runner: tuple[str, ...] = LAUNCHER) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     return subprocess.run(train_cmd(*args, np_=np_, runner=runner), cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)

@@ -111,7 +111,7 @@ def test_fewer_shards_than_workers_stops_every_worker(sample_images, tmp_path):
     data = prepare(sample_images, tmp_path / "one-shard", "--size", "32", "--shards", "1")
     started = time.time()
     result = run_train("--data", str(data), "--output", str(tmp_path / "run"), np_=2, timeout=300,
-                       runner=HOROVODRUN)  # the README's own horovodrun
+                       runner=(HOROVODRUN,))  # the README's own horovodrun
     assert result.returncode != 0
     assert "1 train shard files for 2 workers" in result.stderr + result.stdout
     assert time.time() - started < 240  # no rank is left waiting for the other

@@ -67,10 +67,13 @@ def test_the_build_answer_is_kept_on_disk_and_launch_horovodrun_starts_jobs_with
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     local.build_cache_file.cache_clear()
-    kept = local.build_cache_file()
-    assert kept is not None and kept.parent == tmp_path / "cache" / "cxrscale" and not kept.exists()
-    real = horovod_build()
-    assert json.loads(kept.read_text())["build"] == real  # asked once, kept
+    try:
+        kept = local.build_cache_file()
+        assert kept is not None and kept.parent == tmp_path / "cache" / "cxrscale" and not kept.exists()
+        real = horovod_build()
+        assert json.loads(kept.read_text())["build"] == real  # asked once, kept
+    finally:
+        local.build_cache_file.cache_clear()  # later tests look where their own environment says
 
     def run(*command: str) -> subprocess.CompletedProcess:
         return subprocess.run([PYTHON, "-m", "launch.horovodrun", "-np", "2", "--gloo", *command], cwd=REPO,
@@ -85,7 +88,6 @@ def test_the_build_answer_is_kept_on_disk_and_launch_horovodrun_starts_jobs_with
     assert {"[0]<stdout>:rank 0 of 2", "[1]<stdout>:rank 1 of 2"} <= set(ranks.stdout.splitlines())
     failed = run(PYTHON, "-c", "import os, sys; sys.exit(3 if os.environ['HOROVOD_RANK'] == '1' else 0)")
     assert failed.returncode == 1 and "Process name: 1\nExit code: 3" in failed.stderr
-    local.build_cache_file.cache_clear()
 
 
 def test_the_kept_build_answer_is_asked_again_after_a_reinstall(tmp_path):
