@@ -13,6 +13,8 @@ had (a broken install), horovodrun asks for itself, and reports what it finds, a
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 from typing import Sequence
 
@@ -28,6 +30,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner.gloo_built = lambda verbose=False: bool(build.get("gloo"))
         runner.mpi_built = lambda verbose=False: bool(build.get("mpi"))
     sys.argv = ["horovodrun", *(sys.argv[1:] if argv is None else argv)]
+    # horovodrun's own parser, asked first with its usage text held back: a mistake is one line, as for every
+    # entry point of the toolkit (--help and --version print and exit 0 as horovodrun's do)
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            runner.parse_args()
+    except SystemExit as done:
+        if done.code in (0, None):
+            raise
+        last = (held.getvalue().strip().splitlines() or ["bad arguments"])[-1]
+        print(f"error: {last.removeprefix('horovodrun: error: ')} (python -m launch.horovodrun --help: "
+              "horovodrun's options)", file=sys.stderr)
+        return 2
     runner.run_commandline()  # raises on a failed job, as the horovodrun script does
     return 0
 

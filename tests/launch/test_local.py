@@ -88,6 +88,11 @@ def test_the_build_answer_is_kept_on_disk_and_launch_horovodrun_starts_jobs_with
     assert {"[0]<stdout>:rank 0 of 2", "[1]<stdout>:rank 1 of 2"} <= set(ranks.stdout.splitlines())
     failed = run(PYTHON, "-c", "import os, sys; sys.exit(3 if os.environ['HOROVOD_RANK'] == '1' else 0)")
     assert failed.returncode == 1 and "Process name: 1\nExit code: 3" in failed.stderr
+    for bad, named in ((["--no-such-flag"], "-np/--num-proc"), (["-np", "2", "--bogus", "x"], "--bogus")):
+        wrong = subprocess.run([PYTHON, "-m", "launch.horovodrun", *bad], cwd=REPO, capture_output=True, text=True,
+                               timeout=120)  # horovodrun's parser, its usage text held back: one line
+        assert wrong.returncode == 2 and len(wrong.stderr.splitlines()) == 1, wrong.stderr
+        assert wrong.stderr.startswith("error: ") and named in wrong.stderr
 
 
 def test_the_kept_build_answer_is_asked_again_after_a_reinstall(tmp_path):
