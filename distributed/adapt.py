@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from distributed.model.kerasenv import keras  # noqa: F401  first: chooses tf_keras before TensorFlow loads
-
 import numpy as np
 
 from cxrscale.cli import OneLineParser, config_from, run_cli
@@ -35,15 +33,13 @@ from cxrscale.console import setup_logging
 from cxrscale.errors import CxrError
 from cxrscale.files import atomic_dir, check_writable_dir, read_json, write_json_atomic
 from cxrscale.provenance import git_commit
-from distributed.evaluation.adaptation import adapt_findings, adapt_site
 from distributed.evaluation.scores import DEFAULT_BOOTSTRAP, ThresholdRule, parse_threshold
-from distributed.model.builders import recalibrate_batchnorm
-from distributed.model.calibration import METHODS, Calibration, calibrated_model, logits_of
 from distributed.model.guard import GUARD_FILE
 from distributed.model.heads import Head
 from distributed.model.scoring import ADAPTATION_FILE, read_run_config, run_head, run_model_path
 from preprocessing import multilabel
 from preprocessing.sources import discover
+from distributed.training.config import CALIBRATIONS
 from preprocessing.transform import ImageRejected, TransformParams, transform
 
 log = logging.getLogger("cxrscale.adapt")
@@ -138,6 +134,12 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
         raise CxrError(f"--output {output} already holds a model; choose another folder")
     manifest = read_json(run_dir / "dataset_manifest.json", "the run's dataset manifest")
     params, classes = TransformParams.from_dict(manifest["transform"]), list(manifest["classes"])
+
+    # TensorFlow loads here, after the checks that need none: a mistake is reported without its start-up
+    from distributed.model.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
+    from distributed.evaluation.adaptation import adapt_findings, adapt_site
+    from distributed.model.builders import recalibrate_batchnorm
+    from distributed.model.calibration import Calibration, calibrated_model, logits_of
 
     model = keras.models.load_model(str(model_path), compile=False)
     head = run_head(run_config) or Head.of_model(model)
@@ -256,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "the --labelled images)")
     parser.add_argument("--adabn", action="store_true",
                         help="re-estimate BatchNormalization statistics on the site's images first (AdaBN)")
-    parser.add_argument("--calibration", choices=[m for m in METHODS if m != "auto"], default="temperature",
+    parser.add_argument("--calibration", choices=[m for m in CALIBRATIONS if m != "auto"], default="temperature",
                         help="calibration refitted on the labelled sample (default temperature; platt also learns "
                              "the sample's prevalence, isotonic any monotone map: docs/evaluation.md compares them)")
     parser.add_argument("--threshold", type=parse_threshold, default=ThresholdRule("youden"),

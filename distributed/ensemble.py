@@ -14,12 +14,8 @@ import argparse
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from distributed.model.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
-
-from distributed.model.builders import LOGITS_NAME, LOGIT_DIFFERENCE_NAME, MEAN_LOGITS_NAME, MEMBER_PREFIX
-from distributed.model.calibration import METHODS, calibrated_model, fit_on_validation, logits_model
 from distributed.model.heads import Head
 from distributed.model.scoring import read_run_config, run_model_path
 from cxrscale.errors import CxrError
@@ -27,7 +23,11 @@ from cxrscale.cli import OneLineParser, run_cli
 from cxrscale.console import setup_logging
 from cxrscale.files import atomic_dir, check_writable_dir, write_json_atomic
 from cxrscale.provenance import git_commit, library_versions
+from distributed.training.config import CALIBRATIONS
 from preprocessing import schema
+
+if TYPE_CHECKING:
+    from distributed.model.kerasenv import keras
 
 log = logging.getLogger("cxrscale.ensemble")
 
@@ -41,6 +41,10 @@ def join_members(models: Sequence[keras.Model]) -> keras.Model:
     sigmoid) are averaged on the positive-class logit; multi-label members finding by finding. The result
     ends in a layer named `logits` (the mean), so calibration, evaluation and the optimize stage treat it
     like a single model."""
+    from distributed.model.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
+    from distributed.model.builders import LOGITS_NAME, LOGIT_DIFFERENCE_NAME, MEAN_LOGITS_NAME, MEMBER_PREFIX
+    from distributed.model.calibration import logits_model
+
     shapes = {tuple(m.input_shape[1:]) for m in models}
     heads = [Head.of_logits(m) for m in models]
     # binary heads mix: a sigmoid unit's logit and a 2-unit softmax's z1 - z0 are the same quantity
@@ -94,6 +98,10 @@ def build_ensemble(run_dirs: Sequence[Path], output: Path, method: str) -> dict[
     if (output / "model").exists():
         raise CxrError(f"--output {output} already holds a model; choose another folder")
 
+    # TensorFlow loads here, after the checks that need none: a mistake is reported without its start-up
+    from distributed.model.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
+    from distributed.model.calibration import calibrated_model, fit_on_validation
+
     members = [keras.models.load_model(str(run_model_path(r)), compile=False) for r in run_dirs]
     joined = join_members(members)
     log.info("joined %d members: %d layers, %d parameters", len(members), len(joined.layers), joined.count_params())
@@ -127,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "  python -m distributed.evaluate --run runs/cnn-ensemble")
     parser.add_argument("--runs", nargs="+", required=True, metavar="RUN", help="training run folders (2 or more)")
     parser.add_argument("--output", required=True, help="the ensemble's run folder to write")
-    parser.add_argument("--calibration", choices=METHODS, default="auto",
+    parser.add_argument("--calibration", choices=CALIBRATIONS, default="auto",
                         help="calibration fitted on the validation split of the whole ensemble; auto = temperature "
                              "(default auto)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")

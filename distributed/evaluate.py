@@ -19,8 +19,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from distributed.model.kerasenv import keras  # noqa: F401  first: chooses tf_keras before TensorFlow loads
-
 from distributed.evaluation import report
 from distributed.evaluation.findings import (finding_curves, finding_summary, report_blocks as findings_report_blocks,
                                              write_finding_scores)
@@ -28,8 +26,7 @@ from distributed.evaluation.model_card import write_model_card
 from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, ThresholdRule, compute_metrics,
                                            gallery_picks, load_records, parse_threshold, per_view_metrics,
                                            score_split, split_row, split_views)
-from distributed.model.metrics import THRESHOLD_METRICS
-from distributed.model.calibration import probability_quality
+from distributed.model.metrics import THRESHOLD_METRICS, probability_quality
 from distributed.model.guard import DEFAULT_QUANTILE, GUARD_FILE, Guard, fit_guard
 from distributed.model.scoring import (adapted_finding_thresholds, adapted_threshold, load_scorer, read_run_config,
                                        run_head, run_model_path)
@@ -104,6 +101,10 @@ def resolve_target(config: EvaluateConfig) -> Target:
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    # TensorFlow loads here, after the command line is read (--help, --version and a mistake in the options
+    # answer without its start-up); kerasenv first, so that Keras is tf_keras whichever model is scored
+    from distributed.model.kerasenv import keras  # noqa: F401
+
     started = time.perf_counter()
     target = resolve_target(config)
     manifest = schema.read_manifest(target.data_dir)

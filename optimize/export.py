@@ -29,12 +29,9 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-from distributed.model.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-import tensorflow as tf
 
 from distributed.evaluation.model_card import CARD_NAME
 from distributed.model.guard import GUARD_FILE
@@ -46,6 +43,11 @@ from cxrscale.console import quiet_tensorflow, setup_logging
 from cxrscale.files import (atomic_dir, atomic_path, check_writable_dir, read_json, sha256_file, write_bytes_atomic,
                             write_json_atomic)
 from preprocessing import schema
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from distributed.model.kerasenv import keras
 
 log = logging.getLogger("cxrscale.export")
 
@@ -59,6 +61,8 @@ def serving_function(model: keras.Model, head: Head) -> tf.types.experimental.Po
     """uint8 images (None, H, W, C) -> {"probabilities": (None, head.columns) float32}: the model's output as
     its head's probability columns (a sigmoid unit's P(positive) widened to [1 - p, p]), so that every format
     and every class count reads alike."""
+    import tensorflow as tf  # the model is loaded, so TensorFlow is: this import costs nothing
+
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.uint8, name=INPUT_NAME)
 
     @tf.function(input_signature=[spec], autograph=False)
@@ -104,6 +108,8 @@ def parity(name: str, got: np.ndarray, want: np.ndarray, tolerance: float) -> di
 
 def export_serving(serve, model: keras.Model, target: Path, images: np.ndarray, want: np.ndarray,
                    tolerance: float) -> dict[str, Any]:
+    import tensorflow as tf
+
     holder = tf.Module()
     holder.model = model  # the variables the signature reads
     with atomic_dir(target) as tmp:
@@ -147,6 +153,8 @@ def export_onnx(serve, target: Path, images: np.ndarray, want: np.ndarray, toler
 
 def export_tflite(serve, model: keras.Model, target: Path, images: np.ndarray, want: np.ndarray,
                   tolerance: float) -> dict[str, Any]:
+    import tensorflow as tf
+
     converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], model)
     with quiet_tensorflow():
         data = converter.convert()
@@ -198,6 +206,8 @@ def export(config: ExportConfig) -> dict[str, Any]:
             raise CxrError(f"{output / fmt / name / str(version)} exists: served versions are never replaced; "
                            "pick another --model-version or leave it out for the next free one")
 
+    # TensorFlow loads here (a run's model is a Keras SavedModel, loaded with tf_keras), after the checks that
+    # need none: a mistake is reported without its start-up
     scorer = load_scorer(model_path, head=run_head(run_config))
     model = scorer.keras_model
     if scorer.input_shape != schema.image_shape(manifest):

@@ -22,18 +22,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-from distributed.model.kerasenv import hvd_keras, keras  # first: chooses tf_keras before TensorFlow loads
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from distributed.evaluation.scores import ThresholdRule, compute_metrics, parse_threshold, score_split
-from distributed.model.builders import recalibrate_batchnorm
 from distributed.model.heads import Head
 from distributed.model.scoring import load_scorer, read_run_config, run_model_path
-from distributed.training.data import balanced_class_weights, label_weights, plan_data, train_dataset
-from distributed.training.hvd_utils import agree, configure_devices
 from cxrscale import tracking
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, config_from, run_cli
@@ -41,8 +36,11 @@ from cxrscale.console import setup_logging
 from cxrscale.files import (check_writable_dir, read_json, sha256_file, write_bytes_atomic, write_json_atomic,
                             write_text_atomic)
 from cxrscale.provenance import code_version
-from optimize import compress, measure
+from optimize import measure
 from preprocessing import schema
+
+if TYPE_CHECKING:
+    from distributed.model.kerasenv import keras
 
 log = logging.getLogger("cxrscale.optimize")
 
@@ -125,6 +123,9 @@ def fine_tune(model: keras.Model, config: PruneQuantizeConfig, hvd, plan, extra_
               class_weight: dict | list | None) -> None:
     """A few epochs of data-parallel training of a wrapped (pruning / QAT) model on the train split.
     class_weight: fit()'s class weights, or a multi-label head's (negative, positive) weight per label."""
+    from distributed.model.kerasenv import keras
+    from distributed.training.data import train_dataset
+
     size = hvd.size()
     optimizer = keras.optimizers.Adam(learning_rate=config.lr * size)
     if size > 1:
@@ -147,6 +148,9 @@ def build_fine_tuned(variant: Variant, base: keras.Model, config: PruneQuantizeC
     """Prune and/or quantization-aware-train `base`; returns the model to convert and facts about it.
     bn_images: the train images pruned models re-estimate their BatchNormalization statistics on."""
     import tensorflow_model_optimization as tfmot
+
+    from distributed.model.builders import recalibrate_batchnorm
+    from optimize import compress
 
     facts: dict[str, Any] = {}
     model = base
@@ -272,6 +276,13 @@ def prepare_output(config: PruneQuantizeConfig) -> Path:
 
 
 def run(config: PruneQuantizeConfig) -> dict | None:
+    # TensorFlow and Horovod load here, after the command line is read: --help, --version and a mistake in the
+    # options answer without their start-up
+    from distributed.model.kerasenv import hvd_keras, keras  # first: chooses tf_keras before TensorFlow loads
+    from distributed.training.data import balanced_class_weights, label_weights, plan_data
+    from distributed.training.hvd_utils import agree, configure_devices
+    from optimize import compress
+
     hvd = hvd_keras()
     hvd.init()
     rank = hvd.rank()

@@ -19,7 +19,7 @@ import numpy as np
 from cxrscale.errors import CxrError
 from distributed.evaluation.scores import ThresholdRule
 from distributed.model import metrics as m
-from distributed.model.calibration import Calibration, fit_calibration, probability_quality
+from distributed.model.calibration import Calibration, fit_calibration
 from distributed.model.heads import Head, ModelError, sigmoid
 
 MIN_PER_CLASS = 10  # fewer labelled images of a class cannot place a threshold
@@ -45,7 +45,7 @@ def _at(labels: np.ndarray, probs: np.ndarray, threshold: float, head: Head) -> 
     p = probs[:, 1]
     out = {name: float(m.THRESHOLD_METRICS[name](labels, p, threshold))
            for name in ("sensitivity", "specificity", "accuracy")}
-    out["ece"] = probability_quality(labels, probs, head)["ece"]
+    out["ece"] = m.probability_quality(labels, probs, head)["ece"]
     return out
 
 
@@ -108,7 +108,7 @@ def adapt_site(labels: np.ndarray, logits: np.ndarray, head: Head, *, method: st
     return {"calibration": calibration.to_dict(), "threshold": threshold, "rule": str(rule),
             "rule_description": rule.describe().replace("on validation", "on the site's labelled sample"),
             "n": n, "class_counts": counts, "apparent": _at(y, probs, threshold, head),
-            "before": probability_quality(y, head.activate(z), head),
+            "before": m.probability_quality(y, head.activate(z), head),
             "out_of_bag": oob, "bootstrap_rounds": len(thresholds),
             "threshold_interval": {"low": float(np.percentile(thresholds, 2.5)),
                                    "high": float(np.percentile(thresholds, 97.5))},

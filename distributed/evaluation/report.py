@@ -18,8 +18,6 @@ import cv2
 import numpy as np
 
 from distributed.evaluation import plots
-from distributed.evaluation.gradcam import gradcam as grad_cam, overlay
-from distributed.model.builders import last_conv_layer_name
 from cxrscale.figures import png_data_uri
 from cxrscale.files import read_numeric_csv, write_bytes_atomic, write_json_atomic, write_text_atomic
 
@@ -114,7 +112,10 @@ def write_gallery(out: Path, picks: list[dict], images: dict[int, np.ndarray], c
     if gradcam and not use_cam:
         log.warning("Grad-CAM needs a Keras model; %s is %s, so the gallery shows plain images",
                     scorer.path, scorer.kind)
-    if use_cam:
+    if use_cam:  # a Keras model is loaded, so TensorFlow is already: Grad-CAM's imports cost nothing more here
+        from distributed.evaluation.gradcam import gradcam as grad_cam, overlay
+        from distributed.model.builders import last_conv_layer_name
+
         layer = last_conv_layer_name(scorer.keras_model)
         heat = grad_cam(scorer.keras_model, batch, np.array([p["predicted_index"] for p in picks]), layer=layer)
         shown = [overlay(img, h) for img, h in zip(batch, heat)]

@@ -163,10 +163,8 @@ def split_row(scores: SplitScores, threshold: float | None, origin: str, *, n_bo
     """One split's line of the side-by-side comparison: its size and origin, ROC-AUC, accuracy, sensitivity
     and specificity at the (validation-chosen) threshold with bootstrap intervals (`intervals`: already
     computed for this split at this threshold), and ECE; K classes: accuracy and top-label ECE."""
-    from distributed.model.calibration import probability_quality
-
     row: dict[str, Any] = {"split": scores.split, "origin": origin, "n": len(scores.labels),
-                           "ece": probability_quality(scores.labels, scores.probs, scores.head)["ece"]}
+                           "ece": m.probability_quality(scores.labels, scores.probs, scores.head)["ece"]}
     if scores.head.binary and threshold is not None and intervals is not None:
         row["intervals"] = {k: intervals[k] for k in m.INTERVAL_METRICS if k in intervals}
     elif scores.head.binary and threshold is not None:

@@ -128,27 +128,8 @@ def calibration_summary(labels: np.ndarray, logits: np.ndarray, calibration: Cal
     multi-label: of every known label) before and after `calibration`."""
     y = np.asarray(labels) if head.multilabel else np.asarray(labels).astype(int).ravel()
     return {"method": calibration.method, "n": int(len(y)),
-            "before": probability_quality(y, head.activate(logits), head),
-            "after": probability_quality(y, calibration.apply(head, logits), head)}
-
-
-def probability_quality(labels: np.ndarray, probs: np.ndarray, head: Head) -> dict[str, float]:
-    """ECE (10 equal-width bins), Brier score and log loss of probabilities (n, head.columns); of a multi-label
-    head, over every known (image, label) pair pooled."""
-    p = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
-    if head.multilabel:
-        targets = np.asarray(labels)
-        seen = m.known(targets)
-        y, p = targets[seen].astype(int), p[seen]
-        return {"ece": m.expected_calibration_error(y, p), "brier": m.brier(y, p), "log_loss": m.log_loss(y, p)}
-    y = np.asarray(labels).astype(int).ravel()
-    if head.binary:
-        return {"ece": m.expected_calibration_error(y, p[:, 1]), "brier": m.brier(y, p[:, 1]),
-                "log_loss": m.log_loss(y, p[:, 1])}
-    onehot = np.eye(p.shape[1])[y]
-    return {"ece": m.expected_calibration_error(p.argmax(axis=1) == y, p.max(axis=1)),
-            "brier": float(np.mean(np.sum((p - onehot) ** 2, axis=1))),
-            "log_loss": m.cross_entropy(y, p)}
+            "before": m.probability_quality(y, head.activate(logits), head),
+            "after": m.probability_quality(y, calibration.apply(head, logits), head)}
 
 
 def fit_on_validation(model: keras.Model, data_dir, method: str, record_dir, *,

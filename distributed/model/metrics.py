@@ -8,12 +8,15 @@ as None with its reason under "undefined". K-class summaries are one-vs-rest per
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 from sklearn import metrics as skm
 
 from cxrscale.errors import CxrError
+
+if TYPE_CHECKING:
+    from distributed.model.heads import Head
 
 
 class MetricError(CxrError):
@@ -206,6 +209,25 @@ def cross_entropy(y_true, probs) -> float:
     probs = np.clip(np.asarray(probs, dtype=float), 1e-7, 1)
     probs = probs / probs.sum(axis=1, keepdims=True)  # rows still sum to one after the clip
     return float(skm.log_loss(np.asarray(y_true).astype(int).ravel(), probs, labels=list(range(probs.shape[1]))))
+
+
+def probability_quality(labels: np.ndarray, probs: np.ndarray, head: Head) -> dict[str, float]:
+    """ECE (10 equal-width bins), Brier score and log loss of probabilities (n, head.columns); of a multi-label
+    head, over every known (image, label) pair pooled."""
+    p = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
+    if head.multilabel:
+        targets = np.asarray(labels)
+        seen = known(targets)
+        y, p = targets[seen].astype(int), p[seen]
+        return {"ece": expected_calibration_error(y, p), "brier": brier(y, p), "log_loss": log_loss(y, p)}
+    y = np.asarray(labels).astype(int).ravel()
+    if head.binary:
+        return {"ece": expected_calibration_error(y, p[:, 1]), "brier": brier(y, p[:, 1]),
+                "log_loss": log_loss(y, p[:, 1])}
+    onehot = np.eye(p.shape[1])[y]
+    return {"ece": expected_calibration_error(p.argmax(axis=1) == y, p.max(axis=1)),
+            "brier": float(np.mean(np.sum((p - onehot) ** 2, axis=1))),
+            "log_loss": cross_entropy(y, p)}
 
 
 def class_roc_auc(y_true, probs) -> float:

@@ -15,7 +15,8 @@ from distributed.model.zoo import model_names, model_spec
 
 PRECISIONS = ("auto", "fp32", "mixed_float16", "mixed_bfloat16")
 SCHEDULES = ("plateau", "cosine")
-CALIBRATIONS = ("auto", "temperature", "platt", "isotonic", "none")  # calibration.METHODS, without TensorFlow
+# calibration.METHODS, without TensorFlow (tests/distributed/model/test_calibration.py checks they agree)
+CALIBRATIONS = ("auto", "temperature", "platt", "isotonic", "none")
 BACKENDS = ("horovod", "tf")  # distributed.training.backends.BACKENDS, without TensorFlow
 
 

@@ -109,7 +109,8 @@ ENTRY_POINTS = ["preprocessing", "preprocessing.sample", "distributed.train", "d
 
 def test_every_entry_point_answers_version():
     """`--version` on every entry point, all in one process (each as `python -m MODULE --version` runs it), and
-    on the installed `cxrscale` command."""
+    on the installed `cxrscale` command. None of them loads TensorFlow to answer: its start-up (seconds) comes
+    after the command line is read, so --help, --version and a mistake in the options answer at once."""
     from cxrscale import __version__
 
     code = textwrap.dedent(f"""
@@ -124,10 +125,12 @@ def test_every_entry_point_answers_version():
             else:
                 raise AssertionError(module + " did not exit on --version")
             print(module, out.getvalue().strip())
+        print("tensorflow", "tensorflow" in sys.modules)
         """)
     result = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert lines.pop("tensorflow") == "False"
     assert lines == {module: f"cxrscale {__version__}" for module in ENTRY_POINTS}
     command = subprocess.run([os.path.join(os.path.dirname(PYTHON), "cxrscale"), "--version"], capture_output=True,
                              text=True)

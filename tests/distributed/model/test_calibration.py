@@ -154,6 +154,14 @@ def test_auto_is_temperature_for_every_head():
         C.Calibration.from_dict({"method": "auto"})
 
 
+def test_the_command_lines_offer_every_method():
+    """train, ensemble and adapt read --calibration before TensorFlow loads, from their own list: it must be
+    this module's."""
+    from distributed.training.config import CALIBRATIONS
+
+    assert CALIBRATIONS == C.METHODS
+
+
 def test_platt_stays_finite_on_a_small_separable_validation_split():
     y = np.array([0] * 5 + [1] * 8)
     z = np.concatenate([np.linspace(-3, -1, 5), np.linspace(1, 4, 8)])[:, None]  # perfectly separated
