@@ -37,9 +37,9 @@ from distributed.evaluation.scores import DEFAULT_BOOTSTRAP, ThresholdRule, pars
 from distributed.model.guard import GUARD_FILE
 from distributed.model.heads import Head
 from distributed.model.scoring import ADAPTATION_FILE, read_run_config, run_head, run_model_path
+from distributed.training.config import CALIBRATIONS
 from preprocessing import multilabel
 from preprocessing.sources import discover
-from distributed.training.config import CALIBRATIONS
 from preprocessing.transform import ImageRejected, TransformParams, transform
 
 log = logging.getLogger("cxrscale.adapt")

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from distributed.model.heads import Head
 from distributed.model.scoring import read_run_config, run_model_path
+from distributed.training.config import CALIBRATIONS
 from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, run_cli
 from cxrscale.console import setup_logging
 from cxrscale.files import atomic_dir, check_writable_dir, write_json_atomic
 from cxrscale.provenance import git_commit, library_versions
-from distributed.training.config import CALIBRATIONS
 from preprocessing import schema
 
 if TYPE_CHECKING:
