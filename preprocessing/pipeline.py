@@ -163,6 +163,17 @@ def uses_ray(config: PrepareConfig) -> bool:
     return bool(config.address) or config.workers != 1
 
 
+def submitted_at_once(workers: int | None, cpus: int) -> int:
+    """How many stage tasks the driver keeps submitted. Ray runs one per CPU (each asks for one). With fewer
+    --workers than the cluster's CPUs, that many: the cap the user asked for. With all of them, two per CPU:
+    when a task ends, the worker that ran it takes the next one queued by the same driver at once (Ray reuses
+    the lease), instead of idling while the driver hears of the end, submits again and Ray finds a worker,
+    a round trip that costs most across nodes (docs/benchmarks.md, "Preprocessing")."""
+    if workers and workers < cpus:
+        return max(1, workers)
+    return 2 * max(1, cpus)
+
+
 def run_tasks(fn: Callable, arg_lists: list[tuple], in_flight: int, on_done: Callable[[Any], None]) -> None:
     """Run `fn(*args)` as Ray tasks, at most `in_flight` at once, calling `on_done` with each result as it
     finishes (in completion order). Bounded in-flight work keeps memory flat and lets `--workers` cap use
@@ -335,7 +346,7 @@ def prepare(config: PrepareConfig) -> dict:
     with (start_ray(config.address, config.workers, py_modules=[str(Path(__file__).resolve().parent)])
           if ray_used else contextlib.nullcontext()):
         cpus = int(sys.modules["ray"].cluster_resources().get("CPU", 1)) if ray_used else 1
-        in_flight = max(1, min(config.workers or cpus, cpus))
+        in_flight = submitted_at_once(config.workers, cpus)
         clock = time.perf_counter()
         records, rejected, spans = _stage_transform(items, params, salt, staging, in_flight)
         log.info("stage 1 (decode, transform, hash): %.1f s", time.perf_counter() - clock)

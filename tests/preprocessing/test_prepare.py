@@ -125,6 +125,36 @@ def test_messy_folder_reconciles_and_audits(messy_folder, tmp_path, salt_file, r
     assert total == counts["written"]
 
 
+def test_tasks_run_at_most_the_workers_asked_for_and_queue_ahead_with_the_whole_cluster(ray_session):
+    """--workers below the cluster's CPUs caps how many stage tasks run at once; with every CPU, the driver
+    keeps two per CPU submitted, and Ray still runs only one per CPU (each asks for one)."""
+    from preprocessing.pipeline import run_tasks, submitted_at_once
+
+    assert [submitted_at_once(w, 8) for w in (1, 3, None, 8, 16)] == [1, 3, 16, 16, 16]
+    assert submitted_at_once(None, 0) == 2
+
+    def busy(k: int) -> tuple[int, float, float]:
+        import time as clock
+
+        start = clock.time()
+        clock.sleep(0.3)
+        return k, start, clock.time()
+
+    def most_at_once(intervals: list[tuple[int, float, float]]) -> int:
+        edges = sorted([(s, 1) for _, s, _ in intervals] + [(e, -1) for _, _, e in intervals])
+        running = peak = 0
+        for _, step in edges:  # an end before a start at the same instant
+            running += step
+            peak = max(peak, running)
+        return peak
+
+    for in_flight, allowed in ((1, 1), (submitted_at_once(None, 2), 2)):
+        done: list = []
+        run_tasks(busy, [(k,) for k in range(6)], in_flight, done.append)
+        assert sorted(k for k, _, _ in done) == list(range(6))
+        assert most_at_once(done) == allowed, (in_flight, done)
+
+
 def test_rerun_is_a_no_op_and_other_arguments_need_overwrite(tmp_path, ray_session):
     sample = tmp_path / "sample"
     generate_sample(sample, n_normal=12, n_pneumonia=20, size=128)
