@@ -163,14 +163,17 @@ def uses_ray(config: PrepareConfig) -> bool:
     return bool(config.address) or config.workers != 1
 
 
-def submitted_at_once(workers: int | None, cpus: int) -> int:
-    """How many stage tasks the driver keeps submitted. Ray runs one per CPU (each asks for one). With fewer
-    --workers than the cluster's CPUs, that many: the cap the user asked for. With all of them, two per CPU:
-    when a task ends, the worker that ran it takes the next one queued by the same driver at once (Ray reuses
-    the lease), instead of idling while the driver hears of the end, submits again and Ray finds a worker,
-    a round trip that costs most across nodes (docs/benchmarks.md, "Preprocessing")."""
+def submitted_at_once(workers: int | None) -> int:
+    """How many stage tasks the driver keeps submitted to the running Ray (`run_tasks`), which runs one per
+    CPU (each asks for one). With fewer --workers than the cluster's CPUs, that many: the cap the user asked
+    for, also on a Ray the caller started. Otherwise two per CPU: when a task ends, the worker that ran it
+    takes the next one queued by the same driver at once (Ray reuses the lease), instead of idling while the
+    driver hears of the end, submits again and Ray finds a worker, a round trip that costs most across nodes
+    (docs/benchmarks.md, "Preprocessing"). Without a running Ray the tasks run in this process, one by one."""
+    ray = sys.modules.get("ray")  # not imported at all on the in-process path
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray is not None and ray.is_initialized() else 1
     if workers and workers < cpus:
-        return max(1, workers)
+        return workers
     return 2 * max(1, cpus)
 
 
@@ -345,8 +348,7 @@ def prepare(config: PrepareConfig) -> dict:
     ray_used = uses_ray(config)
     with (start_ray(config.address, config.workers, py_modules=[str(Path(__file__).resolve().parent)])
           if ray_used else contextlib.nullcontext()):
-        cpus = int(sys.modules["ray"].cluster_resources().get("CPU", 1)) if ray_used else 1
-        in_flight = submitted_at_once(config.workers, cpus)
+        in_flight = submitted_at_once(config.workers)
         clock = time.perf_counter()
         records, rejected, spans = _stage_transform(items, params, salt, staging, in_flight)
         log.info("stage 1 (decode, transform, hash): %.1f s", time.perf_counter() - clock)

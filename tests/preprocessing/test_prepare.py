@@ -126,12 +126,12 @@ def test_messy_folder_reconciles_and_audits(messy_folder, tmp_path, salt_file, r
 
 
 def test_tasks_run_at_most_the_workers_asked_for_and_queue_ahead_with_the_whole_cluster(ray_session):
-    """--workers below the cluster's CPUs caps how many stage tasks run at once; with every CPU, the driver
-    keeps two per CPU submitted, and Ray still runs only one per CPU (each asks for one)."""
+    """--workers below the cluster's CPUs caps how many stage tasks run at once, also on a Ray the caller
+    started (this session's, 2 CPUs); with every CPU, the driver keeps two per CPU submitted, and Ray still
+    runs only one per CPU (each asks for one)."""
     from preprocessing.pipeline import run_tasks, submitted_at_once
 
-    assert [submitted_at_once(w, 8) for w in (1, 3, None, 8, 16)] == [1, 3, 16, 16, 16]
-    assert submitted_at_once(None, 0) == 2
+    assert [submitted_at_once(w) for w in (1, 2, 3, None)] == [1, 4, 4, 4]
 
     def busy(k: int) -> tuple[int, float, float]:
         import time as clock
@@ -148,7 +148,7 @@ def test_tasks_run_at_most_the_workers_asked_for_and_queue_ahead_with_the_whole_
             peak = max(peak, running)
         return peak
 
-    for in_flight, allowed in ((1, 1), (submitted_at_once(None, 2), 2)):
+    for in_flight, allowed in ((submitted_at_once(1), 1), (submitted_at_once(None), 2)):
         done: list = []
         run_tasks(busy, [(k,) for k in range(6)], in_flight, done.append)
         assert sorted(k for k, _, _ in done) == list(range(6))
