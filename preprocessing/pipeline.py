@@ -168,9 +168,10 @@ def submitted_at_once(workers: int | None) -> int:
     CPU (each asks for one). With fewer --workers than the cluster's CPUs, that many: the cap the user asked
     for, also on a Ray the caller started. Otherwise two per CPU: when a task ends, the worker that ran it
     takes the next one queued by the same driver at once (Ray's task submitter keeps a worker's lease while
-    its queue holds tasks, and returns it when the queue is empty), instead of idling while the
-    driver hears of the end, submits again and Ray finds a worker, a round trip that costs most across nodes
-    (docs/benchmarks.md, "Preprocessing"). Without a running Ray the tasks run in this process, one by one."""
+    its queue holds tasks, and returns it when the queue is empty), instead of idling while the driver
+    hears of the end, submits again and Ray finds a worker, a round trip that costs most across nodes
+    (docs/benchmarks.md, "Preprocessing: tasks queued ahead"). Without a running Ray the tasks run in this
+    process, one by one."""
     ray = sys.modules.get("ray")  # not imported at all on the in-process path
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray is not None and ray.is_initialized() else 1
     if workers and workers < cpus:
@@ -181,8 +182,8 @@ def submitted_at_once(workers: int | None) -> int:
 def run_tasks(fn: Callable, arg_lists: list[tuple], in_flight: int, on_done: Callable[[Any], None]) -> None:
     """Run `fn(*args)` as Ray tasks, at most `in_flight` submitted at once (`submitted_at_once`), calling
     `on_done` with each result as it finishes (in completion order). Bounded in-flight work keeps memory
-    flat and lets `--workers` cap use of an already-running Ray. Without a running Ray (`uses_ray` said no), one after the other in this
-    process: the same function on the same arguments, so the same files."""
+    flat and lets `--workers` cap use of an already-running Ray. Without a running Ray (`uses_ray` said
+    no), one after the other in this process: the same function on the same arguments, so the same files."""
     ray = sys.modules.get("ray")  # not imported at all on the in-process path
     if ray is None or not ray.is_initialized():
         for args in arg_lists:
