@@ -101,15 +101,16 @@ def resolve_target(config: EvaluateConfig) -> Target:
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    # TensorFlow loads here, after the command line is read (--help, --version and a mistake in the options
-    # answer without its start-up); kerasenv first, so that Keras is tf_keras whichever model is scored
-    from distributed.model.kerasenv import keras  # noqa: F401
-
     started = time.perf_counter()
     target = resolve_target(config)
     manifest = schema.read_manifest(target.data_dir)
     classes = list(manifest["classes"])
     check_writable_dir(target.output, "--output")
+    # TensorFlow loads here, after the checks that need none (a mistake in the options, the run, the data or
+    # the output folder answers without its start-up); kerasenv first, so that Keras is tf_keras whichever
+    # model is scored
+    from distributed.model.kerasenv import keras  # noqa: F401
+
     scorer = load_scorer(target.model_path, head=run_head(target.run_config) if target.run_config else None)
     scorer.tta = config.tta
     if scorer.input_shape != schema.image_shape(manifest):
