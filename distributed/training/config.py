@@ -50,6 +50,7 @@ class TrainConfig:
     bn_samples: int = 1024
     calibration: str = "auto"
     label_smoothing: float = 0.0
+    mixup: float = 0.0
     schedule: str = "plateau"
     ema: float = 0.99
     elastic: bool = False
@@ -90,6 +91,9 @@ class TrainConfig:
             (self.calibration in CALIBRATIONS,
              f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.mixup >= 0, f"--mixup must be 0 (off) or a positive Beta parameter, got {self.mixup}"),
+            (not (self.mixup and self.cache_features),
+             "--mixup mixes images and --cache-features trains on features computed once per image: choose one"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (self.ema == 0 or 0.5 <= self.ema < 1, f"--ema must be 0 (off) or in [0.5, 1), got {self.ema}"),
             (self.bn_samples >= 0, f"--bn-samples must be >= 0, got {self.bn_samples}"),
@@ -195,6 +199,10 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
     p.add_argument("--shuffle-buffer", type=int, default=None)
     p.add_argument("--label-smoothing", type=float, default=None,
                    help=f"smooth the training targets by this amount (default {d.label_smoothing})")
+    p.add_argument("--mixup", type=float, default=None,
+                   help="mixup (Zhang et al. 2018): train on pairs of images and labels blended with weights drawn "
+                        "from Beta(X, X), after --augment; two classes or multi-label; 0 turns it off "
+                        f"(default {d.mixup})")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="learning rate: plateau = constant after the warm-up, halved when val AUC stalls; cosine = "
                         f"linear warm-up then cosine decay to 1 %% at the last epoch (default {d.schedule})")

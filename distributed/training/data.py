@@ -184,10 +184,53 @@ def augmenter(seed: int, policy: AugmentPolicy = AugmentPolicy()):
     return apply
 
 
+def mixer(alpha: float, seed: int, class_weight: dict[int, float] | None = None):
+    """A tf.data map function over (batch number, (uint8 images, labels)) applying mixup (Zhang et al.
+    2018): image i becomes l x_i + (1 - l) x_j and its label l y_i + (1 - l) y_j, with l drawn from
+    Beta(alpha, alpha) per image and j the image at the mirrored place in the batch (a shuffled batch, so a
+    random partner; timm pairs the same way). Each batch draws from its own stateless seed, as `augmenter`.
+
+    Labels are binary (n, 1) floats or multi-hot (n, K) with -1 for unknown: a mixed label is unknown where
+    either partner's is. With `class_weight` (two classes) each image also gets the mixed weight of its
+    partners' classes, l w(y_i) + (1 - l) w(y_j), returned as a third element: Keras's own class_weight
+    would cast a mixed label to a class index (0.7 -> 0), so the weights must ride in the data."""
+    base = tf.constant([seed, 1], tf.int64)
+    table = None if class_weight is None else tf.constant([class_weight[c] for c in sorted(class_weight)],
+                                                          tf.float32)
+
+    def apply(index: tf.Tensor, batch):
+        images, labels = batch
+        draws = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(base, index), 2)
+        n = tf.shape(images)[0]
+        # Beta(a, a) as G1 / (G1 + G2) with G ~ Gamma(a): TensorFlow has no stateless Beta
+        g1 = tf.random.stateless_gamma([n], draws[0], alpha)
+        g2 = tf.random.stateless_gamma([n], draws[1], alpha)
+        lam = g1 / tf.maximum(g1 + g2, 1e-12)
+        mixed = lam[:, None, None, None] * tf.cast(images, tf.float32) + \
+            (1.0 - lam[:, None, None, None]) * tf.cast(tf.reverse(images, [0]), tf.float32)
+        mixed = tf.cast(tf.round(tf.clip_by_value(mixed, 0.0, 255.0)), tf.uint8)
+        labels = tf.cast(labels, tf.float32)
+        partner = tf.reverse(labels, [0])
+        soft = lam[:, None] * labels + (1.0 - lam[:, None]) * partner
+        soft = tf.where((labels < 0.0) | (partner < 0.0), -1.0, soft)
+        if table is None:
+            return mixed, soft
+        weight = tf.gather(table, tf.cast(tf.reshape(labels, [-1]), tf.int32))
+        return mixed, soft, lam * weight + (1.0 - lam) * tf.reverse(weight, [0])
+
+    return apply
+
+
 def train_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, *, seed: int, shuffle_buffer: int,
-                  augment: bool, label_form: str) -> tf.data.Dataset:
+                  augment: bool, label_form: str, mixup: float = 0.0,
+                  class_weight: dict[int, float] | None = None) -> tf.data.Dataset:
     """This worker's endless, shuffled, batched (uint8 image, label) stream over its own shard files, the
-    labels in the head's `label_form` (distributed.model.heads)."""
+    labels in the head's `label_form` (distributed.model.heads). With `mixup` > 0 the batches are mixed
+    after augmentation (`mixer`, binary or multi-hot labels only) and, given `class_weight`, carry each
+    image's weight as a third element."""
+    if mixup and label_form not in ("binary", "multihot"):
+        raise CxrError(f"--mixup mixes labels as probabilities: it needs a one-unit sigmoid (two classes) or a "
+                       f"multi-label head, not a {label_form!r} head of {len(plan.classes)} classes")
     files = tf.data.Dataset.from_tensor_slices([str(p) for p in plan.train_files])
     files = files.shuffle(len(plan.train_files), seed=seed, reshuffle_each_iteration=True)
     ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(plan.train_files)),
@@ -197,6 +240,9 @@ def train_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, *, 
     ds = ds.batch(batch_size, drop_remainder=True)
     if augment:  # in parallel, in order: each batch draws from its own seed
         ds = ds.enumerate().map(augmenter(seed), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if mixup:
+        ds = ds.enumerate().map(mixer(mixup, seed, class_weight), num_parallel_calls=tf.data.AUTOTUNE,
+                                deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

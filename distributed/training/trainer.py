@@ -125,7 +125,9 @@ class TrainingRun:
         if not config.cache_features:
             return Datasets(self.model, train_dataset(config.data, plan, config.batch_size, seed=seed,
                                                       shuffle_buffer=config.shuffle_buffer, augment=config.augment,
-                                                      label_form=form), ds_val, self.served)
+                                                      label_form=form, mixup=config.mixup,
+                                                      class_weight=self.class_weight(plan) if config.mixup else None),
+                            ds_val, self.served)
         extractor, head = split_at_head(self.served)  # the frozen backbone: the plain copy's under tf
         if self.plain is not None:
             with self.backend.scope():  # the fitted head is a model of the strategy's, like the whole one
@@ -261,7 +263,8 @@ class TrainingRun:
     def fit(self, fit_model, ds_train: tf.data.Dataset, plan: DataPlan, callbacks: list, epoch: int) -> int:
         """Fit from `epoch` to --epochs (or early stopping); returns the number of epochs run."""
         config, rank = self.config, self.backend.rank()
-        class_weight = self.class_weight(plan)
+        # with --mixup each image's (mixed) class weight is already in the data (data.mixer)
+        class_weight = None if config.mixup else self.class_weight(plan)
         if self.backend.name == "tf":  # a distributed dataset cannot take class_weight: it rides in the data
             if class_weight:
                 ds_train = with_class_weights(ds_train, class_weight)

@@ -157,19 +157,20 @@ def test_cosine_rate_warms_up_then_decays_to_one_percent():
 
 
 def test_robust_recipe_options_ema_and_bfloat16_train_together(prepared64, tmp_path):
-    """--augment, --label-smoothing, --schedule cosine, --ema and --precision mixed_bfloat16 in one real run:
-    the rate follows the cosine curve (per epoch, as history.csv records it at the epoch end) and the run
+    """--augment, --mixup, --label-smoothing, --schedule cosine, --ema and --precision mixed_bfloat16 in one
+    real run: the rate follows the cosine curve (per epoch, as history.csv records it at the epoch end) and the run
     exports a calibrated float32 model, whatever the training policy."""
     run = tmp_path / "run"
     result = run_train("--data", str(prepared64), "--model", "cnn", "--epochs", "3", "--batch-size", "16",
-                       "--augment", "--label-smoothing", "0.1", "--schedule", "cosine", "--warmup-epochs", "1",
-                       "--ema", "0.9", "--precision", "mixed_bfloat16", "--output", str(run))
+                       "--augment", "--mixup", "0.2", "--label-smoothing", "0.1", "--schedule", "cosine",
+                       "--warmup-epochs", "1", "--ema", "0.9", "--precision", "mixed_bfloat16", "--output", str(run))
     assert result.returncode == 0, quiet(result.stderr)
     rows = history(run)
     lrs = [r["lr"] for r in rows]
     assert lrs[0] > lrs[1] > lrs[2] > 0 and all(np.isfinite(r["loss"]) for r in rows)
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["label_smoothing"] == 0.1 and config["config"]["schedule"] == "cosine"
+    assert config["config"]["mixup"] == 0.2
     assert config["config"]["ema"] == 0.9 and config["resolved"]["precision"] == "mixed_bfloat16"
     import tensorflow as tf
 

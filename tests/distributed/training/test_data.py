@@ -98,3 +98,59 @@ def test_the_augmented_training_stream_is_parallel_yet_the_same_for_the_same_see
     first, again, second = apply(tf.constant(0, tf.int64), (x, y))[0], apply(tf.constant(0, tf.int64), (x, y))[0], \
         apply(tf.constant(1, tf.int64), (x, y))[0]
     assert np.array_equal(first.numpy(), again.numpy()) and not np.array_equal(first.numpy(), second.numpy())
+
+
+def test_mixup_blends_each_image_with_its_mirrored_partner_and_the_labels_and_weights_alike():
+    from distributed.training.data import mixer
+
+    n = 8
+    images = tf.constant(np.repeat(np.arange(n, dtype=np.uint8)[:, None, None, None] * 30, 4, axis=1)
+                         .repeat(4, axis=2))  # image i is flat at grey 30 i
+    labels = tf.constant([[1.0], [0.0], [1.0], [1.0], [0.0], [0.0], [1.0], [0.0]])
+    weights = {0: 2.0, 1: 0.5}
+    x, y, w = mixer(0.4, seed=7, class_weight=weights)(tf.constant(0, tf.int64), (images, labels))
+    x, y, w = x.numpy(), y.numpy()[:, 0], w.numpy()
+    assert x.dtype == np.uint8 and x.shape == (n, 4, 4, 1)
+    # the blend weight each image got, read back from its grey level: the same one mixes its label and weight
+    grey, partner = np.arange(n) * 30.0, np.arange(n)[::-1] * 30.0
+    lam = (x[:, 0, 0, 0] - partner) / (grey - partner)
+    assert np.all((lam > -0.01) & (lam < 1.01)) and lam.std() > 0.1  # drawn per image, not one per batch
+    truth = labels.numpy()[:, 0]
+    tolerance = 0.5 / np.abs(grey - partner) + 1e-3  # lam read back from a grey level rounded to the unit
+    assert np.all(np.abs(y - (lam * truth + (1 - lam) * truth[::-1])) <= tolerance)
+    cw = np.where(truth == 1, 0.5, 2.0)
+    assert np.all(np.abs(w - (lam * cw + (1 - lam) * cw[::-1])) <= 1.5 * tolerance)
+    # seeded per batch: the same batch number draws the same blend, another one another
+    again = mixer(0.4, seed=7, class_weight=weights)(tf.constant(0, tf.int64), (images, labels))[0].numpy()
+    other = mixer(0.4, seed=7, class_weight=weights)(tf.constant(1, tf.int64), (images, labels))[0].numpy()
+    assert np.array_equal(again, x) and not np.array_equal(other, x)
+
+
+def test_mixup_keeps_an_unknown_multi_label_finding_unknown():
+    from distributed.training.data import mixer
+
+    images = tf.zeros([4, 4, 4, 1], tf.uint8)
+    labels = tf.constant([[1.0, -1.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 1.0]])
+    x, y = mixer(1.0, seed=0)(tf.constant(0, tf.int64), (images, labels))
+    y = y.numpy()
+    # finding 0 of image 0 is mixed with image 3's unknown; finding 1 of image 0 is itself unknown
+    assert y[0, 0] == -1 and y[0, 1] == -1 and y[3, 0] == -1 and y[3, 1] == -1
+    # where both partners know a finding it is a blend of their labels: images 1 and 2 are partners
+    assert np.all((y[1:3] >= 0.0) & (y[1:3] <= 1.0)) and 0.0 < y[1, 0] < 1.0 and 0.0 < y[1, 1] < 1.0
+
+
+def test_mixup_options_are_checked_before_training(prepared64):
+    import pytest
+
+    from cxrscale.errors import CxrError
+    from distributed.training.config import parse_config
+    from distributed.training.data import plan_data, train_dataset
+
+    assert parse_config(["--data", "x", "--mixup", "0.2"]).mixup == 0.2
+    with pytest.raises(CxrError, match="--mixup must be 0 .off. or a positive Beta parameter, got -1.0"):
+        parse_config(["--data", "x", "--mixup", "-1"])
+    with pytest.raises(CxrError, match="--mixup mixes images and --cache-features trains on features"):
+        parse_config(["--data", "x", "--model", "vgg16", "--cache-features", "--freeze-base", "--mixup", "0.2"])
+    plan = plan_data(prepared64, 0, 1, 8, "cnn")
+    with pytest.raises(CxrError, match="--mixup mixes labels as probabilities: it needs a one-unit sigmoid"):
+        train_dataset(prepared64, plan, 8, seed=0, shuffle_buffer=8, augment=False, label_form="index", mixup=0.2)
