@@ -39,6 +39,7 @@ from cxrscale.console import setup_logging
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
 log = logging.getLogger("cxrscale.benchmarks")
+WARM_UP_FILES_PER_CLASS = 64
 VARIANTS = ("thesis", "decode", "tfdata", "tfdata-clahe", "cxrscale-1", "cxrscale-2", "cxrscale-2x1node")
 
 
@@ -130,11 +131,14 @@ def run_cxrscale(folder: Path, size: int, workers: int, scratch: Path, address: 
     else:
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     ray_start = time.perf_counter() - start
-    # Warm-up on a handful of files so that Ray's worker processes exist and have imported the stage.
+    # Warm-up so that every worker has run the stage, on every node: a second node's first task waits for
+    # its lease to spill over from the head, longer than two 8-file chunks take, so a 16-file warm-up ran
+    # on the head's worker alone and the timed run paid the second node's start (docs/benchmarks.md,
+    # "Preprocessing on two nodes"); 16 chunks reach both.
     warm = scratch / "warm-in"
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         (warm / class_dir.name).mkdir(parents=True)
-        for image in sorted(class_dir.iterdir())[:8]:
+        for image in sorted(class_dir.iterdir())[:WARM_UP_FILES_PER_CLASS]:
             (warm / class_dir.name / image.name).symlink_to(image.resolve())
     prepare(PrepareConfig(str(warm), str(scratch / "warm-out"), size=size, workers=workers))
     start = time.perf_counter()
