@@ -238,10 +238,8 @@ class Head:
         """The training accuracy metric, named "accuracy" for every head (multi-label: of the known labels)."""
         from distributed.model.kerasenv import keras
 
-        if self.multilabel:
+        if self.multilabel or self.activation == "sigmoid":  # also right for mixup's blended targets
             return keras.metrics.MeanMetricWrapper(masked_binary_accuracy, name="accuracy")
-        if self.activation == "sigmoid":
-            return keras.metrics.BinaryAccuracy(name="accuracy")
         return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
 
     def class_score(self, logits, classes):
@@ -293,10 +291,12 @@ def masked_binary_crossentropy(units: int, label_smoothing: float = 0.0,
 
 
 def masked_binary_accuracy(y_true, y_pred):
-    """Per image: the share of its known labels (targets 0 or 1; -1 unknown) decided right at 0.5."""
+    """Per image: the share of its known labels (targets in [0, 1]; -1 unknown) decided right at 0.5. A
+    blended target (--mixup) counts as the label of its larger share, 0.7 as 1: Keras's BinaryAccuracy
+    compares the target itself with 0 or 1, so it would count every blended one wrong."""
     import tensorflow as tf
 
     y_true = tf.cast(y_true, tf.float32)
     seen = tf.cast(y_true >= 0.0, tf.float32)
-    right = tf.cast(tf.equal(tf.cast(y_pred >= 0.5, tf.float32), y_true), tf.float32)
+    right = tf.cast(tf.equal(y_pred >= 0.5, y_true >= 0.5), tf.float32)
     return tf.reduce_sum(right * seen, axis=-1) / tf.maximum(tf.reduce_sum(seen, axis=-1), 1.0)

@@ -75,3 +75,15 @@ def test_an_export_that_outputs_the_probability_columns_keeps_its_runs_head_kind
     assert Head("binary", 1).in_form(2) == Head("binary", 2)  # optimize.export's [1 - p, p]
     assert Head("multiclass", 3).in_form(3) == Head("multiclass", 3)
     assert Head("multiclass", 3).in_form(2) is None
+
+
+def test_training_accuracy_reads_a_blended_target_as_its_larger_share():
+    """Under --mixup a target is 0.7, not 1: the accuracy counts it as 1 (Keras's BinaryAccuracy counts it
+    wrong whatever the prediction); an unknown multi-label finding (-1) still counts for nothing."""
+    for head, y_true, y_pred, expected in [
+            (Head.for_classes(2), [[0.7], [0.2], [1.0], [0.4]], [[0.9], [0.1], [0.8], [0.6]], 0.75),
+            (Head.for_classes(3, multilabel=True), [[0.7, -1.0, 0.0], [0.3, 1.0, 0.6]],
+             [[0.9, 0.9, 0.9], [0.2, 0.8, 0.4]], (0.5 + 2 / 3) / 2)]:
+        metric = head.accuracy()
+        metric.update_state(np.array(y_true, np.float32), np.array(y_pred, np.float32))
+        assert metric.result().numpy() == pytest.approx(expected), head.describe()
