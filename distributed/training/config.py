@@ -38,6 +38,7 @@ class TrainConfig:
     freeze_base: bool = False
     fine_tune_from: str | None = None
     augment: bool = False
+    augment_aspect: float | None = None
     class_weights: str = "auto"
     cache_features: bool = False
     resume: bool = False
@@ -91,6 +92,11 @@ class TrainConfig:
             (self.calibration in CALIBRATIONS,
              f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.augment_aspect is None or self.augment_aspect >= 1,
+             f"--augment-aspect must be at least 1 (R: the crop's aspect ratio from 1/R to R), got "
+             f"{self.augment_aspect}"),
+            (self.augment_aspect is None or self.augment,
+             "--augment-aspect sets a range of --augment's random crop: give --augment as well"),
             (self.mixup >= 0, f"--mixup must be 0 (off) or a positive Beta parameter, got {self.mixup}"),
             (not (self.mixup and self.cache_features),
              "--mixup mixes images and --cache-features trains on features computed once per image: choose one"),
@@ -175,6 +181,11 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
     p.add_argument("--augment", action="store_true", default=None,
                    help="anatomy-safe augmentation of training images: random resized crop, rotation +-5 deg, gamma, "
                         "brightness, contrast, blur and noise; never a left-right flip")
+    p.add_argument("--augment-aspect", type=float, default=None, metavar="R",
+                   help="with --augment: draw the random crop's aspect ratio from 1/R..R, so that the anatomy is "
+                        "stretched or squeezed by up to R (default: 0.9..1.1). Kermany's originals differ in "
+                        "aspect ratio by class, which a square resize turns into a class-wise squeeze "
+                        "(docs/training.md)")
     p.add_argument("--class-weights", choices=("auto", "none"), default=None,
                    help="auto: weight classes inversely to their train counts (default auto)")
     p.add_argument("--cache-features", action="store_true", default=None,

@@ -87,6 +87,11 @@ class AugmentPolicy:
     noise_probability: float = 0.3                    # Gaussian noise, sigma up to 3 % of full scale
     noise_sigma: float = 0.03
 
+    @classmethod
+    def with_aspect(cls, widest: float | None) -> "AugmentPolicy":
+        """The default policy, its crop's aspect ratio drawn from 1/widest..widest when given."""
+        return cls() if widest is None else cls(crop_aspect=(1.0 / widest, widest))
+
 
 def augment_batch(images: tf.Tensor, rng: "tf.random.Generator | StatelessDraws",
                   policy: AugmentPolicy = AugmentPolicy()) -> tf.Tensor:
@@ -223,7 +228,8 @@ def mixer(alpha: float, seed: int, class_weight: dict[int, float] | None = None)
 
 def train_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, *, seed: int, shuffle_buffer: int,
                   augment: bool, label_form: str, mixup: float = 0.0,
-                  class_weight: dict[int, float] | None = None) -> tf.data.Dataset:
+                  class_weight: dict[int, float] | None = None,
+                  policy: AugmentPolicy = AugmentPolicy()) -> tf.data.Dataset:
     """This worker's endless, shuffled, batched (uint8 image, label) stream over its own shard files, the
     labels in the head's `label_form` (distributed.model.heads). With `mixup` > 0 the batches are mixed
     after augmentation (`mixer`, binary or multi-hot labels only) and, given `class_weight`, carry each
@@ -239,7 +245,7 @@ def train_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, *, 
     ds = ds.map(lambda s: _pair(s, plan, label_form), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
     if augment:  # in parallel, in order: each batch draws from its own seed
-        ds = ds.enumerate().map(augmenter(seed), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.enumerate().map(augmenter(seed, policy), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if mixup:
         ds = ds.enumerate().map(mixer(mixup, seed, class_weight), num_parallel_calls=tf.data.AUTOTUNE,
                                 deterministic=True)

@@ -32,8 +32,8 @@ from distributed.model.heads import Head
 from distributed.training import callbacks as cb, hvd_utils, run_record
 from distributed.training.backends import open_backend, with_class_weights
 from distributed.training.config import TrainConfig
-from distributed.training.data import (DataPlan, balanced_class_weights, label_weights, ordered_dataset, plan_data,
-                                       sample_images, train_dataset, val_dataset)
+from distributed.training.data import (AugmentPolicy, DataPlan, balanced_class_weights, label_weights,
+                                       ordered_dataset, plan_data, sample_images, train_dataset, val_dataset)
 from distributed.training.features import cached_train_dataset, compute_features, split_at_head
 from preprocessing import schema
 
@@ -126,6 +126,7 @@ class TrainingRun:
             return Datasets(self.model, train_dataset(config.data, plan, config.batch_size, seed=seed,
                                                       shuffle_buffer=config.shuffle_buffer, augment=config.augment,
                                                       label_form=form, mixup=config.mixup,
+                                                      policy=AugmentPolicy.with_aspect(config.augment_aspect),
                                                       class_weight=self.class_weight(plan) if config.mixup else None),
                             ds_val, self.served)
         extractor, head = split_at_head(self.served)  # the frozen backbone: the plain copy's under tf

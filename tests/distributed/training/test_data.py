@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
+from cxrscale.errors import CxrError
 from distributed.training.data import AugmentPolicy, augment_batch, augmenter
 from tests.conftest import radiograph_like
 from tests.training_fixtures import prepared64, sample_images  # noqa: F401 (fixtures)
@@ -140,9 +142,6 @@ def test_mixup_keeps_an_unknown_multi_label_finding_unknown():
 
 
 def test_mixup_options_are_checked_before_training(prepared64):
-    import pytest
-
-    from cxrscale.errors import CxrError
     from distributed.training.config import parse_config
     from distributed.training.data import plan_data, train_dataset
 
@@ -154,3 +153,31 @@ def test_mixup_options_are_checked_before_training(prepared64):
     plan = plan_data(prepared64, 0, 1, 8, "cnn")
     with pytest.raises(CxrError, match="--mixup mixes labels as probabilities: it needs a one-unit sigmoid"):
         train_dataset(prepared64, plan, 8, seed=0, shuffle_buffer=8, augment=False, label_form="index", mixup=0.2)
+
+
+def test_augment_aspect_widens_the_crops_aspect_range():
+    """--augment-aspect R draws the crop's aspect ratio from 1/R..R: a horizontal ramp's slope (2 grey levels
+    per column) then shrinks by up to sqrt(R) where the crop is narrower than tall and the image is
+    stretched across, against about 5 % with the default 0.9..1.1."""
+    from distributed.training.config import parse_config
+
+    still = dict(gamma=(1.0, 1.0), brightness=0.0, contrast=0.0, blur_probability=0.0, noise_probability=0.0,
+                 crop_scale=(1.0, 1.0), rotation_degrees=0.0)
+    ramp = np.tile(np.arange(64, dtype=np.uint8) * 2, (64, 1))
+    batch = tf.constant(np.repeat(ramp[None, :, :, None], 64, axis=0))
+
+    def slopes(policy: AugmentPolicy) -> np.ndarray:
+        out = augment_batch(batch, tf.random.Generator.from_seed(0), policy).numpy()
+        return np.diff(out[:, 32, 16:48, 0].astype(float), axis=1).mean(axis=1)
+
+    default, wide = AugmentPolicy.with_aspect(None), AugmentPolicy.with_aspect(1.5625)
+    assert default == AugmentPolicy() and wide.crop_aspect == (0.64, 1.5625)
+    narrow = slopes(AugmentPolicy(**still))
+    widened = slopes(AugmentPolicy(crop_aspect=wide.crop_aspect, **still))
+    assert 2.0 / 1.1 ** 0.5 - 0.05 <= narrow.min() and narrow.max() <= 2.05
+    assert widened.min() <= 2.0 / 1.5 ** 0.5 and widened.max() >= 1.95
+    assert parse_config(["--data", "x", "--augment", "--augment-aspect", "1.5"]).augment_aspect == 1.5
+    for argv, message in [(["--augment", "--augment-aspect", "0.8"], "--augment-aspect must be at least 1"),
+                          (["--augment-aspect", "1.5"], "give --augment as well")]:
+        with pytest.raises(CxrError, match=message):
+            parse_config(["--data", "x", *argv])
