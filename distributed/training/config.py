@@ -183,7 +183,7 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
                         "brightness, contrast, blur and noise; never a left-right flip")
     p.add_argument("--augment-aspect", type=float, default=None, metavar="R",
                    help="with --augment: draw the random crop's aspect ratio from 1/R..R, so that the anatomy is "
-                        "stretched or squeezed by up to R (default: 0.9..1.1). Kermany's originals differ in "
+                        "stretched or squeezed by up to sqrt(R) (default: 0.9..1.1). Kermany's originals differ in "
                         "aspect ratio by class, which a square resize turns into a class-wise squeeze "
                         "(docs/training.md)")
     p.add_argument("--class-weights", choices=("auto", "none"), default=None,
