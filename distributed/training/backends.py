@@ -20,7 +20,7 @@ Two things differ underneath, and the trainer handles both through this interfac
   scratch folder, as TensorFlow's multi-worker saving does), and validation and the export read a plain
   copy of the model that every worker refreshes together (`plain_copy`).
 - `class_weight` cannot be given to `fit` with a distributed dataset; under tf the weights ride in the
-  dataset as per-example weights instead (`with_class_weights`), which is what Keras does with them.
+  dataset as per-example weights instead (`data.with_class_weights`), which is what Keras does with them.
 """
 from __future__ import annotations
 
@@ -200,21 +200,6 @@ def open_backend(name: str):
     if name == "tf":
         return TFBackend()
     raise CxrError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}")
-
-
-def with_class_weights(dataset, class_weight: dict[int, float]):
-    """(image, label) -> (image, label, weight of the label's class): `fit(class_weight=...)` done in the
-    input pipeline (Keras maps the same way; a distributed dataset cannot take class_weight)."""
-    import tensorflow as tf
-
-    table = tf.constant([class_weight[c] for c in sorted(class_weight)], tf.float32)
-
-    def add(image, label):
-        index = tf.argmax(label, axis=-1) if label.shape.rank == 2 and label.shape[-1] > 1 else \
-            tf.reshape(tf.cast(label, tf.int64), [-1])
-        return image, label, tf.gather(table, index)
-
-    return dataset.map(add, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _cluster():

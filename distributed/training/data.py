@@ -189,39 +189,48 @@ def augmenter(seed: int, policy: AugmentPolicy = AugmentPolicy()):
     return apply
 
 
-def mixer(alpha: float, seed: int, class_weight: dict[int, float] | None = None):
-    """A tf.data map function over (batch number, (uint8 images, labels)) applying mixup (Zhang et al.
-    2018): image i becomes l x_i + (1 - l) x_j and its label l y_i + (1 - l) y_j, with l drawn from
+def with_class_weights(dataset: tf.data.Dataset, class_weight: dict[int, float]) -> tf.data.Dataset:
+    """(image, label) -> (image, label, weight of the label's class): `fit(class_weight=...)` done in the
+    input pipeline (Keras maps the same way; a distributed dataset cannot take class_weight, and a mixup
+    target cannot be read back as a class)."""
+    table = tf.constant([class_weight[c] for c in sorted(class_weight)], tf.float32)
+
+    def add(image, label):
+        index = tf.argmax(label, axis=-1) if label.shape.rank == 2 and label.shape[-1] > 1 else \
+            tf.reshape(tf.cast(label, tf.int64), [-1])
+        return image, label, tf.gather(table, index)
+
+    return dataset.map(add, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def mixer(alpha: float, seed: int):
+    """A tf.data map function over (batch number, (uint8 images, labels[, weights])) applying mixup (Zhang
+    et al. 2018): image i becomes l x_i + (1 - l) x_j and its label l y_i + (1 - l) y_j, with l drawn from
     Beta(alpha, alpha) per image and j the image at the mirrored place in the batch (a shuffled batch, so a
     random partner; timm pairs the same way). Each batch draws from its own stateless seed, as `augmenter`.
 
     Labels are binary (n, 1) floats or multi-hot (n, K) with -1 for unknown: a mixed label is unknown where
-    either partner's is. With `class_weight` (two classes) each image also gets the mixed weight of its
-    partners' classes, l w(y_i) + (1 - l) w(y_j), returned as a third element: Keras's own class_weight
-    would cast a mixed label to a class index (0.7 -> 0), so the weights must ride in the data."""
+    either partner's is. Per-image weights (`with_class_weights`, attached before mixing: Keras's own
+    class_weight would cast a mixed label to a class index, 0.7 -> 0) are blended the same way,
+    l w_i + (1 - l) w_j."""
     base = tf.constant([seed, 1], tf.int64)
-    table = None if class_weight is None else tf.constant([class_weight[c] for c in sorted(class_weight)],
-                                                          tf.float32)
+
+    def blend(lam: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+        lam = tf.reshape(lam, [-1] + [1] * (values.shape.rank - 1))
+        return lam * values + (1.0 - lam) * tf.reverse(values, [0])
 
     def apply(index: tf.Tensor, batch):
-        images, labels = batch
+        images, labels, *weights = batch
         draws = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(base, index), 2)
         n = tf.shape(images)[0]
         # Beta(a, a) as G1 / (G1 + G2) with G ~ Gamma(a): TensorFlow has no stateless Beta
         g1 = tf.random.stateless_gamma([n], draws[0], alpha)
         g2 = tf.random.stateless_gamma([n], draws[1], alpha)
         lam = g1 / tf.maximum(g1 + g2, 1e-12)
-        mixed = lam[:, None, None, None] * tf.cast(images, tf.float32) + \
-            (1.0 - lam[:, None, None, None]) * tf.cast(tf.reverse(images, [0]), tf.float32)
-        mixed = tf.cast(tf.round(tf.clip_by_value(mixed, 0.0, 255.0)), tf.uint8)
+        mixed = tf.cast(tf.round(tf.clip_by_value(blend(lam, tf.cast(images, tf.float32)), 0.0, 255.0)), tf.uint8)
         labels = tf.cast(labels, tf.float32)
-        partner = tf.reverse(labels, [0])
-        soft = lam[:, None] * labels + (1.0 - lam[:, None]) * partner
-        soft = tf.where((labels < 0.0) | (partner < 0.0), -1.0, soft)
-        if table is None:
-            return mixed, soft
-        weight = tf.gather(table, tf.cast(tf.reshape(labels, [-1]), tf.int32))
-        return mixed, soft, lam * weight + (1.0 - lam) * tf.reverse(weight, [0])
+        soft = tf.where((labels < 0.0) | (tf.reverse(labels, [0]) < 0.0), -1.0, blend(lam, labels))
+        return (mixed, soft, *(blend(lam, w) for w in weights))
 
     return apply
 
@@ -247,8 +256,9 @@ def train_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, *, 
     if augment:  # in parallel, in order: each batch draws from its own seed
         ds = ds.enumerate().map(augmenter(seed, policy), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if mixup:
-        ds = ds.enumerate().map(mixer(mixup, seed, class_weight), num_parallel_calls=tf.data.AUTOTUNE,
-                                deterministic=True)
+        if class_weight:
+            ds = with_class_weights(ds, class_weight)
+        ds = ds.enumerate().map(mixer(mixup, seed), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

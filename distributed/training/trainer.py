@@ -30,10 +30,11 @@ from cxrscale.files import read_json, read_numeric_csv
 from distributed.model.zoo import build_model
 from distributed.model.heads import Head
 from distributed.training import callbacks as cb, hvd_utils, run_record
-from distributed.training.backends import open_backend, with_class_weights
+from distributed.training.backends import open_backend
 from distributed.training.config import TrainConfig
 from distributed.training.data import (AugmentPolicy, DataPlan, balanced_class_weights, label_weights,
-                                       ordered_dataset, plan_data, sample_images, train_dataset, val_dataset)
+                                       ordered_dataset, plan_data, sample_images, train_dataset, val_dataset,
+                                       with_class_weights)
 from distributed.training.features import cached_train_dataset, compute_features, split_at_head
 from preprocessing import schema
 
@@ -264,7 +265,7 @@ class TrainingRun:
     def fit(self, fit_model, ds_train: tf.data.Dataset, plan: DataPlan, callbacks: list, epoch: int) -> int:
         """Fit from `epoch` to --epochs (or early stopping); returns the number of epochs run."""
         config, rank = self.config, self.backend.rank()
-        # with --mixup each image's (mixed) class weight is already in the data (data.mixer)
+        # with --mixup each image's class weight is already in the data, mixed (data.train_dataset)
         class_weight = None if config.mixup else self.class_weight(plan)
         if self.backend.name == "tf":  # a distributed dataset cannot take class_weight: it rides in the data
             if class_weight:

@@ -103,14 +103,16 @@ def test_the_augmented_training_stream_is_parallel_yet_the_same_for_the_same_see
 
 
 def test_mixup_blends_each_image_with_its_mirrored_partner_and_the_labels_and_weights_alike():
-    from distributed.training.data import mixer
+    from distributed.training.data import mixer, with_class_weights
 
     n = 8
     images = tf.constant(np.repeat(np.arange(n, dtype=np.uint8)[:, None, None, None] * 30, 4, axis=1)
                          .repeat(4, axis=2))  # image i is flat at grey 30 i
     labels = tf.constant([[1.0], [0.0], [1.0], [1.0], [0.0], [0.0], [1.0], [0.0]])
     weights = {0: 2.0, 1: 0.5}
-    x, y, w = mixer(0.4, seed=7, class_weight=weights)(tf.constant(0, tf.int64), (images, labels))
+    # as train_dataset does it: class weights attached to the batch first, then mixed (batch number 0)
+    weighted = with_class_weights(tf.data.Dataset.from_tensors((images, labels)), weights)
+    x, y, w = next(iter(weighted.enumerate().map(mixer(0.4, seed=7))))
     x, y, w = x.numpy(), y.numpy()[:, 0], w.numpy()
     assert x.dtype == np.uint8 and x.shape == (n, 4, 4, 1)
     # the blend weight each image got, read back from its grey level: the same one mixes its label and weight
@@ -123,8 +125,8 @@ def test_mixup_blends_each_image_with_its_mirrored_partner_and_the_labels_and_we
     cw = np.where(truth == 1, 0.5, 2.0)
     assert np.all(np.abs(w - (lam * cw + (1 - lam) * cw[::-1])) <= 1.5 * tolerance)
     # seeded per batch: the same batch number draws the same blend, another one another
-    again = mixer(0.4, seed=7, class_weight=weights)(tf.constant(0, tf.int64), (images, labels))[0].numpy()
-    other = mixer(0.4, seed=7, class_weight=weights)(tf.constant(1, tf.int64), (images, labels))[0].numpy()
+    again = mixer(0.4, seed=7)(tf.constant(0, tf.int64), (images, labels))[0].numpy()
+    other = mixer(0.4, seed=7)(tf.constant(1, tf.int64), (images, labels))[0].numpy()
     assert np.array_equal(again, x) and not np.array_equal(other, x)
 
 
