@@ -235,6 +235,13 @@ def mixer(alpha: float, seed: int):
     return apply
 
 
+def check_mixup(mixup: float, label_form: str, classes: int) -> None:
+    """CxrError unless `mixer` can blend this head's labels: binary or multi-hot, not class indices."""
+    if mixup and label_form not in ("binary", "multihot"):
+        raise CxrError(f"--mixup mixes labels as probabilities: it needs a one-unit sigmoid (two classes) or a "
+                       f"multi-label head, not a {label_form!r} head of {classes} classes")
+
+
 def train_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, *, seed: int, shuffle_buffer: int,
                   augment: bool, label_form: str, mixup: float = 0.0,
                   class_weight: dict[int, float] | None = None,
@@ -243,9 +250,7 @@ def train_dataset(prepared_dir: str | Path, plan: DataPlan, batch_size: int, *, 
     labels in the head's `label_form` (distributed.model.heads). With `mixup` > 0 the batches are mixed
     after augmentation (`mixer`, binary or multi-hot labels only) and, given `class_weight`, carry each
     image's weight as a third element."""
-    if mixup and label_form not in ("binary", "multihot"):
-        raise CxrError(f"--mixup mixes labels as probabilities: it needs a one-unit sigmoid (two classes) or a "
-                       f"multi-label head, not a {label_form!r} head of {len(plan.classes)} classes")
+    check_mixup(mixup, label_form, len(plan.classes))
     files = tf.data.Dataset.from_tensor_slices([str(p) for p in plan.train_files])
     files = files.shuffle(len(plan.train_files), seed=seed, reshuffle_each_iteration=True)
     ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(plan.train_files)),

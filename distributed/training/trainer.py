@@ -32,7 +32,7 @@ from distributed.model.heads import Head
 from distributed.training import callbacks as cb, hvd_utils, run_record
 from distributed.training.backends import open_backend
 from distributed.training.config import TrainConfig
-from distributed.training.data import (AugmentPolicy, DataPlan, balanced_class_weights, label_weights,
+from distributed.training.data import (AugmentPolicy, DataPlan, balanced_class_weights, check_mixup, label_weights,
                                        ordered_dataset, plan_data, sample_images, train_dataset, val_dataset,
                                        with_class_weights)
 from distributed.training.features import cached_train_dataset, compute_features, split_at_head
@@ -113,6 +113,7 @@ class TrainingRun:
         if self.config.calibration in ("platt", "isotonic") and not self.head.binary:  # "auto" adapts
             raise CxrError(f"--calibration {self.config.calibration} is for two classes; {self.config.data} has "
                            f"{len(plan.classes)} (use --calibration temperature)")
+        check_mixup(self.config.mixup, self.head.label_form, len(plan.classes))  # before the run folder is made
         return plan
 
     def verify_shards(self) -> None:

@@ -93,3 +93,12 @@ def test_three_classes_with_class_weights_and_warm_up_train_and_evaluate(three_c
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["classes"] == manifest["classes"]
     assert metrics["n"] == manifest["counts"]["per_split"]["test"]["total"]
+
+
+def test_mixup_on_a_softmax_head_is_refused_before_the_run_folder_is_made(three_classes, tmp_path):
+    run = tmp_path / "run"
+    result = run_train("--data", str(three_classes), "--model", "cnn", "--epochs", "1", "--augment",
+                       "--mixup", "0.2", "--output", str(run))
+    assert result.returncode == 2, quiet(result.stderr)
+    assert "--mixup mixes labels as probabilities" in result.stderr and "Traceback" not in result.stderr
+    assert not run.exists()
