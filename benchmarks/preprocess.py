@@ -129,7 +129,7 @@ def run_cxrscale(folder: Path, size: int, workers: int, scratch: Path, address: 
     if address:  # a cluster started with `ray start` (two_nodes)
         ray.init(address=address, logging_level="ERROR")
     else:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     ray_start = time.perf_counter() - start
     # Warm-up so that every worker has run the stage, on every node: a second node's first task waits for
     # its lease to spill over from the head, longer than two 8-file chunks take, so a 16-file warm-up ran

@@ -27,8 +27,9 @@ def start_ray(address: str | None, num_cpus: int | None, *, py_modules: Sequence
             if address:
                 ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver,
                          runtime_env={"py_modules": list(py_modules)} if py_modules else None)
-            else:
-                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+            else:  # "local": a new Ray even when `ray start` left a cluster on this machine; with no address
+                # ray.init() joins that one (/tmp/ray/ray_current_cluster) and refuses num_cpus there
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                          log_to_driver=log_to_driver, logging_level=logging.ERROR,
                          object_store_memory=256 * 1024 * 1024)
         except (ConnectionError, RuntimeError, ValueError) as err:

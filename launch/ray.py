@@ -110,7 +110,9 @@ def run(args, argv_worker: list[str]) -> int:
     started_here = not ray.is_initialized()
     try:
         if started_here:
-            ray.init(address=args.address, include_dashboard=False, logging_level="ERROR",
+            # no --address: "local", the private Ray the help promises (with none, ray.init() joins a cluster
+            # that `ray start` left on this machine)
+            ray.init(address=args.address or "local", include_dashboard=False, logging_level="ERROR",
                      runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
                          filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "TF_USE_LEGACY_KERAS": "1"}})
         resources = {"CPU": args.cpus_per_worker, **({"GPU": args.gpus_per_worker} if args.gpus_per_worker else {})}

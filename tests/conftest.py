@@ -63,7 +63,7 @@ def ray_session():
     """One local Ray for all in-process preprocessing runs (each `prepare` reuses it)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024,
              logging_level="ERROR")
     yield
     ray.shutdown()

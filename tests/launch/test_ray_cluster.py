@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from benchmarks.injection import free_port
+from benchmarks.injection import free_port, ray_nodes, wait_for
 from tests.conftest import PYTHON, REPO
 from tests.training_fixtures import quiet, sample_images  # noqa: F401 (fixture)
 
@@ -17,19 +18,33 @@ RAY = str(Path(PYTHON).parent / "ray")
 
 
 @pytest.fixture
-def running_cluster():
-    """A head node started as users start one; `ray stop` afterwards. Its address is what `auto` must find."""
+def running_cluster(tmp_path):
+    """A head node started as users start one (`ray start --head`), its address where `auto` must find it.
+    It `--block`s in its own process group, so the teardown stops this cluster alone: `ray stop` stops every
+    Ray on the machine, a test's in another pytest-xdist worker among them."""
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-    port = free_port()
-    started = subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                              "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
-                             env=env, capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, started.stdout + started.stderr
+    address = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "ray-head.log"
+    with open(log, "wb") as out:
+        head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
+                                 address.rsplit(":", 1)[1], "--num-cpus", "2", "--include-dashboard", "false",
+                                 "--disable-usage-stats"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
-        yield f"127.0.0.1:{port}", env
+        try:
+            wait_for(lambda: ray_nodes(RAY, address, env) == 1, 180, "the Ray head node", poll=0.5,
+                     alive=lambda: head.poll() is None)
+        except AssertionError as err:
+            raise AssertionError(f"{err}; `ray start` said:\n{log.read_text(errors='replace')[-2000:]}") from None
+        yield address, env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
 
 
 @pytest.mark.slow
@@ -45,6 +60,12 @@ def test_preprocessing_and_tune_join_a_running_cluster_with_address_auto(running
     assert f":{port} (--address auto): 1 nodes, 2 CPUs" in prep.stderr, prep.stderr[-2000:]
     counts = json.loads((prepared / "manifest.json").read_text())["counts"]
     assert counts["written"] == counts["inputs"] == 128
+    # without --address the stage starts its own Ray, even with this cluster on the machine (a bare ray.init()
+    # would join it, and refuse the CPU count it is given)
+    private = subprocess.run([PYTHON, "-m", "preprocessing", "--input", str(sample_images), "--output",
+                              str(tmp_path / "private"), "--size", "32", "--shards", "2", "--workers", "2"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert private.returncode == 0 and "joined the Ray cluster" not in private.stderr, quiet(private.stderr)
     space = tmp_path / "space.json"  # one trial: joining the cluster is what is tested, not the search
     space.write_text(json.dumps({"lr": {"grid": [1e-3]}, "augment": False}))
     tune = subprocess.run([PYTHON, "-m", "optimize.tune", "--data", str(prepared), "--model", "cnn", "--search", "grid",
