@@ -18,7 +18,10 @@ from tests.conftest import PYTHON, REPO
 from benchmarks.injection import flip_byte, history_rows, kill_workers, wait_for
 from tests.training_fixtures import quiet, run_train
 
-WORKER = "distributed.train"
+def workers_of(run: Path) -> str:
+    """What only this job's training processes hold in their command line (their --output): a job of a test
+    running beside it in another pytest-xdist worker is never the one killed."""
+    return str(run)
 BOTH = "localhost:1\n127.0.0.1:1\n"
 ONE = "localhost:1\n"
 
@@ -72,7 +75,7 @@ def test_elastic_job_survives_a_killed_worker_and_grows_back_when_its_host_retur
     wait_for(lambda: epochs_done(run) >= 2, 300, "two epochs on two workers", alive=alive)
     time.sleep(0.4)  # into epoch 3
     hosts.write_text(ONE)  # the node is gone ...
-    assert kill_workers(WORKER, {"HOROVOD_HOSTNAME": "127.0.0.1"}), "no worker on 127.0.0.1"  # ... and its worker
+    assert kill_workers(workers_of(run), {"HOROVOD_HOSTNAME": "127.0.0.1"}), "no worker on 127.0.0.1"  # ... and its worker
     wait_for(lambda: any(r["workers"] == 1 for r in history_rows(run)), 120, "an epoch finished by the survivor",
              alive=alive)
     hosts.write_text(BOTH)  # the node is back
@@ -107,7 +110,7 @@ def test_elastic_job_below_min_np_past_its_timeout_stops_with_one_line_and_resum
     wait_for(lambda: checkpointed(run) >= 1, 300, "the first epoch's checkpoint", alive=lambda: proc.poll() is None)
     hosts.write_text(ONE)
     killed_at = time.time()
-    assert kill_workers(WORKER, {"HOROVOD_HOSTNAME": "127.0.0.1"})
+    assert kill_workers(workers_of(run), {"HOROVOD_HOSTNAME": "127.0.0.1"})
     code, out, err = finish(proc, timeout=120)
     assert code != 0 and time.time() - killed_at < 60, "the job neither failed nor stopped in time"
     last = err.strip().splitlines()[-1]
@@ -128,7 +131,7 @@ def test_a_non_elastic_job_losing_a_worker_ends_at_once_naming_it_and_resumes(pr
     proc = launch(["--np", "2", "--", *train_args(prepared64, run, 4)])
     wait_for(lambda: checkpointed(run) >= 1, 300, "the first epoch's checkpoint", alive=lambda: proc.poll() is None)
     killed_at = time.time()
-    assert kill_workers(WORKER, {"HOROVOD_RANK": "1"})
+    assert kill_workers(workers_of(run), {"HOROVOD_RANK": "1"})
     code, out, err = finish(proc, timeout=120)
     assert code != 0 and time.time() - killed_at < 15
     last = err.strip().splitlines()[-1]
