@@ -14,7 +14,9 @@ its figures are development figures) and measures what issue 27 asks of the tool
   adaptation      `--draws` times: a stratified draw of `--labelled` external images refits calibration and
                   threshold (distributed.evaluation.adaptation, as `python -m distributed.adapt` does); the
                   other images are scored: ECE, sensitivity, specificity, accuracy (mean and spread over the
-                  draws), and how often the adaptation's out-of-bag interval held the figure on the rest
+                  draws), and how often the adaptation's out-of-bag interval held the figure on the rest; the
+                  same for each calibration method the command offers, on the same draws; and the ECE floor:
+                  what the adapted probabilities would read on the rest if they were exactly right
   adabn           BatchNormalization statistics re-estimated on the external images (unlabelled): ROC-AUC
                   and ECE before and after
   guard           the run's out-of-distribution guard (eval/guard.npz): the share it flags of validation, of the
@@ -42,6 +44,7 @@ from cxrscale.errors import CxrError
 
 log = logging.getLogger("cxrscale.benchmarks")
 METHODS = ("none", "temperature", "platt", "isotonic")
+ADAPT_METHODS = ("temperature", "platt", "isotonic")  # what distributed.adapt --calibration refits at a site
 # issue 27's targets, before and after adapting with 100 labelled images of the site
 TARGETS = {"roc_auc": (">=", 0.96), "accuracy": (">=", 0.90), "sensitivity": (">=", 0.95),
            "specificity": (">=", 0.80), "ece": ("<=", 0.08)}
@@ -63,15 +66,70 @@ def _quality(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]
             "ece": m.expected_calibration_error(y, p)}
 
 
+def _ece_floor(p: np.ndarray, rng: np.random.Generator, simulations: int = 200) -> float:
+    """The ECE that probabilities `p` would read on len(p) images if they were exactly right: the mean over
+    `simulations` label draws y ~ Bernoulli(p). The binned estimator is biased upwards on a small sample, so
+    this is the floor a perfectly calibrated model reads at this sample size and score distribution."""
+    from distributed.model import metrics as m
+
+    return float(np.mean([m.expected_calibration_error((rng.random(len(p)) < p).astype(int), p)
+                          for _ in range(simulations)]))
+
+
+def _adaptation(y: np.ndarray, z: np.ndarray, head, labelled: int, draws: int, seed: int) -> dict[str, Any] | None:
+    """`draws` stratified draws of `labelled` images; on each, every calibration method of distributed.adapt
+    refits calibration and threshold on the draw (the same draw for every method, so the methods are compared
+    pairwise) and the rest are scored. The headline is the command's default method."""
+    from distributed.adapt import AdaptConfig
+    from distributed.evaluation.adaptation import adapt_site, fit_site
+    from distributed.model.calibration import Calibration
+
+    if draws < 1:
+        return None
+    default, rule = AdaptConfig.calibration, AdaptConfig.threshold
+    rng, floor_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
+    by_method: dict[str, list[dict]] = {method: [] for method in ADAPT_METHODS}
+    floors = []
+    for draw in range(draws):
+        pick = np.concatenate([rng.choice(np.flatnonzero(y == c), int(round(labelled * np.mean(y == c))),
+                                          replace=False) for c in (0, 1)])
+        rest = np.setdiff1d(np.arange(len(y)), pick)
+        for method in ADAPT_METHODS:
+            if method == default:  # the command's whole procedure, its out-of-bag intervals included
+                site = adapt_site(y[pick], z[pick], head, method=method, rule=rule, n_bootstrap=200,
+                                  seed=seed + draw)
+                calibration, threshold = Calibration.from_dict(site["calibration"]), site["threshold"]
+            else:
+                calibration, threshold = fit_site(y[pick], z[pick], head, method, rule)
+            p_rest = calibration.apply(head, z[rest])[:, 1]
+            figures = _quality(y[rest], p_rest, threshold)
+            round_ = {"rest": figures, "threshold": threshold}
+            if method == default:
+                round_["covered"] = {k: site["out_of_bag"][k]["low"] <= figures[k] <= site["out_of_bag"][k]["high"]
+                                     for k in ("sensitivity", "specificity", "accuracy")}
+                round_["intervals"], round_["narrowing"] = site["out_of_bag"], site["narrowing"]
+                floors.append(_ece_floor(p_rest, floor_rng))
+            by_method[method].append(round_)
+
+    def spread(rounds: list[dict]) -> dict[str, dict[str, float]]:
+        return {stat: {k: float(fn([r["rest"][k] for r in rounds])) for k in rounds[0]["rest"]}
+                for stat, fn in (("mean", np.mean), ("sd", np.std))}
+
+    rounds = by_method[default]
+    return {"labelled": labelled, "draws": draws, "method": default, "rounds": rounds, **spread(rounds),
+            "coverage": {k: float(np.mean([r["covered"][k] for r in rounds])) for k in rounds[0]["covered"]},
+            "ece_floor": {"mean": float(np.mean(floors)), "sd": float(np.std(floors))},
+            "methods": {method: spread(r) for method, r in by_method.items()}}
+
+
 def measure(run_dir: Path, external: Path, shared_data: Path, work: Path, labelled: int, draws: int,
             seed: int = 0) -> dict[str, Any]:
     """Every figure of the suite for one run (TensorFlow in this process: run it as a child)."""
     from distributed.model.kerasenv import keras
-    from distributed.evaluation.adaptation import adapt_site
-    from distributed.evaluation.scores import ThresholdRule, parse_threshold
+    from distributed.evaluation.scores import ThresholdRule
     from distributed.model import metrics as m
     from distributed.model.builders import recalibrate_batchnorm
-    from distributed.model.calibration import Calibration, fit_calibration, logits_of
+    from distributed.model.calibration import fit_calibration, logits_of
     from distributed.model.guard import GUARD_FILE, Guard
     from distributed.model.heads import Head
     from distributed.model.scoring import read_run_config, run_model_path
@@ -110,25 +168,7 @@ def measure(run_dir: Path, external: Path, shared_data: Path, work: Path, labell
         out["calibration"][method] = {"external": _quality(y_ext, p_ext, t), "val_ece": m.expected_calibration_error(
             y_val, p_val), "params": cal.params if method != "isotonic" else {}}
 
-    rng = np.random.default_rng(seed)
-    rounds = []
-    for draw in range(draws):
-        pick = np.concatenate([rng.choice(np.flatnonzero(y_ext == c), int(round(labelled * np.mean(y_ext == c))),
-                                          replace=False) for c in (0, 1)])
-        rest = np.setdiff1d(np.arange(len(y_ext)), pick)
-        site = adapt_site(y_ext[pick], z_ext[pick], head, method="temperature", rule=parse_threshold("youden"),
-                          n_bootstrap=200, seed=seed + draw)
-        cal = Calibration.from_dict(site["calibration"])
-        figures = _quality(y_ext[rest], cal.apply(head, z_ext[rest])[:, 1], site["threshold"])
-        covered = {k: site["out_of_bag"][k]["low"] <= figures[k] <= site["out_of_bag"][k]["high"]
-                   for k in ("sensitivity", "specificity", "accuracy")}
-        rounds.append({"rest": figures, "threshold": site["threshold"], "covered": covered,
-                       "intervals": site["out_of_bag"], "narrowing": site["narrowing"]})
-    out["adaptation"] = {"labelled": labelled, "draws": draws, "rounds": rounds,
-                         "mean": {k: float(np.mean([r["rest"][k] for r in rounds])) for k in rounds[0]["rest"]},
-                         "sd": {k: float(np.std([r["rest"][k] for r in rounds])) for k in rounds[0]["rest"]},
-                         "coverage": {k: float(np.mean([r["covered"][k] for r in rounds]))
-                                      for k in rounds[0]["covered"]}} if rounds else None
+    out["adaptation"] = _adaptation(y_ext, z_ext, head, labelled, draws, seed)
 
     adabn_model = keras.models.load_model(str(run_model_path(run_dir)), compile=False)
     recalibrate_batchnorm(adabn_model, x_ext)
@@ -203,6 +243,19 @@ def summarise(results: dict) -> tuple[list[dict], str]:
                   markdown_table(["metric", "mean", "sd", "coverage"],
                                  [[k, f"{mean[k]:.3f}", f"{sd[k]:.3f}", f"{cov[k]:.2f}" if k in cov else ""]
                                   for k in mean])]
+        if "methods" in adaptation:
+            floor = adaptation["ece_floor"]
+            lines += ["", f"By calibration method (`distributed.adapt --calibration`; the same draws; "
+                          f"{adaptation['method']} is the command's default). The ECE that the default's "
+                          f"probabilities would read on the rest if they were exactly right (labels drawn from "
+                          f"them): {floor['mean']:.3f} (sd {floor['sd']:.3f}), the binned estimator's floor at this "
+                          "sample size:", "",
+                      markdown_table(["method", "ECE mean (sd)", "accuracy", "sensitivity", "specificity",
+                                      "ROC-AUC"],
+                                     [[method, f"{v['mean']['ece']:.3f} ({v['sd']['ece']:.3f})"] +
+                                      [f"{v['mean'][k]:.3f}" for k in ("accuracy", "sensitivity", "specificity",
+                                                                       "roc_auc")]
+                                      for method, v in adaptation["methods"].items()])]
     lines += ["", f"AdaBN on the external images: ROC-AUC {results['adabn']['roc_auc_before']:.4f} -> "
                   f"{results['adabn']['roc_auc_after']:.4f}."]
     if guard:
