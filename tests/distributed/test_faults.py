@@ -18,12 +18,14 @@ from tests.conftest import PYTHON, REPO
 from benchmarks.injection import flip_byte, history_rows, kill_workers, wait_for
 from tests.training_fixtures import quiet, run_train
 
+BOTH = "localhost:1\n127.0.0.1:1\n"
+ONE = "localhost:1\n"
+
+
 def workers_of(run: Path) -> str:
     """What only this job's training processes hold in their command line (their --output): a job of a test
     running beside it in another pytest-xdist worker is never the one killed."""
     return str(run)
-BOTH = "localhost:1\n127.0.0.1:1\n"
-ONE = "localhost:1\n"
 
 
 def launch(args: list[str]) -> subprocess.Popen:
@@ -75,7 +77,8 @@ def test_elastic_job_survives_a_killed_worker_and_grows_back_when_its_host_retur
     wait_for(lambda: epochs_done(run) >= 2, 300, "two epochs on two workers", alive=alive)
     time.sleep(0.4)  # into epoch 3
     hosts.write_text(ONE)  # the node is gone ...
-    assert kill_workers(workers_of(run), {"HOROVOD_HOSTNAME": "127.0.0.1"}), "no worker on 127.0.0.1"  # ... and its worker
+    # ... and its worker
+    assert kill_workers(workers_of(run), {"HOROVOD_HOSTNAME": "127.0.0.1"}), "no worker on 127.0.0.1"
     wait_for(lambda: any(r["workers"] == 1 for r in history_rows(run)), 120, "an epoch finished by the survivor",
              alive=alive)
     hosts.write_text(BOTH)  # the node is back
