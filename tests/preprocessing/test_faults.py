@@ -85,17 +85,29 @@ def test_a_ray_node_stopped_mid_run_leaves_the_run_to_the_head_node(inputs, refe
     # ray_session: an in-process `prepare` ran before, as in a notebook; its single-machine setting must not
     # keep the `ray start` nodes started from this process from forming a cluster
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
-    out, marker = tmp_path / "prepared", {"CXR_FAULT_TEST": uuid.uuid4().hex}
+    marker = {"CXR_FAULT_TEST": uuid.uuid4().hex}
     with two_node_ray(str(Path(PYTHON).parent / "ray"), dict(os.environ), marker) as (address, second):
+        # A run can end before a task has run on the second node (seen once on a loaded machine, beside
+        # another pytest-xdist worker): the head did every task and nothing was stopped. Its shards are
+        # checked all the same, and the run is repeated on the same cluster.
+        for attempt in range(3):
+            out, stopped = tmp_path / f"prepared-{attempt}", []
 
-        def stop_the_second_node(alive) -> None:
-            # while one of its workers runs a task and some chunks are done
-            wait_for(lambda: chunks_done(out) >= 2 and bool(processes("ray::process_chunk", marker)), 300,
-                     "a task on the second node", poll=0.005, alive=alive)
-            os.killpg(second.pid, signal.SIGKILL)
-            kill_workers("ray::", marker)  # its workers go down with it
+            def stop_the_second_node(alive) -> None:
+                # while one of its workers runs a task and some chunks are done
+                try:
+                    wait_for(lambda: chunks_done(out) >= 2 and bool(processes("ray::process_chunk", marker)), 300,
+                             "a task on the second node", poll=0.005, alive=alive)
+                except AssertionError:
+                    return
+                os.killpg(second.pid, signal.SIGKILL)
+                kill_workers("ray::", marker)  # its workers go down with it
+                stopped.append(attempt)
 
-        code, err = prepare_with_fault(command(inputs, out, "--address", address, "--workers", "2"),
-                                       dict(os.environ, RAY_AUTH_MODE="disabled"), stop_the_second_node)
-    assert code == 0, err[-3000:]
-    assert shards(out) == reference
+            code, err = prepare_with_fault(command(inputs, out, "--address", address, "--workers", "2"),
+                                           dict(os.environ, RAY_AUTH_MODE="disabled"), stop_the_second_node)
+            assert code == 0, err[-3000:]
+            assert shards(out) == reference
+            if stopped:
+                break
+    assert stopped, "in 3 runs the second node never ran a task before the run ended: nothing was stopped"
