@@ -95,47 +95,50 @@ def ray_nodes(ray: str, address: str, env: dict) -> int:
 
 
 @contextlib.contextmanager
+def ray_node(ray: str, args: list[str], env: dict, *, address: str, nodes: int, log: Path, what: str,
+             timeout: float = 120) -> Iterator[subprocess.Popen]:
+    """One Ray node started as users start one (`ray start ... --block`, plus `args`), in its own process
+    group: killing the group is that node failing, and stops no other Ray on the machine (`ray stop` stops
+    them all). Yields the node's process once the cluster at `address` has `nodes` active nodes; a failure
+    to get there quotes `ray start`'s output, kept in `log`. On the way out the group is killed: `ray start
+    --block` outlived a SIGTERM for more than 30 s."""
+    with open(log, "wb") as out:
+        node = subprocess.Popen([ray, "start", "--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+                                 *args], env=env, cwd=log.parent, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        try:
+            wait_for(lambda: ray_nodes(ray, address, env) == nodes, timeout, what, poll=0.5,
+                     alive=lambda: node.poll() is None)
+        except AssertionError as err:
+            said = log.read_text(errors="replace").strip()[-1500:]
+            raise AssertionError(f"{err}; `ray start` said:\n{said}") from None
+        yield node
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a test may have killed the node already
+            os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+
+
+@contextlib.contextmanager
 def two_node_ray(ray: str, env: dict, marker: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A Ray cluster of two nodes on 127.0.0.1, one CPU each, made as users make one (`ray start --head`,
-    then `ray start --address`), each `--block`ing in its own process group so that killing the group is
-    that node failing. Yields (address, the second node's process); the second node's processes (and so
-    its workers) carry `marker` in their environment. Token auth is off (a private test cluster), node
-    failure is noticed within about 1.5 s, and its state lives in a temporary folder, not /tmp/ray, so no
-    other Ray on the machine connects to it."""
+    """A Ray cluster of two `ray_node`s on 127.0.0.1, one CPU each, made as users make one (`ray start
+    --head`, then `ray start --address`). Yields (address, the second node's process); the second node's
+    processes (and so its workers) carry `marker` in their environment. Token auth is off (a private test
+    cluster), node failure is noticed within about 1.5 s, and its state lives in a temporary folder, not
+    /tmp/ray, so no other Ray on the machine connects to it."""
     temp = Path(tempfile.mkdtemp(prefix="cxr-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = dict(env, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_health_check_period_ms="500",
                RAY_health_check_failure_threshold="3")
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # a cluster of two nodes, whatever the caller ran before
-    base = [ray, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     port = free_port()
     address = f"127.0.0.1:{port}"
-    nodes: list[subprocess.Popen] = []
-
-    def start(args: list[str], node_env: dict) -> subprocess.Popen:
-        with open(temp / f"node-{len(nodes)}.log", "wb") as log:  # `ray start`'s own output, for the failure
-            nodes.append(subprocess.Popen(base + args, env=node_env, cwd=temp, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-        return nodes[-1]
-
-    def join(args: list[str], node_env: dict, count: int, what: str) -> subprocess.Popen:
-        """Start a node and wait until the cluster has `count` active nodes; a failure quotes `ray start`."""
-        node = start(args, node_env)
-        try:
-            wait_for(lambda: ray_nodes(ray, address, env) == count, 120, what, poll=0.5,
-                     alive=lambda: node.poll() is None)
-        except AssertionError as err:
-            said = (temp / f"node-{len(nodes) - 1}.log").read_text(errors="replace").strip()[-1500:]
-            raise AssertionError(f"{err}; `ray start` said:\n{said}") from None
-        return node
-
     try:
-        join(["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(temp)], env, 1,
-             "the Ray head node")
-        second = join(["--address", address], dict(env, **marker), 2, "the second Ray node")
-        yield address, second
+        with ray_node(ray, ["--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard", "false",
+                            "--temp-dir", str(temp)], env, address=address, nodes=1, log=temp / "node-0.log",
+                      what="the Ray head node"), \
+             ray_node(ray, ["--address", address, "--num-cpus", "1"], dict(env, **marker), address=address,
+                      nodes=2, log=temp / "node-1.log", what="the second Ray node") as second:
+            yield address, second
     finally:
-        for node in reversed(nodes):
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
-                node.wait()
         shutil.rmtree(temp, ignore_errors=True)

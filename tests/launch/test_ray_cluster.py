@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from benchmarks.injection import free_port, ray_nodes, wait_for
+from benchmarks.injection import free_port, ray_node
 from tests.conftest import PYTHON, REPO
 from tests.training_fixtures import quiet, sample_images  # noqa: F401 (fixture)
 
@@ -19,28 +18,16 @@ RAY = str(Path(PYTHON).parent / "ray")
 
 @pytest.fixture
 def running_cluster(tmp_path):
-    """A head node started as users start one (`ray start --head`), its address where `auto` must find it.
-    It `--block`s in its own process group, so the teardown stops this cluster alone: `ray stop` stops every
-    Ray on the machine, a test's in another pytest-xdist worker among them."""
+    """A head node started as users start one (`ray start --head`, state in Ray's default folder), its
+    address where `auto` must find it. Only this node is stopped afterwards: `ray stop` would stop every Ray
+    on the machine, a test's in another pytest-xdist worker among them."""
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-    address = f"127.0.0.1:{free_port()}"
-    log = tmp_path / "ray-head.log"
-    with open(log, "wb") as out:
-        head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
-                                 address.rsplit(":", 1)[1], "--num-cpus", "2", "--include-dashboard", "false",
-                                 "--disable-usage-stats"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        try:
-            wait_for(lambda: ray_nodes(RAY, address, env) == 1, 180, "the Ray head node", poll=0.5,
-                     alive=lambda: head.poll() is None)
-        except AssertionError as err:
-            raise AssertionError(f"{err}; `ray start` said:\n{log.read_text(errors='replace')[-2000:]}") from None
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    with ray_node(RAY, ["--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false"], env,
+                  address=address, nodes=1, log=tmp_path / "ray-head.log", what="the Ray head node", timeout=180):
         yield address, env
-    finally:  # the whole group at once: `ray start --block` outlived a SIGTERM for more than 30 s
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
 
 
 @pytest.mark.slow
