@@ -291,8 +291,8 @@ def test_user_mistakes_raise_model_error_naming_the_option(kwargs, message):
 
 def test_min_image_size():
     assert {n: min_image_size(n) for n in model_names()} == {"cnn": 8, "convnext-tiny": 32, "densenet121": 32,
-                                                             "efficientnetv2-b0": 32,
-                                                             "efficientnetv2-s": 32, "resnet50": 32, "vgg16": 32}
+                                                             "efficientnetv2-b0": 32, "efficientnetv2-s": 32,
+                                                             "resnet18-half": 16, "resnet50": 32, "vgg16": 32}
     build_model("cnn", min_image_size("cnn"))  # the minimum itself builds
     with pytest.raises(ModelError):
         min_image_size("alexnet")

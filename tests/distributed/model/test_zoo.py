@@ -14,8 +14,9 @@ from tests.conftest import PYTHON, REPO
 def test_the_zoo_names_every_model_file_and_needs_no_tensorflow():
     names = {p.stem for p in (REPO / "distributed" / "model" / "zoo").glob("*.py") if p.stem != "__init__"}
     assert set(zoo.model_names()) == {"cnn", "convnext-tiny", "densenet121", "efficientnetv2-b0", "efficientnetv2-s",
-                                      "resnet50", "vgg16"}
-    assert names == {"cnn", "convnext", "densenet121", "efficientnetv2", "resnet50", "vgg16"}  # B0, S share a file
+                                      "resnet18-half", "resnet50", "vgg16"}
+    assert names == {"cnn", "convnext", "densenet121", "efficientnetv2", "resnet18_half", "resnet50",
+                     "vgg16"}  # B0, S share a file
     code = ("import sys; from distributed.model import zoo; from distributed.training import config; "
             "import benchmarks.train; zoo.model_spec('vgg16'); print('tensorflow' in sys.modules)")
     out = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -38,7 +39,8 @@ def test_a_spec_gives_what_config_tuning_and_benchmarks_read():
 
 def test_unknown_names_sizes_and_weights_are_refused_by_name():
     with pytest.raises(ModelError, match="--model 'alexnet' is not a known model; choose one of cnn, convnext-tiny, "
-                                         "densenet121, efficientnetv2-b0, efficientnetv2-s, resnet50, vgg16"):
+                                         "densenet121, efficientnetv2-b0, efficientnetv2-s, resnet18-half, "
+                                         "resnet50, vgg16"):
         zoo.model_spec("alexnet")
     with pytest.raises(ModelError, match="--model cnn needs images of at least 8 px; --data x is 4 px"):
         zoo.check_image_size("cnn", 4, source="--data x")
@@ -110,3 +112,37 @@ def test_convnext_tiny_computes_keras_own_network_from_its_weights_file(tmp_path
         zoo.build_model("convnext-tiny", 32, 2, weights=str(tmp_path / "ours.h5"))  # a 3-finding file
     with pytest.raises(ModelError, match="--model convnext-tiny needs images of at least 32 px"):
         zoo.build_model("convnext-tiny", 16, 2, weights="none")
+
+
+def test_resnet18_half_is_resnet18s_layout_at_half_width_and_each_block_starts_as_the_identity(tmp_path):
+    """He et al.'s basic blocks (2, 2, 2, 2) at 32-64-128-256 channels behind a stride-2 stem: a 64 px image
+    ends at 4 x 4, shortcuts are projected only where a stage halves the side, and each block's last
+    BatchNormalization starts at zero scale, so at initialisation a block passes its input through."""
+    import numpy as np
+
+    from distributed.model.builders import last_conv_layer_name
+    from distributed.model.heads import Head
+    from distributed.model.kerasenv import keras
+
+    model = zoo.build_model("resnet18-half", 64, 2, weights="none", seed=0)
+    assert Head.of_model(model) == Head("binary", 1)
+    assert model.count_params() == 2_799_521
+    assert last_conv_layer_name(model) == "stage4_block2_out"
+    assert model.get_layer("stage4_block2_out").output.shape[1:] == (4, 4, 256)
+    projected = sorted(layer.name for layer in model.layers if layer.name.endswith("_proj_conv"))
+    assert projected == ["stage2_block1_proj_conv", "stage3_block1_proj_conv", "stage4_block1_proj_conv"]
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 1)).astype("uint8")
+    taps = keras.Model(model.input, [model.get_layer("stem_relu").output,
+                                     model.get_layer("stage1_block2_out").output])
+    stem, after_two_blocks = (t.numpy() for t in taps(images, training=False))
+    np.testing.assert_allclose(after_two_blocks, stem, atol=1e-6)
+    assert np.abs(stem).max() > 0
+    # trains, and a weights file saved from it builds the same network
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=Head.of_model(model).loss())
+    assert np.isfinite(model.train_on_batch(images, np.array([0, 1])))
+    model.save_weights(tmp_path / "resnet.h5")
+    again = zoo.build_model("resnet18-half", 64, 2, weights=str(tmp_path / "resnet.h5"))
+    np.testing.assert_array_equal(again.predict(images, verbose=0), model.predict(images, verbose=0))
+    assert zoo.build_model("resnet18-half", 16, 14, weights="none", multilabel=True).output_shape == (None, 14)
+    with pytest.raises(ModelError, match="--model resnet18-half needs images of at least 16 px"):
+        zoo.build_model("resnet18-half", 8, 2, weights="none")
