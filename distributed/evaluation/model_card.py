@@ -18,6 +18,7 @@ from typing import Any
 from cxrscale.cli import version_line
 from cxrscale.files import read_json, write_text_atomic
 from cxrscale.provenance import git_commit
+from distributed.evaluation.scores import describe_stability
 from distributed.model.heads import Head
 from distributed.model.scoring import ADAPTATION_FILE
 
@@ -284,8 +285,11 @@ def _performance(metrics: dict) -> list[str]:
         out += [f"| {k} | {v:.3f} |" for k, v in multi.items() if isinstance(v, (int, float))]
         return out + [""]
     at, half = metrics["at_threshold"], metrics.get("at_0.5") or {}
-    out += ["", f"Operating threshold **{threshold['value']:.4f}** ({threshold['rule']}: {threshold['description']}).",
-            "", f"| metric | at {threshold['value']:.3f} | at 0.5 |", "|---|---|---|"]
+    out += ["", f"Operating threshold **{threshold['value']:.4f}** ({threshold['rule']}: {threshold['description']})."]
+    stability = describe_stability(threshold, metrics["split"])
+    if stability:
+        out += ["", stability]
+    out += ["", f"| metric | at {threshold['value']:.3f} | at 0.5 |", "|---|---|---|"]
     for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "balanced_accuracy", "f1"):
         if key in at:
             out.append(f"| {METRIC_NAMES[key]} | {_interval(at, key)} | {_interval(half, key)} |")

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from distributed.evaluation import plots
+from distributed.evaluation.scores import describe_stability
 from cxrscale.figures import png_data_uri
 from cxrscale.files import read_numeric_csv, write_bytes_atomic, write_json_atomic, write_text_atomic
 
@@ -232,6 +233,9 @@ def _metric_blocks(r: dict) -> list[tuple]:
                         f"(false positives). Validation at the same threshold: sensitivity "
                         f"{_fmt(r['validation_at_threshold']['sensitivity'])}, specificity "
                         f"{_fmt(r['validation_at_threshold']['specificity'])}."))
+    stability = describe_stability(r["threshold"], r["split"])
+    if stability:
+        blocks.append(("p", stability))
     return blocks
 
 

@@ -148,6 +148,9 @@ def compute_metrics(val: SplitScores, test: SplitScores, classes: list[str], rul
                                                          n_resamples=n_bootstrap, seed=seed)
             out[key] = summary
         out["validation_at_threshold"] = m.binary_summary(val.labels, val.probs[:, 1], threshold)
+        if rule.kind != "fixed":
+            out["threshold"]["stability"] = threshold_stability(rule, val.labels, val.probs[:, 1], y, p,
+                                                                n_resamples=n_bootstrap, seed=seed)
         out["calibration_bins"] = m.calibration_bins(y, p)
     else:
         out["threshold"] = {"rule": "argmax", "description": "the most probable class (K > 2)", "value": None,
@@ -156,6 +159,54 @@ def compute_metrics(val: SplitScores, test: SplitScores, classes: list[str], rul
         out["multiclass"]["intervals"] = m.bootstrap_intervals(m.multiclass_metric_functions(), test.labels,
                                                                test.probs, n_resamples=n_bootstrap, seed=seed)
     return out
+
+
+def threshold_stability(rule: ThresholdRule, y_val: np.ndarray, p_val: np.ndarray, y: np.ndarray, p: np.ndarray, *,
+                        n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict[str, Any] | None:
+    """How much the operating point rests on which images the validation split happened to draw: the rule
+    re-chosen on stratified bootstrap resamples of validation, the 95 % percentile interval of those
+    thresholds, and of sensitivity, specificity and accuracy on the evaluated split (all of it) at each.
+
+    The bootstrap intervals of the test metrics hold the threshold fixed, so they miss this: on a validation
+    split with few cases near the boundary (a near-separable one, or a small class), a few images decide
+    where the threshold lands, and at a shifted site that can move specificity by more than its own
+    interval. None when no resample could choose a threshold (too few cases of a class)."""
+    y_val, p_val = np.asarray(y_val).astype(int), np.asarray(p_val, np.float64)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for _ in range(n_resamples):
+        idx = np.concatenate([rng.choice(np.flatnonzero(y_val == c), int(np.sum(y_val == c)))
+                              for c in np.unique(y_val)])
+        try:
+            chosen.append(rule.choose(y_val[idx], p_val[idx]))
+        except CxrError:
+            continue
+    if not chosen:
+        return None
+
+    def interval(values) -> dict[str, float]:
+        return {"low": float(np.percentile(values, 2.5)), "high": float(np.percentile(values, 97.5))}
+
+    at = {}
+    for name in ("sensitivity", "specificity", "accuracy"):
+        try:  # a metric the evaluated split cannot define (a class absent from it) is left out
+            at[name] = interval([m.THRESHOLD_METRICS[name](y, p, t) for t in chosen])
+        except m.MetricError:
+            continue
+    return {"resamples": len(chosen), **interval(chosen), "median": float(np.median(chosen)), "at_evaluated": at}
+
+
+def describe_stability(threshold: dict[str, Any], split: str) -> str | None:
+    """One sentence for the report and the model card on `threshold_stability`'s figures, or None."""
+    stability = threshold.get("stability")
+    if not stability:
+        return None
+    at = stability["at_evaluated"]
+    spread = ", ".join(f"{name} {at[name]['low']:.3f}-{at[name]['high']:.3f}" for name in at)
+    return (f"Chosen again on {stability['resamples']} bootstrap resamples of the validation split, the threshold "
+            f"falls in {stability['low']:.3f}-{stability['high']:.3f} (95 %)" +
+            (f", and across that range the {split} split reads {spread}" if spread else "") +
+            ": how far the operating point rests on the images validation happened to draw.")
 
 
 def split_row(scores: SplitScores, threshold: float | None, origin: str, *, n_bootstrap: int = DEFAULT_BOOTSTRAP,

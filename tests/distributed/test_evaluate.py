@@ -67,6 +67,39 @@ def test_intervals_contain_the_point_estimates():
         assert ci["value"] == pytest.approx(result["at_threshold"][name])
 
 
+def test_threshold_stability_is_wide_where_few_validation_images_decide_it():
+    """Two validation splits of the same size: one with a wide empty gap between the classes (every resample
+    puts the threshold on one of the lowest positives), one whose classes overlap (a few images near the
+    boundary move it). The evaluated split's specificity moves with the threshold in the second; a fixed
+    threshold is not chosen on validation and has no such figure."""
+    from distributed.evaluation.scores import describe_stability
+
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1], [60, 140])
+    gap = scores(y, np.where(y == 1, rng.uniform(0.6, 1.0, 200), rng.uniform(0.0, 0.2, 200)), "val")
+    overlap = scores(y, np.clip(np.where(y == 1, rng.normal(0.6, 0.15, 200), rng.normal(0.4, 0.15, 200)), 0, 1),
+                     "val")
+    y_test = np.repeat([0, 1], [100, 100])
+    test = scores(y_test, np.linspace(0, 1, 200)[np.argsort(np.argsort(y_test + rng.uniform(0, 1.5, 200)))])
+    narrow = compute_metrics(gap, test, CLASSES, ThresholdRule("youden"), n_bootstrap=300)["threshold"]
+    wide = compute_metrics(overlap, test, CLASSES, ThresholdRule("youden"), n_bootstrap=300)["threshold"]
+    # with a gap the threshold stays on the lowest few positives
+    assert 0.6 <= narrow["stability"]["low"] <= narrow["value"] <= narrow["stability"]["high"] < 0.63
+    assert wide["stability"]["low"] < wide["value"] < wide["stability"]["high"]
+    assert wide["stability"]["high"] - wide["stability"]["low"] > 0.1
+
+    def spread(threshold: dict) -> float:
+        at = threshold["stability"]["at_evaluated"]["specificity"]
+        return at["high"] - at["low"]
+
+    assert spread(narrow) < 0.05 < 0.1 < spread(wide)
+    assert wide["stability"]["resamples"] == 300
+    text = describe_stability(wide, "test")
+    assert f"{wide['stability']['low']:.3f}-{wide['stability']['high']:.3f}" in text and "specificity" in text
+    fixed = compute_metrics(overlap, test, CLASSES, parse_threshold("0.3"), n_bootstrap=50)["threshold"]
+    assert "stability" not in fixed and describe_stability(fixed, "test") is None
+
+
 @pytest.mark.parametrize("text", ["sensitivity", "sensitivity:1.5", "youden:3", "1.2", "auto"])
 def test_bad_threshold_rules_are_refused(text):
     import argparse
@@ -83,6 +116,8 @@ def test_evaluate_cli_writes_a_complete_self_contained_report(sample_run, tmp_pa
     assert f"report: {out / 'report.html'}" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["threshold"]["rule"] == "sensitivity:0.9" and metrics["threshold"]["chosen_on"] == "val"
+    stability = metrics["threshold"]["stability"]
+    assert stability["resamples"] == 200 and stability["low"] <= stability["median"] <= stability["high"]
     for key in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc",
                 "average_precision", "log_loss", "brier", "ece"):
         assert key in metrics["at_threshold"] and key in metrics["at_0.5"]
@@ -98,6 +133,7 @@ def test_evaluate_cli_writes_a_complete_self_contained_report(sample_run, tmp_pa
     assert page.count("data:image/png;base64,") == len(metrics["plots"]) - 1  # every plot but "skipped"
     md = (out / "report.md").read_text()
     assert "95 % CI" in md and "at 0.5" in md and "not told apart" in md
+    assert f"the threshold falls in {stability['low']:.3f}-{stability['high']:.3f}" in md
     rows = list(csv.DictReader(io.StringIO((out / "scores.csv").read_text())))
     assert len(rows) == metrics["n"]
     cal = metrics["calibration"]
@@ -107,6 +143,7 @@ def test_evaluate_cli_writes_a_complete_self_contained_report(sample_run, tmp_pa
     card = (sample_run / "model_card.md").read_text()  # the run's card, from these very metrics
     assert "Demonstration only" in card and "synthetic" in card
     assert f"Operating threshold **{metrics['threshold']['value']:.4f}** (sensitivity:0.9" in card
+    assert f"the threshold falls in {stability['low']:.3f}-{stability['high']:.3f}" in card
     auc = metrics["at_threshold"]["intervals"]["roc_auc"]
     assert f"| ROC-AUC | {auc['value']:.3f} ({auc['low']:.3f}-{auc['high']:.3f}) |" in card
     assert f"| as served | {cal['after']['ece']:.3f} | {cal['after']['brier']:.3f} |" in card
