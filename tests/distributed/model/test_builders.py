@@ -274,7 +274,7 @@ def test_same_seed_gives_the_same_model():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(name="inception", image_size=64),
      r"--model 'inception' is not a known model; choose one of cnn, convnext-tiny, densenet121, "
-     r"efficientnetv2-b0, efficientnetv2-s, resnet50, vgg16"),
+     r"efficientnetv2-b0, efficientnetv2-s, resnet18-half, resnet50, vgg16"),
     (dict(name="vgg16", image_size=16), r"--model vgg16 needs images of at least 32 px; the data is 16 px"),
     (dict(name="resnet50", image_size=16), r"--model resnet50 needs images of at least 32 px; the data is 16 px"),
     (dict(name="cnn", image_size=4), r"--model cnn needs images of at least 8 px"),
