@@ -1,8 +1,8 @@
 """A ResNet-18-style network sized for small radiographs on a CPU, trained from random weights: He et al.
 (2016)'s basic-block layout (2, 2, 2, 2 blocks) at half its widths (32, 64, 128, 256) behind a 3x3 stride-2
-stem, so that a 64 px image ends at 4 x 4 with every output seeing the whole image. At 64 px it costs
-about the thesis CNN's multiply-adds (each of its four stages about as much as one of the CNN's convs),
-but it is eight convolutions deep where the CNN is three."""
+stem, so that a 64 px image ends at 4 x 4 with every output seeing the whole image. Its stages run at a
+quarter of the CNN's pixels with half its channels, so at 64 px it costs about the thesis CNN's
+multiply-adds while stacking seventeen 3x3 convolutions where the CNN has three."""
 from __future__ import annotations
 
 from distributed.model.registry import COMMON_TUNE_SPACE, ModelSpec, check_image_size, register
