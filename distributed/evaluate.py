@@ -25,7 +25,7 @@ from distributed.evaluation.findings import (finding_curves, finding_summary, re
 from distributed.evaluation.model_card import write_model_card
 from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, ThresholdRule, compute_metrics,
                                            gallery_picks, load_records, parse_threshold, per_view_metrics,
-                                           score_split, split_row, split_views)
+                                           score_split, split_row, split_views, threshold_stability)
 from distributed.model.metrics import THRESHOLD_METRICS, probability_quality
 from distributed.model.guard import DEFAULT_QUANTILE, GUARD_FILE, Guard, fit_guard
 from distributed.model.scoring import (adapted_finding_thresholds, adapted_threshold, load_scorer, read_run_config,
@@ -140,6 +140,11 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     results = compute_metrics(val, test, classes, rule, n_bootstrap=config.bootstrap, seed=config.seed)
     if rule.source:
         results["threshold"]["chosen_on"] = rule.source
+    if scorer.head.binary:  # for the report and the model card; compute_metrics serves optimize too
+        stability = threshold_stability(rule, val.labels, val.probs[:, 1], test.labels, test.probs[:, 1],
+                                        n_resamples=config.bootstrap, seed=config.seed)
+        if stability:
+            results["threshold"]["stability"] = stability
     results["per_view"] = per_view_metrics(test, split_views(target.data_dir), classes, results["threshold"]["value"],
                                            n_bootstrap=config.bootstrap, seed=config.seed)
     results["calibration"] = calibration_report(target, test, test.before_calibration())

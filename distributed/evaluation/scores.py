@@ -148,9 +148,6 @@ def compute_metrics(val: SplitScores, test: SplitScores, classes: list[str], rul
                                                          n_resamples=n_bootstrap, seed=seed)
             out[key] = summary
         out["validation_at_threshold"] = m.binary_summary(val.labels, val.probs[:, 1], threshold)
-        if rule.kind != "fixed":
-            out["threshold"]["stability"] = threshold_stability(rule, val.labels, val.probs[:, 1], y, p,
-                                                                n_resamples=n_bootstrap, seed=seed)
         out["calibration_bins"] = m.calibration_bins(y, p)
     else:
         out["threshold"] = {"rule": "argmax", "description": "the most probable class (K > 2)", "value": None,
@@ -170,7 +167,10 @@ def threshold_stability(rule: ThresholdRule, y_val: np.ndarray, p_val: np.ndarra
     The bootstrap intervals of the test metrics hold the threshold fixed, so they miss this: on a validation
     split with few cases near the boundary (a near-separable one, or a small class), a few images decide
     where the threshold lands, and at a shifted site that can move specificity by more than its own
-    interval. None when no resample could choose a threshold (too few cases of a class)."""
+    interval. None for a fixed threshold (not chosen on validation) and when no resample could choose one
+    (too few cases of a class)."""
+    if rule.kind == "fixed":
+        return None
     y_val, p_val = np.asarray(y_val).astype(int), np.asarray(p_val, np.float64)
     rng = np.random.default_rng(seed)
     chosen = []

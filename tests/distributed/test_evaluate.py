@@ -72,7 +72,7 @@ def test_threshold_stability_is_wide_where_few_validation_images_decide_it():
     puts the threshold on one of the lowest positives), one whose classes overlap (a few images near the
     boundary move it). The evaluated split's specificity moves with the threshold in the second; a fixed
     threshold is not chosen on validation and has no such figure."""
-    from distributed.evaluation.scores import describe_stability
+    from distributed.evaluation.scores import describe_stability, threshold_stability
 
     rng = np.random.default_rng(3)
     y = np.repeat([0, 1], [60, 140])
@@ -81,8 +81,16 @@ def test_threshold_stability_is_wide_where_few_validation_images_decide_it():
                      "val")
     y_test = np.repeat([0, 1], [100, 100])
     test = scores(y_test, np.linspace(0, 1, 200)[np.argsort(np.argsort(y_test + rng.uniform(0, 1.5, 200)))])
-    narrow = compute_metrics(gap, test, CLASSES, ThresholdRule("youden"), n_bootstrap=300)["threshold"]
-    wide = compute_metrics(overlap, test, CLASSES, ThresholdRule("youden"), n_bootstrap=300)["threshold"]
+
+    def threshold(val, rule: ThresholdRule, resamples: int) -> dict:
+        """The threshold's record as distributed.evaluate writes it."""
+        out = compute_metrics(val, test, CLASSES, rule, n_bootstrap=resamples)["threshold"]
+        stability = threshold_stability(rule, val.labels, val.probs[:, 1], test.labels, test.probs[:, 1],
+                                        n_resamples=resamples)
+        return {**out, "stability": stability} if stability else out
+
+    narrow = threshold(gap, ThresholdRule("youden"), 300)
+    wide = threshold(overlap, ThresholdRule("youden"), 300)
     # with a gap the threshold stays on the lowest few positives
     assert 0.6 <= narrow["stability"]["low"] <= narrow["value"] <= narrow["stability"]["high"] < 0.63
     assert wide["stability"]["low"] < wide["value"] < wide["stability"]["high"]
@@ -96,7 +104,7 @@ def test_threshold_stability_is_wide_where_few_validation_images_decide_it():
     assert wide["stability"]["resamples"] == 300
     text = describe_stability(wide, "test")
     assert f"{wide['stability']['low']:.3f}-{wide['stability']['high']:.3f}" in text and "specificity" in text
-    fixed = compute_metrics(overlap, test, CLASSES, parse_threshold("0.3"), n_bootstrap=50)["threshold"]
+    fixed = threshold(overlap, parse_threshold("0.3"), 50)
     assert "stability" not in fixed and describe_stability(fixed, "test") is None
 
 
