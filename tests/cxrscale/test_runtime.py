@@ -104,7 +104,8 @@ ENTRY_POINTS = ["preprocessing", "preprocessing.sample", "distributed.train", "d
                 "launch.local", "launch.slurm", "launch.kubernetes", "launch.hostfile", "launch.pipeline", "launch.ray",
                 "benchmarks", "benchmarks.preprocess", "benchmarks.train", "benchmarks.optimize",
                 "benchmarks.complexity", "benchmarks.scaling", "benchmarks.robustness", "benchmarks.serving",
-                "benchmarks.faults", "benchmarks.input", "benchmarks.trust", "benchmarks.shift", "benchmarks.split"]
+                "benchmarks.faults", "benchmarks.input", "benchmarks.trust", "benchmarks.shift", "benchmarks.split",
+                "benchmarks.members"]
 
 
 def test_every_entry_point_answers_version():

@@ -3,6 +3,7 @@ a run folder."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import numpy as np
@@ -15,7 +16,7 @@ from cxrscale.errors import CxrError
 from preprocessing import schema
 from tests.conftest import PYTHON, REPO
 from tests.launch.cli import IN_PROCESS, run_in_process
-from tests.training_fixtures import quiet, run_train
+from tests.training_fixtures import prepare, quiet, run_train
 
 
 def cli(module: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -138,3 +139,46 @@ def test_kermany_gpu_members_join_on_the_positive_logit():
                                calibration.apply(Head("binary", 1), expected[:, None])[:, 1], atol=1e-5)
     with pytest.raises(CxrError, match="one kind of head"):
         join_members([vgg, build_model("cnn", 32, 3, seed=0)])
+
+
+@pytest.mark.slow
+def test_benchmark_members_forms_the_ensemble_distributed_ensemble_builds(ensemble_run, sample_images, tmp_path):
+    """benchmarks.members forms each ensemble from its members' logits without joining them: its row for both
+    members must be the joined run's calibration, validation threshold and external ranking."""
+    from distributed.adapt import labelled_sample
+    from distributed.evaluation.scores import ThresholdRule
+    from distributed.model import metrics as m
+    from preprocessing.transform import TransformParams
+
+    run, site = ensemble_run["run"], sample_images / "train"
+    result = cli("benchmarks.members", "--runs", *map(str, ensemble_run["members"]), "--external", str(site),
+                 "--bootstrap", "100", "--out", str(tmp_path / "results"), "-q")
+    assert result.returncode == 0, quiet(result.stderr)
+    results = json.loads(next((tmp_path / "results").glob("members-*.json")).read_text())
+    assert [r["members"] for r in results["ensembles"]] == [["sample-cnn"], ["seed1"], ["sample-cnn", "seed1"]]
+    both = results["ensembles"][2]
+    calibration = json.loads((run / "calibration.json").read_text())
+    assert both["calibration"]["params"] == pytest.approx(calibration["params"], rel=1e-4)
+    model = keras.models.load_model(str(run / "model"), compile=False)
+    val = list(schema.dataset(ensemble_run["data"], "val").as_numpy_iterator())
+    p_val = model.predict(np.stack([x for x, _ in val]), verbose=0)[:, 0]
+    assert both["threshold"] == pytest.approx(ThresholdRule("youden").choose(np.array([y for _, y in val]), p_val),
+                                              abs=1e-5)
+    manifest = json.loads((run / "dataset_manifest.json").read_text())
+    x_site, y_site = labelled_sample(str(site), manifest["classes"], TransformParams.from_dict(manifest["transform"]))
+    # the joined model's mean logit through its calibration, in float64 as the benchmark computes it (the served
+    # float32 probabilities of this barely trained model tie near 1, which moves the ROC-AUC in the third place)
+    p_site = Calibration.from_dict(calibration).apply(Head.of_logits(model), logits_of(model, x_site))[:, 1]
+    assert both["external"]["roc_auc"]["value"] == pytest.approx(m.roc_auc(y_site, p_site), abs=1e-6)
+
+    # a member validated on another split (the same images prepared with another seed) is refused, named
+    other = tmp_path / "other-split"
+    prepare(sample_images, tmp_path / "prepared-seed1", "--size", "64", "--shards", "2", "--seed", "1")
+    shutil.copytree(ensemble_run["members"][1], other)
+    config = json.loads((other / "config.json").read_text())
+    config["config"]["data"] = str(tmp_path / "prepared-seed1")
+    (other / "config.json").write_text(json.dumps(config))
+    result = cli("benchmarks.members", "--runs", str(ensemble_run["members"][0]), str(other), "--external",
+                 str(site), "--out", str(tmp_path / "results"), "-q")
+    assert result.returncode != 0
+    assert f"--runs {other} was validated on other images than {ensemble_run['members'][0]}" in result.stderr

@@ -18,7 +18,7 @@ from tests.conftest import PYTHON, REPO
 # main can run in the test's process as `python -m` runs it; each in-process call saves TensorFlow's start-up
 # (about 5 s on 2 cores). Every entry point still runs as its own command in tests/cxrscale/test_runtime.py.
 IN_PROCESS = frozenset({"distributed.evaluate", "distributed.predict", "distributed.ensemble", "distributed.adapt",
-                        "optimize.export"})
+                        "optimize.export", "benchmarks.members"})
 
 
 def exit_status(main: Callable, argv: Sequence[str]) -> int:

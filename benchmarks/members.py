@@ -1,0 +1,240 @@
+"""python -m benchmarks.members: which trained members to ensemble, judged on another site's images.
+
+    python -m benchmarks.members --runs runs/a/members/seed0 runs/a/members/seed1 runs/b/members/seed0
+    python -m benchmarks.members --runs R1 R2 R3 --external ~/site-b --calibration temperature
+
+distributed.ensemble joins members by the mean of their logits. Which members to join is a recipe decision
+that a carved validation split reads as a tie (on the Kermany split every candidate reads ROC-AUC near 0.99).
+This suite scores each member once, on the validation split the members share and on an external labelled
+folder (class folders; default: the shared external development set, whose figures are development figures),
+then forms every ensemble of them from those logits as distributed.ensemble and distributed.evaluate would:
+the mean of the positive-class logits, calibration fitted on validation, the threshold chosen on validation.
+Nothing is trained or joined, so trying 2^N - 1 ensembles costs N forward passes.
+
+  members     each member's model, its ROC-AUC on validation and on the external images, and the correlation
+              of the members' logits on both: members that agree add little to each other
+  ensembles   for every subset of the members: validation and external ROC-AUC (with its 95 % bootstrap
+              interval), the validation-chosen threshold and the 95 % interval of where it lands when
+              validation is resampled (distributed.evaluation.scores.threshold_stability), accuracy,
+              sensitivity and specificity on the external images at that threshold with the range they take
+              across that interval, and external ECE as calibrated on validation
+
+Build the one you choose with `python -m distributed.ensemble --runs ...`. Binary members only; they must
+share one validation split (the same prepared dataset, or one prepared again with the same seed). It measures
+runs you already have, so `python -m benchmarks --suite all` does not run it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from benchmarks.common import DEFAULT_RESULTS, DEFAULT_SHARED_DATA, markdown_table, report, require_dir
+from cxrscale.cli import OneLineParser, run_cli
+from cxrscale.console import setup_logging
+from cxrscale.errors import CxrError
+
+log = logging.getLogger("cxrscale.benchmarks")
+MAX_MEMBERS = 8  # 255 ensembles, each with its bootstraps: about a second apiece
+
+
+def member_labels(runs: Sequence[Path]) -> list[str]:
+    """Short unique names for the runs: the fewest trailing path parts that tell them apart (members of two
+    recipes are both `members/seed0`)."""
+    parts = [Path(r).resolve().parts for r in runs]
+    if len(set(parts)) < len(parts):
+        raise CxrError(f"--runs names {len(parts) - len(set(parts))} run folder(s) twice")
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return ["/".join(p) for p in parts]
+
+
+def score_members(runs: Sequence[Path], external: Path) -> dict[str, Any]:
+    """Each member's positive-class logits on the shared validation split and on the external folder."""
+    from distributed.model.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
+    from distributed.adapt import labelled_sample
+    from distributed.model.calibration import logits_of
+    from distributed.model.heads import Head
+    from distributed.model.scoring import read_run_config, run_model_path
+    from cxrscale.files import read_json
+    from preprocessing import schema
+    from preprocessing.transform import TransformParams
+
+    members, reference = {}, None
+    for label, run in zip(member_labels(runs), runs):
+        config = read_run_config(run)
+        manifest = read_json(run / "dataset_manifest.json", f"--runs {run}: dataset manifest")
+        classes = list(manifest["classes"])
+        model = keras.models.load_model(str(run_model_path(run)), compile=False)
+        head = Head.of_logits(model)
+        if not head.binary:
+            raise CxrError(f"--runs {run} has a {head.describe()} head: this suite compares binary members")
+        val = list(schema.dataset(Path(config["config"]["data"]), "val").as_numpy_iterator())
+        if not val:
+            raise CxrError(f"--runs {run}: its dataset {config['config']['data']} has no validation split")
+        # record ids are salted per preparation, so the images themselves tell whether two datasets prepared
+        # apart hold one validation split; every member's records are put in the order of their contents
+        keys = [hashlib.sha256(x.tobytes()).hexdigest() + f":{int(y)}" for x, y in val]
+        order = np.argsort(keys, kind="stable")
+        keys = [keys[i] for i in order]
+        if reference is None:
+            reference = {"run": run, "keys": keys, "classes": classes}
+        elif keys != reference["keys"] or classes != reference["classes"]:
+            raise CxrError(f"--runs {run} was validated on other images than {reference['run']} (its validation "
+                           "split, image size or classes differ): members are compared on one validation split; "
+                           "prepare them from one dataset with the same --seed")
+        x_val, y_val = np.stack([val[i][0] for i in order]), np.array([int(val[i][1]) for i in order])
+        x_ext, y_ext = labelled_sample(str(external), classes, TransformParams.from_dict(manifest["transform"]))
+        members[label] = {"run": str(run), "model": config["config"]["model"],
+                          "z_val": head.positive_logit(logits_of(model, x_val)),
+                          "z_ext": head.positive_logit(logits_of(model, x_ext)), "y_val": y_val, "y_ext": y_ext}
+        log.info("scored %s (%s): %d validation and %d external images", label, members[label]["model"],
+                 len(y_val), len(y_ext))
+    return members
+
+
+def compare(members: dict[str, dict], method: str, rule_text: str, *, max_size: int, n_bootstrap: int,
+            seed: int = 0) -> dict[str, Any]:
+    """Every ensemble of up to `max_size` of the members, from their logits: the figures
+    distributed.ensemble + distributed.evaluate would give it, on validation and on the external images."""
+    from distributed.evaluation.scores import parse_threshold, threshold_stability
+    from distributed.model import metrics as m
+    from distributed.model.calibration import fit_calibration
+    from distributed.model.heads import Head
+
+    names = list(members)
+    first = members[names[0]]
+    y_val, y_ext = first["y_val"], first["y_ext"]
+    rule, head = parse_threshold(rule_text), Head("binary", 1)  # the ensemble's head: the mean logit
+
+    def correlation(key: str) -> list[list[float]]:
+        return np.corrcoef([members[n][key] for n in names]).reshape(len(names), len(names)).round(4).tolist()
+
+    rows = []
+    for size in range(1, min(max_size, len(names)) + 1):
+        for combo in itertools.combinations(names, size):
+            z_val = np.mean([members[n]["z_val"] for n in combo], axis=0)
+            z_ext = np.mean([members[n]["z_ext"] for n in combo], axis=0)
+            calibration = fit_calibration(method, y_val, z_val, head)
+            p_val, p_ext = calibration.apply(head, z_val)[:, 1], calibration.apply(head, z_ext)[:, 1]
+            threshold = rule.choose(y_val, p_val)
+            external = m.bootstrap_intervals(
+                {k: f for k, f in m.binary_metric_functions(threshold).items() if k in m.INTERVAL_METRICS},
+                y_ext, p_ext, n_resamples=n_bootstrap, seed=seed)
+            rows.append({"members": list(combo), "val_roc_auc": m.roc_auc(y_val, p_val), "threshold": threshold,
+                         "calibration": calibration.to_dict(), "external": external,
+                         "external_ece": m.expected_calibration_error(y_ext, p_ext),
+                         "val_ece": m.expected_calibration_error(y_val, p_val),
+                         "stability": threshold_stability(rule, y_val, p_val, y_ext, p_ext,
+                                                          n_resamples=n_bootstrap, seed=seed)})
+    return {"members": {n: {"run": members[n]["run"], "model": members[n]["model"],
+                            "val_roc_auc": m.roc_auc(y_val, members[n]["z_val"]),
+                            "external_roc_auc": m.roc_auc(y_ext, members[n]["z_ext"])} for n in names},
+            "correlation": {"validation": correlation("z_val"), "external": correlation("z_ext")},
+            "n_val": int(len(y_val)), "n_external": int(len(y_ext)),
+            "external_class_counts": np.bincount(y_ext, minlength=2).tolist(), "calibration_method": method,
+            "threshold_rule": str(rule), "bootstrap": n_bootstrap, "ensembles": rows}
+
+
+def summarise(results: dict) -> tuple[list[dict], str]:
+    """No targets: a table to choose from."""
+    names = list(results["members"])
+    external = Path(results["external"]).name
+
+    def interval(fig: dict) -> str:
+        return f"{fig['value']:.3f} ({fig['low']:.3f}-{fig['high']:.3f})"
+
+    def at(row: dict, k: str) -> str:
+        value = f"{row['external'][k]['value']:.3f}"
+        spread = (row["stability"] or {}).get("at_evaluated", {}).get(k)
+        return value + (f" ({spread['low']:.3f}-{spread['high']:.3f})" if spread else "")
+
+    def threshold(row: dict) -> str:
+        s = row["stability"]
+        return f"{row['threshold']:.3f}" + (f" ({s['low']:.3f}-{s['high']:.3f})" if s else "")
+
+    ranked = sorted(results["ensembles"], key=lambda r: -r["external"]["roc_auc"]["value"])
+    lines = [f"{len(names)} members, {len(ranked)} ensembles, scored on `{results['external']}` "
+             f"({results['n_external']} images, {results['external_class_counts']} per class; development figures "
+             f"when this is the shared external development set). Calibration {results['calibration_method']} "
+             f"and threshold {results['threshold_rule']} fitted on the members' validation split "
+             f"({results['n_val']} images).", "",
+             markdown_table(["member", "model", "validation ROC-AUC", f"{external} ROC-AUC"],
+                            [[n, v["model"], f"{v['val_roc_auc']:.4f}", f"{v['external_roc_auc']:.4f}"]
+                             for n, v in results["members"].items()]), "",
+             f"Correlation of the members' logits on {external} (validation in brackets):", "",
+             markdown_table(["", *names], [[a] + [f"{results['correlation']['external'][i][j]:.3f} "
+                                                  f"({results['correlation']['validation'][i][j]:.3f})"
+                                                  for j in range(len(names))] for i, a in enumerate(names)]), "",
+             f"Every ensemble, best {external} ROC-AUC first. In brackets: the 95 % bootstrap interval of the "
+             "ROC-AUC; for the threshold, where it lands when validation is resampled, and for accuracy, "
+             "sensitivity and specificity the range they take across that landing:", "",
+             markdown_table(["members", "validation ROC-AUC", f"{external} ROC-AUC", "threshold", "accuracy",
+                             "sensitivity", "specificity", f"{external} ECE"],
+                            [[" + ".join(r["members"]), f"{r['val_roc_auc']:.4f}",
+                              interval(r["external"]["roc_auc"]), threshold(r), at(r, "accuracy"),
+                              at(r, "sensitivity"), at(r, "specificity"), f"{r['external_ece']:.3f}"]
+                             for r in ranked])]
+    return [], "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from distributed.training.config import CALIBRATIONS  # no TensorFlow
+
+    parser = OneLineParser(prog="python -m benchmarks.members", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="Example:\n  python -m benchmarks.members --runs runs/kermany/members/seed0 "
+                                  "runs/kermany/members/seed1 runs/resnet/members/seed0")
+    parser.add_argument("--runs", nargs="+", required=True, help="trained member run folders (at least two)")
+    parser.add_argument("--external", default=str(DEFAULT_SHARED_DATA / "kermany224-external-dev"),
+                        help="labelled class folders of another site (default: the shared external development set)")
+    parser.add_argument("--calibration", default="auto", choices=CALIBRATIONS,
+                        help="fitted on validation for each ensemble, as distributed.ensemble does (default auto)")
+    parser.add_argument("--threshold", default="youden",
+                        help="chosen on validation for each ensemble, as distributed.evaluate does (default youden)")
+    parser.add_argument("--max-size", type=int, default=None,
+                        help=f"largest ensemble to try (default: all the members; needed above {MAX_MEMBERS})")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--out", default=str(DEFAULT_RESULTS), help="results folder")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from distributed.evaluation.scores import parse_threshold
+
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    runs = [require_dir(Path(r), "--runs", "give trained run folders") for r in args.runs]
+    if len(runs) < 2:
+        raise CxrError("--runs needs at least two member runs to compare ensembles of")
+    max_size = args.max_size or len(runs)
+    if not 1 <= max_size <= len(runs):
+        raise CxrError(f"--max-size {args.max_size}: between 1 and the {len(runs)} --runs")
+    if args.max_size is None and len(runs) > MAX_MEMBERS:
+        raise CxrError(f"--runs names {len(runs)} members, {2 ** len(runs) - 1} ensembles: give --max-size")
+    if args.bootstrap < 100:
+        raise CxrError(f"--bootstrap {args.bootstrap}: at least 100 resamples for a 95 % interval")
+    try:
+        parse_threshold(args.threshold)
+    except argparse.ArgumentTypeError as err:
+        raise CxrError(f"--threshold {err}") from None
+    external = require_dir(Path(args.external), "--external", "give labelled class folders of another site")
+    results = {"external": str(external),
+               **compare(score_members(runs, external), args.calibration, args.threshold, max_size=max_size,
+                         n_bootstrap=args.bootstrap)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report(out, "members", results, summarise)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
