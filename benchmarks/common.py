@@ -160,8 +160,10 @@ def write_results(out_dir: Path, suite: str, results: dict, markdown: str) -> tu
 
 
 def report(out_dir: Path, suite: str, results: dict, summarise) -> None:
-    """Add `summarise(results)`'s target checks to the results, write the JSON + Markdown, print the table."""
+    """Add `summarise(results)`'s target checks to the results, write the JSON + Markdown into `out_dir` (made
+    if need be), print the table."""
     checks, markdown = summarise(results)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     results["checks"] = checks
     json_path, md_path = write_results(out_dir, suite, results, markdown)
     print(markdown)

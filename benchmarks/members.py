@@ -230,9 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {"external": str(external),
                **compare(score_members(runs, external), args.calibration, args.threshold, max_size=max_size,
                          n_bootstrap=args.bootstrap)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report(out, "members", results, summarise)
+    report(Path(args.out), "members", results, summarise)
     return 0
 
 

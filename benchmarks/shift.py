@@ -340,9 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    args.labelled, args.draws)
     else:
         results = run_suite(args.quick, work)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report(out, "shift", results, summarise)
+    report(Path(args.out), "shift", results, summarise)
     return 0
 
 
