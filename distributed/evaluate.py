@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from distributed.evaluation import report
-from distributed.evaluation.findings import (finding_curves, finding_summary, report_blocks as findings_report_blocks,
-                                             write_finding_scores)
+from distributed.evaluation.findings import (add_threshold_stability, finding_curves, finding_summary,
+                                             report_blocks as findings_report_blocks, write_finding_scores)
 from distributed.evaluation.model_card import write_model_card
 from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, ThresholdRule, compute_metrics,
                                            gallery_picks, load_records, parse_threshold, per_view_metrics,
@@ -184,6 +184,8 @@ def evaluate_findings(config: EvaluateConfig, target: Target, manifest: dict, sc
     rule = config.threshold or finding_rules(target.run_dir, findings)
     summary = finding_summary(val.labels, val.probs, test.labels, test.probs, findings, rule, split=config.split,
                               n_bootstrap=config.bootstrap, seed=config.seed)
+    add_threshold_stability(summary, val.labels, val.probs, test.labels, test.probs, rule,
+                            n_bootstrap=config.bootstrap, seed=config.seed)
     results: dict[str, Any] = {
         "task": schema.MULTILABEL, "split": config.split, "n": int(len(test.labels)), "classes": findings,
         "findings": summary,

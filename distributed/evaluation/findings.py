@@ -20,6 +20,7 @@ import numpy as np
 from cxrscale.errors import CxrError
 from cxrscale.figures import save_figure, styled
 from cxrscale.files import write_text_atomic
+from distributed.evaluation.scores import threshold_stability
 from distributed.model import metrics as m
 
 MIN_CASES = 10   # positive and negative test images a finding needs before its figures are reported
@@ -31,7 +32,7 @@ def finding_summary(val_targets: np.ndarray, val_probs: np.ndarray, targets: np.
     """The per-finding table and the macro and micro AUC (see the module docstring). targets: (n, K) of 1, 0
     and -1 unknown; probs: (n, K); rule: a `scores.ThresholdRule`, applied to each finding's validation
     scores, or a list of them, one per finding (an adapted run: the site's fixed thresholds)."""
-    rules = list(rule) if isinstance(rule, (list, tuple)) else [rule] * len(findings)
+    rules = _per_finding(rule, len(findings))
     rows, measured = [], []
     for k, name in enumerate(findings):
         seen, val_seen = targets[:, k] >= 0, val_targets[:, k] >= 0
@@ -71,6 +72,29 @@ def finding_summary(val_targets: np.ndarray, val_probs: np.ndarray, targets: np.
         out["micro_roc_auc"] = _resampled(m.micro_roc_auc, targets[:, measured], probs[:, measured], n_bootstrap,
                                           seed)
     return out
+
+
+def _per_finding(rule, count: int) -> list:
+    return list(rule) if isinstance(rule, (list, tuple)) else [rule] * count
+
+
+def add_threshold_stability(summary: dict, val_targets: np.ndarray, val_probs: np.ndarray, targets: np.ndarray,
+                            probs: np.ndarray, rule, *, n_bootstrap: int = 1000, seed: int = 0) -> None:
+    """Each measured finding's `scores.threshold_stability` into its row of `summary` (finding_summary's): its
+    rule chosen again on resamples of its known validation images, and its sensitivity and specificity on the
+    split across those thresholds. A rare finding's validation positives are few, so its threshold moves the
+    most. distributed.evaluate calls this, not finding_summary, which optimize.prune_quantize runs for every
+    variant."""
+    rules = _per_finding(rule, len(summary["findings"]))
+    for k, row in enumerate(summary["findings"]):
+        if not row["measured"] or row["threshold"] is None:
+            continue
+        seen, val_seen = targets[:, k] >= 0, val_targets[:, k] >= 0
+        stability = threshold_stability(rules[k], val_targets[val_seen, k].astype(int), val_probs[val_seen, k],
+                                        targets[seen, k].astype(int), probs[seen, k], n_resamples=n_bootstrap,
+                                        seed=seed)
+        if stability:
+            row["stability"] = stability
 
 
 def _resampled(fn, targets: np.ndarray, probs: np.ndarray, n: int, seed: int) -> dict[str, float | None]:
@@ -152,8 +176,10 @@ def finding_table(summary: dict) -> tuple[list[str], list[list[str]]]:
                                 "", ""])
             continue
         iv = r["intervals"]
-        rows.append(base + [_cell(iv["roc_auc"]), _cell(iv["average_precision"]),
-                            "undefined" if r["threshold"] is None else f"{r['threshold']:.3f}",
+        stability = r.get("stability")
+        threshold = "undefined" if r["threshold"] is None else f"{r['threshold']:.3f}" + (
+            f" ({stability['low']:.3f}–{stability['high']:.3f})" if stability else "")
+        rows.append(base + [_cell(iv["roc_auc"]), _cell(iv["average_precision"]), threshold,
                             _cell(iv.get("sensitivity")), _cell(iv.get("specificity"))])
     return head, rows
 
@@ -170,6 +196,15 @@ def summary_lines(summary: dict, split: str, n: int) -> list[str]:
         lines.append(f"**Macro ROC-AUC {_cell(summary['macro_roc_auc'])}** over the {len(summary['measured'])} "
                      f"measured findings; micro ROC-AUC {_cell(summary['micro_roc_auc'])} (every known "
                      "image-finding pair pooled, so the frequent findings weigh most).")
+    stable = [r for r in summary["findings"] if r.get("stability")]
+    if stable:
+        spread = "; ".join(f"{r['finding']} " + ", ".join(
+            f"{name} {at['low']:.3f}–{at['high']:.3f}" for name, at in r["stability"]["at_evaluated"].items()
+            if name != "accuracy") for r in stable)
+        lines.append(f"In brackets after each threshold: where it falls (95 %) when chosen again on "
+                     f"{stable[0]['stability']['resamples']} bootstrap resamples of the validation split, how far "
+                     f"the operating point rests on the images validation happened to draw. Across those "
+                     f"thresholds the {split} split reads {spread}.")
     for r in summary["findings"]:
         if not r["measured"]:
             lines.append(f"**{r['finding']}: {r['reason']}.**")

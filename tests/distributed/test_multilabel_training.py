@@ -89,6 +89,8 @@ def test_two_workers_train_evaluate_and_export_a_multilabel_cnn(findings32, tmp_
     assert m.label_roc_aucs(targets, probs) == pytest.approx(
         [r["intervals"]["roc_auc"]["value"] if r["measured"] else None for r in metrics["findings"]["findings"]])
     assert metrics["findings"]["macro_roc_auc"]["value"] == pytest.approx(np.mean(aucs))
+    # each measured finding's threshold, chosen again on resamples of validation: where it lands
+    assert all(r["stability"]["resamples"] == 50 for r in metrics["findings"]["findings"] if r["measured"])
     with open(run / "eval" / "scores.csv") as fh:
         scored = list(csv.DictReader(fh))
     assert len(scored) == len(targets) and f"p_{labels[0]}" in scored[0]
@@ -185,7 +187,8 @@ def test_two_workers_train_evaluate_and_export_a_multilabel_cnn(findings32, tmp_
 
 
 def test_each_finding_is_measured_on_its_known_images_or_said_too_rare():
-    from distributed.evaluation.findings import MIN_CASES, finding_summary, finding_table, summary_lines
+    from distributed.evaluation.findings import (MIN_CASES, add_threshold_stability, finding_summary, finding_table,
+                                                 summary_lines)
     from distributed.evaluation.scores import ThresholdRule
 
     rng = np.random.default_rng(0)
@@ -212,3 +215,26 @@ def test_each_finding_is_measured_on_its_known_images_or_said_too_rare():
     _, rows = finding_table(summary)
     assert rows[2][3] == "too few to measure"
     assert any(line.startswith("**Rare: too few to measure") for line in summary_lines(summary, "test", n))
+
+    # where each measured finding's threshold lands when validation is resampled, and what that does to it
+    add_threshold_stability(summary, targets, probs, targets, probs, ThresholdRule("youden"), n_bootstrap=200)
+    assert "stability" not in rare
+    for k, row in ((0, a), (1, b)):
+        stability, seen = row["stability"], targets[:, k] >= 0
+        assert stability["resamples"] == 200 and stability["low"] <= stability["median"] <= stability["high"]
+        assert set(stability["at_evaluated"]) == {"sensitivity", "specificity", "accuracy"}
+        # specificity rises with the threshold: its range is that at the ends of the threshold's interval
+        negatives = probs[seen, k][targets[seen, k] == 0]
+        specificity = stability["at_evaluated"]["specificity"]
+        assert specificity["low"] == pytest.approx(np.mean(negatives < stability["low"]), abs=0.02)
+        assert specificity["high"] == pytest.approx(np.mean(negatives < stability["high"]), abs=0.02)
+    # no signal: where A's threshold lands is up to the draw; B's scores separate, so its threshold moves less
+    assert a["stability"]["high"] - a["stability"]["low"] > b["stability"]["high"] - b["stability"]["low"]
+    _, rows = finding_table(summary)
+    assert rows[1][5] == f"{b['threshold']:.3f} ({b['stability']['low']:.3f}–{b['stability']['high']:.3f})"
+    line = next(line for line in summary_lines(summary, "test", n) if line.startswith("In brackets"))
+    assert "200 bootstrap resamples" in line and "; B sensitivity " in line
+    fixed = finding_summary(targets, probs, targets, probs, ["A", "B", "Rare"], ThresholdRule("fixed", 0.5),
+                            n_bootstrap=50)
+    add_threshold_stability(fixed, targets, probs, targets, probs, ThresholdRule("fixed", 0.5), n_bootstrap=50)
+    assert not any("stability" in r for r in fixed["findings"])  # not chosen on validation: nothing to resample
