@@ -39,6 +39,7 @@ class TrainConfig:
     fine_tune_from: str | None = None
     augment: bool = False
     augment_aspect: float | None = None
+    augment_zoom: float | None = None
     class_weights: str = "auto"
     cache_features: bool = False
     resume: bool = False
@@ -97,6 +98,11 @@ class TrainConfig:
              f"{self.augment_aspect}"),
             (self.augment_aspect is None or self.augment,
              "--augment-aspect sets a range of --augment's random crop: give --augment as well"),
+            (self.augment_zoom is None or self.augment_zoom >= 1,
+             f"--augment-zoom must be at least 1 (Z: the crop's side from 1/Z to Z of the image's), got "
+             f"{self.augment_zoom}"),
+            (self.augment_zoom is None or self.augment,
+             "--augment-zoom sets a range of --augment's random crop: give --augment as well"),
             (self.mixup >= 0, f"--mixup must be 0 (off) or a positive Beta parameter, got {self.mixup}"),
             (not (self.mixup and self.cache_features),
              "--mixup mixes images and --cache-features trains on features computed once per image: choose one"),
@@ -186,6 +192,10 @@ def build_parser(prog: str = "python -m distributed.train") -> argparse.Argument
                         "stretched or squeezed by up to sqrt(R) (default: 0.9..1.1). Kermany's originals differ in "
                         "aspect ratio by class, which a square resize turns into a class-wise squeeze "
                         "(docs/training.md)")
+    p.add_argument("--augment-zoom", type=float, default=None, metavar="Z",
+                   help="with --augment: draw the random crop's side from 1/Z..Z of the image's, so that the anatomy "
+                        "is shown up to Z times larger or smaller, black around it when smaller (default: 0.8..1.0, "
+                        "larger only). A field of view that differs by site then reads as no class (docs/training.md)")
     p.add_argument("--class-weights", choices=("auto", "none"), default=None,
                    help="auto: weight classes inversely to their train counts (default auto)")
     p.add_argument("--cache-features", action="store_true", default=None,

@@ -77,7 +77,7 @@ class AugmentPolicy:
     resolution and noise, JPEG/export), kept mild enough that the anatomy stays plausible. There is never a
     left-right flip: a chest radiograph is not symmetric (heart, stomach bubble, side markers)."""
 
-    crop_scale: tuple[float, float] = (0.8, 1.0)      # random resized crop: share of the side kept
+    crop_scale: tuple[float, float] = (0.8, 1.0)      # random resized crop: its side over the image's (> 1: zoom out)
     crop_aspect: tuple[float, float] = (0.9, 1.1)     # aspect ratio of the crop
     rotation_degrees: float = 5.0                     # +- small rotation (patient positioning)
     gamma: tuple[float, float] = (0.7, 1.4)           # x -> x ** gamma on [0, 1] (detector / processing curve)
@@ -88,9 +88,15 @@ class AugmentPolicy:
     noise_sigma: float = 0.03
 
     @classmethod
-    def with_aspect(cls, widest: float | None) -> "AugmentPolicy":
-        """The default policy, its crop's aspect ratio drawn from 1/widest..widest when given."""
-        return cls() if widest is None else cls(crop_aspect=(1.0 / widest, widest))
+    def with_ranges(cls, widest: float | None = None, zoom: float | None = None) -> "AugmentPolicy":
+        """The default policy, its crop's aspect ratio drawn from 1/widest..widest and its side from 1/zoom..zoom
+        of the image's when given."""
+        ranges = {}
+        if widest is not None:
+            ranges["crop_aspect"] = (1.0 / widest, widest)
+        if zoom is not None:
+            ranges["crop_scale"] = (1.0 / zoom, zoom)
+        return cls(**ranges)
 
 
 def augment_batch(images: tf.Tensor, rng: "tf.random.Generator | StatelessDraws",
@@ -117,10 +123,13 @@ def augment_batch(images: tf.Tensor, rng: "tf.random.Generator | StatelessDraws"
     index = tf.reshape(tf.cast(images, tf.int32), [n, -1]) + 256 * tf.range(n)[:, None]
     x = tf.reshape(tf.gather(tf.reshape(table, [-1]), index), tf.shape(images))
     # random resized crop (centred anywhere it fits) and a small rotation about the centre, as one projective
-    # transform from output to input pixels; black outside, like the letterbox padding
+    # transform from output to input pixels; black outside, like the letterbox padding. A box larger than the
+    # image (scale > 1) zooms out: the whole image, smaller, anywhere inside it, black around. No side of the
+    # box passes max(scale, 1), so the aspect ratio narrows the other side and never adds black to a crop
     scale = rng.uniform([n], *policy.crop_scale)
     aspect = rng.uniform([n], *policy.crop_aspect)
-    ch, cw = tf.minimum(scale * tf.sqrt(aspect), 1.0), tf.minimum(scale / tf.sqrt(aspect), 1.0)
+    most = tf.maximum(scale, 1.0)
+    ch, cw = tf.minimum(scale * tf.sqrt(aspect), most), tf.minimum(scale / tf.sqrt(aspect), most)
     y0, x0 = rng.uniform([n]) * (1.0 - ch) * (h - 1), rng.uniform([n]) * (1.0 - cw) * (w - 1)
     angle = rng.uniform([n], -1.0, 1.0) * policy.rotation_degrees * np.pi / 180.0
     cos, sin = tf.cos(angle), tf.sin(angle)

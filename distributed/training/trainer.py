@@ -125,10 +125,10 @@ class TrainingRun:
         config, form = self.config, self.head.label_form
         ds_val = val_dataset(config.data, plan, config.batch_size, rank, size)
         if not config.cache_features:
+            policy = AugmentPolicy.with_ranges(config.augment_aspect, config.augment_zoom)
             return Datasets(self.model, train_dataset(config.data, plan, config.batch_size, seed=seed,
                                                       shuffle_buffer=config.shuffle_buffer, augment=config.augment,
-                                                      label_form=form, mixup=config.mixup,
-                                                      policy=AugmentPolicy.with_aspect(config.augment_aspect),
+                                                      label_form=form, mixup=config.mixup, policy=policy,
                                                       class_weight=self.class_weight(plan) if config.mixup else None),
                             ds_val, self.served)
         extractor, head = split_at_head(self.served)  # the frozen backbone: the plain copy's under tf

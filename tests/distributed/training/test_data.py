@@ -172,7 +172,7 @@ def test_augment_aspect_widens_the_crops_aspect_range():
         out = augment_batch(batch, tf.random.Generator.from_seed(0), policy).numpy()
         return np.diff(out[:, 32, 16:48, 0].astype(float), axis=1).mean(axis=1)
 
-    default, wide = AugmentPolicy.with_aspect(None), AugmentPolicy.with_aspect(1.5625)
+    default, wide = AugmentPolicy.with_ranges(), AugmentPolicy.with_ranges(1.5625)
     assert default == AugmentPolicy() and wide.crop_aspect == (0.64, 1.5625)
     narrow = slopes(AugmentPolicy(**still))
     widened = slopes(AugmentPolicy(crop_aspect=wide.crop_aspect, **still))
@@ -181,5 +181,37 @@ def test_augment_aspect_widens_the_crops_aspect_range():
     assert parse_config(["--data", "x", "--augment", "--augment-aspect", "1.5"]).augment_aspect == 1.5
     for argv, message in [(["--augment", "--augment-aspect", "0.8"], "--augment-aspect must be at least 1"),
                           (["--augment-aspect", "1.5"], "give --augment as well")]:
+        with pytest.raises(CxrError, match=message):
+            parse_config(["--data", "x", *argv])
+
+
+def test_augment_zoom_also_shrinks_the_image_inside_black():
+    """--augment-zoom Z draws the crop's side from 1/Z..Z of the image's: above 1 the whole image is shown
+    smaller, anywhere inside the box, black around it; the default (0.8..1.0) only ever enlarges and never adds
+    black, with any aspect ratio."""
+    from distributed.training.config import parse_config
+
+    still = dict(gamma=(1.0, 1.0), brightness=0.0, contrast=0.0, blur_probability=0.0, noise_probability=0.0,
+                 rotation_degrees=0.0)
+    batch = tf.constant(np.full((64, 64, 64, 1), 200, np.uint8))
+
+    def black(policy: AugmentPolicy) -> np.ndarray:
+        out = augment_batch(batch, tf.random.Generator.from_seed(0), policy).numpy()
+        return (out[..., 0] < 100).mean(axis=(1, 2))
+
+    zoomed = AugmentPolicy.with_ranges(1.5625, 1.25)
+    assert zoomed.crop_scale == (0.8, 1.25) and zoomed.crop_aspect == (0.64, 1.5625)
+    assert black(AugmentPolicy(crop_aspect=(0.64, 1.5625), **still)).max() == 0  # the default scale: no black
+    out = black(AugmentPolicy(crop_scale=(1.25, 1.25), crop_aspect=(1.0, 1.0), **still))
+    assert np.allclose(out, 1 - 0.8 ** 2, atol=0.03)  # the image at 0.8 of each side, the rest black
+    # a zoom-out and an aspect ratio together: no side of the box passes the zoom's, so the aspect ratio
+    # narrows the other side (here to the whole width: 0.8 of the height shown, black above and below only)
+    squeezed = black(AugmentPolicy(crop_scale=(1.25, 1.25), crop_aspect=(1.5625, 1.5625), **still))
+    assert np.allclose(squeezed, 1 - 0.8, atol=0.03)
+    ranged = black(AugmentPolicy(crop_scale=zoomed.crop_scale, **still))
+    assert ranged.min() == 0 and ranged.max() > 0.25  # some crops enlarge, some shrink
+    assert parse_config(["--data", "x", "--augment", "--augment-zoom", "1.25"]).augment_zoom == 1.25
+    for argv, message in [(["--augment", "--augment-zoom", "0.9"], "--augment-zoom must be at least 1"),
+                          (["--augment-zoom", "1.25"], "give --augment as well")]:
         with pytest.raises(CxrError, match=message):
             parse_config(["--data", "x", *argv])
