@@ -13,6 +13,8 @@ pure function as preparation and prediction) and scores them with the exported m
   blur             Gaussian, sigma 0.6 % of the image side: another detector's resolution
   noise            Gaussian, sigma 8 grey levels: a noisier detector or lower dose
   jpeg-40          re-encoded as JPEG at quality 40: another PACS export
+  zoom-in-1.11     the central 90 % of each side, enlarged back: a tighter collimation or a larger child
+  zoom-out-0.9     the whole image at 90 % of each side, black around: a wider collimated field
   fullres          the full-resolution originals of the same test radiographs (--fullres), through the
                    whole transform: the real input size and decoder path (only the test split's images)
 
@@ -97,9 +99,30 @@ def _jpeg(quality: int) -> Callable[[np.ndarray], np.ndarray]:
     return apply
 
 
+def _zoom(factor: float) -> Callable[[np.ndarray], np.ndarray]:
+    """The anatomy `factor` times larger (the central 1/factor of each side, enlarged back) or, below 1,
+    smaller inside black (the whole image at `factor` of each side, centred): another collimation, field of
+    view or patient size in the same frame."""
+    def apply(px: np.ndarray) -> np.ndarray:
+        import cv2
+
+        h, w = px.shape[:2]
+        if factor >= 1:
+            ch, cw = int(round(h / factor)), int(round(w / factor))
+            y0, x0 = (h - ch) // 2, (w - cw) // 2
+            return cv2.resize(px[y0:y0 + ch, x0:x0 + cw], (w, h), interpolation=cv2.INTER_LINEAR)
+        out = np.zeros_like(px)
+        ch, cw = int(round(h * factor)), int(round(w * factor))
+        y0, x0 = (h - ch) // 2, (w - cw) // 2
+        out[y0:y0 + ch, x0:x0 + cw] = cv2.resize(px, (cw, ch), interpolation=cv2.INTER_AREA)
+        return out
+    return apply
+
+
 SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {
     "none": None, "gamma-0.7": _gamma(0.7), "gamma-1.4": _gamma(1.4), "contrast+30": _contrast(1.3),
-    "contrast-30": _contrast(0.7), "blur": _blur, "noise": _noise, "jpeg-40": _jpeg(40)}
+    "contrast-30": _contrast(0.7), "blur": _blur, "noise": _noise, "jpeg-40": _jpeg(40),
+    "zoom-in-1.11": _zoom(1 / 0.9), "zoom-out-0.9": _zoom(0.9)}
 
 
 # --- files of the test split ----------------------------------------------------------------------------
@@ -192,21 +215,36 @@ def measure(run_dir: Path, input_dir: Path, salt: bytes, fullres: Path | None, *
 def training_stability(run_dir: Path) -> dict[str, Any]:
     """From the run's history.csv and calibration.json: its best validation AUC, and after its first two
     epochs the highest validation loss over the best one and the largest fall of validation accuracy (at 0.5)
-    below the best; the calibration method and what it was fitted on."""
+    below the best; the calibration method and what it was fitted on. An ensemble (distributed.ensemble) has
+    no history of its own: each member's is read, and the weakest member's figure is the ensemble's."""
     from cxrscale.files import read_numeric_csv
 
-    rows = read_numeric_csv(run_dir / "history.csv")
     calibration = json.loads((run_dir / "calibration.json").read_text()) if (run_dir / "calibration.json").is_file() \
         else {}
-    out: dict[str, Any] = {"epochs": len(rows), "calibration": calibration.get("method"),
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    members = [Path(m) for m in (config.get("ensemble") or {}).get("members", [])] or [run_dir]
+    histories = {str(m): read_numeric_csv(m / "history.csv") for m in members}
+    out: dict[str, Any] = {"epochs": max(len(rows) for rows in histories.values()),
+                           "calibration": calibration.get("method"),
                            "calibration_fitted_on": calibration.get("fitted_on")}
-    if rows:
-        best_loss, best_accuracy = min(r["val_loss"] for r in rows), max(r["val_accuracy"] for r in rows)
-        later = rows[2:] or rows
-        out.update(best_val_auc=max(r["val_auc"] for r in rows),
-                   loss_over_best=max(r["val_loss"] for r in later) / best_loss,
-                   accuracy_below_best=best_accuracy - min(r["val_accuracy"] for r in later),
-                   history=[{k: r[k] for k in ("epoch", "val_loss", "val_accuracy", "val_auc")} for r in rows])
+    judged = []
+    for rows in histories.values():
+        if rows:
+            best_loss, best_accuracy = min(r["val_loss"] for r in rows), max(r["val_accuracy"] for r in rows)
+            later = rows[2:] or rows
+            judged.append({"best_val_auc": max(r["val_auc"] for r in rows),
+                           "loss_over_best": max(r["val_loss"] for r in later) / best_loss,
+                           "accuracy_below_best": best_accuracy - min(r["val_accuracy"] for r in later)})
+    if judged and len(judged) == len(histories):
+        out.update(best_val_auc=min(j["best_val_auc"] for j in judged),
+                   loss_over_best=max(j["loss_over_best"] for j in judged),
+                   accuracy_below_best=max(j["accuracy_below_best"] for j in judged))
+    histories = {m: [{k: r[k] for k in ("epoch", "val_loss", "val_accuracy", "val_auc")} for r in rows]
+                 for m, rows in histories.items()}
+    if len(members) > 1:
+        out["members"] = histories
+    else:
+        out["history"] = histories[str(run_dir)]
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,14 @@ def test_shifts_change_the_pixels_as_named():
     assert 6 < (out["noise"].astype(float) - px).std() < 10
     assert np.array_equal(R.SHIFTS["noise"](px), out["noise"])  # reproducible
     assert 0 < np.abs(out["jpeg-40"].astype(float) - px).mean() < 15  # the test image is noisy: JPEG smooths it
+    # zoom in: the centre enlarged (the middle pixel stays, the border's columns are the centre's); zoom out: the
+    # image in the middle 90 %, black around
+    assert np.abs(out["zoom-in-1.11"][100, 90].astype(float) - px[100, 90]).mean() < 12
+    assert np.abs(out["zoom-in-1.11"][:, 0].astype(float) - px[:, 9]).mean() < np.abs(
+        out["zoom-in-1.11"][:, 0].astype(float) - px[:, 0]).mean()
+    zoomed_out = out["zoom-out-0.9"]
+    assert zoomed_out[:10].max() == 0 and zoomed_out[:, :9].max() == 0 and zoomed_out[100, 90] > 0
+    assert (zoomed_out > 0).mean() == pytest.approx(0.9 * 0.9, abs=0.02)
 
 
 @pytest.mark.slow
@@ -68,3 +77,26 @@ def test_bad_arguments_are_clear(tmp_path):
     result = subprocess.run([PYTHON, "-m", "benchmarks.robustness", "--run", str(tmp_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--run needs --input and --salt-file" in result.stderr
+
+
+def test_an_ensembles_training_is_judged_by_its_weakest_member(tmp_path):
+    def member(name: str, aucs: list[float], losses: list[float], accuracies: list[float]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = ["epoch,val_loss,val_accuracy,val_auc"] + [f"{i},{l},{a},{u}" for i, (u, l, a) in
+                                                          enumerate(zip(aucs, losses, accuracies))]
+        (folder / "history.csv").write_text("\n".join(rows) + "\n")
+        return folder
+
+    steady = member("steady", [0.9, 0.97, 0.98, 0.99], [0.5, 0.3, 0.2, 0.2], [0.8, 0.9, 0.93, 0.94])
+    swinging = member("swinging", [0.9, 0.95, 0.96, 0.94], [0.5, 0.3, 0.9, 0.3], [0.8, 0.9, 0.7, 0.9])
+    ensemble = tmp_path / "ensemble"
+    ensemble.mkdir()
+    (ensemble / "config.json").write_text(json.dumps({"ensemble": {"members": [str(steady), str(swinging)]}}))
+    (ensemble / "calibration.json").write_text(json.dumps({"method": "temperature", "fitted_on": "val"}))
+    out = R.training_stability(ensemble)
+    assert out["best_val_auc"] == 0.96 and out["loss_over_best"] == pytest.approx(0.9 / 0.3)
+    assert out["accuracy_below_best"] == pytest.approx(0.2) and out["epochs"] == 4
+    assert set(out["members"]) == {str(steady), str(swinging)} and out["calibration_fitted_on"] == "val"
+    single = R.training_stability(steady)
+    assert single["best_val_auc"] == 0.99 and len(single["history"]) == 4
