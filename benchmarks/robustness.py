@@ -300,7 +300,26 @@ def summarise(results: dict) -> tuple[list[dict], str]:
             + markdown_table(["shift", "images", "ROC-AUC", "95 % CI", "AUC drop", "accuracy", "sensitivity",
                               "specificity", "ECE"], rows))
     notes = [f"- fullres: {shifts['fullres']['note']}"] if "fullres" in shifts else []
+    moved = operating_point_moves(shifts)
+    if moved:
+        notes.insert(0, "- the operating point: " + "; ".join(
+            f"{metric} at the validation threshold falls most under {name}, by {drop:.3f} (from {before:.3f})"
+            for metric, (name, drop, before) in moved.items()) + ". The AUC target does not see this.")
     return checks, text + ("\n\n" + "\n".join(notes) if notes else "") + "\n\n## Targets\n\n" + checks_table(checks)
+
+
+def operating_point_moves(shifts: dict[str, dict]) -> dict[str, tuple[str, float, float]]:
+    """{metric: (shift, fall, unshifted value)} for sensitivity and specificity at the validation threshold:
+    the shift under which each falls the most, when one lowers it. A shift can leave the ranking (ROC-AUC)
+    alone and still move every score across the threshold one way."""
+    base, out = shifts["none"], {}
+    for metric in ("sensitivity", "specificity"):
+        falls = {name: base[metric] - r[metric] for name, r in shifts.items()
+                 if name != "none" and r.get(metric) is not None and base.get(metric) is not None}
+        if falls and max(falls.values()) > 0:
+            name = max(falls, key=falls.get)
+            out[metric] = (name, falls[name], base[metric])
+    return out
 
 
 def plots(results: dict, out: Path) -> list[Path]:

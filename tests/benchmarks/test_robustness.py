@@ -100,3 +100,19 @@ def test_an_ensembles_training_is_judged_by_its_weakest_member(tmp_path):
     assert set(out["members"]) == {str(steady), str(swinging)} and out["calibration_fitted_on"] == "val"
     single = R.training_stability(steady)
     assert single["best_val_auc"] == 0.99 and len(single["history"]) == 4
+
+
+def test_the_summary_says_where_the_operating_point_moves_most():
+    shift = lambda auc, sens, spec: {"n": 312, "roc_auc": auc, "roc_auc_ci": {"low": auc - 0.01, "high": auc + 0.01},
+                                     "accuracy": 0.9, "sensitivity": sens, "specificity": spec, "ece": 0.05}
+    results = {"run": "r", "data": "d", "threshold": 0.19, "tta": False, "training": {},
+               "shifts": {"none": shift(0.979, 0.990, 0.795), "gamma-0.7": shift(0.978, 0.995, 0.701),
+                          "zoom-in-1.11": shift(0.973, 1.0, 0.530), "gamma-1.4": shift(0.979, 0.969, 0.838)}}
+    assert R.operating_point_moves(results["shifts"]) == {
+        "sensitivity": ("gamma-1.4", pytest.approx(0.021), 0.990),
+        "specificity": ("zoom-in-1.11", pytest.approx(0.265), 0.795)}
+    checks, md = R.summarise(results)
+    assert "specificity at the validation threshold falls most under zoom-in-1.11, by 0.265 (from 0.795)" in md
+    assert all(c["status"] == "met" for c in checks if c["name"].startswith("AUC drop"))
+    steady = {name: shift(0.979, 0.990, 0.795) for name in ("none", "blur")}
+    assert R.operating_point_moves(steady) == {}
