@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -254,6 +255,16 @@ def _block_starts(layers, limit: int = 8) -> list[str]:
                 seen.add(stage)
                 starts.append(layer.name)
     return starts[-limit:]
+
+
+def from_scratch(network: Callable[..., keras.Model], image_size: int, num_classes: int, *, weights: str,
+                 freeze_base: bool, fine_tune_from: str | None, **network_options) -> keras.Model:
+    """The zoo's build for a network trained from random weights: `network(image_size, num_classes,
+    **network_options)` (dropout, l2, multilabel), then a weights file saved from a run of the same network
+    (whole: it has no ImageNet backbone file) and the freezing options."""
+    model = network(image_size, num_classes, **network_options)
+    load_weights_file_if_any(model, weights, allow_backbone_only=False)
+    return set_backbone_trainable(model, freeze_base=freeze_base, fine_tune_from=fine_tune_from)
 
 
 def load_weights_file_if_any(model: keras.Model, weights: str, *, allow_backbone_only: bool) -> None:

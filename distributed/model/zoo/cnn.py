@@ -71,14 +71,11 @@ def build_thesis_cnn(image_size: int = 150, num_classes: int = 2, *, dropout: fl
     return keras.Model(image, head.output(x, l2=l2), name="thesis_cnn")
 
 
-def build(image_size: int, num_classes: int = 2, *, weights: str = "none", dropout: float = 0.2, l2: float = 1e-4,
-          freeze_base: bool = False, fine_tune_from: str | None = None, multilabel: bool = False):
+def build(image_size: int, num_classes: int = 2, **options):
     """`build_thesis_cnn` with the zoo's options: a weights file saved from a cnn run, and freezing."""
-    from distributed.model.builders import load_weights_file_if_any, set_backbone_trainable
+    from distributed.model.builders import from_scratch
 
-    model = build_thesis_cnn(image_size, num_classes, dropout=dropout, l2=l2, multilabel=multilabel)
-    load_weights_file_if_any(model, weights, allow_backbone_only=False)
-    return set_backbone_trainable(model, freeze_base=freeze_base, fine_tune_from=fine_tune_from)
+    return from_scratch(build_thesis_cnn, image_size, num_classes, **options)
 
 
 SPEC = register(ModelSpec(

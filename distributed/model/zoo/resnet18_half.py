@@ -59,14 +59,11 @@ def build_small_resnet(image_size: int = 64, num_classes: int = 2, *, dropout: f
     return keras.Model(image, head(x), name=f"{SPEC.name.replace('-', '_')}_classifier")
 
 
-def build(image_size: int, num_classes: int = 2, *, weights: str = "none", dropout: float = 0.2, l2: float = 1e-4,
-          freeze_base: bool = False, fine_tune_from: str | None = None, multilabel: bool = False):
+def build(image_size: int, num_classes: int = 2, **options):
     """`build_small_resnet` with the zoo's options: a weights file saved from a run of this model, freezing."""
-    from distributed.model.builders import load_weights_file_if_any, set_backbone_trainable
+    from distributed.model.builders import from_scratch
 
-    model = build_small_resnet(image_size, num_classes, dropout=dropout, l2=l2, multilabel=multilabel)
-    load_weights_file_if_any(model, weights, allow_backbone_only=False)
-    return set_backbone_trainable(model, freeze_base=freeze_base, fine_tune_from=fine_tune_from)
+    return from_scratch(build_small_resnet, image_size, num_classes, **options)
 
 
 SPEC = register(ModelSpec(
