@@ -35,11 +35,6 @@ def fit_site(labels: np.ndarray, logits: np.ndarray, head: Head, method: str,
     return calibration, float(threshold)
 
 
-def _stratified_resample(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return np.concatenate([rng.choice(np.flatnonzero(labels == c), int(np.sum(labels == c)), replace=True)
-                           for c in np.unique(labels)])
-
-
 def _at(labels: np.ndarray, probs: np.ndarray, threshold: float, head: Head) -> dict[str, float]:
     """Sensitivity, specificity and accuracy at `threshold`, and ECE, of images of both classes."""
     p = probs[:, 1]
@@ -82,7 +77,7 @@ def adapt_site(labels: np.ndarray, logits: np.ndarray, head: Head, *, method: st
     thresholds = []
     positive = head.positive_logit(z)
     for _ in range(n_bootstrap):
-        idx = _stratified_resample(y, rng)
+        idx = m.stratified_resample(y, rng)
         out = np.setdiff1d(np.arange(len(y)), idx)
         if len(np.unique(y[out])) < 2:
             continue

@@ -175,8 +175,7 @@ def threshold_stability(rule: ThresholdRule, y_val: np.ndarray, p_val: np.ndarra
     rng = np.random.default_rng(seed)
     chosen = []
     for _ in range(n_resamples):
-        idx = np.concatenate([rng.choice(np.flatnonzero(y_val == c), int(np.sum(y_val == c)))
-                              for c in np.unique(y_val)])
+        idx = m.stratified_resample(y_val, rng)
         try:
             chosen.append(rule.choose(y_val[idx], p_val[idx]))
         except CxrError:

@@ -297,6 +297,12 @@ def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], y_true, y_sc
     return ci["value"], ci["low"], ci["high"]
 
 
+def stratified_resample(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices of one bootstrap resample that keeps each class's count (drawn with replacement within it)."""
+    return np.concatenate([rng.choice(np.flatnonzero(labels == c), int(np.sum(labels == c)), replace=True)
+                           for c in np.unique(labels)])
+
+
 def bootstrap_intervals(metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]], y_true, y_score, *,
                         n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, dict]:
     """{name: {"value", "low", "high"}} by a percentile bootstrap stratified by class: each resample keeps
@@ -315,10 +321,9 @@ def bootstrap_intervals(metrics: dict[str, Callable[[np.ndarray, np.ndarray], fl
         except MetricError as err:
             out[name] = {"value": None, "undefined": str(err)}
     rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(y_true == c) for c in np.unique(y_true)]
     values: dict[str, list[float]] = {name: [] for name in live}
     for _ in range(n_resamples):
-        idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+        idx = stratified_resample(y_true, rng)
         for name, fn in live.items():
             values[name].append(fn(y_true[idx], y_score[idx]))
     alpha = (1 - confidence) / 2
