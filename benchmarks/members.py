@@ -125,9 +125,8 @@ def compare(members: dict[str, dict], method: str, rule_text: str, *, max_size: 
             calibration = fit_calibration(method, y_val, z_val, head)
             p_val, p_ext = calibration.apply(head, z_val)[:, 1], calibration.apply(head, z_ext)[:, 1]
             threshold = rule.choose(y_val, p_val)
-            external = m.bootstrap_intervals(
-                {k: f for k, f in m.binary_metric_functions(threshold).items() if k in m.INTERVAL_METRICS},
-                y_ext, p_ext, n_resamples=n_bootstrap, seed=seed)
+            external = m.bootstrap_intervals(m.interval_metric_functions(threshold), y_ext, p_ext,
+                                             n_resamples=n_bootstrap, seed=seed)
             rows.append({"members": list(combo), "val_roc_auc": m.roc_auc(y_val, p_val), "threshold": threshold,
                          "calibration": calibration.to_dict(), "external": external,
                          "external_ece": m.expected_calibration_error(y_ext, p_ext),

@@ -156,9 +156,8 @@ def measure(run_dir: Path, external: Path, shared_data: Path, work: Path, labell
                            "external_class_counts": [int(np.sum(y_ext == c)) for c in range(len(classes))],
                            "threshold": threshold, "calibration_method": evaluation["calibration"]["method"]}
     out["as_served"] = _quality(y_ext, p_served, threshold)
-    out["as_served"]["intervals"] = m.bootstrap_intervals(
-        {k: f for k, f in m.binary_metric_functions(threshold).items() if k in m.INTERVAL_METRICS},
-        y_ext, p_served, n_resamples=1000, seed=seed)
+    out["as_served"]["intervals"] = m.bootstrap_intervals(m.interval_metric_functions(threshold), y_ext, p_served,
+                                                          n_resamples=1000, seed=seed)
 
     out["calibration"] = {}
     for method in METHODS:

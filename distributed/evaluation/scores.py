@@ -143,8 +143,7 @@ def compute_metrics(val: SplitScores, test: SplitScores, classes: list[str], rul
         y, p = test.labels, test.probs[:, 1]
         for key, t in (("at_threshold", threshold), ("at_0.5", 0.5)):
             summary = m.binary_summary(y, p, t)
-            fns = m.binary_metric_functions(t)
-            summary["intervals"] = m.bootstrap_intervals({k: fns[k] for k in m.INTERVAL_METRICS}, y, p,
+            summary["intervals"] = m.bootstrap_intervals(m.interval_metric_functions(t), y, p,
                                                          n_resamples=n_bootstrap, seed=seed)
             out[key] = summary
         out["validation_at_threshold"] = m.binary_summary(val.labels, val.probs[:, 1], threshold)
@@ -218,8 +217,7 @@ def split_row(scores: SplitScores, threshold: float | None, origin: str, *, n_bo
     if scores.head.binary and threshold is not None and intervals is not None:
         row["intervals"] = {k: intervals[k] for k in m.INTERVAL_METRICS if k in intervals}
     elif scores.head.binary and threshold is not None:
-        fns = m.binary_metric_functions(threshold)
-        row["intervals"] = m.bootstrap_intervals({k: fns[k] for k in m.INTERVAL_METRICS}, scores.labels,
+        row["intervals"] = m.bootstrap_intervals(m.interval_metric_functions(threshold), scores.labels,
                                                  scores.probs[:, 1], n_resamples=n_bootstrap, seed=seed)
     else:
         summary = m.multiclass_summary(scores.labels, scores.probs, [str(i) for i in range(scores.probs.shape[1])])
@@ -250,8 +248,7 @@ def per_view_metrics(scores: SplitScores, views: dict[str, str], classes: list[s
     if len(names) < 2:
         return None
     if scores.head.binary:
-        fns = m.binary_metric_functions(0.5 if threshold is None else threshold)
-        fns = {k: fns[k] for k in m.INTERVAL_METRICS}
+        fns = m.interval_metric_functions(0.5 if threshold is None else threshold)
     else:
         fns = {k: v for k, v in m.multiclass_metric_functions().items() if k in ("accuracy", "balanced_accuracy")}
     out: dict[str, Any] = {}

@@ -163,6 +163,12 @@ def binary_metric_functions(threshold: float) -> dict[str, Callable[[np.ndarray,
     return {**fns, **SCORE_METRICS}
 
 
+def interval_metric_functions(threshold: float) -> dict[str, Callable[[np.ndarray, np.ndarray], float]]:
+    """The binary metrics reported with bootstrap intervals (INTERVAL_METRICS), at `threshold`."""
+    fns = binary_metric_functions(threshold)
+    return {k: fns[k] for k in INTERVAL_METRICS}
+
+
 def binary_summary(y_true, y_score, threshold: float = 0.5) -> dict[str, Any]:
     """Every binary metric at `threshold`, the confusion counts, and the class counts."""
     y_true, y_score = _check(y_true, y_score)
