@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
+import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -67,7 +68,7 @@ def score_members(runs: Sequence[Path], external: Path) -> dict[str, Any]:
     from preprocessing import schema
     from preprocessing.transform import TransformParams
 
-    members, reference = {}, None
+    members, reference, external_images = {}, None, {}
     for label, run in zip(member_labels(runs), runs):
         config = read_run_config(run)
         manifest = read_json(run / "dataset_manifest.json", f"--runs {run}: dataset manifest")
@@ -91,7 +92,12 @@ def score_members(runs: Sequence[Path], external: Path) -> dict[str, Any]:
                            "split, image size or classes differ): members are compared on one validation split; "
                            "prepare them from one dataset with the same --seed")
         x_val, y_val = np.stack([val[i][0] for i in order]), np.array([int(val[i][1]) for i in order])
-        x_ext, y_ext = labelled_sample(str(external), classes, TransformParams.from_dict(manifest["transform"]))
+        # the external folder is decoded once per transform (members of one preparation share it)
+        transform = json.dumps(manifest["transform"], sort_keys=True)
+        if transform not in external_images:
+            external_images[transform] = labelled_sample(str(external), classes,
+                                                         TransformParams.from_dict(manifest["transform"]))
+        x_ext, y_ext = external_images[transform]
         members[label] = {"run": str(run), "model": config["config"]["model"],
                           "z_val": head.positive_logit(logits_of(model, x_val)),
                           "z_ext": head.positive_logit(logits_of(model, x_ext)), "y_val": y_val, "y_ext": y_ext}
