@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = [require_dir(Path(r), "--runs", "give trained run folders") for r in args.runs]
     if len(runs) < 2:
         raise CxrError("--runs needs at least two member runs to compare ensembles of")
-    max_size = args.max_size or len(runs)
+    max_size = len(runs) if args.max_size is None else args.max_size
     if not 1 <= max_size <= len(runs):
         raise CxrError(f"--max-size {args.max_size}: between 1 and the {len(runs)} --runs")
     if args.max_size is None and len(runs) > MAX_MEMBERS:

@@ -93,8 +93,9 @@ def test_bad_options_are_named(tmp_path):
         main(["--runs", str(tmp_path / "r1")])
     with pytest.raises(CxrError, match=r"--runs .*missing does not exist"):
         main(["--runs", str(tmp_path / "r1"), str(tmp_path / "missing")])
-    with pytest.raises(CxrError, match="--max-size 3: between 1 and the 2 --runs"):
-        main(["--runs", str(tmp_path / "r1"), str(tmp_path / "r2"), "--max-size", "3"])
+    for size in ("3", "0"):
+        with pytest.raises(CxrError, match=f"--max-size {size}: between 1 and the 2 --runs"):
+            main(["--runs", str(tmp_path / "r1"), str(tmp_path / "r2"), "--max-size", size])
     with pytest.raises(CxrError, match="--threshold"):
         main(["--runs", str(tmp_path / "r1"), str(tmp_path / "r2"), "--threshold", "best"])
     with pytest.raises(CxrError, match=r"--external .*nowhere does not exist"):
