@@ -96,7 +96,8 @@ def score_members(runs: Sequence[Path], external: Path) -> dict[str, Any]:
         transform = json.dumps(manifest["transform"], sort_keys=True)
         if transform not in external_images:
             external_images[transform] = labelled_sample(str(external), classes,
-                                                         TransformParams.from_dict(manifest["transform"]))
+                                                         TransformParams.from_dict(manifest["transform"]),
+                                                         option="--external")
         x_ext, y_ext = external_images[transform]
         members[label] = {"run": str(run), "model": config["config"]["model"],
                           "z_val": head.positive_logit(logits_of(model, x_val)),

@@ -199,7 +199,7 @@ def measure(run_dir: Path, input_dir: Path, salt: bytes, fullres: Path | None, *
         log.info("%-12s AUC %.4f  accuracy %.3f", name, rows[name]["roc_auc"] or float("nan"),
                  rows[name]["accuracy"] or float("nan"))
     if fullres is not None:
-        by_name = {Path(item.path).name: Path(item.path) for item in discover(fullres).items}
+        by_name = {Path(item.path).name: Path(item.path) for item in discover(fullres, option="--fullres").items}
         matched = [(by_name[f.name], label) for f, label in files if f.name in by_name]
         if matched:
             probs = scorer.predict(shifted_images([f for f, _ in matched], params, None))[:, 1]

@@ -55,7 +55,7 @@ MAX_EXTERNAL_FLAGGED = 0.05
 def _labelled_folder(folder: Path, params, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     from distributed.adapt import labelled_sample
 
-    return labelled_sample(str(folder), classes, params)
+    return labelled_sample(str(folder), classes, params, option="--external")
 
 
 def _quality(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:

@@ -54,7 +54,7 @@ def measure(table: Path, seeds: int, val: float, test: float) -> dict:
     if not table.is_file():
         raise CxrError(f"--table {table} does not exist: the NIH label table (Data_Entry_2017.csv) is needed")
     started = time.perf_counter()
-    found = discover(table)
+    found = discover(table, option="--table")
     read_seconds = time.perf_counter() - started
     if found.layout != "nih":
         raise CxrError(f"--table {table} is not an NIH table (Image Index, Finding Labels columns)")

@@ -80,13 +80,15 @@ def load_images(paths: Sequence[Path], params: TransformParams, what: str) -> tu
     return np.stack(images), kept
 
 
-def labelled_sample(folder: str, classes: list[str], params: TransformParams) -> tuple[np.ndarray, np.ndarray]:
+def labelled_sample(folder: str, classes: list[str], params: TransformParams,
+                    option: str = "--labelled") -> tuple[np.ndarray, np.ndarray]:
     """A site's labelled images (class folders, a Kermany layout or a CSV path,label) with labels in the
-    run's class order; a class the run does not know is refused."""
-    found = discover(folder)
+    run's class order; a class the run does not know is refused. option: the command-line option that gave
+    the folder, named in every error."""
+    found = discover(folder, option=option)
     unknown = [c for c in found.classes if c not in classes]
     if unknown:
-        raise CxrError(f"--labelled {folder} has classes {', '.join(unknown)} the run does not know "
+        raise CxrError(f"{option} {folder} has classes {', '.join(unknown)} the run does not know "
                        f"(it was trained on {', '.join(classes)})")
     images, kept = load_images([Path(item.path) for item in found.items], params, "labelled")
     labels = np.array([classes.index(found.classes[found.items[k].label]) for k in kept])
@@ -103,7 +105,8 @@ def labelled_findings(table: str, findings: list[str], params: TransformParams,
     if not Path(table).is_file():
         raise CxrError(f"--labelled {table}: a multi-label model's site sample is a CSV (NIH's form, or path and "
                        "one column per finding), not a folder")
-    found = discover(table, uncertain=policies.get("uncertain", "ignore"), blank=policies.get("blank", "negative"))
+    found = discover(table, option="--labelled", uncertain=policies.get("uncertain", "ignore"),
+                     blank=policies.get("blank", "negative"))
     if not found.multilabel:
         raise CxrError(f"--labelled {table} has one label per image; this model has findings "
                        f"{', '.join(findings)}: give a multi-label CSV")

@@ -74,7 +74,8 @@ def choose_labels(found: list[str], wanted: tuple[str, ...], source: str) -> lis
     return [lower[w.lower()] for w in wanted]
 
 
-def nih_rows(csv_path: Path, rows: list[dict[str, str]], wanted: tuple[str, ...]) -> tuple[list[str], list[dict]]:
+def nih_rows(csv_path: Path, option: str, rows: list[dict[str, str]],
+             wanted: tuple[str, ...]) -> tuple[list[str], list[dict]]:
     """(labels, rows) of an NIH table: each row as {"path", "rel", "targets", "patient", "view"}."""
     findings: set[str] = set()
     parsed = []
@@ -82,10 +83,10 @@ def nih_rows(csv_path: Path, rows: list[dict[str, str]], wanted: tuple[str, ...]
         name = row.get("image index", "")
         text = row.get("finding labels", "")
         if not name or not text:
-            raise CxrError(f"--input {csv_path} line {line}: empty Image Index or Finding Labels")
+            raise CxrError(f"{option} {csv_path} line {line}: empty Image Index or Finding Labels")
         names = [f.strip() for f in text.split("|") if f.strip()]
         if NO_FINDING in names and len(names) > 1:
-            raise CxrError(f"--input {csv_path} line {line}: Finding Labels {text!r} joins {NO_FINDING} with "
+            raise CxrError(f"{option} {csv_path} line {line}: Finding Labels {text!r} joins {NO_FINDING} with "
                            "findings")
         positives = [f for f in names if f != NO_FINDING]
         findings.update(positives)
@@ -96,7 +97,7 @@ def nih_rows(csv_path: Path, rows: list[dict[str, str]], wanted: tuple[str, ...]
     for line, name, positives, row in parsed:
         where = located.get(name)
         if isinstance(where, list):
-            raise CxrError(f"--input {csv_path} line {line}: {name} is found in more than one place below "
+            raise CxrError(f"{option} {csv_path} line {line}: {name} is found in more than one place below "
                            f"{csv_path.parent}: {', '.join(str(p) for p in where[:3])}")
         path = where or csv_path.parent / name
         out.append({"path": str(path), "rel": name, "line": line,
@@ -119,13 +120,13 @@ def _files_by_name(root: Path, names: set[str]) -> dict[str, Path | list[Path]]:
     return found
 
 
-def column_rows(csv_path: Path, header: list[str], rows: list[dict[str, str]], wanted: tuple[str, ...],
+def column_rows(csv_path: Path, option: str, header: list[str], rows: list[dict[str, str]], wanted: tuple[str, ...],
                 uncertain: str, blank: str = "negative") -> tuple[list[str], list[dict]]:
     """(labels, rows) of a one-column-per-label CSV (CheXpert's form among them); each row as {"path", "rel",
     "targets", "patient", "view", "split", "time", "source"}."""
     found = [h.strip() for h in header if h.strip() and h.strip().lower() not in METADATA_COLUMNS]
     if not found:
-        raise CxrError(f"--input {csv_path}: no label columns (header: {','.join(header)}); a multi-label CSV has "
+        raise CxrError(f"{option} {csv_path}: no label columns (header: {','.join(header)}); a multi-label CSV has "
                        "path and one column per label valued 1, 0, -1 (uncertain) or blank")
     labels = choose_labels(found, wanted, str(csv_path))
     as_uncertain, as_blank = uncertain_target(uncertain), blank_target(blank)
@@ -134,12 +135,12 @@ def column_rows(csv_path: Path, header: list[str], rows: list[dict[str, str]], w
     for line, row in enumerate(rows, start=2):
         rel = row.get("path", "")
         if not rel:
-            raise CxrError(f"--input {csv_path} line {line}: empty path")
+            raise CxrError(f"{option} {csv_path} line {line}: empty path")
         targets = []
         for name in labels:
             value = row.get(name.lower(), "")
             if value not in _VALUES:
-                raise CxrError(f"--input {csv_path} line {line}: {name} = {value!r}; a label is 1, 0, -1 "
+                raise CxrError(f"{option} {csv_path} line {line}: {name} = {value!r}; a label is 1, 0, -1 "
                                "(uncertain) or blank (not mentioned)")
             target = _VALUES[value]
             targets.append(as_blank if value == "" else as_uncertain if target == UNKNOWN else target)

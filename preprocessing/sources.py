@@ -109,7 +109,7 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
 
 
-def _from_folders(root: Path) -> Discovery:
+def _from_folders(root: Path, option: str) -> Discovery:
     split_dirs = {p.name.lower(): p for p in _subdirs(root) if p.name.lower() in SPLITS}
     if split_dirs:
         layout = "kermany"
@@ -138,7 +138,7 @@ def _from_folders(root: Path) -> Discovery:
                        _name_key(path.name), source=_folder_source(path, class_dir))
              for name in classes for split, path, class_dir in files_by_class[name]]
     if not files_by_class:
-        raise CxrError(f"--input {root} has no class folders: expected CLASS/* or train|val|test/CLASS/* "
+        raise CxrError(f"{option} {root} has no class folders: expected CLASS/* or train|val|test/CLASS/* "
                        "(or pass a CSV file with path,label columns)")
     return Discovery(layout, root, classes, items, rejected, ignored)
 
@@ -166,7 +166,7 @@ def parse_time(text: str) -> str:
     return datetime.datetime.fromisoformat(text).strftime("%Y%m%d%H%M%S")
 
 
-def _read_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
+def _read_csv(csv_path: Path, option: str) -> tuple[list[str], list[dict[str, str]]]:
     """(header as written, rows keyed by lower-case column name with stripped values); a .csv.gz is read too."""
     import gzip
 
@@ -177,33 +177,34 @@ def _read_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
             header = [h.strip() for h in (reader.fieldnames or [])]
             rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
     except UnicodeDecodeError as err:
-        raise CxrError(f"--input {csv_path} is not a UTF-8 CSV file ({err.reason})") from None
+        raise CxrError(f"{option} {csv_path} is not a UTF-8 CSV file ({err.reason})") from None
     except (OSError, EOFError) as err:
-        raise CxrError(f"--input {csv_path} cannot be read ({err})") from None
+        raise CxrError(f"{option} {csv_path} cannot be read ({err})") from None
     if not rows:
-        raise CxrError(f"--input {csv_path} lists no images")
+        raise CxrError(f"{option} {csv_path} lists no images")
     return header, rows
 
 
-def _from_csv(csv_path: Path, uncertain: str, labels: tuple[str, ...], blank: str = "negative") -> Discovery:
-    header, rows = _read_csv(csv_path)
+def _from_csv(csv_path: Path, option: str, uncertain: str, labels: tuple[str, ...],
+              blank: str = "negative") -> Discovery:
+    header, rows = _read_csv(csv_path, option)
     form = multilabel.csv_form(header)
     if form == "unknown":
         lower = [h.lower() for h in header]
         missing = [c for c in ("path", "label") if c not in lower]
-        raise CxrError(f"--input {csv_path}: the CSV header must have columns path,label[,patient][,split]"
+        raise CxrError(f"{option} {csv_path}: the CSV header must have columns path,label[,patient][,split]"
                        "[,time][,source] (one label per image), path and one column per label (multi-label), "
                        f"or NIH's Image Index,Finding Labels; missing {', '.join(missing)} "
                        f"(header: {','.join(header) or 'empty'})")
     if form != "single-label":
-        return _multilabel_csv(csv_path, form, header, rows, uncertain, labels, blank)
+        return _multilabel_csv(csv_path, option, form, header, rows, uncertain, labels, blank)
     if labels:
         raise CxrError(f"--labels chooses among the labels of a multi-label CSV; {csv_path} has one label per image")
     root = csv_path.parent
     for line, row in enumerate(rows, start=2):
         if not row.get("path") or not row.get("label"):
-            raise CxrError(f"--input {csv_path} line {line}: empty path or label")
-    _check_rows(csv_path, rows)
+            raise CxrError(f"{option} {csv_path} line {line}: empty path or label")
+    _check_rows(csv_path, option, rows)
     classes = sorted({row["label"] for row in rows})
     items = []
     for row in rows:
@@ -223,33 +224,33 @@ def _sample_marker(root: Path) -> list[str]:
     return [MARKER_NAME] if (root / MARKER_NAME).is_file() else []
 
 
-def _check_rows(csv_path: Path, rows: list[dict[str, str]], path_key: str = "path") -> None:
+def _check_rows(csv_path: Path, option: str, rows: list[dict[str, str]], path_key: str = "path") -> None:
     """Every row's split and time are valid (times made sortable, in place) and no path repeats."""
     seen: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         split = row.get("split", "").lower()
         if split and split not in SPLITS:
-            raise CxrError(f"--input {csv_path} line {line}: split {row['split']!r} is not one of "
+            raise CxrError(f"{option} {csv_path} line {line}: split {row['split']!r} is not one of "
                            f"{', '.join(SPLITS)} (or empty)")
         if row.get("time"):
             try:
                 row["time"] = parse_time(row["time"])
             except ValueError:
-                raise CxrError(f"--input {csv_path} line {line}: time {row['time']!r} is not a date or date-time "
+                raise CxrError(f"{option} {csv_path} line {line}: time {row['time']!r} is not a date or date-time "
                                "(ISO 8601 such as 2019-03-01 or 2019-03-01T14:05, or DICOM's 20190301)") from None
         if row[path_key] in seen:
-            raise CxrError(f"--input {csv_path} line {line}: path {row[path_key]} repeats line {seen[row[path_key]]}")
+            raise CxrError(f"{option} {csv_path} line {line}: path {row[path_key]} repeats line {seen[row[path_key]]}")
         seen[row[path_key]] = line
 
 
-def _multilabel_csv(csv_path: Path, form: str, header: list[str], rows: list[dict[str, str]], uncertain: str,
-                    wanted: tuple[str, ...], blank: str = "negative") -> Discovery:
+def _multilabel_csv(csv_path: Path, option: str, form: str, header: list[str], rows: list[dict[str, str]],
+                    uncertain: str, wanted: tuple[str, ...], blank: str = "negative") -> Discovery:
     if form == "nih":
-        _check_rows(csv_path, rows, "image index")
-        labels, parsed = multilabel.nih_rows(csv_path, rows, wanted)
+        _check_rows(csv_path, option, rows, "image index")
+        labels, parsed = multilabel.nih_rows(csv_path, option, rows, wanted)
     else:
-        _check_rows(csv_path, rows)
-        labels, parsed = multilabel.column_rows(csv_path, header, rows, wanted, uncertain, blank)
+        _check_rows(csv_path, option, rows)
+        labels, parsed = multilabel.column_rows(csv_path, option, header, rows, wanted, uncertain, blank)
     items = []
     for row in parsed:
         key = f"csv:{row['patient']}" if row["patient"] else _name_key(Path(row["path"]).name)
@@ -258,7 +259,7 @@ def _multilabel_csv(csv_path: Path, form: str, header: list[str], rows: list[dic
                                (row["view"] or "").upper() or None))
     positives = [sum(item.targets[k] == multilabel.POSITIVE for item in items) for k in range(len(labels))]
     if not any(positives):
-        raise CxrError(f"--input {csv_path}: no image is positive for any of {', '.join(labels)}")
+        raise CxrError(f"{option} {csv_path}: no image is positive for any of {', '.join(labels)}")
     return Discovery("nih" if form == "nih" else "csv-columns", csv_path.parent, labels, items,
                      ignored=_sample_marker(csv_path.parent), multilabel=True)
 
@@ -285,30 +286,31 @@ def _given_test(found: Discovery, test_list: str) -> None:
                     len(names) - len(matched), len(names))
 
 
-def discover(input_path: str | Path, *, uncertain: str = "ignore", labels: tuple[str, ...] = (),
-             test_list: str | None = None, blank: str = "negative") -> Discovery:
+def discover(input_path: str | Path, *, option: str = "--input", uncertain: str = "ignore",
+             labels: tuple[str, ...] = (), test_list: str | None = None, blank: str = "negative") -> Discovery:
     """Find every input under a folder (Kermany split layout or CLASS/* folders) or listed in a CSV file
-    (one label per image, or multi-label: `preprocessing.multilabel`). uncertain, blank, labels: a multi-label
-    CSV's policies for uncertain and blank labels and the labels to keep; test_list: a file naming the images
-    of a given test split.
+    (one label per image, or multi-label: `preprocessing.multilabel`). option: the command-line option that
+    gave the path, named in every error (--input, --labelled, --external, ...); uncertain, blank, labels: a
+    multi-label CSV's policies for uncertain and blank labels and the labels to keep; test_list: a file naming
+    the images of a given test split.
 
     Raises `CxrError` when the path does not exist, or the layout or CSV is unusable, or fewer than two
     classes (a multi-label input: no label) have any file.
     """
     input_path = Path(input_path)
     if not input_path.exists():
-        raise CxrError(f"--input {input_path} does not exist")
+        raise CxrError(f"{option} {input_path} does not exist")
     if input_path.is_file():
         if not input_path.name.lower().endswith((".csv", ".csv.gz")):
-            raise CxrError(f"--input {input_path} is a file but not a .csv list; pass a folder or a CSV")
-        found = _from_csv(input_path, uncertain, labels, blank)
+            raise CxrError(f"{option} {input_path} is a file but not a .csv list; pass a folder or a CSV")
+        found = _from_csv(input_path, option, uncertain, labels, blank)
     else:
         if labels:
             raise CxrError("--labels chooses among the labels of a multi-label CSV; class folders have one label "
                            "per image")
-        found = _from_folders(input_path)
+        found = _from_folders(input_path, option)
     if not found.multilabel and len(found.classes) < 2:
-        raise CxrError(f"--input {input_path} has {len(found.classes)} class(es) with files "
+        raise CxrError(f"{option} {input_path} has {len(found.classes)} class(es) with files "
                        f"({', '.join(found.classes) or 'none'}); at least two are needed")
     if test_list:
         _given_test(found, test_list)

@@ -52,6 +52,28 @@ def test_a_sample_too_small_or_a_fixed_threshold_is_refused():
         adapt_site(y, z, BINARY, method="platt", rule=ThresholdRule("fixed", 0.5))
 
 
+def test_a_sample_error_names_the_option_that_gave_it(tmp_path):
+    """The folder and CSV reader behind --labelled (adapt) and --external (benchmarks.shift and .members) names
+    that option, not preprocessing's --input, in its errors."""
+    from distributed.adapt import labelled_sample
+    from preprocessing.transform import TransformParams
+
+    classes, params = ["NORMAL", "PNEUMONIA"], TransformParams()
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.png").write_bytes(b"")
+    for option in ("--labelled", "--external"):
+        with pytest.raises(CxrError, match=f"^{option} .*flat has no class folders"):
+            labelled_sample(str(flat), classes, params, option=option)
+    table = tmp_path / "site.csv"
+    table.write_text("path,label\na.png,NORMAL\na.png,PNEUMONIA\n")
+    with pytest.raises(CxrError, match=r"^--labelled .*site.csv line 3: path a.png repeats line 2"):
+        labelled_sample(str(table), classes, params)
+    table.write_bytes(b"path,label\n\xff.png,NORMAL\n")
+    with pytest.raises(CxrError, match=r"^--external .*site.csv is not a UTF-8 CSV"):
+        labelled_sample(str(table), classes, params, option="--external")
+
+
 def test_adapt_a_real_run_to_the_external_set(real_run, shared_data, tmp_path):
     """60 labelled external radiographs refit the real run's calibration and threshold (and AdaBN on 40 more);
     the adapted run is evaluated at the site's threshold, its card records the site, and predict uses it."""
