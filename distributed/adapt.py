@@ -95,24 +95,25 @@ def labelled_sample(folder: str, classes: list[str], params: TransformParams,
     return images, labels
 
 
-def labelled_findings(table: str, findings: list[str], params: TransformParams,
-                      policies: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+def labelled_findings(table: str, findings: list[str], params: TransformParams, policies: dict[str, str],
+                      option: str = "--labelled") -> tuple[np.ndarray, np.ndarray]:
     """A site's labelled images for a multi-label model: a CSV in any form preprocessing reads (NIH, one column
     per finding, CheXpert's), as images and targets (n, K) in the run's finding order (1, 0, -1 unknown). A
     finding the CSV does not name is unknown for a column CSV and negative for an NIH table (whose Finding
     Labels name what is present); a label the run does not know is left out, with a warning. The run's
-    policies for uncertain and blank labels (its dataset manifest) apply."""
+    policies for uncertain and blank labels (its dataset manifest) apply; option names the command-line option
+    that gave the CSV in every error."""
     if not Path(table).is_file():
-        raise CxrError(f"--labelled {table}: a multi-label model's site sample is a CSV (NIH's form, or path and "
+        raise CxrError(f"{option} {table}: a multi-label model's site sample is a CSV (NIH's form, or path and "
                        "one column per finding), not a folder")
-    found = discover(table, option="--labelled", uncertain=policies.get("uncertain", "ignore"),
+    found = discover(table, option=option, uncertain=policies.get("uncertain", "ignore"),
                      blank=policies.get("blank", "negative"))
     if not found.multilabel:
-        raise CxrError(f"--labelled {table} has one label per image; this model has findings "
+        raise CxrError(f"{option} {table} has one label per image; this model has findings "
                        f"{', '.join(findings)}: give a multi-label CSV")
     extra = [c for c in found.classes if c not in findings]
     if extra:
-        log.warning("--labelled %s: %s not findings of this model, left out", table, ", ".join(extra))
+        log.warning("%s %s: %s not findings of this model, left out", option, table, ", ".join(extra))
     missing = multilabel.NEGATIVE if found.layout == "nih" else multilabel.UNKNOWN
     columns = [found.classes.index(f) if f in found.classes else None for f in findings]
     images, kept = load_images([Path(item.path) for item in found.items], params, "labelled")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cxrscale.errors import CxrError
 from tests.training_fixtures import quiet, run_train
 
 
@@ -184,6 +185,36 @@ def test_two_workers_train_evaluate_and_export_a_multilabel_cnn(findings32, tmp_
     joined = json.loads((tmp_path / "ens" / "eval" / "metrics.json").read_text())["findings"]["findings"]
     assert [r["intervals"]["roc_auc"]["value"] if r["measured"] else None for r in joined] == pytest.approx(
         [r["intervals"]["roc_auc"]["value"] if r["measured"] else None for r in metrics["findings"]["findings"]])
+    # benchmarks.members compares multi-label members finding by finding, as distributed.ensemble joins them and
+    # distributed.evaluate reads them: the two-copy ensemble's temperatures and thresholds are the ones they fitted
+    from benchmarks.members import main as members_main
+
+    site = findings32.parent / "sample" / "site.csv"
+    assert members_main(["--runs", str(run), str(tmp_path / "ens"), "--external", str(site), "--bootstrap", "100",
+                         "--out", str(tmp_path / "bench"), "-q"]) == 0
+    compared = json.loads(next((tmp_path / "bench").glob("members-*.json")).read_text())
+    assert compared["task"] == "multi-label" and compared["findings"] == labels
+    rows = {" + ".join(r["members"]): r for r in compared["ensembles"]}
+    assert len(rows) == 3 and compared["correlation"]["external"][0][1] == pytest.approx(1.0)
+    assert compared["members"]["run"]["external_macro_roc_auc"] == pytest.approx(
+        rows["run"]["external"]["macro_roc_auc"]["value"])  # over the same measured findings
+    ensemble_row = rows["ens"]
+    assert ensemble_row["calibration"]["params"]["temperature"] == pytest.approx(
+        json.loads((tmp_path / "ens" / "calibration.json").read_text())["params"]["temperature"], rel=1e-3)
+    assert [r["threshold"] for r in ensemble_row["external"]["findings"]] == pytest.approx(
+        [r["threshold"] for r in joined], abs=1e-3)
+    for name in ("run", "run + ens"):  # the same logits, so the same figures on the site's images
+        assert [r.get("intervals", {}).get("roc_auc", {}).get("value") for r in rows[name]["external"]["findings"]] \
+            == pytest.approx([r.get("intervals", {}).get("roc_auc", {}).get("value")
+                              for r in ensemble_row["external"]["findings"]], abs=1e-6)
+    pneumothorax = ensemble_row["external"]["findings"][3]
+    assert not pneumothorax["measured"] and "too few to measure" in pneumothorax["reason"]
+    summary = next((tmp_path / "bench").glob("members-*.md")).read_text()
+    assert "external macro ROC-AUC" not in summary and "site.csv macro ROC-AUC" in summary
+    assert "| not measured |" in summary
+    with pytest.raises(CxrError, match="--calibration platt is for two classes"):
+        members_main(["--runs", str(run), str(tmp_path / "ens"), "--external", str(site), "--calibration", "platt",
+                      "--out", str(tmp_path / "bench"), "-q"])
 
 
 def test_each_finding_is_measured_on_its_known_images_or_said_too_rare():
