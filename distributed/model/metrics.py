@@ -1,4 +1,5 @@
-"""Clinical metrics of a classifier's scores (pure functions, scikit-learn where it has them).
+"""Clinical metrics of a classifier's scores (pure functions, scikit-learn where it has them; the ROC curve,
+its area and the average precision are counted here, as scikit-learn counts them: see `_counts_above`).
 
 Every binary metric takes `(y_true, y_score, ...)` like scikit-learn's metrics: y_true int class indices
 (n,), y_score the positive class's probability (n,); threshold metrics predict positive where
@@ -97,15 +98,42 @@ def _both_classes(y_true, y_score, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def roc_auc(y_true, y_score) -> float:
     y_true, y_score = _both_classes(y_true, y_score, "ROC-AUC")
-    return float(skm.roc_auc_score(y_true, y_score))
+    fpr, tpr, _ = _roc_points(y_true, y_score)
+    return float(np.trapezoid(tpr, fpr))
 
 
 def average_precision(y_true, y_score) -> float:
-    """PR-AUC as scikit-learn's average precision (needs positive cases)."""
+    """PR-AUC as scikit-learn's average precision, the sum over thresholds of (recall gained) x precision
+    (needs positive cases)."""
     y_true, y_score = _check(y_true, y_score)
     if not np.any(y_true == 1):
         raise MetricError("PR-AUC is undefined: no positive cases")
-    return float(skm.average_precision_score(y_true, y_score))
+    fps, tps, _ = _counts_above(y_true, y_score)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * tps / (tps + fps)))
+
+
+def _counts_above(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positives, true positives, threshold) at each distinct score taken as the threshold, highest
+    first: the counts behind scikit-learn's roc_curve, roc_auc_score and average_precision_score, in its order
+    (a stable sort, ties at one point, so the area through a tie is its trapezoid). Counted here because the
+    bootstraps call them thousands of times per evaluation, where scikit-learn's input checks cost many times
+    the counting (docs/benchmarks.md)."""
+    if np.isnan(y_score).any():
+        raise MetricError("the scores hold NaN")
+    order = np.argsort(y_score, kind="mergesort")[::-1]
+    score = y_score[order]
+    ends = np.r_[np.flatnonzero(np.diff(score)), len(score) - 1]
+    tps = np.cumsum(y_true[order] == 1)[ends].astype(float)
+    return 1.0 + ends - tps, tps, score[ends]
+
+
+def _roc_points(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) as scikit-learn's roc_curve(drop_intermediate=False): every distinct score,
+    after the point (0, 0) at an infinite threshold; a rate whose class is absent is NaN, as there."""
+    fps, tps, thresholds = _counts_above(y_true, y_score)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.r_[0.0, fps] / fps[-1], np.r_[0.0, tps] / tps[-1], np.r_[np.inf, thresholds]
 
 
 def log_loss(y_true, y_score) -> float:
@@ -276,7 +304,7 @@ def youden_threshold(y_true, y_score) -> float:
     y_true, y_score = _check(y_true, y_score)
     if len(np.unique(y_true)) < 2:
         raise MetricError("a Youden threshold needs both classes")
-    fpr, tpr, thresholds = skm.roc_curve(y_true, y_score, drop_intermediate=False)
+    fpr, tpr, thresholds = _roc_points(y_true, y_score)
     best = int(np.argmax(tpr - fpr))
     return float(min(thresholds[best], 1.0))
 
@@ -288,7 +316,7 @@ def threshold_for_sensitivity(y_true, y_score, target: float) -> float:
         raise MetricError(f"target sensitivity must be in (0, 1], got {target}")
     if not np.any(y_true == 1):
         raise MetricError("a sensitivity-based threshold needs positive cases")
-    fpr, tpr, thresholds = skm.roc_curve(y_true, y_score, drop_intermediate=False)
+    fpr, tpr, thresholds = _roc_points(y_true, y_score)
     ok = np.flatnonzero(tpr >= target)
     return float(min(thresholds[ok[0]], 1.0))
 
@@ -354,7 +382,7 @@ def label_roc_aucs(targets, probs) -> list[float | None]:
     for k in range(targets.shape[1]):
         seen = targets[:, k] >= 0
         y = targets[seen, k].astype(int)
-        out.append(float(skm.roc_auc_score(y, probs[seen, k])) if len(np.unique(y)) == 2 else None)
+        out.append(roc_auc(y, probs[seen, k]) if len(np.unique(y)) == 2 else None)
     return out
 
 

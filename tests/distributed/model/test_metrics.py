@@ -66,6 +66,50 @@ def test_more_hand_computed_metrics():
     assert m.brier(Y, S) == pytest.approx(np.mean((S - Y) ** 2))
 
 
+def test_roc_auc_is_scikit_learns_with_ties_and_masks():
+    from sklearn.metrics import roc_auc_score
+
+    # Y/S above: of the 16 positive-negative pairs only (0.6, 0.7) and (0.4, 0.7) are ordered wrongly
+    assert m.roc_auc(Y, S) == pytest.approx(14 / 16)
+    rng = np.random.default_rng(3)
+    for n in (12, 300):
+        y = (rng.random(n) < 0.3).astype(int)
+        y[:2] = [0, 1]
+        s = np.round(rng.random(n) + 0.4 * y, 1)  # many ties, across the classes too
+        assert m.roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    targets = np.stack([y, 1 - y, np.where(rng.random(n) < 0.2, -1, y)], axis=1)
+    scores = rng.random((n, 3)) + 0.3 * targets
+    seen = targets[:, 2] >= 0
+    assert m.label_roc_aucs(targets, scores) == pytest.approx(
+        [roc_auc_score(y, scores[:, 0]), roc_auc_score(1 - y, scores[:, 1]),
+         roc_auc_score(targets[seen, 2], scores[seen, 2])], abs=1e-12)
+    with pytest.raises(m.MetricError, match="NaN"):
+        m.roc_auc(Y, np.where(Y == 1, np.nan, S))
+
+
+def test_curves_thresholds_and_average_precision_are_scikit_learns():
+    """The ROC points, the thresholds chosen on them and the average precision are counted here (the bootstraps
+    call them thousands of times) and must be scikit-learn's, ties included."""
+    from sklearn.metrics import average_precision_score, roc_curve
+
+    rng = np.random.default_rng(5)
+    for n, decimals in ((9, 1), (40, 1), (500, 2), (500, 6)):
+        y = (rng.random(n) < 0.35).astype(int)
+        y[:2] = [0, 1]
+        s = np.round(rng.random(n) + 0.3 * y, decimals)
+        fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+        ours = m._roc_points(y, s)
+        assert all(np.array_equal(a, b) for a, b in zip(ours, (fpr, tpr, thresholds)))
+        assert m.average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+        j = int(np.argmax(tpr - fpr))
+        assert m.youden_threshold(y, s) == min(thresholds[j], 1.0)
+        for target in (0.5, 0.9, 1.0):
+            assert m.threshold_for_sensitivity(y, s, target) == min(thresholds[np.flatnonzero(tpr >= target)[0]], 1.0)
+    # the point before any score (threshold +inf) counts: all positives below every negative gives 1.0
+    assert m.youden_threshold(np.array([1, 1, 0, 0]), np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+    assert m.threshold_for_sensitivity(np.ones(4, int), np.array([0.3, 0.1, 0.3, 0.8]), 0.75) == 0.3
+
+
 def test_calibration_error():
     # bins [0.2, 0.3) holds 0.25 x4 with 1 positive, [0.7, 0.8) holds 0.75 x4 with 3: perfectly calibrated
     y = np.array([1, 0, 0, 0, 1, 1, 1, 0])
