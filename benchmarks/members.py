@@ -100,6 +100,10 @@ def score_members(runs: Sequence[Path], external: Path) -> dict[str, Any]:
             raise CxrError(f"--runs {run} was validated on other images than {reference['run']} (its validation "
                            "split, image size, classes or head differ): members are compared on one validation "
                            "split; prepare them from one dataset with the same --seed")
+        if head.multilabel and Path(external).is_dir():
+            raise CxrError(f"--external {external} is a folder: multi-label members are judged on a site's CSV "
+                           "(NIH's form, or path and a column per finding); the default, the Kermany development "
+                           "set, is for binary members")
         x_val = np.stack([val[i][0] for i in order])
         y_val = np.stack([np.asarray(val[i][1]) for i in order]).astype(int)
         # the external images are decoded once per transform (members of one preparation share it)

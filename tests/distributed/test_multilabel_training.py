@@ -212,6 +212,8 @@ def test_two_workers_train_evaluate_and_export_a_multilabel_cnn(findings32, tmp_
     summary = next((tmp_path / "bench").glob("members-*.md")).read_text()
     assert "external macro ROC-AUC" not in summary and "site.csv macro ROC-AUC" in summary
     assert "| not measured |" in summary
+    with pytest.raises(CxrError, match="is a folder: multi-label members are judged on a site's CSV"):
+        members_main(["--runs", str(run), str(tmp_path / "ens"), "--external", str(site.parent)])
     with pytest.raises(CxrError, match="--calibration platt is for two classes"):
         members_main(["--runs", str(run), str(tmp_path / "ens"), "--external", str(site), "--calibration", "platt",
                       "--out", str(tmp_path / "bench"), "-q"])
