@@ -85,13 +85,17 @@ def score_members(runs: Sequence[Path], external: Path) -> dict[str, Any]:
         if not (head.binary or head.multilabel):
             raise CxrError(f"--runs {run} has a {head.describe()} head: this suite compares binary or multi-label "
                            "members")
-        val = list(schema.dataset(Path(config["config"]["data"]), "val").as_numpy_iterator())
-        if not val:
-            raise CxrError(f"--runs {run}: its dataset {config['config']['data']} has no validation split")
         # record ids are salted per preparation, so the images themselves tell whether two datasets prepared
-        # apart hold one validation split; every member's records are put in the order of their contents
-        keys = [hashlib.sha256(x.tobytes()).hexdigest() + ":" + ",".join(map(str, np.atleast_1d(y).astype(int)))
-                for x, y in val]
+        # apart hold one validation split; every member's records are put in the order of their contents.
+        # Scored a batch at a time, so a large validation split is never held in memory
+        keys, labels, logits = [], [], []
+        for x, y in schema.dataset(Path(config["config"]["data"]), "val").batch(256).as_numpy_iterator():
+            keys += [hashlib.sha256(image.tobytes()).hexdigest() + ":"
+                     + ",".join(map(str, np.atleast_1d(target).astype(int))) for image, target in zip(x, y)]
+            labels.append(np.asarray(y).astype(int))
+            logits.append(logits_of(model, x))
+        if not keys:
+            raise CxrError(f"--runs {run}: its dataset {config['config']['data']} has no validation split")
         order = np.argsort(keys, kind="stable")
         keys = [keys[i] for i in order]
         if reference is None:
@@ -104,8 +108,7 @@ def score_members(runs: Sequence[Path], external: Path) -> dict[str, Any]:
             raise CxrError(f"--external {external} is a folder: multi-label members are judged on a site's CSV "
                            "(NIH's form, or path and a column per finding); the default, the Kermany development "
                            "set, is for binary members")
-        x_val = np.stack([val[i][0] for i in order])
-        y_val = np.stack([np.asarray(val[i][1]) for i in order]).astype(int)
+        y_val, z_val = np.concatenate(labels)[order], np.concatenate(logits)[order]
         # the external images are decoded once per transform (members of one preparation share it)
         transform = json.dumps(manifest["transform"], sort_keys=True)
         if transform not in external_images:
@@ -114,7 +117,7 @@ def score_members(runs: Sequence[Path], external: Path) -> dict[str, Any]:
                 labelled_findings(str(external), classes, params, manifest.get("labels", {}), option="--external")
                 if head.multilabel else labelled_sample(str(external), classes, params, option="--external"))
         x_ext, y_ext = external_images[transform]
-        z_val, z_ext = logits_of(model, x_val), logits_of(model, x_ext)
+        z_ext = logits_of(model, x_ext)
         if head.binary:
             z_val, z_ext = head.positive_logit(z_val), head.positive_logit(z_ext)
         members[label] = {"run": str(run), "model": config["config"]["model"], "classes": classes,
