@@ -337,8 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineParser(prog="python -m benchmarks.members", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog="Example:\n  python -m benchmarks.members --runs runs/kermany/members/seed0 "
-                                  "runs/kermany/members/seed1 runs/resnet/members/seed0")
+                           epilog="Examples:\n  python -m benchmarks.members --runs runs/kermany/members/seed0 "
+                                  "runs/kermany/members/seed1 runs/resnet/members/seed0\n"
+                                  "  python -m benchmarks.members --runs runs/findings/members/seed0 "
+                                  "runs/findings/members/seed1 --external site-b/labels.csv   # multi-label")
     parser.add_argument("--runs", nargs="+", required=True, help="trained member run folders (at least two)")
     parser.add_argument("--external", default=str(DEFAULT_SHARED_DATA / "kermany224-external-dev"),
                         help="another site's labelled images: class folders or a path,label CSV (default: the shared "
