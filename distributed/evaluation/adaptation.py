@@ -76,8 +76,7 @@ def adapt_site(labels: np.ndarray, logits: np.ndarray, head: Head, *, method: st
     rounds: dict[str, list[float]] = {k: [] for k in ("sensitivity", "specificity", "accuracy")}
     thresholds = []
     positive = head.positive_logit(z)
-    for _ in range(n_bootstrap):
-        idx = m.stratified_resample(y, rng)
+    for idx in m.stratified_resamples(y, n_bootstrap, rng):
         out = np.setdiff1d(np.arange(len(y)), idx)
         if len(np.unique(y[out])) < 2:
             continue

@@ -173,8 +173,7 @@ def threshold_stability(rule: ThresholdRule, y_val: np.ndarray, p_val: np.ndarra
     y_val, p_val = np.asarray(y_val).astype(int), np.asarray(p_val, np.float64)
     rng = np.random.default_rng(seed)
     chosen = []
-    for _ in range(n_resamples):
-        idx = m.stratified_resample(y_val, rng)
+    for idx in m.stratified_resamples(y_val, n_resamples, rng):
         try:
             chosen.append(rule.choose(y_val[idx], p_val[idx]))
         except CxrError:

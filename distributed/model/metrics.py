@@ -9,7 +9,7 @@ as None with its reason under "undefined". K-class summaries are one-vs-rest per
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 from sklearn import metrics as skm
@@ -331,10 +331,13 @@ def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], y_true, y_sc
     return ci["value"], ci["low"], ci["high"]
 
 
-def stratified_resample(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Indices of one bootstrap resample that keeps each class's count (drawn with replacement within it)."""
-    return np.concatenate([rng.choice(np.flatnonzero(labels == c), int(np.sum(labels == c)), replace=True)
-                           for c in np.unique(labels)])
+def stratified_resamples(labels: np.ndarray, n_resamples: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Indices of `n_resamples` bootstrap resamples, each keeping every class's count (drawn with replacement
+    within the class), drawn one at a time from `rng`. The classes' indices are found once, not per resample:
+    the bootstraps are the evaluation's hot loop."""
+    groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    for _ in range(n_resamples):
+        yield np.concatenate([rng.choice(group, len(group), replace=True) for group in groups])
 
 
 def bootstrap_intervals(metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]], y_true, y_score, *,
@@ -356,8 +359,7 @@ def bootstrap_intervals(metrics: dict[str, Callable[[np.ndarray, np.ndarray], fl
             out[name] = {"value": None, "undefined": str(err)}
     rng = np.random.default_rng(seed)
     values: dict[str, list[float]] = {name: [] for name in live}
-    for _ in range(n_resamples):
-        idx = stratified_resample(y_true, rng)
+    for idx in stratified_resamples(y_true, n_resamples, rng):
         for name, fn in live.items():
             values[name].append(fn(y_true[idx], y_score[idx]))
     alpha = (1 - confidence) / 2
