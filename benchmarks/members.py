@@ -85,6 +85,10 @@ def score_members(runs: Sequence[Path], external: Path) -> dict[str, Any]:
         if not (head.binary or head.multilabel):
             raise CxrError(f"--runs {run} has a {head.describe()} head: this suite compares binary or multi-label "
                            "members")
+        if head.multilabel and Path(external).is_dir():
+            raise CxrError(f"--external {external} is a folder: multi-label members are judged on a site's CSV "
+                           "(NIH's form, or path and a column per finding); the default, the Kermany development "
+                           "set, is for binary members")
         # record ids are salted per preparation, so the images themselves tell whether two datasets prepared
         # apart hold one validation split; every member's records are put in the order of their contents.
         # Scored a batch at a time, so a large validation split is never held in memory
@@ -104,10 +108,6 @@ def score_members(runs: Sequence[Path], external: Path) -> dict[str, Any]:
             raise CxrError(f"--runs {run} was validated on other images than {reference['run']} (its validation "
                            "split, image size, classes or head differ): members are compared on one validation "
                            "split; prepare them from one dataset with the same --seed")
-        if head.multilabel and Path(external).is_dir():
-            raise CxrError(f"--external {external} is a folder: multi-label members are judged on a site's CSV "
-                           "(NIH's form, or path and a column per finding); the default, the Kermany development "
-                           "set, is for binary members")
         y_val, z_val = np.concatenate(labels)[order], np.concatenate(logits)[order]
         # the external images are decoded once per transform (members of one preparation share it)
         transform = json.dumps(manifest["transform"], sort_keys=True)
