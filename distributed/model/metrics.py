@@ -309,6 +309,36 @@ def youden_threshold(y_true, y_score) -> float:
     return float(min(thresholds[best], 1.0))
 
 
+def worst_case_youden_threshold(y_true, scorings) -> float:
+    """The threshold maximising the smallest Youden's J across several scorings of the same cases (the rows
+    of `scorings`: for example one image set as it is and under acquisition shifts), so the operating point
+    that holds best under the worst of them. Among equally good thresholds, the one whose J is highest on
+    average over the scorings, then the highest, as `youden_threshold` takes; with one scoring it is
+    `youden_threshold`."""
+    y_true = np.asarray(y_true).astype(int).ravel()
+    scorings = np.atleast_2d(np.asarray(scorings, dtype=float))
+    if len(y_true) == 0:
+        raise MetricError("no cases to evaluate")
+    if scorings.shape[1] != len(y_true):
+        raise MetricError(f"{len(y_true)} labels but scorings of {scorings.shape[1]} cases")
+    if np.isnan(scorings).any():
+        raise MetricError("the scores hold NaN")
+    positive = y_true == 1
+    if positive.all() or not positive.any():
+        raise MetricError("a Youden threshold needs both classes")
+    candidates = np.unique(scorings)  # predicting positive where score >= candidate, as everywhere here
+    worst, total = np.full(len(candidates), np.inf), np.zeros(len(candidates))
+    for scores in scorings:
+        pos, neg = np.sort(scores[positive]), np.sort(scores[~positive])
+        sensitivity = 1.0 - np.searchsorted(pos, candidates, side="left") / len(pos)
+        specificity = np.searchsorted(neg, candidates, side="left") / len(neg)
+        j = sensitivity + specificity - 1.0
+        worst, total = np.minimum(worst, j), total + j
+    best = np.flatnonzero(worst == worst.max())
+    best = best[total[best] == total[best].max()]
+    return float(min(candidates[best[-1]], 1.0))
+
+
 def threshold_for_sensitivity(y_true, y_score, target: float) -> float:
     """The highest threshold (so the highest specificity) whose sensitivity is still >= target."""
     y_true, y_score = _check(y_true, y_score)

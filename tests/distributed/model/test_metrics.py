@@ -144,3 +144,29 @@ def test_multiclass_summary_by_hand():
     assert ci["accuracy"]["low"] <= s["accuracy"] <= ci["accuracy"]["high"]
     with pytest.raises(m.MetricError, match="shape"):
         m.multiclass_summary(y, probs[:, :2], classes)
+
+
+def test_worst_case_youden_threshold():
+    # A second scoring of the same cases in which three normals score higher (0.7 -> 0.85, 0.3 -> 0.5,
+    # 0.2 -> 0.45). Youden's 0.4 keeps J = 0.75 on S but 0.25 under the shift; at 0.6 both read 0.5, and no
+    # other cut does better than 0.25 on the worse of the two.
+    shifted = np.array([0.9, 0.8, 0.6, 0.4, 0.85, 0.5, 0.45, 0.1])
+    assert m.worst_case_youden_threshold(Y, [S, shifted]) == 0.6
+    assert m.worst_case_youden_threshold(Y, [S]) == m.youden_threshold(Y, S) == 0.4
+    rng = np.random.default_rng(7)
+    for n in (40, 200):
+        y = rng.integers(0, 2, n)
+        scorings = np.round(np.clip(0.3 * y + rng.normal(0.35, 0.2, (3, n)), 0, 1), 2)  # rounded: ties
+        assert m.worst_case_youden_threshold(y, scorings[:1]) == m.youden_threshold(y, scorings[0])
+        t = m.worst_case_youden_threshold(y, scorings)
+
+        def worst_j(cut: float) -> float:
+            return min(m.sensitivity(y, s, cut) + m.specificity(y, s, cut) - 1 for s in scorings)
+
+        assert worst_j(t) == pytest.approx(max(worst_j(c) for c in np.unique(scorings)))
+    with pytest.raises(m.MetricError, match="both classes"):
+        m.worst_case_youden_threshold(np.ones(8), [S])
+    with pytest.raises(m.MetricError, match="8 labels but scorings of 7 cases"):
+        m.worst_case_youden_threshold(Y, [S[:7]])
+    with pytest.raises(m.MetricError, match="NaN"):
+        m.worst_case_youden_threshold(Y, [S, np.where(S > 0.5, np.nan, S)])
