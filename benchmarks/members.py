@@ -62,10 +62,10 @@ def member_labels(runs: Sequence[Path]) -> list[str]:
     return ["/".join(p) for p in parts]
 
 
-def score_members(runs: Sequence[Path], external: Path) -> dict[str, Any]:
+def score_members(runs: Sequence[Path], external: Path, *, shifted: bool = False) -> dict[str, Any]:
     """Each member's logits on the shared validation split and on the external images: the positive-class
     logit of a binary member, (n, findings) of a multi-label one, with the labels ((n,) or (n, findings), -1
-    unknown)."""
+    unknown); with `shifted`, also validation's under each acquisition shift (the robust threshold rule's)."""
     from distributed.model.kerasenv import keras  # first: chooses tf_keras before TensorFlow loads
     from distributed.adapt import labelled_findings, labelled_sample
     from distributed.model.calibration import logits_of
@@ -73,6 +73,7 @@ def score_members(runs: Sequence[Path], external: Path) -> dict[str, Any]:
     from distributed.model.scoring import read_run_config, run_model_path
     from cxrscale.files import read_json
     from preprocessing import schema
+    from preprocessing.shifts import SHIFTS, shifted_batch
     from preprocessing.transform import TransformParams
 
     members, reference, external_images = {}, None, {}
@@ -92,12 +93,14 @@ def score_members(runs: Sequence[Path], external: Path) -> dict[str, Any]:
         # record ids are salted per preparation, so the images themselves tell whether two datasets prepared
         # apart hold one validation split; every member's records are put in the order of their contents.
         # Scored a batch at a time, so a large validation split is never held in memory
-        keys, labels, logits = [], [], []
+        keys, labels, logits, under = [], [], [], []
         for x, y in schema.dataset(Path(config["config"]["data"]), "val").batch(256).as_numpy_iterator():
             keys += [hashlib.sha256(image.tobytes()).hexdigest() + ":"
                      + ",".join(map(str, np.atleast_1d(target).astype(int))) for image, target in zip(x, y)]
             labels.append(np.asarray(y).astype(int))
             logits.append(logits_of(model, x))
+            if shifted:
+                under.append(np.stack([logits_of(model, shifted_batch(x, shift)) for shift in SHIFTS.values()]))
         if not keys:
             raise CxrError(f"--runs {run}: its dataset {config['config']['data']} has no validation split")
         order = np.argsort(keys, kind="stable")
@@ -109,6 +112,7 @@ def score_members(runs: Sequence[Path], external: Path) -> dict[str, Any]:
                            "split, image size, classes or head differ): members are compared on one validation "
                            "split; prepare them from one dataset with the same --seed")
         y_val, z_val = np.concatenate(labels)[order], np.concatenate(logits)[order]
+        z_shifted = np.concatenate(under, axis=1)[:, order] if shifted else None
         # the external images are decoded once per transform (members of one preparation share it)
         transform = json.dumps(manifest["transform"], sort_keys=True)
         if transform not in external_images:
@@ -120,8 +124,9 @@ def score_members(runs: Sequence[Path], external: Path) -> dict[str, Any]:
         z_ext = logits_of(model, x_ext)
         if head.binary:
             z_val, z_ext = head.positive_logit(z_val), head.positive_logit(z_ext)
+            z_shifted = None if z_shifted is None else np.stack([head.positive_logit(z) for z in z_shifted])
         members[label] = {"run": str(run), "model": config["config"]["model"], "classes": classes,
-                          "z_val": z_val, "z_ext": z_ext, "y_val": y_val, "y_ext": y_ext}
+                          "z_val": z_val, "z_ext": z_ext, "y_val": y_val, "y_ext": y_ext, "z_val_shifted": z_shifted}
         log.info("scored %s (%s): %d validation and %d external images", label, members[label]["model"],
                  len(y_val), len(y_ext))
     return members
@@ -157,14 +162,16 @@ def compare(members: dict[str, dict], method: str, rule_text: str, *, max_size: 
         z_ext = np.mean([members[n]["z_ext"] for n in combo], axis=0)
         calibration = fit_calibration(method, y_val, z_val, head)
         p_val, p_ext = calibration.apply(head, z_val)[:, 1], calibration.apply(head, z_ext)[:, 1]
-        threshold = rule.choose(y_val, p_val)
+        p_shifted = _shifted_probs(members, combo, calibration, head)
+        p_shifted = None if p_shifted is None else p_shifted[..., 1]
+        threshold = rule.choose(y_val, p_val, p_shifted)
         external = m.bootstrap_intervals(m.interval_metric_functions(threshold), y_ext, p_ext,
                                          n_resamples=n_bootstrap, seed=seed)
         rows.append({"members": list(combo), "val_roc_auc": m.roc_auc(y_val, p_val), "threshold": threshold,
                      "calibration": calibration.to_dict(), "external": external,
                      "external_ece": m.expected_calibration_error(y_ext, p_ext),
                      "val_ece": m.expected_calibration_error(y_val, p_val),
-                     "stability": threshold_stability(rule, y_val, p_val, y_ext, p_ext,
+                     "stability": threshold_stability(rule, y_val, p_val, y_ext, p_ext, shifted=p_shifted,
                                                       n_resamples=n_bootstrap, seed=seed)})
     return {"task": "binary",
             "members": {n: {"run": members[n]["run"], "model": members[n]["model"],
@@ -213,9 +220,11 @@ def compare_findings(members: dict[str, dict], method: str, rule_text: str, *, m
         z_ext = np.mean([members[n]["z_ext"] for n in combo], axis=0)
         calibration = fit_calibration(method, y_val, z_val, head)  # platt, isotonic: refused for findings
         p_val, p_ext = calibration.apply(head, z_val), calibration.apply(head, z_ext)
+        p_shifted = _shifted_probs(members, combo, calibration, head)
         summary = finding_summary(y_val, p_val, y_ext, p_ext, findings, rule, split="external",
-                                  n_bootstrap=n_bootstrap, seed=seed)
-        add_threshold_stability(summary, y_val, p_val, y_ext, p_ext, rule, n_bootstrap=n_bootstrap, seed=seed)
+                                  val_shifted=p_shifted, n_bootstrap=n_bootstrap, seed=seed)
+        add_threshold_stability(summary, y_val, p_val, y_ext, p_ext, rule, val_shifted=p_shifted,
+                                n_bootstrap=n_bootstrap, seed=seed)
         rows.append({"members": list(combo), "val_macro_roc_auc": m.macro_roc_auc(y_val, p_val),
                      "calibration": calibration.to_dict(), "external": summary, "external_ece": ece(y_ext, p_ext)})
     # a member's external macro ROC-AUC over the findings the ensembles' rows measure, so the two tables agree
@@ -232,6 +241,15 @@ def compare_findings(members: dict[str, dict], method: str, rule_text: str, *, m
             "n_val": int(len(y_val)), "n_external": int(len(y_ext)),
             "external_positives": {name: int((y_ext[:, k] == 1).sum()) for k, name in enumerate(findings)},
             "calibration_method": method, "threshold_rule": str(rule), "bootstrap": n_bootstrap, "ensembles": rows}
+
+
+def _shifted_probs(members: dict[str, dict], combo: Sequence[str], calibration, head) -> np.ndarray | None:
+    """The ensemble's calibrated validation probabilities under each acquisition shift, (shifts, n, columns),
+    from its members' mean logits there; None when the members were scored without the shifts."""
+    if members[combo[0]].get("z_val_shifted") is None:
+        return None
+    z = np.mean([members[n]["z_val_shifted"] for n in combo], axis=0)
+    return np.stack([calibration.apply(head, row) for row in z])
 
 
 def _interval(fig: dict | None) -> str:
@@ -349,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration", default="auto", choices=CALIBRATIONS,
                         help="fitted on validation for each ensemble, as distributed.ensemble does (default auto)")
     parser.add_argument("--threshold", default="youden",
-                        help="chosen on validation for each ensemble, as distributed.evaluate does (default youden)")
+                        help="chosen on validation for each ensemble, as distributed.evaluate does: youden "
+                             "(default), robust, sensitivity:X, specificity:X")
     parser.add_argument("--max-size", type=int, default=None,
                         help=f"largest ensemble to try (default: all the members; needed above {MAX_MEMBERS})")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -374,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.bootstrap < 100:
         raise CxrError(f"--bootstrap {args.bootstrap}: at least 100 resamples for a 95 % interval")
     try:
-        parse_threshold(args.threshold)
+        rule = parse_threshold(args.threshold)
     except argparse.ArgumentTypeError as err:
         raise CxrError(f"--threshold {err}") from None
     external = Path(args.external)
@@ -382,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CxrError(f"--external {external} does not exist: give labelled class folders (or a CSV) of another "
                        "site; a multi-label CSV for multi-label members")
     results = {"external": str(external),
-               **compare(score_members(runs, external), args.calibration, args.threshold, max_size=max_size,
+               **compare(score_members(runs, external, shifted=rule.needs_shifts), args.calibration, args.threshold,
+                         max_size=max_size,
                          n_bootstrap=args.bootstrap)}
     report(Path(args.out), "members", results, summarise)
     return 0

@@ -8,21 +8,17 @@ training), changes them the way another site's acquisition would, runs the run's
 pure function as preparation and prediction) and scores them with the exported model:
 
   none             the files as they are (matches distributed.evaluate on the test split)
-  gamma-0.7/1.4    x -> x ** gamma on [0, 1]: another detector or processing curve
-  contrast+-30     +-30 % around the image mean: another window or exposure
-  blur             Gaussian, sigma 0.6 % of the image side: another detector's resolution
-  noise            Gaussian, sigma 8 grey levels: a noisier detector or lower dose
-  jpeg-40          re-encoded as JPEG at quality 40: another PACS export
-  zoom-in-1.11     the central 90 % of each side, enlarged back: a tighter collimation or a larger child
-  zoom-out-0.9     the whole image at 90 % of each side, black around: a wider collimated field
+  gamma, contrast, blur, noise, jpeg, zoom
+                   the nine acquisition shifts listed in preprocessing/shifts.py: another detector, window,
+                   resolution, dose, PACS export or collimation
   fullres          the full-resolution originals of the same test radiographs (--fullres), through the
                    whole transform: the real input size and decoder path (only the test split's images)
 
 Per shift: ROC-AUC (95 % bootstrap interval), and accuracy, sensitivity and specificity at the threshold
-chosen on the validation split (Youden, as distributed.evaluate does; never on test). Beside them, the run's
-own training and calibration: its best validation AUC, how far validation loss and accuracy swing after the
-first two epochs (judged in inference mode, as the checkpoints are), and the carved test split's ECE after
-the built-in calibration fitted on validation.
+chosen on the validation split (by --threshold, Youden unless told, as distributed.evaluate does; never on
+test). Beside them, the run's own training and calibration: its best validation AUC, how far validation loss
+and accuracy swing after the first two epochs (judged in inference mode, as the checkpoints are), and the
+carved test split's ECE after the built-in calibration fitted on validation.
 
 Mapping the test split back to files needs the salt its ids were hashed with: prepare with --salt-file
 (launch.pipeline does). Without --run, the suite prepares the shared Kermany radiographs with a salt of its
@@ -46,6 +42,7 @@ from cxrscale.errors import CxrError
 from cxrscale.cli import OneLineParser, run_cli
 from cxrscale.console import setup_logging
 from preprocessing import schema
+from preprocessing.shifts import SHIFTS as ACQUISITION_SHIFTS
 
 # The toolkit's TensorFlow-heavy modules are imported inside the functions that use them, not here: a
 # suite's driver process times and measures its children, and must not carry TensorFlow itself.
@@ -62,67 +59,7 @@ MAX_LOSS_OVER_BEST = 2.0      # later epochs' validation loss within twice its b
 MAX_ACCURACY_BELOW_BEST = 0.05  # later epochs' validation accuracy at 0.5 within 5 points of its best
 
 
-# --- the shifts: pure functions on decoded greyscale uint8 pixels ---------------------------------------
-
-def _gamma(g: float) -> Callable[[np.ndarray], np.ndarray]:
-    from preprocessing.transform import gamma_table
-
-    table = gamma_table(g)
-    return lambda px: table[px]
-
-
-def _contrast(factor: float) -> Callable[[np.ndarray], np.ndarray]:
-    def apply(px: np.ndarray) -> np.ndarray:
-        mean = float(px.mean())
-        return np.clip(np.round((px.astype(np.float32) - mean) * factor + mean), 0, 255).astype(np.uint8)
-    return apply
-
-
-def _blur(px: np.ndarray) -> np.ndarray:
-    import cv2
-
-    sigma = 0.006 * max(px.shape)
-    return cv2.GaussianBlur(px, (0, 0), sigma)
-
-
-def _noise(px: np.ndarray) -> np.ndarray:
-    rng = np.random.default_rng(int(px[::7, ::7].sum()) % (2**32))  # per image, reproducible
-    return np.clip(np.round(px + rng.normal(0, 8.0, px.shape)), 0, 255).astype(np.uint8)
-
-
-def _jpeg(quality: int) -> Callable[[np.ndarray], np.ndarray]:
-    def apply(px: np.ndarray) -> np.ndarray:
-        import cv2
-
-        ok, buf = cv2.imencode(".jpg", px, [cv2.IMWRITE_JPEG_QUALITY, quality])
-        return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
-    return apply
-
-
-def _zoom(factor: float) -> Callable[[np.ndarray], np.ndarray]:
-    """The anatomy `factor` times larger (the central 1/factor of each side, enlarged back) or, below 1,
-    smaller inside black (the whole image at `factor` of each side, centred): another collimation, field of
-    view or patient size in the same frame."""
-    def apply(px: np.ndarray) -> np.ndarray:
-        import cv2
-
-        h, w = px.shape[:2]
-        if factor >= 1:
-            ch, cw = int(round(h / factor)), int(round(w / factor))
-            y0, x0 = (h - ch) // 2, (w - cw) // 2
-            return cv2.resize(px[y0:y0 + ch, x0:x0 + cw], (w, h), interpolation=cv2.INTER_LINEAR)
-        out = np.zeros_like(px)
-        ch, cw = int(round(h * factor)), int(round(w * factor))
-        y0, x0 = (h - ch) // 2, (w - cw) // 2
-        out[y0:y0 + ch, x0:x0 + cw] = cv2.resize(px, (cw, ch), interpolation=cv2.INTER_AREA)
-        return out
-    return apply
-
-
-SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {
-    "none": None, "gamma-0.7": _gamma(0.7), "gamma-1.4": _gamma(1.4), "contrast+30": _contrast(1.3),
-    "contrast-30": _contrast(0.7), "blur": _blur, "noise": _noise, "jpeg-40": _jpeg(40),
-    "zoom-in-1.11": _zoom(1 / 0.9), "zoom-out-0.9": _zoom(0.9)}
+SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {"none": None, **ACQUISITION_SHIFTS}
 
 
 # --- files of the test split ----------------------------------------------------------------------------
@@ -176,7 +113,9 @@ def shift_metrics(y: np.ndarray, p: np.ndarray, threshold: float, *, n_bootstrap
 
 
 def measure(run_dir: Path, input_dir: Path, salt: bytes, fullres: Path | None, *, tta: bool = False,
-            n_bootstrap: int = 500, seed: int = 0) -> dict[str, Any]:
+            rule=None, n_bootstrap: int = 500, seed: int = 0) -> dict[str, Any]:
+    """Every shift's figures at the threshold `rule` (a scores.ThresholdRule, default youden) chooses on the
+    run's validation split."""
     from distributed.evaluation.scores import ThresholdRule, score_split
     from distributed.model.scoring import load_scorer, read_run_config, run_model_path
     from preprocessing.sources import discover
@@ -188,8 +127,9 @@ def measure(run_dir: Path, input_dir: Path, salt: bytes, fullres: Path | None, *
     params = TransformParams.from_dict(manifest["transform"])
     scorer = load_scorer(run_model_path(run_dir))
     scorer.tta = tta
-    val = score_split(scorer, prepared, "val")
-    threshold = ThresholdRule("youden").choose(val.labels, val.probs[:, 1])
+    rule = rule or ThresholdRule("youden")
+    val = score_split(scorer, prepared, "val", shifted=rule.needs_shifts)
+    threshold = rule.choose(val.labels, val.probs[:, 1], None if val.shifted is None else val.shifted[..., 1])
     files = test_split_files(input_dir, prepared, salt)
     labels = np.array([label for _, label in files])
     rows: dict[str, Any] = {}
@@ -208,7 +148,8 @@ def measure(run_dir: Path, input_dir: Path, salt: bytes, fullres: Path | None, *
             rows["fullres"]["note"] = f"the {len(matched)} test images that have a full-resolution original"
         else:
             rows["fullres"] = {"n": 0, "note": f"none of the test images has a full-resolution original in {fullres}"}
-    return {"run": str(run_dir), "data": str(prepared), "threshold": threshold, "tta": tta, "shifts": rows,
+    return {"run": str(run_dir), "data": str(prepared), "threshold": threshold, "threshold_rule": str(rule),
+            "tta": tta, "shifts": rows,
             "training": training_stability(run_dir)}
 
 
@@ -296,7 +237,8 @@ def summarise(results: dict) -> tuple[list[dict], str]:
                check("validation accuracy after epoch 2 below its best", training.get("accuracy_below_best"), "<=",
                      MAX_ACCURACY_BELOW_BEST)]
     text = (f"Run `{results['run']}`, carved test split of `{results['data']}`, threshold "
-            f"{results['threshold']:.4f} (Youden on validation){', with test-time augmentation' if results['tta'] else ''}.\n\n"
+            f"{results['threshold']:.4f} ({results.get('threshold_rule', 'youden')} on validation)"
+            f"{', with test-time augmentation' if results['tta'] else ''}.\n\n"
             + markdown_table(["shift", "images", "ROC-AUC", "95 % CI", "AUC drop", "accuracy", "sensitivity",
                               "specificity", "ECE"], rows))
     notes = [f"- fullres: {shifts['fullres']['note']}"] if "fullres" in shifts else []
@@ -355,6 +297,8 @@ def run_suite(quick: bool, work: Path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from distributed.evaluation.scores import ThresholdRule, parse_threshold
+
     p = OneLineParser(prog="python -m benchmarks.robustness", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1] + "\nexamples:\n"
@@ -368,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class folders of full-resolution originals, matched by file name (default: the shared "
                         "kermany-fullres; 'none' to skip)")
     p.add_argument("--tta", action="store_true", help="score with test-time augmentation")
+    p.add_argument("--threshold", type=parse_threshold, default=ThresholdRule("youden"),
+                   help="the rule the operating threshold is chosen on validation by, as distributed.evaluate's "
+                        "--threshold: youden (default), robust (the kermany-cpu recipe's), sensitivity:X, ...")
     p.add_argument("--size", type=int, default=128, help="image size of the default run (without --run)")
     p.add_argument("--epochs", type=int, default=8, help="epochs of the default run (without --run)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench-robustness",
@@ -392,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         data = require_dir(DEFAULT_SHARED_DATA / "kermany224" / "train", "--data", "the shared Kermany radiographs")
         run_dir, source, salt = default_run(data, args.work, size=args.size, epochs=args.epochs, workers=2)
-    results = measure(run_dir, source, salt, fullres, tta=args.tta, n_bootstrap=args.bootstrap)
+    results = measure(run_dir, source, salt, fullres, tta=args.tta, rule=args.threshold, n_bootstrap=args.bootstrap)
     args.out.mkdir(parents=True, exist_ok=True)
     results["plots"] = [p.name for p in plots(results, args.out)]
     report(args.out, "robustness", results, summarise)

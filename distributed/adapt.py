@@ -289,6 +289,10 @@ def parse_config(argv: Sequence[str] | None = None) -> AdaptConfig:
         parser.error("--adabn needs the site's images: --unlabelled FOLDER or --labelled")
     if args.bootstrap < 100:
         parser.error(f"--bootstrap must be at least 100, got {args.bootstrap}")
+    if args.threshold.kind == "robust":
+        parser.error("--threshold robust guards a threshold chosen on the training source's validation split "
+                     "against another site's acquisition; here it is chosen on the site's own labelled images: give "
+                     "youden, sensitivity:X or specificity:X")
     return config_from(AdaptConfig, args)
 
 

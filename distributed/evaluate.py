@@ -130,18 +130,21 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if scorer.head.multilabel:
         return evaluate_findings(config, target, manifest, scorer, started, same_data)
     externals = check_external(config.external, target, manifest)  # a bad one fails before any scoring
-    log.info("scoring the val and %s splits of %s with %s", config.split, target.data_dir, target.model_path)
-    val = score_split(scorer, target.data_dir, "val", config.batch_size, uncalibrated=config.split == "val")
+    rule = config.threshold or default_rule(target.run_dir)
+    log.info("scoring the val and %s splits of %s with %s%s", config.split, target.data_dir, target.model_path,
+             " (val also under the acquisition shifts, for --threshold robust)" if rule.needs_shifts else "")
+    val = score_split(scorer, target.data_dir, "val", config.batch_size, uncalibrated=config.split == "val",
+                      shifted=rule.needs_shifts)
     test = val if config.split == "val" else score_split(scorer, target.data_dir, config.split, config.batch_size,
                                                        uncalibrated=True)
     if config.split == "val":
         log.warning("--split val: the threshold is chosen on the same cases it is measured on (optimistic)")
-    rule = config.threshold or default_rule(target.run_dir)
     results = compute_metrics(val, test, classes, rule, n_bootstrap=config.bootstrap, seed=config.seed)
     if rule.source:
         results["threshold"]["chosen_on"] = rule.source
     if scorer.head.binary:  # for the report and the model card; compute_metrics serves optimize too
         stability = threshold_stability(rule, val.labels, val.probs[:, 1], test.labels, test.probs[:, 1],
+                                        shifted=None if val.shifted is None else val.shifted[..., 1],
                                         n_resamples=config.bootstrap, seed=config.seed)
         if stability:
             results["threshold"]["stability"] = stability
@@ -178,13 +181,15 @@ def evaluate_findings(config: EvaluateConfig, target: Target, manifest: dict, sc
                        "another site's prepared dataset with --data instead")
     log.info("scoring the val and %s splits of %s with %s (%d findings)", config.split, target.data_dir,
              target.model_path, len(findings))
-    val = score_split(scorer, target.data_dir, "val", config.batch_size, uncalibrated=config.split == "val")
+    rule = config.threshold or finding_rules(target.run_dir, findings)
+    needs_shifts = any(r.needs_shifts for r in (rule if isinstance(rule, list) else [rule]))
+    val = score_split(scorer, target.data_dir, "val", config.batch_size, uncalibrated=config.split == "val",
+                      shifted=needs_shifts)
     test = val if config.split == "val" else score_split(scorer, target.data_dir, config.split, config.batch_size,
                                                        uncalibrated=True)
-    rule = config.threshold or finding_rules(target.run_dir, findings)
     summary = finding_summary(val.labels, val.probs, test.labels, test.probs, findings, rule, split=config.split,
-                              n_bootstrap=config.bootstrap, seed=config.seed)
-    add_threshold_stability(summary, val.labels, val.probs, test.labels, test.probs, rule,
+                              val_shifted=val.shifted, n_bootstrap=config.bootstrap, seed=config.seed)
+    add_threshold_stability(summary, val.labels, val.probs, test.labels, test.probs, rule, val_shifted=val.shifted,
                             n_bootstrap=config.bootstrap, seed=config.seed)
     results: dict[str, Any] = {
         "task": schema.MULTILABEL, "split": config.split, "n": int(len(test.labels)), "classes": findings,
@@ -460,8 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "repeatable")
     parser.add_argument("--threshold", type=parse_threshold, default=None,
                         help="operating point, chosen on the validation split: youden (default; for a run adapted "
-                             "by distributed.adapt, the site's threshold), sensitivity:0.95, specificity:0.9, or a "
-                             "fixed probability such as 0.5")
+                             "by distributed.adapt, the site's threshold), robust (Youden's J at its worst across "
+                             "validation as it is and under nine acquisition shifts: for use at other sites), "
+                             "sensitivity:0.95, specificity:0.9, or a fixed probability such as 0.5")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
                         help=f"bootstrap resamples for the 95%% intervals (default {DEFAULT_BOOTSTRAP})")
     parser.add_argument("--gallery", type=int, default=2,

@@ -181,7 +181,7 @@ def finding_quality(val, test, findings: list[str], config: PruneQuantizeConfig,
     from distributed.model import metrics as mt
 
     summary = finding_summary(val.labels, val.probs, test.labels, test.probs, findings, config.threshold,
-                              n_bootstrap=config.bootstrap, seed=config.seed)
+                              val_shifted=val.shifted, n_bootstrap=config.bootstrap, seed=config.seed)
     macro = summary.get("macro_roc_auc") or {}
     if not macro:
         raise CxrError(f"{config.data}: no finding has {summary['min_cases']} positive and negative test images, "
@@ -204,7 +204,7 @@ def evaluate_variant(path: Path, config: PruneQuantizeConfig, classes: list[str]
     are from the fp32 model's; for a multi-label model, the macro AUC and each finding's test AUC. head: the
     model's (a .tflite file does not say whether K sigmoid units are a multi-label head)."""
     scorer = load_scorer(path, num_threads=2, head=head)
-    val = score_split(scorer, config.data, "val", config.batch_size)
+    val = score_split(scorer, config.data, "val", config.batch_size, shifted=config.threshold.needs_shifts)
     test = score_split(scorer, config.data, "test", config.batch_size)
     if scorer.head.multilabel:
         return finding_quality(val, test, classes, config, baseline_probs)
@@ -535,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train images over which pruned models re-estimate their BatchNormalization statistics "
                              "(default 1024; 0: keep the fine-tuned statistics)")
     parser.add_argument("--threshold", type=parse_threshold, default=ThresholdRule("youden"),
-                        help="operating point chosen on validation, as in distributed.evaluate (default youden)")
+                        help="operating point chosen on validation, as in distributed.evaluate: youden (default), "
+                             "robust, sensitivity:X, specificity:X")
     parser.add_argument("--max-auc-drop", type=float, default=0.01,
                         help="the recommendation's budget of validation-AUC loss vs fp32 (default 0.01)")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the test AUC interval")

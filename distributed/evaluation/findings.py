@@ -27,11 +27,12 @@ MIN_CASES = 10   # positive and negative test images a finding needs before its 
 
 
 def finding_summary(val_targets: np.ndarray, val_probs: np.ndarray, targets: np.ndarray, probs: np.ndarray,
-                    findings: list[str], rule, *, split: str = "test", n_bootstrap: int = 1000,
-                    seed: int = 0) -> dict[str, Any]:
+                    findings: list[str], rule, *, split: str = "test", val_shifted: np.ndarray | None = None,
+                    n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """The per-finding table and the macro and micro AUC (see the module docstring). targets: (n, K) of 1, 0
     and -1 unknown; probs: (n, K); rule: a `scores.ThresholdRule`, applied to each finding's validation
-    scores, or a list of them, one per finding (an adapted run: the site's fixed thresholds)."""
+    scores, or a list of them, one per finding (an adapted run: the site's fixed thresholds); val_shifted:
+    (shifts, n_val, K) validation probabilities under the acquisition shifts, for the robust rule."""
     rules = _per_finding(rule, len(findings))
     rows, measured = [], []
     for k, name in enumerate(findings):
@@ -42,7 +43,8 @@ def finding_summary(val_targets: np.ndarray, val_probs: np.ndarray, targets: np.
                                "unknown": int((~seen).sum()),
                                "prevalence": positives / len(y) if len(y) else None}
         try:
-            row["threshold"] = rules[k].choose(val_targets[val_seen, k].astype(int), val_probs[val_seen, k])
+            row["threshold"] = rules[k].choose(val_targets[val_seen, k].astype(int), val_probs[val_seen, k],
+                                               _column(val_shifted, val_seen, k))
             if len(set(map(str, rules))) > 1:  # an adapted run: the site's thresholds, the rest validation's
                 row["threshold_rule"] = rules[k].describe()
         except CxrError as err:
@@ -74,12 +76,18 @@ def finding_summary(val_targets: np.ndarray, val_probs: np.ndarray, targets: np.
     return out
 
 
+def _column(shifted: np.ndarray | None, rows: np.ndarray, k: int) -> np.ndarray | None:
+    """Finding k's validation probabilities under each shift, on the images where its label is known."""
+    return None if shifted is None else shifted[:, rows, k]
+
+
 def _per_finding(rule, count: int) -> list:
     return list(rule) if isinstance(rule, (list, tuple)) else [rule] * count
 
 
 def add_threshold_stability(summary: dict, val_targets: np.ndarray, val_probs: np.ndarray, targets: np.ndarray,
-                            probs: np.ndarray, rule, *, n_bootstrap: int = 1000, seed: int = 0) -> None:
+                            probs: np.ndarray, rule, *, val_shifted: np.ndarray | None = None,
+                            n_bootstrap: int = 1000, seed: int = 0) -> None:
     """Each measured finding's `scores.threshold_stability` into its row of `summary` (finding_summary's): its
     rule chosen again on resamples of its known validation images, and its sensitivity and specificity on the
     split across those thresholds. A rare finding's validation positives are few, so its threshold moves the
@@ -91,7 +99,8 @@ def add_threshold_stability(summary: dict, val_targets: np.ndarray, val_probs: n
             continue
         seen, val_seen = targets[:, k] >= 0, val_targets[:, k] >= 0
         stability = threshold_stability(rules[k], val_targets[val_seen, k].astype(int), val_probs[val_seen, k],
-                                        targets[seen, k].astype(int), probs[seen, k], n_resamples=n_bootstrap,
+                                        targets[seen, k].astype(int), probs[seen, k],
+                                        shifted=_column(val_shifted, val_seen, k), n_resamples=n_bootstrap,
                                         seed=seed)
         if stability:
             row["stability"] = stability

@@ -16,6 +16,7 @@ from distributed.model.heads import Head
 from distributed.model.scorer import Scorer
 from cxrscale.errors import CxrError
 from preprocessing import schema
+from preprocessing.shifts import SHIFTS, shifted_batch
 
 DEFAULT_BOOTSTRAP = 1000
 
@@ -24,8 +25,9 @@ DEFAULT_BOOTSTRAP = 1000
 
 @dataclass(frozen=True)
 class ThresholdRule:
-    """How the binary operating threshold is chosen on validation: youden, sensitivity:X, specificity:X,
-    or a fixed number."""
+    """How the binary operating threshold is chosen on validation: youden, robust (Youden's J at its worst
+    across validation as it is and under preprocessing.shifts' acquisition shifts), sensitivity:X,
+    specificity:X, or a fixed number."""
 
     kind: str
     value: float | None = None
@@ -38,17 +40,30 @@ class ThresholdRule:
 
     def describe(self) -> str:
         return {"youden": "maximises sensitivity + specificity - 1 (Youden's J) on validation",
+                "robust": f"maximises the smallest Youden's J across validation as it is and under "
+                          f"{len(SHIFTS)} acquisition shifts ({', '.join(SHIFTS)})",
                 "sensitivity": f"highest specificity keeping sensitivity >= {self.value} on validation",
                 "specificity": f"highest sensitivity keeping specificity >= {self.value} on validation",
                 "fixed": f"chosen by {self.source}" if self.source else "fixed by the user"}[self.kind]
 
-    def choose(self, y_val: np.ndarray, p_val: np.ndarray) -> float:
-        """The threshold on validation labels and positive-class probabilities (never test data)."""
+    @property
+    def needs_shifts(self) -> bool:
+        """Whether `choose` needs validation scored under the acquisition shifts too (`score_split(shifted=)`)."""
+        return self.kind == "robust"
+
+    def choose(self, y_val: np.ndarray, p_val: np.ndarray, shifted: np.ndarray | None = None) -> float:
+        """The threshold on validation labels and positive-class probabilities (never test data); `shifted`,
+        (shifts, n), the same cases' probabilities under each acquisition shift, for the robust rule."""
         try:
             if self.kind == "fixed":
                 return float(self.value)
             if self.kind == "youden":
                 return m.youden_threshold(y_val, p_val)
+            if self.kind == "robust":
+                if shifted is None:
+                    raise CxrError("--threshold robust: the validation split was not scored under the acquisition "
+                                   "shifts this rule needs")
+                return m.worst_case_youden_threshold(y_val, np.vstack([np.asarray(p_val)[np.newaxis], shifted]))
             if self.kind == "sensitivity":
                 return m.threshold_for_sensitivity(y_val, p_val, self.value)
             # specificity >= X for the negatives is sensitivity >= X for the flipped problem
@@ -63,16 +78,16 @@ def parse_threshold(text: str) -> ThresholdRule:
     """argparse type for --threshold."""
     kind, _, value = text.partition(":")
     try:
-        if kind in ("youden",) and not value:
-            return ThresholdRule("youden")
+        if kind in ("youden", "robust") and not value:
+            return ThresholdRule(kind)
         if kind in ("sensitivity", "specificity") and value and 0 < float(value) <= 1:
             return ThresholdRule(kind, float(value))
         if not value and 0 <= float(text) <= 1:
             return ThresholdRule("fixed", float(text))
     except ValueError:
         pass
-    raise argparse.ArgumentTypeError(f"{text!r}: expected youden, sensitivity:X or specificity:X with X in (0, 1], "
-                                     "or a probability in [0, 1]")
+    raise argparse.ArgumentTypeError(f"{text!r}: expected youden, robust, sensitivity:X or specificity:X with X in "
+                                     "(0, 1], or a probability in [0, 1]")
 
 
 # --- scoring a split ------------------------------------------------------------------------------------
@@ -85,6 +100,7 @@ class SplitScores:
     ids: list[str]
     head: Head  # the model's: what the columns mean
     uncalibrated: np.ndarray | None = None  # (n, K) before the model's built-in calibration, when asked and known
+    shifted: np.ndarray | None = None  # (shifts, n, K) under each of preprocessing.shifts.SHIFTS, when asked
 
     def before_calibration(self) -> SplitScores | None:
         if self.uncalibrated is None:
@@ -93,24 +109,30 @@ class SplitScores:
 
 
 def score_split(scorer: Scorer, data_dir: Path, split: str, batch_size: int = 32, *,
-                uncalibrated: bool = False) -> SplitScores:
+                uncalibrated: bool = False, shifted: bool = False) -> SplitScores:
     """The model's probabilities for every record of a prepared split, in file order; with `uncalibrated`,
-    also those before its built-in calibration (same forward pass; None for a model without one)."""
+    also those before its built-in calibration (same forward pass; None for a model without one); with
+    `shifted`, also under each acquisition shift of preprocessing.shifts, applied to the prepared images
+    a batch at a time (the robust threshold rule's input)."""
     ds = schema.dataset(data_dir, split, with_ids=True).batch(batch_size)
-    labels, probs, before, ids = [], [], [], []
+    labels, probs, before, ids, under = [], [], [], [], []
     for images, y, rid in ds.as_numpy_iterator():
         if uncalibrated:
             p, b = scorer.predict_with_uncalibrated(images, batch_size)
             before.append(b)
         else:
             p = scorer.predict(images, batch_size)
+        if shifted:
+            under.append(np.stack([scorer.predict(shifted_batch(images, shift), batch_size)
+                                   for shift in SHIFTS.values()]))
         probs.append(p)
         labels.append(y)
         ids += [r.decode() for r in rid]
     if not labels:
         raise CxrError(f"the {split} split of {data_dir} is empty")
     raw = np.concatenate(before) if before and before[0] is not None else None
-    return SplitScores(split, np.concatenate(labels).astype(int), np.concatenate(probs), ids, scorer.head, raw)
+    return SplitScores(split, np.concatenate(labels).astype(int), np.concatenate(probs), ids, scorer.head, raw,
+                       np.concatenate(under, axis=1) if shifted else None)
 
 
 def load_records(data_dir: Path, split: str, indices: Sequence[int]) -> dict[int, np.ndarray]:
@@ -137,7 +159,7 @@ def compute_metrics(val: SplitScores, test: SplitScores, classes: list[str], rul
     out: dict[str, Any] = {"classes": classes, "split": test.split, "n": len(test.labels),
                            "class_counts": {c: int(np.sum(test.labels == i)) for i, c in enumerate(classes)}}
     if test.head.binary:
-        threshold = rule.choose(val.labels, val.probs[:, 1])
+        threshold = rule.choose(val.labels, val.probs[:, 1], None if val.shifted is None else val.shifted[..., 1])
         out["threshold"] = {"rule": str(rule), "description": rule.describe(), "value": threshold,
                             "chosen_on": val.split}
         y, p = test.labels, test.probs[:, 1]
@@ -158,10 +180,13 @@ def compute_metrics(val: SplitScores, test: SplitScores, classes: list[str], rul
 
 
 def threshold_stability(rule: ThresholdRule, y_val: np.ndarray, p_val: np.ndarray, y: np.ndarray, p: np.ndarray, *,
-                        n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict[str, Any] | None:
+                        shifted: np.ndarray | None = None, n_resamples: int = DEFAULT_BOOTSTRAP,
+                        seed: int = 0) -> dict[str, Any] | None:
     """How much the operating point rests on which images the validation split happened to draw: the rule
     re-chosen on stratified bootstrap resamples of validation, the 95 % percentile interval of those
     thresholds, and of sensitivity, specificity and accuracy on the evaluated split (all of it) at each.
+    `shifted`: (shifts, n) validation probabilities under the acquisition shifts, for the robust rule, resampled
+    with the same images.
 
     The bootstrap intervals of the test metrics hold the threshold fixed, so they miss this: on a validation
     split with few cases near the boundary (a near-separable one, or a small class), a few images decide
@@ -175,7 +200,7 @@ def threshold_stability(rule: ThresholdRule, y_val: np.ndarray, p_val: np.ndarra
     chosen = []
     for idx in m.stratified_resamples(y_val, n_resamples, rng):
         try:
-            chosen.append(rule.choose(y_val[idx], p_val[idx]))
+            chosen.append(rule.choose(y_val[idx], p_val[idx], None if shifted is None else shifted[:, idx]))
         except CxrError:
             continue
     if not chosen:

@@ -100,3 +100,28 @@ def test_bad_options_are_named(tmp_path):
         main(["--runs", str(tmp_path / "r1"), str(tmp_path / "r2"), "--threshold", "best"])
     with pytest.raises(CxrError, match=r"--external .*nowhere does not exist"):
         main(["--runs", str(tmp_path / "r1"), str(tmp_path / "r2"), "--external", str(tmp_path / "nowhere")])
+
+
+def test_the_robust_rule_reads_the_members_validation_under_the_shifts():
+    """Members scored under acquisition shifts (score_members(shifted=True)): each ensemble's robust threshold
+    is the worst-case Youden threshold of its calibrated validation probabilities as they are and under each
+    shift. Here one shift raises the normals' logits, so the robust threshold sits above Youden's."""
+    members = synthetic_members()
+    rng = np.random.default_rng(5)
+    for member in members.values():
+        y, z = member["y_val"], member["z_val"]
+        member["z_val_shifted"] = np.stack([z + rng.normal(0, 0.3, len(z)), np.where(y == 0, z + 3.0, z)])
+    robust = compare(members, "temperature", "robust", max_size=2, n_bootstrap=100)
+    youden = compare(members, "temperature", "youden", max_size=2, n_bootstrap=100)
+    head = Head("binary", 1)
+    for row, plain in zip(robust["ensembles"], youden["ensembles"]):
+        z_val = np.mean([members[n]["z_val"] for n in row["members"]], axis=0)
+        shifted = np.mean([members[n]["z_val_shifted"] for n in row["members"]], axis=0)
+        calibration = fit_calibration("temperature", members["a"]["y_val"], z_val, head)
+        scorings = np.stack([calibration.apply(head, z)[:, 1] for z in (z_val, *shifted)])
+        assert row["threshold"] == pytest.approx(m.worst_case_youden_threshold(members["a"]["y_val"], scorings))
+        assert row["threshold"] > plain["threshold"]
+        assert row["stability"]["low"] <= row["threshold"] <= row["stability"]["high"]
+    assert robust["threshold_rule"] == "robust"
+    with pytest.raises(CxrError, match="--threshold robust: the validation split was not scored under"):
+        compare(synthetic_members(), "temperature", "robust", max_size=1, n_bootstrap=100)

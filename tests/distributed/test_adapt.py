@@ -52,6 +52,18 @@ def test_a_sample_too_small_or_a_fixed_threshold_is_refused():
         adapt_site(y, z, BINARY, method="platt", rule=ThresholdRule("fixed", 0.5))
 
 
+def test_the_robust_rule_is_refused_at_a_site(capsys):
+    """The robust rule guards a threshold chosen on the training source's validation against other sites;
+    adapt chooses it on the site's own images, so the option is refused with that reason."""
+    from distributed.adapt import parse_config
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--run", "r", "--labelled", "l", "--site", "s", "--output", "o", "--threshold", "robust"])
+    assert exit_info.value.code == 2
+    assert "--threshold robust guards a threshold chosen on the training source's validation split" in \
+        capsys.readouterr().err
+
+
 def test_a_sample_error_names_the_option_that_gave_it(tmp_path):
     """The folder and CSV reader behind --labelled (adapt) and --external (benchmarks.shift and .members) names
     that option, not preprocessing's --input, in its errors."""

@@ -108,6 +108,31 @@ def test_threshold_stability_is_wide_where_few_validation_images_decide_it():
     assert "stability" not in fixed and describe_stability(fixed, "test") is None
 
 
+def test_the_robust_rule_holds_under_the_worst_shift():
+    """Validation scored as it is and under two shifts, one of which raises every normal's probability by
+    0.2: the robust threshold is the worst-case Youden threshold over the three, above plain Youden's, and its
+    stability resamples the shifted scores with the same images. Without the shifted scores it is refused."""
+    from cxrscale.errors import CxrError
+    from distributed.evaluation.scores import threshold_stability
+    from distributed.model import metrics as m
+
+    rng = np.random.default_rng(4)
+    y = np.repeat([0, 1], [80, 120])
+    p = np.clip(np.where(y == 1, rng.normal(0.7, 0.12, 200), rng.normal(0.3, 0.12, 200)), 0, 1)
+    shifted = np.stack([np.clip(p + rng.normal(0, 0.02, 200), 0, 1), np.where(y == 0, np.clip(p + 0.2, 0, 1), p)])
+    val = scores(y, p, "val")
+    val.shifted = np.stack([1 - shifted, shifted], axis=-1)
+    rule = parse_threshold("robust")
+    assert rule.needs_shifts and str(rule) == "robust" and "9 acquisition shifts" in rule.describe()
+    out = compute_metrics(val, scores(y, p), CLASSES, rule, n_bootstrap=50)
+    assert out["threshold"]["value"] == m.worst_case_youden_threshold(y, np.vstack([p[np.newaxis], shifted]))
+    assert out["threshold"]["value"] > ThresholdRule("youden").choose(y, p) + 0.05
+    stability = threshold_stability(rule, y, p, y, p, shifted=shifted, n_resamples=100)
+    assert stability["low"] <= out["threshold"]["value"] <= stability["high"]
+    with pytest.raises(CxrError, match="--threshold robust: the validation split was not scored under"):
+        compute_metrics(scores(y, p, "val"), scores(y, p), CLASSES, rule, n_bootstrap=50)
+
+
 @pytest.mark.parametrize("text", ["sensitivity", "sensitivity:1.5", "youden:3", "1.2", "auto"])
 def test_bad_threshold_rules_are_refused(text):
     import argparse
@@ -277,6 +302,32 @@ def test_real_data_predict_agrees_with_evaluate(real_run, prepared64, tmp_path):
             assert row["outside"] is True and row["ood_score"] > metrics["guard"]["threshold"], row
     assert "are outside what the model was trained on" in result.stderr
     assert "out-of-distribution" in card and "guard" in card and "Every split, side by side" in card
+
+
+def test_evaluate_chooses_the_robust_threshold_on_validation_under_the_shifts(real_run, tmp_path):
+    """--threshold robust on real radiographs: evaluate scores the prepared validation images under each of
+    preprocessing.shifts' shifts, and the threshold it writes is the worst-case Youden threshold over them."""
+    from distributed.evaluation.scores import score_split
+    from distributed.model import metrics as m
+    from distributed.model.scoring import load_scorer
+    from preprocessing import schema
+    from preprocessing.shifts import SHIFTS, shifted_batch
+
+    result = run_module("distributed.evaluate", "--run", str(real_run["run"]), "--threshold", "robust",
+                        "--bootstrap", "100", "--no-gradcam", "--output", str(tmp_path / "eval"), "-q")
+    assert result.returncode == 0, quiet(result.stderr)
+    threshold = json.loads((tmp_path / "eval" / "metrics.json").read_text())["threshold"]
+    assert threshold["rule"] == "robust" and "acquisition shifts" in threshold["description"]
+    scorer = load_scorer(real_run["run"] / "model")
+    val = score_split(scorer, real_run["data"], "val", shifted=True)
+    assert val.shifted.shape == (len(SHIFTS), len(val.labels), 2)
+    images = np.stack([x for x, _ in schema.dataset(real_run["data"], "val").as_numpy_iterator()])
+    for row, shift in zip(val.shifted, SHIFTS.values()):
+        np.testing.assert_allclose(row, scorer.predict(shifted_batch(images, shift)), atol=1e-6)
+    p = np.vstack([val.probs[np.newaxis, :, 1], val.shifted[..., 1]])
+    assert threshold["value"] == pytest.approx(m.worst_case_youden_threshold(val.labels, p))
+    assert threshold["stability"]["low"] <= threshold["value"] <= threshold["stability"]["high"]
+    assert "robust: maximises the smallest Youden's J" in (tmp_path / "eval" / "model_card.md").read_text()
 
 
 def test_predict_reports_a_corrupt_file_and_predicts_the_rest(sample_run, tmp_path):

@@ -271,3 +271,29 @@ def test_each_finding_is_measured_on_its_known_images_or_said_too_rare():
                             n_bootstrap=50)
     add_threshold_stability(fixed, targets, probs, targets, probs, ThresholdRule("fixed", 0.5), n_bootstrap=50)
     assert not any("stability" in r for r in fixed["findings"])  # not chosen on validation: nothing to resample
+
+
+def test_the_robust_rule_chooses_each_findings_threshold_on_its_known_images_under_the_shifts():
+    from distributed.evaluation.findings import add_threshold_stability, finding_summary
+    from distributed.evaluation.scores import ThresholdRule
+    from distributed.model import metrics as m
+
+    rng = np.random.default_rng(2)
+    n = 300
+    targets = (rng.random((n, 2)) < 0.4).astype(int)
+    targets[rng.random(n) < 0.2, 1] = -1  # B unknown for some images
+    probs = np.clip(targets * 0.4 + rng.random((n, 2)) * 0.6, 0, 1)
+    shifted = np.stack([np.clip(probs + rng.normal(0, 0.03, probs.shape), 0, 1),
+                        np.where(targets == 0, np.clip(probs + 0.15, 0, 1), probs)])  # negatives score higher
+    rule = ThresholdRule("robust")
+    summary = finding_summary(targets, probs, targets, probs, ["A", "B"], rule, val_shifted=shifted, n_bootstrap=50)
+    add_threshold_stability(summary, targets, probs, targets, probs, rule, val_shifted=shifted, n_bootstrap=100)
+    for k, row in enumerate(summary["findings"]):
+        seen = targets[:, k] >= 0
+        y = targets[seen, k]
+        expected = m.worst_case_youden_threshold(y, np.vstack([probs[seen, k][np.newaxis], shifted[:, seen, k]]))
+        assert row["threshold"] == expected
+        assert row["stability"]["low"] <= expected <= row["stability"]["high"]
+    assert summary["rule"] == "robust"
+    unshifted = finding_summary(targets, probs, targets, probs, ["A", "B"], rule, n_bootstrap=50)
+    assert all(r["threshold"] is None and "not scored under" in r["threshold_undefined"] for r in unshifted["findings"])
