@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labelled", type=int, default=100, help="labelled images per adaptation draw (default 100)")
     parser.add_argument("--draws", type=int, default=30, help="adaptation draws (default 30)")
     parser.add_argument("--shared-data", default=str(DEFAULT_SHARED_DATA), help="the shared data folder")
-    parser.add_argument("--work", default=str(REPO / "benchmarks" / "work"), help="scratch folder")
+    parser.add_argument("--work", default=str(REPO / "runs" / "bench-shift"),
+                        help="scratch folder: the other-kind images, the quick run (default runs/bench-shift)")
     parser.add_argument("--out", default=str(DEFAULT_RESULTS), help="results folder")
     parser.add_argument("--quick", action="store_true", help="without --run: train 3 epochs, 5 draws")
     parser.add_argument("--child", help=argparse.SUPPRESS)
