@@ -402,8 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "site; a multi-label CSV for multi-label members")
     results = {"external": str(external),
                **compare(score_members(runs, external, shifted=rule.needs_shifts), args.calibration, args.threshold,
-                         max_size=max_size,
-                         n_bootstrap=args.bootstrap)}
+                         max_size=max_size, n_bootstrap=args.bootstrap)}
     report(Path(args.out), "members", results, summarise)
     return 0
 

@@ -131,10 +131,11 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         return evaluate_findings(config, target, manifest, scorer, started, same_data)
     externals = check_external(config.external, target, manifest)  # a bad one fails before any scoring
     rule = config.threshold or default_rule(target.run_dir)
+    shifted = rule.needs_shifts and scorer.head.binary  # K > 2 classes: the most probable class, no threshold
     log.info("scoring the val and %s splits of %s with %s%s", config.split, target.data_dir, target.model_path,
-             " (val also under the acquisition shifts, for --threshold robust)" if rule.needs_shifts else "")
+             " (val also under the acquisition shifts, for --threshold robust)" if shifted else "")
     val = score_split(scorer, target.data_dir, "val", config.batch_size, uncalibrated=config.split == "val",
-                      shifted=rule.needs_shifts)
+                      shifted=shifted)
     test = val if config.split == "val" else score_split(scorer, target.data_dir, config.split, config.batch_size,
                                                        uncalibrated=True)
     if config.split == "val":
