@@ -1,4 +1,4 @@
-"""python -m benchmarks.robustness: a trained model on its own carved test split under acquisition shifts.
+"""python -m benchmarks.robustness: a trained model on its own test split under acquisition shifts.
 
     python -m benchmarks.robustness --run runs/kermany --input ~/chest_xray/train --salt-file prepared/salt
 
@@ -148,8 +148,11 @@ def measure(run_dir: Path, input_dir: Path, salt: bytes, fullres: Path | None, *
             rows["fullres"]["note"] = f"the {len(matched)} test images that have a full-resolution original"
         else:
             rows["fullres"] = {"n": 0, "note": f"none of the test images has a full-resolution original in {fullres}"}
-    return {"run": str(run_dir), "data": str(prepared), "threshold": threshold, "threshold_rule": str(rule),
-            "tta": tta, "shifts": rows,
+    from distributed.evaluate import split_origin
+
+    return {"run": str(run_dir), "data": str(prepared), "test_origin": split_origin(schema.read_manifest(prepared),
+                                                                                    "test"),
+            "threshold": threshold, "threshold_rule": str(rule), "tta": tta, "shifts": rows,
             "training": training_stability(run_dir)}
 
 
@@ -236,7 +239,8 @@ def summarise(results: dict) -> tuple[list[dict], str]:
                      MAX_LOSS_OVER_BEST),
                check("validation accuracy after epoch 2 below its best", training.get("accuracy_below_best"), "<=",
                      MAX_ACCURACY_BELOW_BEST)]
-    text = (f"Run `{results['run']}`, carved test split of `{results['data']}`, threshold "
+    text = (f"Run `{results['run']}`, test split of `{results['data']}` "
+            f"({results.get('test_origin', 'carved at random, grouped by patient')}), threshold "
             f"{results['threshold']:.4f} ({results.get('threshold_rule', 'youden')} on validation)"
             f"{', with test-time augmentation' if results['tta'] else ''}.\n\n"
             + markdown_table(["shift", "images", "ROC-AUC", "95 % CI", "AUC drop", "accuracy", "sensitivity",
