@@ -126,7 +126,7 @@ def measure(run_dir: Path, external: Path, shared_data: Path, work: Path, labell
             seed: int = 0) -> dict[str, Any]:
     """Every figure of the suite for one run (TensorFlow in this process: run it as a child)."""
     from distributed.model.kerasenv import keras
-    from distributed.evaluation.scores import ThresholdRule
+    from distributed.evaluation.scores import ThresholdRule, parse_threshold
     from distributed.model import metrics as m
     from distributed.model.builders import recalibrate_batchnorm
     from distributed.model.calibration import fit_calibration, logits_of
@@ -136,6 +136,7 @@ def measure(run_dir: Path, external: Path, shared_data: Path, work: Path, labell
     from benchmarks.ood_set import adult_chest, write_ood_set
     from cxrscale.files import read_json
     from preprocessing import schema
+    from preprocessing.shifts import SHIFTS, shifted_batch
     from preprocessing.transform import TransformParams, transform
 
     config = read_run_config(run_dir)
@@ -159,11 +160,18 @@ def measure(run_dir: Path, external: Path, shared_data: Path, work: Path, labell
     out["as_served"]["intervals"] = m.bootstrap_intervals(m.interval_metric_functions(threshold), y_ext, p_served,
                                                           n_resamples=1000, seed=seed)
 
+    # each method's threshold by the run's own rule (Youden for an adapted run's fixed one, which no
+    # calibration method chose)
+    rule = parse_threshold(str(evaluation["threshold"]["rule"]))
+    rule = ThresholdRule("youden") if rule.kind == "fixed" else rule
+    z_shifted = [logits_of(model, shifted_batch(x_val, s)) for s in SHIFTS.values()] if rule.needs_shifts else None
+    out["calibration_threshold_rule"] = str(rule)
     out["calibration"] = {}
     for method in METHODS:
         cal = fit_calibration(method, y_val, z_val, head)
         p_ext, p_val = cal.apply(head, z_ext)[:, 1], cal.apply(head, z_val)[:, 1]
-        t = ThresholdRule("youden").choose(y_val, p_val)
+        t = rule.choose(y_val, p_val, None if z_shifted is None else np.stack([cal.apply(head, z)[:, 1]
+                                                                               for z in z_shifted]))
         out["calibration"][method] = {"external": _quality(y_ext, p_ext, t), "val_ece": m.expected_calibration_error(
             y_val, p_val), "params": cal.params if method != "isotonic" else {}}
 
@@ -229,7 +237,8 @@ def summarise(results: dict) -> tuple[list[dict], str]:
                                 [[k, f"{iv[k]['value']:.3f}", f"{iv[k]['low']:.3f}-{iv[k]['high']:.3f}"]
                                  for k in iv] + [["ece", f"{served['ece']:.3f}", ""]]), "",
              "Calibration fitted on validation, applied to the external images:", "",
-             markdown_table(["method", "external ECE", "validation ECE", "accuracy at its Youden threshold",
+             markdown_table(["method", "external ECE", "validation ECE",
+                             f"accuracy at its {results.get('calibration_threshold_rule', 'youden')} threshold",
                              "sensitivity", "specificity"],
                             [[k, f"{v['external']['ece']:.3f}", f"{v['val_ece']:.3f}",
                               f"{v['external']['accuracy']:.3f}", f"{v['external']['sensitivity']:.3f}",
