@@ -15,10 +15,10 @@ pure function as preparation and prediction) and scores them with the exported m
                    whole transform: the real input size and decoder path (only the test split's images)
 
 Per shift: ROC-AUC (95 % bootstrap interval), and accuracy, sensitivity and specificity at the threshold
-chosen on the validation split (by --threshold, Youden unless told, as distributed.evaluate does; never on
-test). Beside them, the run's own training and calibration: its best validation AUC, how far validation loss
-and accuracy swing after the first two epochs (judged in inference mode, as the checkpoints are), and the
-carved test split's ECE after the built-in calibration fitted on validation.
+chosen on the validation split (by --threshold: the run's own evaluation's rule unless told, else Youden;
+never on test). Beside them, the run's own training and calibration: its best validation AUC, how far
+validation loss and accuracy swing after the first two epochs (judged in inference mode, as the checkpoints
+are), and the carved test split's ECE after the built-in calibration fitted on validation.
 
 Mapping the test split back to files needs the salt its ids were hashed with: prepare with --salt-file
 (launch.pipeline does). Without --run, the suite prepares the shared Kermany radiographs with a salt of its
@@ -301,7 +301,7 @@ def run_suite(quick: bool, work: Path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from distributed.evaluation.scores import ThresholdRule, parse_threshold
+    from distributed.evaluation.scores import parse_threshold
 
     p = OneLineParser(prog="python -m benchmarks.robustness", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -316,9 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class folders of full-resolution originals, matched by file name (default: the shared "
                         "kermany-fullres; 'none' to skip)")
     p.add_argument("--tta", action="store_true", help="score with test-time augmentation")
-    p.add_argument("--threshold", type=parse_threshold, default=ThresholdRule("youden"),
+    p.add_argument("--threshold", type=parse_threshold, default=None,
                    help="the rule the operating threshold is chosen on validation by, as distributed.evaluate's "
-                        "--threshold: youden (default), robust (the kermany-cpu recipe's), sensitivity:X, ...")
+                        "--threshold: youden, robust, sensitivity:X, ... (default: the rule of the run's own "
+                        "evaluation, else youden)")
     p.add_argument("--size", type=int, default=128, help="image size of the default run (without --run)")
     p.add_argument("--epochs", type=int, default=8, help="epochs of the default run (without --run)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench-robustness",
@@ -343,7 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         data = require_dir(DEFAULT_SHARED_DATA / "kermany224" / "train", "--data", "the shared Kermany radiographs")
         run_dir, source, salt = default_run(data, args.work, size=args.size, epochs=args.epochs, workers=2)
-    results = measure(run_dir, source, salt, fullres, tta=args.tta, rule=args.threshold, n_bootstrap=args.bootstrap)
+    from distributed.evaluation.scores import evaluated_rule
+
+    rule = args.threshold or evaluated_rule(run_dir)  # measure() falls back to youden
+    results = measure(run_dir, source, salt, fullres, tta=args.tta, rule=rule, n_bootstrap=args.bootstrap)
     args.out.mkdir(parents=True, exist_ok=True)
     results["plots"] = [p.name for p in plots(results, args.out)]
     report(args.out, "robustness", results, summarise)

@@ -24,8 +24,9 @@ from distributed.evaluation.findings import (add_threshold_stability, finding_cu
                                              report_blocks as findings_report_blocks, write_finding_scores)
 from distributed.evaluation.model_card import write_model_card
 from distributed.evaluation.scores import (DEFAULT_BOOTSTRAP, SplitScores, ThresholdRule, compute_metrics,
-                                           gallery_picks, load_records, parse_threshold, per_view_metrics,
-                                           score_split, split_row, split_views, threshold_stability)
+                                           evaluated_rule, gallery_picks, load_records, parse_threshold,
+                                           per_view_metrics, score_split, split_row, split_views,
+                                           threshold_stability)
 from distributed.model.metrics import THRESHOLD_METRICS, probability_quality
 from distributed.model.guard import DEFAULT_QUANTILE, GUARD_FILE, Guard, fit_guard
 from distributed.model.scoring import (adapted_finding_thresholds, adapted_threshold, load_scorer, read_run_config,
@@ -131,6 +132,9 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         return evaluate_findings(config, target, manifest, scorer, started, same_data)
     externals = check_external(config.external, target, manifest)  # a bad one fails before any scoring
     rule = config.threshold or default_rule(target.run_dir)
+    if not config.threshold and rule.kind != "fixed":
+        log.info("threshold rule %s (%s)", rule, "its previous evaluation's" if evaluated_rule(target.run_dir)
+                 else "the default; --threshold chooses another")
     shifted = rule.needs_shifts and scorer.head.binary  # K > 2 classes: the most probable class, no threshold
     log.info("scoring the val and %s splits of %s with %s%s", config.split, target.data_dir, target.model_path,
              " (val also under the acquisition shifts, for --threshold robust)" if shifted else "")
@@ -347,18 +351,22 @@ def calibration_report(target: Target, after: SplitScores, before: SplitScores |
 
 def default_rule(run_dir: Path | None) -> ThresholdRule:
     """The threshold rule without --threshold: an adapted run keeps the threshold its site chose
-    (distributed.adapt), any other run gets Youden's on validation."""
+    (distributed.adapt); a run evaluated before keeps the rule of that evaluation (a recipe's, say), so that
+    evaluating it again does not move its operating point; any other run gets Youden's on validation."""
     adapted = adapted_threshold(run_dir) if run_dir else None
-    return ThresholdRule("fixed", adapted[0], adapted[1]) if adapted else ThresholdRule("youden")
+    if adapted:
+        return ThresholdRule("fixed", adapted[0], adapted[1])
+    return evaluated_rule(run_dir) or ThresholdRule("youden")
 
 
 def finding_rules(run_dir: Path | None, findings: list[str]) -> list[ThresholdRule]:
     """A multi-label model's threshold rule per finding without --threshold: an adapted run keeps the
-    thresholds its site chose (distributed.adapt) for the findings it had enough labels of, every other finding
-    gets Youden's on validation."""
+    thresholds its site chose (distributed.adapt) for the findings it had enough labels of; every other finding
+    gets the rule of the run's previous evaluation, or Youden's on validation."""
     adapted = adapted_finding_thresholds(run_dir) if run_dir else None
     chosen, source = adapted or ({}, None)
-    return [ThresholdRule("fixed", chosen[f], source) if f in chosen else ThresholdRule("youden") for f in findings]
+    rule = (None if adapted else evaluated_rule(run_dir)) or ThresholdRule("youden")
+    return [ThresholdRule("fixed", chosen[f], source) if f in chosen else rule for f in findings]
 
 
 def guard_report(data_dir: Path, split: str, output: Path, quantile: float) -> tuple[dict[str, Any], Guard | None]:
@@ -465,10 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "prepared with the same transform) at the same threshold, beside the run's own splits; "
                              "repeatable")
     parser.add_argument("--threshold", type=parse_threshold, default=None,
-                        help="operating point, chosen on the validation split: youden (default; for a run adapted "
-                             "by distributed.adapt, the site's threshold), robust (Youden's J at its worst across "
-                             "validation as it is and under nine acquisition shifts: for use at other sites), "
-                             "sensitivity:0.95, specificity:0.9, or a fixed probability such as 0.5")
+                        help="operating point, chosen on the validation split: youden, robust (Youden's J at its "
+                             "worst across validation as it is and under nine acquisition shifts: for use at other "
+                             "sites), sensitivity:0.95, specificity:0.9, or a fixed probability such as 0.5 "
+                             "(default: for a run adapted by distributed.adapt, the site's threshold; for a run "
+                             "evaluated before, that evaluation's rule; else youden)")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
                         help=f"bootstrap resamples for the 95%% intervals (default {DEFAULT_BOOTSTRAP})")
     parser.add_argument("--gallery", type=int, default=2,

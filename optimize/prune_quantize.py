@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from distributed.evaluation.scores import ThresholdRule, compute_metrics, parse_threshold, score_split
+from distributed.evaluation.scores import (ThresholdRule, compute_metrics, evaluated_rule, parse_threshold,
+                                           score_split)
 from distributed.model.heads import Head
 from distributed.model.scoring import load_scorer, read_run_config, run_model_path
 from cxrscale import tracking
@@ -534,9 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bn-samples", type=int, default=1024,
                         help="train images over which pruned models re-estimate their BatchNormalization statistics "
                              "(default 1024; 0: keep the fine-tuned statistics)")
-    parser.add_argument("--threshold", type=parse_threshold, default=ThresholdRule("youden"),
-                        help="operating point chosen on validation, as in distributed.evaluate: youden (default), "
-                             "robust, sensitivity:X, specificity:X")
+    parser.add_argument("--threshold", type=parse_threshold, default=None,
+                        help="operating point chosen on validation, as in distributed.evaluate: youden, robust, "
+                             "sensitivity:X, specificity:X (default: the rule of the run's own evaluation, else "
+                             "youden)")
     parser.add_argument("--max-auc-drop", type=float, default=0.01,
                         help="the recommendation's budget of validation-AUC loss vs fp32 (default 0.01)")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the test AUC interval")
@@ -559,7 +561,8 @@ def parse_config(argv: Sequence[str] | None = None) -> PruneQuantizeConfig:
     if args.fine_tune_epochs < 1 or args.representative_samples < 1 or args.batch_size < 1:
         parser.error("--fine-tune-epochs, --representative-samples and --batch-size must be >= 1")
     return config_from(PruneQuantizeConfig, args, output=args.output or str(Path(args.run) / "optimized"),
-                       data=args.data or read_run_config(args.run)["config"]["data"])
+                       data=args.data or read_run_config(args.run)["config"]["data"],
+                       threshold=args.threshold or evaluated_rule(Path(args.run)) or ThresholdRule("youden"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

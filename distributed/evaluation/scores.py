@@ -90,6 +90,23 @@ def parse_threshold(text: str) -> ThresholdRule:
                                      "(0, 1], or a probability in [0, 1]")
 
 
+def evaluated_rule(run_dir: Path | None) -> ThresholdRule | None:
+    """The rule the run's own evaluation (RUN/eval/metrics.json) chose its threshold by, so that evaluating it
+    again, compressing it or benchmarking it without --threshold reads it at the operating point it is served
+    at (a recipe's `robust`, say); None for a run not evaluated yet, or one whose rule is not a single rule
+    (a multi-label run's thresholds partly adapted to a site)."""
+    import json
+
+    metrics = Path(run_dir) / "eval" / "metrics.json" if run_dir else None
+    if not (metrics and metrics.is_file()):
+        return None
+    try:
+        rule = json.loads(metrics.read_text())["threshold"]["rule"]
+        return parse_threshold(str(rule)) if rule else None
+    except (OSError, ValueError, KeyError, TypeError, argparse.ArgumentTypeError):
+        return None
+
+
 # --- scoring a split ------------------------------------------------------------------------------------
 
 @dataclass

@@ -361,10 +361,12 @@ def test_tflite_model_predicts_and_evaluates_like_the_savedmodel(sample_run, tmp
     assert lite.returncode == 0, quiet(lite.stderr)
     assert json.loads(lite.stdout)[0]["probability"] == pytest.approx(keras_rows[0]["probability"], abs=1e-4)
     result = run_module("distributed.evaluate", "--model", str(tflite), "--data",
-                        json.loads((sample_run / "config.json").read_text())["config"]["data"], "--bootstrap", "50")
+                        json.loads((sample_run / "config.json").read_text())["config"]["data"], "--bootstrap", "50",
+                        "--threshold", "robust")  # the LiteRT interpreter scores validation under the shifts too
     assert result.returncode == 0, quiet(result.stderr)
     metrics = json.loads((tmp_path / "eval-model" / "metrics.json").read_text())
     assert metrics["model"]["kind"] == "tflite" and "Grad-CAM needs a Keras model" in result.stderr
+    assert metrics["threshold"]["rule"] == "robust" and 0 <= metrics["threshold"]["value"] <= 1
     no_cam = run_module("distributed.predict", "--model", str(tflite), "--manifest",
                         str(sample_run / "dataset_manifest.json"), "--gradcam", str(tmp_path / "c"), str(image))
     assert no_cam.returncode == 2 and "--gradcam needs a Keras model" in no_cam.stderr
@@ -389,3 +391,24 @@ def test_help(capsys):
     for module in (evaluate, predict):
         code, out, _ = run_main(module.main, ["--help"], capsys)
         assert code == 0 and "Example" in out, module.__name__
+
+
+def test_without_threshold_a_run_keeps_its_previous_evaluations_rule(tmp_path):
+    """Evaluating a run again (with --external or --tta, say) must not move its operating point: without
+    --threshold the rule of its eval/metrics.json is kept; a run never evaluated, or whose record names no
+    single rule, gets Youden's."""
+    from distributed.evaluate import default_rule, finding_rules
+    from distributed.evaluation.scores import evaluated_rule
+
+    run = tmp_path / "run"
+    assert evaluated_rule(run) is None and default_rule(run) == ThresholdRule("youden")
+    (run / "eval").mkdir(parents=True)
+    for recorded, expected in (("robust", ThresholdRule("robust")),
+                               ("sensitivity:0.95", ThresholdRule("sensitivity", 0.95)),
+                               ("0.41 / youden", ThresholdRule("youden")),  # per finding, partly a site's
+                               (None, ThresholdRule("youden"))):
+        (run / "eval" / "metrics.json").write_text(json.dumps({"threshold": {"rule": recorded, "value": 0.3}}))
+        assert default_rule(run) == expected, recorded
+        assert finding_rules(run, ["A", "B"]) == [expected, expected], recorded
+    (run / "eval" / "metrics.json").write_text("{not json")
+    assert default_rule(run) == ThresholdRule("youden")
