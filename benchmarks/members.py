@@ -73,7 +73,7 @@ def score_members(runs: Sequence[Path], external: Path, *, shifted: bool = False
     from distributed.model.scoring import read_run_config, run_model_path
     from cxrscale.files import read_json
     from preprocessing import schema
-    from preprocessing.shifts import SHIFTS, shifted_batch
+    from preprocessing.shifts import score_under_shifts
     from preprocessing.transform import TransformParams
 
     members, reference, external_images = {}, None, {}
@@ -100,7 +100,7 @@ def score_members(runs: Sequence[Path], external: Path, *, shifted: bool = False
             labels.append(np.asarray(y).astype(int))
             logits.append(logits_of(model, x))
             if shifted:
-                under.append(np.stack([logits_of(model, shifted_batch(x, shift)) for shift in SHIFTS.values()]))
+                under.append(score_under_shifts(x, lambda batch: logits_of(model, batch)))
         if not keys:
             raise CxrError(f"--runs {run}: its dataset {config['config']['data']} has no validation split")
         order = np.argsort(keys, kind="stable")

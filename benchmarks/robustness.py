@@ -129,7 +129,7 @@ def measure(run_dir: Path, input_dir: Path, salt: bytes, fullres: Path | None, *
     scorer.tta = tta
     rule = rule or ThresholdRule("youden")
     val = score_split(scorer, prepared, "val", shifted=rule.needs_shifts)
-    threshold = rule.choose(val.labels, val.probs[:, 1], None if val.shifted is None else val.shifted[..., 1])
+    threshold = rule.choose(val.labels, val.probs[:, 1], val.shifted_positive)
     files = test_split_files(input_dir, prepared, salt)
     labels = np.array([label for _, label in files])
     rows: dict[str, Any] = {}

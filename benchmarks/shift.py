@@ -126,7 +126,7 @@ def measure(run_dir: Path, external: Path, shared_data: Path, work: Path, labell
             seed: int = 0) -> dict[str, Any]:
     """Every figure of the suite for one run (TensorFlow in this process: run it as a child)."""
     from distributed.model.kerasenv import keras
-    from distributed.evaluation.scores import ThresholdRule, parse_threshold
+    from distributed.evaluation.scores import ThresholdRule, recorded_rule
     from distributed.model import metrics as m
     from distributed.model.builders import recalibrate_batchnorm
     from distributed.model.calibration import fit_calibration, logits_of
@@ -136,7 +136,7 @@ def measure(run_dir: Path, external: Path, shared_data: Path, work: Path, labell
     from benchmarks.ood_set import adult_chest, write_ood_set
     from cxrscale.files import read_json
     from preprocessing import schema
-    from preprocessing.shifts import SHIFTS, shifted_batch
+    from preprocessing.shifts import score_under_shifts
     from preprocessing.transform import TransformParams, transform
 
     config = read_run_config(run_dir)
@@ -162,9 +162,9 @@ def measure(run_dir: Path, external: Path, shared_data: Path, work: Path, labell
 
     # each method's threshold by the run's own rule (Youden for an adapted run's fixed one, which no
     # calibration method chose)
-    rule = parse_threshold(str(evaluation["threshold"]["rule"]))
+    rule = recorded_rule(evaluation) or ThresholdRule("youden")
     rule = ThresholdRule("youden") if rule.kind == "fixed" else rule
-    z_shifted = [logits_of(model, shifted_batch(x_val, s)) for s in SHIFTS.values()] if rule.needs_shifts else None
+    z_shifted = score_under_shifts(x_val, lambda batch: logits_of(model, batch)) if rule.needs_shifts else None
     out["calibration_threshold_rule"] = str(rule)
     out["calibration"] = {}
     for method in METHODS:

@@ -132,9 +132,6 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         return evaluate_findings(config, target, manifest, scorer, started, same_data)
     externals = check_external(config.external, target, manifest)  # a bad one fails before any scoring
     rule = config.threshold or default_rule(target.run_dir)
-    if not config.threshold and rule.kind != "fixed":
-        log.info("threshold rule %s (%s)", rule, "its previous evaluation's" if evaluated_rule(target.run_dir)
-                 else "the default; --threshold chooses another")
     shifted = rule.needs_shifts and scorer.head.binary  # K > 2 classes: the most probable class, no threshold
     log.info("scoring the val and %s splits of %s with %s%s", config.split, target.data_dir, target.model_path,
              " (val also under the acquisition shifts, for --threshold robust)" if shifted else "")
@@ -149,7 +146,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         results["threshold"]["chosen_on"] = rule.source
     if scorer.head.binary:  # for the report and the model card; compute_metrics serves optimize too
         stability = threshold_stability(rule, val.labels, val.probs[:, 1], test.labels, test.probs[:, 1],
-                                        shifted=None if val.shifted is None else val.shifted[..., 1],
+                                        shifted=val.shifted_positive,
                                         n_resamples=config.bootstrap, seed=config.seed)
         if stability:
             results["threshold"]["stability"] = stability
@@ -356,7 +353,10 @@ def default_rule(run_dir: Path | None) -> ThresholdRule:
     adapted = adapted_threshold(run_dir) if run_dir else None
     if adapted:
         return ThresholdRule("fixed", adapted[0], adapted[1])
-    return evaluated_rule(run_dir) or ThresholdRule("youden")
+    previous = evaluated_rule(run_dir)
+    log.info("threshold rule %s (%s)", previous or "youden",
+             "its previous evaluation's" if previous else "the default; --threshold chooses another")
+    return previous or ThresholdRule("youden")
 
 
 def finding_rules(run_dir: Path | None, findings: list[str]) -> list[ThresholdRule]:

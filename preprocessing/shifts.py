@@ -87,3 +87,9 @@ SHIFTS: dict[str, Shift] = {
 def shifted_batch(images: np.ndarray, shift: Shift) -> np.ndarray:
     """`shift` applied to each image of a (n, h, w, 1) uint8 batch."""
     return np.stack([shift(image) for image in images]) if len(images) else images
+
+
+def score_under_shifts(images: np.ndarray, score: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """`score` (a model's probabilities or logits of a batch) of the batch under each of SHIFTS, stacked:
+    (len(SHIFTS), n, ...)."""
+    return np.stack([score(shifted_batch(images, shift)) for shift in SHIFTS.values()])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +17,7 @@ from distributed.model.heads import Head
 from distributed.model.scorer import Scorer
 from cxrscale.errors import CxrError
 from preprocessing import schema
-from preprocessing.shifts import SHIFTS, shifted_batch
+from preprocessing.shifts import SHIFTS, score_under_shifts
 
 DEFAULT_BOOTSTRAP = 1000
 
@@ -93,17 +94,23 @@ def parse_threshold(text: str) -> ThresholdRule:
 def evaluated_rule(run_dir: Path | None) -> ThresholdRule | None:
     """The rule the run's own evaluation (RUN/eval/metrics.json) chose its threshold by, so that evaluating it
     again, compressing it or benchmarking it without --threshold reads it at the operating point it is served
-    at (a recipe's `robust`, say); None for a run not evaluated yet, or one whose rule is not a single rule
-    (a multi-label run's thresholds partly adapted to a site)."""
-    import json
-
+    at (a recipe's `robust`, say); None for a run not evaluated yet (or its record unreadable)."""
     metrics = Path(run_dir) / "eval" / "metrics.json" if run_dir else None
     if not (metrics and metrics.is_file()):
         return None
     try:
-        rule = json.loads(metrics.read_text())["threshold"]["rule"]
+        return recorded_rule(json.loads(metrics.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def recorded_rule(metrics: Any) -> ThresholdRule | None:
+    """The threshold rule an evaluation record (metrics.json's contents) names; None when it names none, or
+    not a single rule (a multi-label run's thresholds partly adapted to a site)."""
+    try:
+        rule = metrics["threshold"]["rule"]
         return parse_threshold(str(rule)) if rule else None
-    except (OSError, ValueError, KeyError, TypeError, argparse.ArgumentTypeError):
+    except (KeyError, TypeError, argparse.ArgumentTypeError):
         return None
 
 
@@ -118,6 +125,12 @@ class SplitScores:
     head: Head  # the model's: what the columns mean
     uncalibrated: np.ndarray | None = None  # (n, K) before the model's built-in calibration, when asked and known
     shifted: np.ndarray | None = None  # (shifts, n, K) under each of preprocessing.shifts.SHIFTS, when asked
+
+    @property
+    def shifted_positive(self) -> np.ndarray | None:
+        """(shifts, n): the positive class's probabilities under each shift, when scored so (the robust rule's
+        input for a binary model)."""
+        return None if self.shifted is None else self.shifted[..., 1]
 
     def before_calibration(self) -> SplitScores | None:
         if self.uncalibrated is None:
@@ -140,8 +153,7 @@ def score_split(scorer: Scorer, data_dir: Path, split: str, batch_size: int = 32
         else:
             p = scorer.predict(images, batch_size)
         if shifted:
-            under.append(np.stack([scorer.predict(shifted_batch(images, shift), batch_size)
-                                   for shift in SHIFTS.values()]))
+            under.append(score_under_shifts(images, lambda batch: scorer.predict(batch, batch_size)))
         probs.append(p)
         labels.append(y)
         ids += [r.decode() for r in rid]
@@ -176,7 +188,7 @@ def compute_metrics(val: SplitScores, test: SplitScores, classes: list[str], rul
     out: dict[str, Any] = {"classes": classes, "split": test.split, "n": len(test.labels),
                            "class_counts": {c: int(np.sum(test.labels == i)) for i, c in enumerate(classes)}}
     if test.head.binary:
-        threshold = rule.choose(val.labels, val.probs[:, 1], None if val.shifted is None else val.shifted[..., 1])
+        threshold = rule.choose(val.labels, val.probs[:, 1], val.shifted_positive)
         out["threshold"] = {"rule": str(rule), "description": rule.describe(), "value": threshold,
                             "chosen_on": val.split}
         y, p = test.labels, test.probs[:, 1]

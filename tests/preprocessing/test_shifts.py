@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preprocessing.shifts import SHIFTS, shifted_batch
+from preprocessing.shifts import SHIFTS, score_under_shifts, shifted_batch
 from tests.conftest import radiograph_like
 
 
@@ -39,3 +39,11 @@ def test_a_batch_of_prepared_images_is_shifted_image_by_image():
         for image, shifted in zip(batch, out):
             assert np.array_equal(shifted[:, :, 0], shift(image[:, :, 0])), name
     assert shifted_batch(batch[:0], SHIFTS["blur"]).shape == (0, 64, 64, 1)
+
+
+def test_a_batch_is_scored_under_every_shift_in_order():
+    batch = np.stack([radiograph_like(i, (64, 64))[:, :, np.newaxis] for i in range(3)])
+    scored = score_under_shifts(batch, lambda images: images.reshape(len(images), -1).mean(axis=1))
+    assert scored.shape == (len(SHIFTS), 3)
+    for row, shift in zip(scored, SHIFTS.values()):
+        np.testing.assert_allclose(row, shifted_batch(batch, shift).reshape(3, -1).mean(axis=1))
